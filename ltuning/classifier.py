@@ -1,0 +1,129 @@
+"""``Classifier``: the high-level object (load a base, patch it with a method, fit / predict / save / load)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Optional
+
+import torch
+
+from .data import default_label_text, encode, label_names_of
+from .inference import predict_scores
+from .methods import make_config
+from .metrics import classification_metrics
+from .modeling import LTuningModel, atomic_write_bytes, read_adapter_config
+from .models import load_base
+from .training import TrainConfig, fit
+
+
+def split_validation(records: list, fraction: float, seed: int, max_examples: int = 500, min_examples: int = 50):
+    """Carve a seeded validation split off ``records``: ``(train, val)``; at least ``min_examples`` (or a fifth
+    of the data, when smaller) so that model selection is not decided by a handful of examples."""
+    idx = list(range(len(records)))
+    random.Random(seed).shuffle(idx)
+    n_val = min(max_examples, max(int(len(records) * fraction), min(min_examples, len(records) // 5), 1))
+    val = [records[i] for i in idx[:n_val]]
+    train = [records[i] for i in idx[n_val:]]
+    return train, val
+
+
+class Classifier:
+    """A text classifier trained with one of ltuning's methods.
+
+    >>> clf = Classifier("minilm-l6", "lt-prefix")
+    >>> clf.fit(train_records)               # records: {"text": ..., "label": name}
+    >>> clf.predict(["a gripping film"])     # -> ["positive"]
+    """
+
+    def __init__(self, model: str = "minilm-l6", method: str = "lt-prefix", label_names: Optional[list] = None,
+                 label_texts: Optional[dict] = None, dtype: str = "fp32", max_length: int = 128, base=None,
+                 tokenizer=None, **method_options):
+        self.model_name = model
+        self.method = method
+        self.label_names = label_names
+        self.label_text_overrides = dict(label_texts or {})
+        self.dtype = dtype
+        self.max_length = max_length
+        self.method_options = method_options
+        self._base, self._tokenizer = base, tokenizer
+        self.model: Optional[LTuningModel] = None
+        self.history: dict = {}
+
+    # ------------------------------------------------------------------ building
+    def _load_base(self):
+        if self._base is None:
+            self._base, self._tokenizer = load_base(self.model_name, self.dtype)
+        return self._base, self._tokenizer
+
+    def build(self, label_names: list) -> LTuningModel:
+        base, tok = self._load_base()
+        self.label_names = list(label_names)
+        unknown = set(self.label_text_overrides) - set(self.label_names)
+        if unknown:
+            raise ValueError(f"--label-text names {sorted(unknown)} are not labels of the data {self.label_names}")
+        texts = [self.label_text_overrides.get(n, default_label_text(n)) for n in self.label_names]
+        cfg = make_config(self.method, label_names=self.label_names, label_texts=texts, **self.method_options)
+        self.model = LTuningModel(base, tok, cfg)
+        return self.model
+
+    @property
+    def decoder(self) -> bool:
+        return self.model.info.causal
+
+    def encode(self, records: list, with_labels: bool = True):
+        return encode(records, self.model.tokenizer, self.label_names if with_labels else None,
+                      self.max_length, self.decoder)
+
+    # ------------------------------------------------------------------ training / inference
+    def fit(self, train: list, val: Optional[list] = None, out_dir: Optional[str] = None, resume: bool = False,
+            val_fraction: float = 0.1, progress: bool = True, **train_options) -> dict:
+        """Train on ``train`` records; model selection on ``val`` (default: a seeded split of ``train``)."""
+        cfg = TrainConfig(**train_options)
+        if self.model is None:
+            self.build(self.label_names or label_names_of(train))
+        if val is None:
+            train, val = split_validation(train, val_fraction, cfg.seed)
+        tr, va = self.encode(train), self.encode(val)
+        t0 = time.time()
+        self.history = fit(self.model, tr.input_ids, tr.labels, va.input_ids, va.labels, cfg,
+                           checkpoint_dir=out_dir, resume=resume, progress=progress)
+        self.history.update(wall_seconds=time.time() - t0, train_examples=len(train), val_examples=len(val))
+        return self.history
+
+    def predict_scores(self, records: list, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        records = [{"text": r} if isinstance(r, str) else r for r in records]
+        enc = self.encode(records, with_labels=False)
+        return predict_scores(self.model, enc.input_ids, batch_size, self.dtype, progress)
+
+    def predict(self, records: list, batch_size: int = 64) -> list:
+        return [self.label_names[i] for i in self.predict_scores(records, batch_size).argmax(-1).tolist()]
+
+    def evaluate(self, records: list, batch_size: int = 64, progress: bool = False) -> dict:
+        enc = self.encode(records)
+        t0 = time.perf_counter()
+        scores = predict_scores(self.model, enc.input_ids, batch_size, self.dtype, progress)
+        dt = time.perf_counter() - t0
+        m = classification_metrics(scores.argmax(-1).tolist(), enc.labels, len(self.label_names))
+        m["eval_examples_per_s"] = len(records) / dt
+        return m
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str, metrics: Optional[dict] = None) -> None:
+        extra = {"classifier": {"model": self.model_name, "dtype": self.dtype, "max_length": self.max_length}}
+        self.model.save_pretrained(directory, extra=extra)
+        if metrics is not None:
+            atomic_write_bytes(os.path.join(directory, "metrics.json"), json.dumps(metrics, indent=2).encode())
+
+    @classmethod
+    def from_pretrained(cls, directory: str, base=None, tokenizer=None, dtype: Optional[str] = None) -> "Classifier":
+        meta = read_adapter_config(directory)
+        info = meta.get("classifier", {})
+        dtype = dtype or info.get("dtype", "fp32")
+        cfg = meta["method_config"]
+        clf = cls(info.get("model", meta["base_model"]), cfg["method"], cfg["label_names"], dtype=dtype,
+                  max_length=info.get("max_length", 128), base=base, tokenizer=tokenizer)
+        b, tok = clf._load_base()
+        clf.model = LTuningModel.from_pretrained(b, directory, tok)
+        return clf

@@ -1,0 +1,176 @@
+"""Command line: ``ltuning train | eval | classify``. Run ``ltuning CMD --help`` for every flag."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_LR = {"prompt": 3e-2, "prefix": 1e-3, "lt-prefix": 1e-3, "lt-prompt": 1e-3}
+
+# flag -> method config field (passed only when given and only to methods that have the field)
+METHOD_FLAGS = {
+    "num_virtual_tokens": "number of virtual tokens P (prompt, prefix)",
+    "encoder_hidden_size": "hidden width r of the reparameterisation / label-transform MLP",
+    "objective": "label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)",
+    "num_negatives": "sampled wrong labels per example for the pairwise objective",
+    "variant": "lt-prefix F/Z reading: pooling (default) or published (the released code's)",
+    "init": "prompt initialisation: vocab or text",
+    "init_text": "text to initialise the prompt from (--init text)",
+    "pooling": "pooling of the output: last, mean or cls (default: last for decoders, mean for encoders)",
+    "position_offset": "input positions start at 0 (zero) or after the prefix (prefix)",
+    "backend": "attention backend: auto, cpu, triton, sdpa, reference",
+}
+
+
+def _add_model_args(p):
+    p.add_argument("--model", default="minilm-l6",
+                   help="base model: smollm2-135m, minilm-l6 (offline, from PyPI packages) or a hub id / path")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="frozen-weight dtype; bf16 also runs the forward under bf16 autocast (fp32 trainables)")
+    p.add_argument("--batch-size", type=int, default=16, help="training / inference batch size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    ap = argparse.ArgumentParser(prog="ltuning", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train an adapter and evaluate it on the dev split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(t)
+    t.add_argument("--method", required=True, choices=sorted(METHODS), help="tuning method")
+    t.add_argument("--data", required=True,
+                   help="directory with train.jsonl and dev.jsonl (or .csv/.tsv), or a Hugging Face dataset name")
+    t.add_argument("--out", required=True, help="output directory (adapter, config, metrics, checkpoint)")
+    t.add_argument("--max-train-examples", type=int, default=None, help="use at most N training examples (seeded)")
+    t.add_argument("--max-dev-examples", type=int, default=None, help="evaluate on at most N dev examples")
+    t.add_argument("--epochs", type=float, default=3.0, help="passes over the training data")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default by method: {DEFAULT_LR})")
+    t.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the classification / scoring head")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (never on prefixes/prompts)")
+    t.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps of linear warm-up")
+    t.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"], help="decay after warm-up")
+    t.add_argument("--seed", type=int, default=0, help="random seed (data order, validation split, init)")
+    t.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from train")
+    t.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: ~8 times a run)")
+    t.add_argument("--patience", type=int, default=None, help="early stopping after N validations without gain")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--resume", action="store_true", help="resume from OUT/checkpoint if present")
+    t.add_argument("--label-text", action="append", default=[], metavar='NAME="TEXT"',
+                   help="label text of a label (repeatable); defaults per label name")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name, help_ in METHOD_FLAGS.items():
+        kw = {"type": int} if name in ("num_virtual_tokens", "encoder_hidden_size", "num_negatives") else {}
+        t.add_argument("--" + name.replace("_", "-"), default=None, help=help_, **kw)
+
+    e = sub.add_parser("eval", help="evaluate a trained adapter; prints metrics as JSON on the last line")
+    e.add_argument("--adapter", required=True, help="directory written by 'ltuning train'")
+    e.add_argument("--data", required=True, help="directory with dev.jsonl, or a file of records")
+    e.add_argument("--split", default="dev", help="split to evaluate when --data is a directory")
+    e.add_argument("--batch-size", type=int, default=64, help="inference batch size")
+    e.add_argument("--model", default=None, help="override the base model recorded in the adapter")
+
+    c = sub.add_parser("classify", help="classify records; each output line = input record + prediction + scores")
+    c.add_argument("--adapter", required=True, help="directory written by 'ltuning train'")
+    c.add_argument("--input", required=True, help="JSONL/CSV/TSV with 'text' (or 'premise'+'hypothesis')")
+    c.add_argument("--output", required=True, help="JSONL to write (atomically)")
+    c.add_argument("--batch-size", type=int, default=64, help="inference batch size")
+    c.add_argument("--model", default=None, help="override the base model recorded in the adapter")
+    return ap
+
+
+def cmd_train(a) -> dict:
+    import random
+
+    from .classifier import Classifier
+    from .data import load_split, parse_label_texts
+    from .methods import method_class
+
+    train = load_split(a.data, "train")
+    dev = load_split(a.data, "dev")
+    if a.max_train_examples and len(train) > a.max_train_examples:
+        train = random.Random(a.seed).sample(train, a.max_train_examples)
+    if a.max_dev_examples and len(dev) > a.max_dev_examples:
+        dev = random.Random(a.seed).sample(dev, a.max_dev_examples)
+    fields = set(method_class(a.method).config_class.__dataclass_fields__)
+    opts = {k: getattr(a, k) for k in METHOD_FLAGS if getattr(a, k) is not None}
+    bad = set(opts) - fields
+    if bad:
+        raise SystemExit(f"ltuning train: --{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
+    torch_seed(a.seed)
+    clf = Classifier(a.model, a.method, label_texts=parse_label_texts(a.label_text), dtype=a.dtype,
+                     max_length=a.max_length, **opts)
+    lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 1e-3)
+    hist = clf.fit(train, out_dir=a.out, resume=a.resume, val_fraction=a.val_fraction, progress=not a.quiet,
+                   epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr, weight_decay=a.weight_decay,
+                   warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype, eval_every=a.eval_every,
+                   patience=a.patience, seed=a.seed, gradient_checkpointing=a.gradient_checkpointing,
+                   max_steps=a.max_steps)
+    m = clf.evaluate(dev, a.batch_size * 4, progress=not a.quiet)
+    trainable, total = clf.model.count_parameters()
+    metrics = {"model": a.model, "method": a.method, "data": a.data, "dev_examples": len(dev),
+               "train_examples": hist["train_examples"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+               "mcc": m["mcc"], "train_examples_per_s": hist["train_examples_per_s"],
+               "eval_examples_per_s": m["eval_examples_per_s"], "trainable_parameters": trainable,
+               "total_parameters": total, "best_val": hist["best_val"], "best_step": hist["best_step"],
+               "steps": hist["steps"], "wall_seconds": hist["wall_seconds"], "train_config": hist["train_config"]}
+    clf.save_pretrained(a.out, metrics)
+    return metrics
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+    torch.manual_seed(seed)
+
+
+def _load_classifier(a):
+    from .classifier import Classifier
+    base = None
+    if a.model:
+        from .modeling import read_adapter_config
+        from .models import load_base
+        base = load_base(a.model, read_adapter_config(a.adapter).get("classifier", {}).get("dtype", "fp32"))
+        return Classifier.from_pretrained(a.adapter, base[0], base[1])
+    return Classifier.from_pretrained(a.adapter)
+
+
+def cmd_eval(a) -> dict:
+    from .data import load_split
+    clf = _load_classifier(a)
+    recs = load_split(a.data, a.split)
+    return clf.evaluate(recs, a.batch_size, progress=True)
+
+
+def cmd_classify(a) -> dict:
+    from .data import read_records
+    from .modeling import atomic_write_bytes
+    clf = _load_classifier(a)
+    recs = read_records(a.input, require_label=False)
+    scores = clf.predict_scores(recs, a.batch_size, progress=True)
+    lines = []
+    for r, s in zip(recs, scores.tolist()):
+        out = dict(r)
+        out["prediction"] = clf.label_names[max(range(len(s)), key=s.__getitem__)]
+        out["scores"] = dict(zip(clf.label_names, s))
+        lines.append(json.dumps(out, ensure_ascii=False))
+    atomic_write_bytes(a.output, ("\n".join(lines) + "\n").encode())
+    return {"classified": len(recs), "output": os.path.abspath(a.output)}
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        result = {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify}[a.cmd](a)
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+        print(f"ltuning {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Shared-prefix attention through PyTorch's ``scaled_dot_product_attention`` over ``cat(bank[idx], K)``.
+
+This is what PEFT-style prefix tuning runs (the prefix expanded per row and concatenated every layer); it is
+the portable fallback when no fused kernel applies. Same semantics and return value as
+:func:`ltuning.kernels.reference.prefix_attention_reference`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .reference import _check, prefix_attention_reference, visible_mask
+
+
+def prefix_attention_sdpa(
+    q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
+    prefix_scale=None, softmax_scale=None,
+):
+    """SDPA over the materialised ``[bank[idx] ; K]``. Returns ``(o, lse)``; lse is recomputed cheaply."""
+    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale)
+    mask = None
+    if causal or key_padding_mask is not None:
+        mask = visible_mask(B, Lq, Lk, P, key_padding_mask, causal, q.device)[:, None]
+        if P == 0 and not bool(mask.any(-1).all()):
+            # a query row with no visible key: SDPA would return NaN; the reference defines it as 0
+            return prefix_attention_reference(q, k, v, None, None, None, key_padding_mask=key_padding_mask,
+                                              causal=causal, softmax_scale=softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    kk, vv = k, v
+    if P:
+        pk = bank_k[prefix_idx.long()].to(k.dtype)
+        pv = bank_v[prefix_idx.long()].to(v.dtype)
+        if prefix_scale is not None:
+            s = prefix_scale.to(k.dtype)[:, None, :, None]
+            pk, pv = pk * s, pv * s
+        kk = torch.cat([pk, k], dim=2)
+        vv = torch.cat([pv, v], dim=2)
+    o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    return o, None

@@ -1,0 +1,121 @@
+"""Method configs and the interface every method module implements.
+
+A method contributes one of:
+  * a prefix bank (``kind = "prefix"``): per layer, keys/values (N, Hkv, P, D) shared by all rows; row b uses
+    entry ``index[b]`` (optionally scaled per row by ``prefix_scales``);
+  * a prompt bank (``kind = "prompt"``): embeddings (N, P, d) prepended to the input embeddings, with a
+    (N, P) bool mask of real prompt tokens;
+  * nothing at the input (``kind = "none"``): it changes the frozen model's layers through hooks.
+``label_conditioned`` methods have one bank entry per label (N = K) and score every (input, label) pair with a
+one-output head; the others have N = 1 and an ordinary K-way classification head.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+METHODS: dict[str, type] = {}
+
+
+def register_method(name: str):
+    """Class decorator: make a :class:`Method` subclass available under ``name``."""
+    def deco(cls):
+        cls.method_name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+@dataclass
+class MethodConfig:
+    """Options shared by all methods (PEFT-style config dataclass; serialised to ``adapter_config.json``).
+
+    label_names: the K class names, in score order. label_texts: the natural-language text of each label
+    (label-conditioned methods), defaults to the names. pooling: ``"last"`` (last real token, decoders),
+    ``"mean"`` (mean of real input tokens, encoders) or ``"cls"``; None picks by family. position_offset:
+    ``"zero"`` (input positions start at 0) or ``"prefix"`` (start at P, as PEFT does). backend: attention
+    backend (see :mod:`ltuning.kernels.dispatch`).
+    """
+    method: str = ""
+    label_names: list = field(default_factory=list)
+    label_texts: Optional[list] = None
+    pooling: Optional[str] = None
+    position_offset: str = "zero"
+    backend: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown options for {cls.__name__}: {sorted(unknown)}")
+        return cls(**d)
+
+    def resolved_label_texts(self) -> list:
+        texts = self.label_texts or list(self.label_names)
+        if len(texts) != len(self.label_names):
+            raise ValueError(f"{len(texts)} label texts for {len(self.label_names)} labels")
+        return list(texts)
+
+
+class Method(nn.Module):
+    """Base of every method module. Subclasses set ``kind`` and ``label_conditioned`` and implement the hooks."""
+    method_name = ""
+    config_class = MethodConfig
+    kind = "prefix"
+    label_conditioned = False
+
+    def __init__(self, config: MethodConfig, info, base, tokenizer, cache: dict | None = None):
+        """``cache``: base-derived buffers restored from a saved adapter (see :meth:`cache_keys`)."""
+        super().__init__()
+        self.config = config
+        self.info = info
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.config.label_names) if self.label_conditioned else 1
+
+    def prefix(self):
+        """Per-layer ``(keys, values)`` lists of (N, Hkv, P, D) tensors (kind ``"prefix"``)."""
+        raise NotImplementedError
+
+    def prefix_scales(self, hidden_states=None):
+        """Per-layer (B, P) scales or None (gated prefixes)."""
+        return None
+
+    def prompts(self):
+        """``(embeds (N, P, d), mask (N, P) bool)`` (kind ``"prompt"``)."""
+        raise NotImplementedError
+
+    def refresh_cache(self, base, tokenizer) -> None:
+        """Recompute anything derived from the frozen base (e.g. the label cache)."""
+
+    def set_cache(self, cache: dict) -> None:
+        for k in self.cache_keys():
+            self.register_buffer(k, cache[k])
+
+    def cache_keys(self) -> list:
+        """Names of buffers in the state dict that are caches derived from the base model."""
+        return []
+
+
+def method_class(name: str) -> type:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def config_from_dict(d: dict) -> MethodConfig:
+    return method_class(d["method"]).config_class.from_dict(d)
+
+
+def make_config(method: str, **kwargs) -> MethodConfig:
+    """Build the config dataclass of ``method`` from keyword options."""
+    return method_class(method).config_class.from_dict({"method": method, **kwargs})

@@ -1,0 +1,24 @@
+"""The label cache: all label texts encoded by the frozen model in ONE batched forward, once.
+
+``h_k = M_frozen(y_k)`` (K, l, d) with a (K, l) mask of real tokens, plus the texts' input embeddings E(y_k).
+It is stored with the adapter and recomputed only when the label texts or the base model fingerprint change
+(:meth:`ltuning.modeling.LTuningModel.from_pretrained`). ``ENCODE_CALLS`` counts frozen forwards (tests).
+"""
+from __future__ import annotations
+
+import torch
+
+ENCODE_CALLS = 0
+
+
+@torch.no_grad()
+def encode_texts(base, tokenizer, texts):
+    """One no-grad forward of ``texts`` through ``base``: ``(hidden (K, l, d) fp32, mask (K, l) bool, embeds)``."""
+    global ENCODE_CALLS
+    ENCODE_CALLS += 1
+    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    dev = base.get_input_embeddings().weight.device
+    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    out = base(input_ids=ids, attention_mask=mask)
+    embeds = base.get_input_embeddings()(ids)
+    return out.last_hidden_state.float(), mask.bool(), embeds.float()

@@ -1,0 +1,129 @@
+"""L-Tuning (Kowsher et al. 2024): prefixes and prompts derived from the label texts.
+
+For each label k its text y_k is encoded ONCE by the frozen model (:mod:`.label_cache`):
+h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter texts are padded).
+
+``lt-prefix`` -- p_k = Z_psi(F_theta(h_k)) in R^{layers x l x 2 x kv_dim}; input x is run with prefix p_k.
+  Our reading of F and Z (the paper leaves them open):
+  * F_theta, self-attention pooling that keeps the l positions:
+      a = softmax_t(h_k w + b) over real tokens,  F(h_k)_t = (n_k * a_t) * h_{k,t}
+    (n_k real tokens; w is zero-initialised, so F starts as the identity on real tokens and maps padding
+    positions to 0, which Z turns into learned label-independent filler tokens).
+  * Z_psi, a per-token MLP: Linear(d, r) -> tanh -> Linear(r, layers * 2 * kv_dim): l prefix tokens per
+    layer per label.
+  ``variant="published"`` follows the released code instead: every token squashed to one scalar
+  s_t = h_{k,t} w, then Linear(l, l * layers * 2 * kv_dim) on the vector s.
+``lt-prompt`` -- e(y_k) = G_omega(h_k) in R^{l x d} prepended to E(x). Our reading:
+  G(h_k)_t = E(y_k)_t + MLP(h_{k,t}), MLP = Linear(d, r) -> tanh -> Linear(r, d) with the last layer
+  zero-initialised, so training starts from the label text itself as a hard prompt (``residual=False``
+  drops the E(y_k) term: plain G = MLP). Padding positions of the label texts are masked out.
+
+Both are label-conditioned: the head C_phi = Linear(d, 1) scores "is y_k the label of x" for every pair;
+the prediction is the argmax over the K scores (the paper's inference rule, A.4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Method, MethodConfig, register_method
+from .label_cache import encode_texts
+from .prefix import split_layers
+
+
+@dataclass
+class LTConfig(MethodConfig):
+    encoder_hidden_size: int = 512
+    objective: str = "listwise"
+    num_negatives: int = 1
+
+
+@dataclass
+class LTPrefixConfig(LTConfig):
+    variant: str = "pooling"
+
+
+@dataclass
+class LTPromptConfig(LTConfig):
+    residual: bool = True
+
+
+class LabelConditioned(Method):
+    """Holds the label cache (``label_hidden``, ``label_mask``, ``label_embeds`` buffers, saved with the adapter)."""
+    label_conditioned = True
+
+    def __init__(self, config, info, base, tokenizer, cache=None):
+        super().__init__(config, info, base, tokenizer, cache)
+        if config.objective not in ("listwise", "pairwise"):
+            raise ValueError(f"objective must be 'listwise' or 'pairwise', not {config.objective!r}")
+        if cache is not None:
+            self.set_cache(cache)
+        else:
+            self.refresh_cache(base, tokenizer)
+
+    def refresh_cache(self, base, tokenizer) -> None:
+        h, m, e = encode_texts(base, tokenizer, self.config.resolved_label_texts())
+        self.register_buffer("label_hidden", h)
+        self.register_buffer("label_mask", m)
+        self.register_buffer("label_embeds", e)
+
+    def cache_keys(self) -> list:
+        return ["label_hidden", "label_mask", "label_embeds"]
+
+
+@register_method("lt-prefix")
+class LTPrefix(LabelConditioned):
+    config_class = LTPrefixConfig
+    kind = "prefix"
+
+    def __init__(self, config: LTPrefixConfig, info, base, tokenizer, cache=None):
+        super().__init__(config, info, base, tokenizer, cache)
+        d, r, out = info.hidden_size, config.encoder_hidden_size, info.num_layers * 2 * info.kv_dim
+        l = self.label_hidden.shape[1]
+        self.pool = nn.Linear(d, 1)
+        nn.init.zeros_(self.pool.weight)
+        nn.init.zeros_(self.pool.bias)
+        if config.variant == "pooling":
+            self.transform = nn.Sequential(nn.Linear(d, r), nn.Tanh(), nn.Linear(r, out))
+        elif config.variant == "published":
+            nn.init.normal_(self.pool.weight, std=d ** -0.5)
+            self.transform = nn.Linear(l, l * out)
+        else:
+            raise ValueError(f"variant must be 'pooling' or 'published', not {config.variant!r}")
+
+    def pooled_label_tokens(self) -> torch.Tensor:
+        """F_theta(h): (K, l, d), real tokens re-weighted by n_k * softmax(h w + b), padding -> 0."""
+        h, m = self.label_hidden, self.label_mask
+        a = self.pool(h).squeeze(-1).masked_fill(~m, float("-inf")).softmax(-1)
+        return h * (a * m.sum(-1, keepdim=True))[..., None]
+
+    def prefix(self):
+        if self.config.variant == "pooling":
+            z = self.transform(self.pooled_label_tokens())
+        else:
+            s = self.pool(self.label_hidden).squeeze(-1) * self.label_mask
+            K, l = s.shape
+            z = self.transform(s).view(K, l, -1)
+        return split_layers(z, self.info)
+
+
+@register_method("lt-prompt")
+class LTPrompt(LabelConditioned):
+    config_class = LTPromptConfig
+    kind = "prompt"
+
+    def __init__(self, config: LTPromptConfig, info, base, tokenizer, cache=None):
+        super().__init__(config, info, base, tokenizer, cache)
+        d, r = info.hidden_size, config.encoder_hidden_size
+        self.transform = nn.Sequential(nn.Linear(d, r), nn.Tanh(), nn.Linear(r, d))
+        if config.residual:
+            nn.init.zeros_(self.transform[2].weight)
+            nn.init.zeros_(self.transform[2].bias)
+
+    def prompts(self):
+        e = self.transform(self.label_hidden)
+        if self.config.residual:
+            e = e + self.label_embeds
+        return e, self.label_mask

@@ -1,0 +1,51 @@
+"""Prefix tuning / P-tuning v2 (Li & Liang 2021; Liu et al. 2022), equal to Hugging Face PEFT's PrefixEncoder.
+
+Per-layer keys/values for P virtual tokens:
+``Embedding(P, d) -> Linear(d, r) -> tanh -> Linear(r, layers * 2 * kv_dim)`` (``prefix_projection=True``),
+or a plain ``Embedding(P, layers * 2 * kv_dim)``. Keys carry no RoPE. One bank entry shared by every row;
+an ordinary K-way linear head reads the pooled output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Method, MethodConfig, register_method
+
+
+@dataclass
+class PrefixConfig(MethodConfig):
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = True
+    encoder_hidden_size: int = 512
+
+
+def split_layers(z: torch.Tensor, info):
+    """(N, P, layers * 2 * kv_dim) -> per-layer lists of keys and values, each (N, Hkv, P, D)."""
+    N, P, _ = z.shape
+    z = z.view(N, P, info.num_layers, 2, info.num_kv_heads, info.head_dim).permute(2, 3, 0, 4, 1, 5)
+    return [z[i, 0] for i in range(info.num_layers)], [z[i, 1] for i in range(info.num_layers)]
+
+
+@register_method("prefix")
+class PrefixTuning(Method):
+    config_class = PrefixConfig
+    kind = "prefix"
+
+    def __init__(self, config: PrefixConfig, info, base, tokenizer, cache=None):
+        super().__init__(config, info, base, tokenizer, cache)
+        out = info.num_layers * 2 * info.kv_dim
+        P = config.num_virtual_tokens
+        if config.prefix_projection:
+            self.embedding = nn.Embedding(P, info.hidden_size)
+            self.transform = nn.Sequential(nn.Linear(info.hidden_size, config.encoder_hidden_size), nn.Tanh(),
+                                           nn.Linear(config.encoder_hidden_size, out))
+        else:
+            self.embedding = nn.Embedding(P, out)
+            self.transform = nn.Identity()
+
+    def prefix(self):
+        z = self.transform(self.embedding.weight)[None]
+        return split_layers(z, self.info)

@@ -1,0 +1,245 @@
+"""``LTuningModel``: a frozen Hugging Face backbone + one method module + a head (PEFT-style wrapper).
+
+Scoring. Methods with an ordinary head give logits (B, K) = W pool(M(x)) from one pass per input. Label-
+conditioned methods (L-Tuning) score every (input, label) pair: all B x K pairs run as ONE batch, row
+(b, k) selecting bank entry k of the shared prefix/prompt bank, and s_{b,k} = C_phi(pool(M(x_b; p_k))).
+Prediction is argmax_k s_{b,k}. Losses: ``listwise`` = cross-entropy over the K scores; ``pairwise`` =
+binary cross-entropy on the true pair and ``num_negatives`` sampled wrong labels (the paper's objective).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .methods import config_from_dict, method_class
+from .models import PrefixInputs, disable, enable, fingerprint, load_base, model_info
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class LTuningModel(nn.Module):
+    """Frozen ``base`` + trainable ``method`` + ``head``. Build it with :func:`ltuning.patch`."""
+
+    def __init__(self, base, tokenizer, config, cache=None):
+        super().__init__()
+        self.info = model_info(base)
+        enable(base)
+        self.base = base
+        self.tokenizer = tokenizer
+        self.config = config
+        if len(config.label_names) < 2:
+            raise ValueError("config.label_names must name at least two classes")
+        self.method = method_class(config.method)(config, self.info, base, tokenizer, cache)
+        n_out = 1 if self.method.label_conditioned else len(config.label_names)
+        self.head = nn.Linear(self.info.hidden_size, n_out)
+        self.pooling = config.pooling or ("last" if self.info.causal else "mean")
+        if self.pooling not in ("last", "mean", "cls"):
+            raise ValueError(f"pooling must be 'last', 'mean' or 'cls', not {self.pooling!r}")
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        device = base.get_input_embeddings().weight.device
+        self.method.to(device)
+        self.head.to(device)
+
+    # ---------------------------------------------------------------- modes and bookkeeping
+    def train(self, mode: bool = True):
+        """Train mode for the method and head; the frozen base keeps its dropout off (train flag on only so
+        that gradient checkpointing, which transformers applies in training mode, works)."""
+        super().train(mode)
+        for m in self.base.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        return self
+
+    @property
+    def label_names(self) -> list:
+        return list(self.config.label_names)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def count_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.count_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    # ---------------------------------------------------------------- forward
+    def encode(self, input_ids, attention_mask, entry_index=None) -> torch.Tensor:
+        """Pooled representation (R, d) in fp32 of R rows; row r uses bank entry ``entry_index[r]`` (default 0)."""
+        R, L = input_ids.shape
+        dev = input_ids.device
+        if entry_index is None:
+            entry_index = torch.zeros(R, dtype=torch.long, device=dev)
+        attention_mask = attention_mask.to(dev).bool()
+        kind = self.method.kind
+        kwargs = {}
+        input_mask = attention_mask
+        offset = 0
+        if kind == "prefix":
+            keys, values = self.method.prefix()
+            P = keys[0].shape[2]
+            scales = self.method.prefix_scales()
+            kwargs["ltuning_prefix"] = PrefixInputs(keys, values, entry_index, scales, self.config.backend)
+            if self.config.position_offset == "prefix":
+                kwargs["position_ids"] = (torch.arange(L, device=dev) + P)[None]
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        elif kind == "prompt":
+            prompts, pmask = self.method.prompts()
+            emb = self.base.get_input_embeddings()(input_ids)
+            pe = prompts[entry_index].to(emb.dtype)
+            offset = pe.shape[1]
+            inputs_embeds = torch.cat([pe, emb], dim=1)
+            attention_mask = torch.cat([pmask[entry_index].to(dev), attention_mask], dim=1)
+            out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        else:
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask)
+        h = out.last_hidden_state
+        return self._pool(h, attention_mask, input_mask, offset).float()
+
+    def _pool(self, h, full_mask, input_mask, offset):
+        if self.pooling == "last":
+            last = full_mask.shape[1] - 1 - full_mask.flip(-1).long().argmax(-1)
+            return h[torch.arange(h.shape[0], device=h.device), last]
+        if self.pooling == "cls":
+            return h[:, offset]
+        m = input_mask.to(h.dtype)[..., None]
+        return (h[:, offset:] * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head in fp32 even under autocast (scores and losses stay fp32)."""
+        with torch.autocast(pooled.device.type, enabled=False):
+            return self.head(pooled.float())
+
+    def pair_scores(self, input_ids, attention_mask, label_index) -> torch.Tensor:
+        """Scores (R,) of (input r, label ``label_index[r]``) pairs (label-conditioned methods)."""
+        if not self.method.label_conditioned:
+            raise TypeError(f"method {self.config.method!r} is not label-conditioned")
+        return self._head(self.encode(input_ids, attention_mask, label_index)).squeeze(-1)
+
+    def forward(self, input_ids, attention_mask) -> torch.Tensor:
+        """K-way scores (B, K)."""
+        B = input_ids.shape[0]
+        if not self.method.label_conditioned:
+            return self._head(self.encode(input_ids, attention_mask))
+        K = len(self.config.label_names)
+        ids = input_ids.repeat_interleave(K, 0)
+        mask = attention_mask.repeat_interleave(K, 0)
+        labels = torch.arange(K, device=input_ids.device).repeat(B)
+        return self.pair_scores(ids, mask, labels).view(B, K)
+
+    def loss(self, input_ids, attention_mask, labels, generator=None):
+        """Training loss of a batch; returns ``(loss, scores or None)``."""
+        objective = getattr(self.config, "objective", "listwise")
+        if not self.method.label_conditioned or objective == "listwise":
+            scores = self(input_ids, attention_mask)
+            return F.cross_entropy(scores, labels), scores
+        K = len(self.config.label_names)
+        n = min(self.config.num_negatives, K - 1)
+        B = input_ids.shape[0]
+        shift = torch.stack([torch.randperm(K - 1, generator=generator)[:n] + 1 for _ in range(B)]).to(labels.device)
+        neg = (labels[:, None] + shift) % K  # n distinct wrong labels per row
+        pair_labels = torch.cat([labels[:, None], neg], 1).reshape(-1)
+        target = torch.zeros(B, n + 1, device=labels.device)
+        target[:, 0] = 1
+        ids = input_ids.repeat_interleave(n + 1, 0)
+        mask = attention_mask.repeat_interleave(n + 1, 0)
+        s = self.pair_scores(ids, mask, pair_labels)
+        return F.binary_cross_entropy_with_logits(s, target.view(-1)), None
+
+    # ---------------------------------------------------------------- save / load
+    def adapter_state_dict(self) -> dict:
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    def save_pretrained(self, directory: str, extra: dict | None = None) -> None:
+        """Write ``adapter.safetensors`` + ``adapter_config.json`` (atomically)."""
+        os.makedirs(directory, exist_ok=True)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "base_model": getattr(self.base, "name_or_path", None) or self.base.config._name_or_path,
+            "base_fingerprint": fingerprint(self.base),
+            "method_config": self.config.to_dict(),
+            "cache_keys": [f"method.{k}" for k in self.method.cache_keys()],
+            **(extra or {}),
+        }
+        tmp = os.path.join(directory, f".{WEIGHTS_NAME}.tmp{os.getpid()}")
+        save_file(self.adapter_state_dict(), tmp)
+        os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
+        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2).encode())
+
+    @classmethod
+    def from_pretrained(cls, base, directory: str, tokenizer=None, dtype: str = "fp32", **overrides):
+        """Restore an adapter on ``base`` (a loaded backbone, or None / a name to load the recorded one)."""
+        meta = read_adapter_config(directory)
+        if base is None or isinstance(base, str):
+            base, tokenizer = load_base(base or meta["base_model"], dtype)
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer together with a loaded base model")
+        cfg_dict = dict(meta["method_config"])
+        cfg_dict.update(overrides)
+        config = config_from_dict(cfg_dict)
+        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        cache = None
+        cache_keys = meta.get("cache_keys", [])
+        same_base = fingerprint(base) == meta.get("base_fingerprint")
+        same_texts = config.label_texts == meta["method_config"].get("label_texts")
+        if cache_keys and same_base and same_texts:
+            cache = {k[len("method."):]: state[k] for k in cache_keys}
+        elif cache_keys:
+            if not same_base:
+                warnings.warn("base model differs from the one the adapter was trained on; re-encoding label texts")
+            for k in cache_keys:
+                state.pop(k)
+        model = cls(base, tokenizer, config, cache=cache)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("base.") and k not in cache_keys]
+        if missing or unexpected:
+            raise ValueError(f"adapter in {directory} does not match {config.method}: missing {missing}, "
+                             f"unexpected {unexpected}")
+        return model
+
+
+def read_adapter_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no adapter here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def patch(model, config, tokenizer, cache=None) -> LTuningModel:
+    """Drop-in: wrap a Hugging Face backbone with the method ``config`` describes (its weights stay frozen)."""
+    return LTuningModel(model, tokenizer, config, cache=cache)
+
+
+def unpatch(model: LTuningModel):
+    """Undo :func:`patch`: the backbone with its original attention implementation."""
+    base = model.base
+    uninstall = getattr(model.method, "uninstall", None)
+    if uninstall is not None:
+        uninstall()
+    disable(base)
+    return base

@@ -1,0 +1,94 @@
+"""Drop-in attention for Hugging Face models through transformers' attention-function registry.
+
+``enable(model)`` registers the ``"ltuning"`` attention implementation (an ``AttentionInterface`` function
+plus an ``AttentionMaskInterface`` entry that hands the attention function the plain 2-D key-padding mask
+instead of a materialised 4-D mask) and switches ``model`` to it; no modelling code is copied. The prefix of
+the current forward travels as the keyword argument ``ltuning_prefix=PrefixInputs(...)``, which transformers
+passes untouched down to every attention call (so gradient checkpointing and ``torch.compile`` see it too).
+Without it the function computes ordinary attention (same kernels, P = 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..kernels import prefix_attention
+
+IMPL_NAME = "ltuning"
+
+
+@dataclass
+class PrefixInputs:
+    """The prefix for one forward: per-layer banks ``keys[l]``/``values[l]`` (N, Hkv, P, D), shared by all rows;
+    ``index`` (B,) selects the entry of each row; ``scales[l]`` optional (B, P) per-row gates; ``backend``."""
+    keys: Sequence[torch.Tensor]
+    values: Sequence[torch.Tensor]
+    index: torch.Tensor
+    scales: Optional[Sequence[Optional[torch.Tensor]]] = None
+    backend: str = "auto"
+
+
+def ltuning_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              ltuning_prefix: Optional[PrefixInputs] = None, **kwargs):
+    """AttentionInterface function: q (B, Hq, L, D), k/v (B, Hkv, Lk, D) -> (out (B, L, Hq, D), None).
+
+    ``attention_mask`` is the 2-D key-padding mask (B, Lk) bool or None (see :func:`_mask_2d`). Attention
+    dropout is not applied: ltuning keeps the frozen base in eval mode.
+    """
+    if attention_mask is not None and attention_mask.dim() != 2:
+        if ltuning_prefix is not None:
+            raise ValueError("ltuning prefix attention takes a 2-D padding mask, not a prepared 4-D mask")
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+    causal = bool(getattr(module, "is_causal", False))
+    bank_k = bank_v = idx = scale = None
+    backend = "auto"
+    if ltuning_prefix is not None:
+        layer = module.layer_idx
+        bank_k, bank_v, idx = ltuning_prefix.keys[layer], ltuning_prefix.values[layer], ltuning_prefix.index
+        if ltuning_prefix.scales is not None:
+            scale = ltuning_prefix.scales[layer]
+        backend = ltuning_prefix.backend
+        if bank_k is not None and bank_k.dtype != query.dtype:
+            bank_k, bank_v = bank_k.to(query.dtype), bank_v.to(query.dtype)
+    out = prefix_attention(query, key, value, bank_k, bank_v, idx, key_padding_mask=attention_mask, causal=causal,
+                           prefix_scale=scale, softmax_scale=scaling, backend=backend)
+    return out.transpose(1, 2), None
+
+
+def _mask_2d(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+             **kwargs):
+    """AttentionMaskInterface entry: the (B, kv_length) bool padding mask, or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def register() -> None:
+    """Register the ``"ltuning"`` attention implementation with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPL_NAME, ltuning_attention_forward)
+    AttentionMaskInterface.register(IMPL_NAME, _mask_2d)
+
+
+def enable(model) -> None:
+    """Switch ``model`` (and its sub-models) to the ltuning attention; remembers the previous implementation."""
+    register()
+    if getattr(model, "_ltuning_prev_attn", None) is None:
+        model._ltuning_prev_attn = model.config._attn_implementation
+    model.set_attn_implementation(IMPL_NAME)
+
+
+def disable(model) -> None:
+    """Restore the attention implementation ``model`` had before :func:`enable`."""
+    prev = getattr(model, "_ltuning_prev_attn", None)
+    if prev is not None:
+        model.set_attn_implementation(prev)
+        model._ltuning_prev_attn = None

@@ -1,0 +1,176 @@
+"""The training loop: AdamW with warm-up + linear/cosine decay, clipping, bf16 autocast with fp32 trainable
+parameters and optimizer state, length-grouped batches with dynamic padding, model selection on a validation
+split carved from train (never on the reported dev set), early stopping, atomic resumable checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import collate, length_grouped_batches
+from .inference import autocast, predict_scores
+from .metrics import classification_metrics
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    batch_size: int = 16
+    lr: float = 3e-3
+    head_lr: Optional[float] = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    dtype: str = "fp32"
+    eval_every: Optional[int] = None
+    patience: Optional[int] = None
+    select_metric: str = "accuracy"
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    eval_batch_size: int = 64
+    max_steps: Optional[int] = None
+
+
+def param_groups(model, cfg: TrainConfig) -> list:
+    """Weight decay only on matrices of Linear layers: never on prefixes, prompts, embeddings or biases."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "embedding" not in name and cfg.weight_decay > 0
+        head = name.startswith("head.") and cfg.head_lr is not None
+        key = (decay, head)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                           "lr": cfg.head_lr if head else cfg.lr}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def lr_lambda(total: int, warmup: int, schedule: str):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        frac = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, 1.0 - frac)
+    return f
+
+
+def evaluate(model, ids: list, labels: list, batch_size: int = 64, dtype: str = "fp32", progress=False) -> dict:
+    scores = predict_scores(model, ids, batch_size, dtype, progress)
+    pred = scores.argmax(-1).tolist()
+    return classification_metrics(pred, labels, len(model.label_names))
+
+
+def _save_checkpoint(path: str, model, opt, sched, state: dict) -> None:
+    """Write ``path`` atomically: a fresh directory renamed over the old one."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
+                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+    old = path + ".old"
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: list, cfg: TrainConfig,
+        checkpoint_dir: Optional[str] = None, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``model`` (an :class:`~ltuning.modeling.LTuningModel`) in place; the best adapter (on the validation
+    split) is loaded back at the end. Returns a history dict (evaluations, best step, throughput, wall time)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    device = model.head.weight.device
+    pad = model.tokenizer.pad_token_id
+    lengths = [len(x) for x in train_ids]
+    steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
+    total = max(1, int(round(steps_per_epoch * cfg.epochs)))
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    eval_every = cfg.eval_every or max(1, min(steps_per_epoch, total // 8 or 1))
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(cfg.warmup_ratio * total), cfg.schedule))
+    state = {"step": 0, "best": None, "best_step": 0, "evals": [], "bad_evals": 0, "examples": 0,
+             "train_seconds": 0.0}
+    best_state = None
+    ckpt = os.path.join(checkpoint_dir, "checkpoint") if checkpoint_dir else None
+    if resume and ckpt and os.path.isdir(ckpt):
+        from .modeling import WEIGHTS_NAME
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(os.path.join(ckpt, WEIGHTS_NAME)), strict=False)
+        blob = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        state = blob["state"]
+        torch.set_rng_state(blob["torch_rng"])
+        best_state = state.pop("best_state", None)
+    gen = torch.Generator().manual_seed(cfg.seed + state["step"])
+    bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress, dynamic_ncols=True)
+    stop = False
+    while state["step"] < total and not stop:
+        epoch, skip = divmod(state["step"], steps_per_epoch)
+        batches = length_grouped_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
+        for b in batches[skip:]:
+            t0 = time.perf_counter()
+            ids, mask, lab = collate([train_ids[i] for i in b], pad, [train_labels[i] for i in b])
+            with autocast(cfg.dtype):
+                loss, _ = model.loss(ids.to(device), mask.to(device), lab.to(device), generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            state["train_seconds"] += time.perf_counter() - t0
+            state["examples"] += len(b)
+            state["step"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if state["step"] % eval_every == 0 or state["step"] == total:
+                m = evaluate(model, val_ids, val_labels, cfg.eval_batch_size, cfg.dtype)
+                model.train()
+                m["step"] = state["step"]
+                state["evals"].append(m)
+                score = m[cfg.select_metric]
+                if state["best"] is None or score > state["best"]:
+                    state.update(best=score, best_step=state["step"], bad_evals=0)
+                    best_state = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+                else:
+                    state["bad_evals"] += 1
+                if progress:
+                    bar.write(f"step {state['step']}: val {cfg.select_metric} {score:.4f} (best {state['best']:.4f} "
+                               f"@ {state['best_step']})")
+                if ckpt:
+                    _save_checkpoint(ckpt, model, opt, sched, {**state, "best_state": best_state})
+                if cfg.patience is not None and state["bad_evals"] > cfg.patience:
+                    stop = True
+            if state["step"] >= total or stop:
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    model.eval()
+    return {
+        "train_config": asdict(cfg), "steps": state["step"], "best_step": state["best_step"],
+        "best_val": state["best"], "evals": state["evals"],
+        "train_examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9),
+        "train_seconds": state["train_seconds"],
+    }

@@ -1,0 +1,131 @@
+"""Methods: label cache, K-way scoring, save/load, trainable parameters."""
+import pytest
+import torch
+
+import ltuning
+from ltuning.methods import label_cache
+from ltuning.modeling import LTuningModel
+from conftest import rel_err
+
+LABELS = ["negative", "positive", "neutral"]
+TEXTS = ["The sentiment is negative.", "The sentiment of the text is positive.", "It is neutral."]
+
+
+def enc(tok, texts=("great fun", "awful , just awful", "it exists", "a film")):
+    return tok(list(texts), padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("method", ["lt-prefix", "lt-prompt"])
+def test_label_texts_encoded_once_per_training_run(minilm, method):
+    """A whole training run (build + fit + validation) runs the frozen model on the label texts exactly once."""
+    model, tok = minilm
+    from ltuning.data import default_label_text
+    label_ids = tok([default_label_text(n) for n in LABELS], padding=True, return_tensors="pt")["input_ids"]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw.get("input_ids")), with_kwargs=True)
+    try:
+        before = label_cache.ENCODE_CALLS
+        clf = ltuning.Classifier("minilm-l6", method, base=model, tokenizer=tok, label_names=LABELS)
+        recs = [{"text": t, "label": LABELS[i % 3]} for i, t in enumerate(["good", "bad", "meh", "fine", "ok"] * 12)]
+        clf.fit(recs, progress=False, epochs=2, batch_size=8, lr=1e-3)
+    finally:
+        hook.remove()
+    ltuning.unpatch(clf.model)
+    assert label_cache.ENCODE_CALLS == before + 1
+    label_calls = [x for x in calls if x is not None and torch.equal(x, label_ids)]
+    assert len(label_calls) == 1
+    assert len(calls) > 10  # the training and validation forwards did happen
+
+
+def test_label_cache_is_one_forward_of_all_texts(minilm):
+    model, tok = minilm
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        cfg = ltuning.make_config("lt-prefix", label_names=LABELS, label_texts=TEXTS)
+        m = ltuning.patch(model, cfg, tok)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and calls[0][0] == 3
+    ltuning.unpatch(m)
+
+
+@pytest.mark.parametrize("method", ["lt-prefix", "lt-prompt"])
+def test_kway_batch_equals_one_label_at_a_time(real_model, method):
+    model, tok = real_model
+    cfg = ltuning.make_config(method, label_names=LABELS, label_texts=TEXTS)
+    m = ltuning.patch(model, cfg, tok)
+    with torch.no_grad():
+        for p in m.method.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    e = enc(tok)
+    with torch.no_grad():
+        scores = m(e["input_ids"], e["attention_mask"])
+        one = torch.stack([m.pair_scores(e["input_ids"], e["attention_mask"], torch.full((4,), k))
+                           for k in range(3)], 1)
+    ltuning.unpatch(m)
+    assert scores.shape == (4, 3)
+    assert rel_err(scores, one) < 1e-5
+    assert torch.equal(scores.argmax(-1), one.argmax(-1))
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lt-prefix", "lt-prompt"])
+def test_save_load_round_trip_same_logits(real_model, method, tmp_path):
+    model, tok = real_model
+    cfg = ltuning.make_config(method, label_names=LABELS, label_texts=TEXTS)
+    m = ltuning.patch(model, cfg, tok)
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    e = enc(tok)
+    with torch.no_grad():
+        before = m(e["input_ids"], e["attention_mask"])
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
+    saved = m.adapter_state_dict()
+    ltuning.unpatch(m)
+    calls = label_cache.ENCODE_CALLS
+    m2 = LTuningModel.from_pretrained(model, str(tmp_path), tok)
+    restored = m2.adapter_state_dict()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert label_cache.ENCODE_CALLS == calls  # the cached label encodings were restored, not recomputed
+    with torch.no_grad():
+        after = m2(e["input_ids"], e["attention_mask"])
+    ltuning.unpatch(m2)
+    # same weights and caches bit for bit; the logits agree to float32 round-off (MKL may pick a different
+    # blocking for differently aligned buffers)
+    assert torch.equal(before.argmax(-1), after.argmax(-1))
+    assert rel_err(after, before) < 1e-4
+
+
+def test_changed_label_texts_recompute_cache(minilm, tmp_path):
+    model, tok = minilm
+    m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS, label_texts=TEXTS), tok)
+    m.save_pretrained(tmp_path)
+    ltuning.unpatch(m)
+    calls = label_cache.ENCODE_CALLS
+    new = ["bad", "good", "so-so"]
+    m2 = LTuningModel.from_pretrained(model, str(tmp_path), tok, label_texts=new)
+    assert label_cache.ENCODE_CALLS == calls + 1
+    ltuning.unpatch(m2)
+
+
+def test_only_method_and_head_are_trainable(minilm, capsys):
+    model, tok = minilm
+    m = ltuning.patch(model, ltuning.make_config("prefix", label_names=LABELS, num_virtual_tokens=4), tok)
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith(("method.", "head.")) for n in names)
+    m.print_trainable_parameters()
+    assert "trainable params:" in capsys.readouterr().out
+    ltuning.unpatch(m)
+
+
+def test_pairwise_objective_trains(minilm):
+    model, tok = minilm
+    m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS, objective="pairwise"), tok)
+    e = enc(tok)
+    loss, scores = m.loss(e["input_ids"], e["attention_mask"], torch.tensor([0, 1, 2, 1]))
+    loss.backward()
+    assert scores is None and loss.item() > 0
+    assert m.method.transform[0].weight.grad.abs().sum() > 0
+    ltuning.unpatch(m)

@@ -1,0 +1,78 @@
+"""Data loading errors, the CLI end to end, and a short real training run that must learn."""
+import json
+import random
+
+import pytest
+
+from ltuning.cli import main
+from ltuning.data import load_split, read_records
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text('{"text": "ok", "label": "a"}\n{"text": "broken", \n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: invalid JSON"):
+        read_records(str(p))
+    p.write_text('{"text": "ok", "label": "a"}\n{"sentence": "x", "label": "b"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: expected a 'text' field"):
+        read_records(str(p))
+    p.write_text('{"text": "ok"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:1: expected a 'label' field"):
+        read_records(str(p))
+
+
+def test_csv_and_tsv(tmp_path):
+    (tmp_path / "a.csv").write_text('text,label\n"hello, world",positive\n')
+    (tmp_path / "b.tsv").write_text('premise\thypothesis\tlabel\nA\tB\tentailment\n')
+    assert read_records(str(tmp_path / "a.csv")) == [{"text": "hello, world", "label": "positive"}]
+    assert read_records(str(tmp_path / "b.tsv"))[0]["hypothesis"] == "B"
+
+
+def test_cli_train_eval_classify(minilm, sst2_dir, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    rc = main(["train", "--model", "minilm-l6", "--method", "lt-prefix", "--data", sst2_dir, "--out", str(out),
+               "--max-train-examples", "64", "--max-dev-examples", "32", "--epochs", "1", "--batch-size", "16",
+               "--quiet", "--label-text", "positive=The review is positive."])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k in ("accuracy", "macro_f1", "train_examples_per_s", "trainable_parameters"):
+        assert k in metrics
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["method_config"]["label_texts"][1] == "The review is positive."
+    capsys.readouterr()
+    data = tmp_path / "data"
+    data.mkdir()
+    dev = load_split(sst2_dir, "dev")[:20]
+    (data / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    assert main(["eval", "--adapter", str(out), "--data", str(data)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["n"] == 20 and 0 <= last["accuracy"] <= 1
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"text": r["text"], "id": i}) + "\n" for i, r in enumerate(dev[:5])))
+    assert main(["classify", "--adapter", str(out), "--input", str(inp), "--output", str(outp)]) == 0
+    rows = [json.loads(x) for x in outp.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(5))
+    assert all(r["prediction"] in ("negative", "positive") and set(r["scores"]) == {"negative", "positive"}
+               for r in rows)
+
+
+def test_cli_clear_error_for_missing_data(tmp_path, capsys):
+    rc = main(["train", "--model", "minilm-l6", "--method", "prefix", "--data", str(tmp_path), "--out",
+               str(tmp_path / "o")])
+    assert rc == 2
+    assert "expected train.jsonl" in capsys.readouterr().err
+
+
+def test_lt_prefix_on_300_sst2_examples_beats_majority(minilm, sst2_dir):
+    """The issue's acceptance run: LT-prefix on 300 SST-2 training examples with the real MiniLM."""
+    from ltuning import Classifier
+    model, tok = minilm
+    train = random.Random(0).sample(load_split(sst2_dir, "train"), 300)
+    dev = load_split(sst2_dir, "dev")
+    majority = max(sum(r["label"] == n for r in dev) for n in ("negative", "positive")) / len(dev)
+    clf = Classifier("minilm-l6", "lt-prefix", base=model, tokenizer=tok)
+    clf.fit(train, progress=False, epochs=3, batch_size=16, lr=1e-3, head_lr=1e-2, seed=0)
+    m = clf.evaluate(dev)
+    import ltuning
+    ltuning.unpatch(clf.model)
+    assert m["accuracy"] > majority + 0.05, (m, majority)
