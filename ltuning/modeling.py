@@ -85,13 +85,15 @@ class LTuningModel(nn.Module):
         print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
 
     # ---------------------------------------------------------------- forward
-    def encode(self, input_ids, attention_mask, entry_index=None) -> torch.Tensor:
-        """Pooled representation (R, d) in fp32 of R rows; row r uses bank entry ``entry_index[r]`` (default 0)."""
+    def encode(self, input_ids, attention_mask, entry_index=None, **batch) -> torch.Tensor:
+        """Pooled representation (R, d) in fp32 of R rows; row r uses bank entry ``entry_index[r]`` (default 0).
+        ``batch``: extra per-row inputs for the method (e.g. ``task_ids``), see :meth:`Method.begin_forward`."""
         R, L = input_ids.shape
         dev = input_ids.device
         if entry_index is None:
             entry_index = torch.zeros(R, dtype=torch.long, device=dev)
         attention_mask = attention_mask.to(dev).bool()
+        self.method.begin_forward(input_ids, attention_mask, **batch)
         kind = self.method.kind
         kwargs = {}
         input_mask = attention_mask
@@ -131,28 +133,29 @@ class LTuningModel(nn.Module):
         with torch.autocast(pooled.device.type, enabled=False):
             return self.head(pooled.float())
 
-    def pair_scores(self, input_ids, attention_mask, label_index) -> torch.Tensor:
+    def pair_scores(self, input_ids, attention_mask, label_index, **batch) -> torch.Tensor:
         """Scores (R,) of (input r, label ``label_index[r]``) pairs (label-conditioned methods)."""
         if not self.method.label_conditioned:
             raise TypeError(f"method {self.config.method!r} is not label-conditioned")
-        return self._head(self.encode(input_ids, attention_mask, label_index)).squeeze(-1)
+        return self._head(self.encode(input_ids, attention_mask, label_index, **batch)).squeeze(-1)
 
-    def forward(self, input_ids, attention_mask) -> torch.Tensor:
-        """K-way scores (B, K)."""
+    def forward(self, input_ids, attention_mask, **batch) -> torch.Tensor:
+        """K-way scores (B, K). ``batch``: extra per-row tensors (B, ...) for the method, e.g. ``task_ids``."""
         B = input_ids.shape[0]
         if not self.method.label_conditioned:
-            return self._head(self.encode(input_ids, attention_mask))
+            return self._head(self.encode(input_ids, attention_mask, **batch))
         K = len(self.config.label_names)
         ids = input_ids.repeat_interleave(K, 0)
         mask = attention_mask.repeat_interleave(K, 0)
         labels = torch.arange(K, device=input_ids.device).repeat(B)
-        return self.pair_scores(ids, mask, labels).view(B, K)
+        rep = {k: v.repeat_interleave(K, 0) for k, v in batch.items()}
+        return self.pair_scores(ids, mask, labels, **rep).view(B, K)
 
-    def loss(self, input_ids, attention_mask, labels, generator=None):
+    def loss(self, input_ids, attention_mask, labels, generator=None, **batch):
         """Training loss of a batch; returns ``(loss, scores or None)``."""
         objective = getattr(self.config, "objective", "listwise")
         if not self.method.label_conditioned or objective == "listwise":
-            scores = self(input_ids, attention_mask)
+            scores = self(input_ids, attention_mask, **batch)
             return F.cross_entropy(scores, labels), scores
         K = len(self.config.label_names)
         n = min(self.config.num_negatives, K - 1)
@@ -164,7 +167,8 @@ class LTuningModel(nn.Module):
         target[:, 0] = 1
         ids = input_ids.repeat_interleave(n + 1, 0)
         mask = attention_mask.repeat_interleave(n + 1, 0)
-        s = self.pair_scores(ids, mask, pair_labels)
+        rep = {k: v.repeat_interleave(n + 1, 0) for k, v in batch.items()}
+        s = self.pair_scores(ids, mask, pair_labels, **rep)
         return F.binary_cross_entropy_with_logits(s, target.view(-1)), None
 
     # ---------------------------------------------------------------- save / load
@@ -238,8 +242,6 @@ def patch(model, config, tokenizer, cache=None) -> LTuningModel:
 def unpatch(model: LTuningModel):
     """Undo :func:`patch`: the backbone with its original attention implementation."""
     base = model.base
-    uninstall = getattr(model.method, "uninstall", None)
-    if uninstall is not None:
-        uninstall()
+    model.method.uninstall()
     disable(base)
     return base

@@ -94,6 +94,13 @@ class Method(nn.Module):
         """``(embeds (N, P, d), mask (N, P) bool)`` (kind ``"prompt"``)."""
         raise NotImplementedError
 
+    def begin_forward(self, input_ids, attention_mask, **batch) -> None:
+        """Called at the start of every model forward with the batch (``batch`` carries extra per-row inputs
+        such as ``task_ids``); methods that need per-forward state (gates, task mixtures) set it here."""
+
+    def uninstall(self) -> None:
+        """Remove anything the method installed in the base model (hooks); called by :func:`ltuning.unpatch`."""
+
     def refresh_cache(self, base, tokenizer) -> None:
         """Recompute anything derived from the frozen base (e.g. the label cache)."""
 

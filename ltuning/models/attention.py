@@ -31,12 +31,17 @@ class PrefixInputs:
 
 
 def ltuning_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                              ltuning_prefix: Optional[PrefixInputs] = None, **kwargs):
+                              ltuning_prefix: Optional[PrefixInputs] = None, ltuning_capture: Optional[dict] = None,
+                              **kwargs):
     """AttentionInterface function: q (B, Hq, L, D), k/v (B, Hkv, Lk, D) -> (out (B, L, Hq, D), None).
 
     ``attention_mask`` is the 2-D key-padding mask (B, Lk) bool or None (see :func:`_mask_2d`). Attention
-    dropout is not applied: ltuning keeps the frozen base in eval mode.
+    dropout is not applied: ltuning keeps the frozen base in eval mode. ``ltuning_capture``: a dict that
+    receives ``{layer_idx: (key, value)}`` (the layer's own K/V, after RoPE), e.g. to turn a text into a prefix.
+    ``PrefixInputs.scales`` may be any object indexable by layer (computed lazily during the forward).
     """
+    if ltuning_capture is not None:
+        ltuning_capture[module.layer_idx] = (key, value)
     if attention_mask is not None and attention_mask.dim() != 2:
         if ltuning_prefix is not None:
             raise ValueError("ltuning prefix attention takes a 2-D padding mask, not a prepared 4-D mask")
