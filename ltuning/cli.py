@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-DEFAULT_LR = {"prompt": 3e-2, "prefix": 1e-3, "lt-prefix": 1e-3, "lt-prompt": 1e-3}
+DEFAULT_LR = {"prompt": 3e-2, "prefix": 1e-3, "lt-prefix": 1e-3, "lt-prompt": 1e-3, "linear-probe": 1e-2,
+              "sk-prefix": 1e-3, "sk-prompt": 1e-3, "apt": 1e-3, "fl": 1e-3, "lora": 5e-4, "cgc-lora": 5e-4}
 
 # flag -> method config field (passed only when given and only to methods that have the field)
 METHOD_FLAGS = {
@@ -20,6 +21,14 @@ METHOD_FLAGS = {
     "pooling": "pooling of the output: last, mean or cls (default: last for decoders, mean for encoders)",
     "position_offset": "input positions start at 0 (zero) or after the prefix (prefix)",
     "backend": "attention backend: auto, cpu, triton, sdpa, reference",
+    "task_text": "task description whose K/V (sk-prefix) or embeddings (sk-prompt) start the tuning",
+    "num_units": "fl: extra hidden units m in every feed-forward network",
+    "r": "LoRA rank (lora; per expert for cgc-lora)",
+    "lora_alpha": "LoRA scale numerator: the update is (lora_alpha / r) B A x",
+    "target_modules": "comma-separated leaf names of the Linears to adapt (default: q and v projections)",
+    "num_common_experts": "cgc-lora: task-common experts E_s per adapted Linear",
+    "num_task_experts": "cgc-lora: task-specific experts E_t per task per adapted Linear",
+    "task_embedding_dim": "cgc-lora: size of the task embedding e_t that drives the gate",
 }
 
 
@@ -42,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     t.add_argument("--method", required=True, choices=sorted(METHODS), help="tuning method")
     t.add_argument("--data", required=True,
-                   help="directory with train.jsonl and dev.jsonl (or .csv/.tsv), or a Hugging Face dataset name")
+                   help="directory with train.jsonl and dev.jsonl (or .csv/.tsv), or a Hugging Face dataset name; "
+                        "DIR1,DIR2,... trains one multi-task model (see ltuning.multitask)")
     t.add_argument("--out", required=True, help="output directory (adapter, config, metrics, checkpoint)")
     t.add_argument("--max-train-examples", type=int, default=None, help="use at most N training examples (seeded)")
     t.add_argument("--max-dev-examples", type=int, default=None, help="evaluate on at most N dev examples")
@@ -64,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label text of a label (repeatable); defaults per label name")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     for name, help_ in METHOD_FLAGS.items():
-        kw = {"type": int} if name in ("num_virtual_tokens", "encoder_hidden_size", "num_negatives") else {}
+        kw = {"type": int} if name in ("num_virtual_tokens", "encoder_hidden_size", "num_negatives", "num_units", "r",
+                                       "lora_alpha", "num_common_experts", "num_task_experts",
+                                       "task_embedding_dim") else {}
         t.add_argument("--" + name.replace("_", "-"), default=None, help=help_, **kw)
 
     e = sub.add_parser("eval", help="evaluate a trained adapter; prints metrics as JSON on the last line")
@@ -90,21 +102,24 @@ def cmd_train(a) -> dict:
     from .data import load_split, parse_label_texts
     from .methods import method_class
 
+    fields = set(method_class(a.method).config_class.__dataclass_fields__)
+    opts = {k: getattr(a, k) for k in METHOD_FLAGS if getattr(a, k) is not None}
+    bad = set(opts) - fields
+    if bad:
+        raise SystemExit(f"ltuning train: --{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
+    lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 1e-3)
+    if "," in a.data:
+        from .multitask import cmd_train as train_tasks
+        return train_tasks(a, opts, lr)
     train = load_split(a.data, "train")
     dev = load_split(a.data, "dev")
     if a.max_train_examples and len(train) > a.max_train_examples:
         train = random.Random(a.seed).sample(train, a.max_train_examples)
     if a.max_dev_examples and len(dev) > a.max_dev_examples:
         dev = random.Random(a.seed).sample(dev, a.max_dev_examples)
-    fields = set(method_class(a.method).config_class.__dataclass_fields__)
-    opts = {k: getattr(a, k) for k in METHOD_FLAGS if getattr(a, k) is not None}
-    bad = set(opts) - fields
-    if bad:
-        raise SystemExit(f"ltuning train: --{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
     torch_seed(a.seed)
     clf = Classifier(a.model, a.method, label_texts=parse_label_texts(a.label_text), dtype=a.dtype,
                      max_length=a.max_length, **opts)
-    lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 1e-3)
     hist = clf.fit(train, out_dir=a.out, resume=a.resume, val_fraction=a.val_fraction, progress=not a.quiet,
                    epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr, weight_decay=a.weight_decay,
                    warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype, eval_every=a.eval_every,

@@ -76,3 +76,46 @@ def test_lt_prefix_on_300_sst2_examples_beats_majority(minilm, sst2_dir):
     import ltuning
     ltuning.unpatch(clf.model)
     assert m["accuracy"] > majority + 0.05, (m, majority)
+
+
+def test_interrupted_training_resumes_to_the_same_adapter(minilm, tmp_path, monkeypatch):
+    """Kill training right after a checkpoint, resume from it: the final adapter equals an uninterrupted run."""
+    import torch
+
+    import ltuning
+    from ltuning import training
+
+    model, tok = minilm
+    recs = [{"text": f"sample {i} " + ("good" if i % 2 else "bad") * (1 + i % 3), "label": ["a", "b"][i % 2]}
+            for i in range(48)]
+    opts = dict(progress=False, epochs=2, batch_size=8, lr=1e-3, eval_every=2, seed=3)
+
+    def run(out, interrupt_at=None, resume=False):
+        torch.manual_seed(0)
+        clf = ltuning.Classifier("minilm-l6", "lt-prefix", base=model, tokenizer=tok, label_names=["a", "b"])
+        clf.fit(recs, out_dir=str(out), resume=resume, **opts)
+        state = clf.model.adapter_state_dict()
+        ltuning.unpatch(clf.model)
+        return state
+
+    full = run(tmp_path / "full")
+    real_save = training._save_checkpoint
+
+    def save_then_die(path, model_, opt, sched, state):
+        real_save(path, model_, opt, sched, state)
+        if state["step"] == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(training, "_save_checkpoint", real_save)
+    assert (tmp_path / "resumed" / "checkpoint" / "trainer_state.pt").exists()
+    batches = []
+    real_collate = training.collate
+    monkeypatch.setattr(training, "collate", lambda *a: batches.append(1) or real_collate(*a))
+    resumed = run(tmp_path / "resumed", resume=True)
+    assert len(batches) == 10 - 6  # 39 training examples / 8 = 5 steps per epoch, 2 epochs; 6 were done
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-6), k

@@ -1,0 +1,212 @@
+"""One optimizer step of prefix training on SmolLM2-135M: ltuning vs Hugging Face PEFT prefix tuning vs eager.
+
+Configurations (B=8, L=128, P=20 prefix tokens, 30 layers, 9 query / 3 KV heads), each timed in its own
+subprocess (so peak RSS is per configuration), 3 warm-up steps then ``--steps`` timed steps, median reported:
+
+* ``peft-fp32``      PEFT PrefixTuningConfig(num_virtual_tokens=20) on the fp32 model, SDPA attention (what
+                     users run);  ``peft-bf16``: the same under ``torch.autocast(bfloat16)``.
+* ``eager-fp32``     the unpatched fp32 model with eager attention, no prefix, all weights frozen but the
+                     final norm (a floor for the backbone itself).
+* ``ours-prefix-*``  ltuning ``prefix`` method (same P=20 per-layer K/V reparameterisation as PEFT) through the
+                     shared-prefix attention; ``fp32`` = fp32 weights, ``bf16`` = bf16 frozen weights + autocast
+                     (fp32 trainable parameters and optimizer state). Backend: ``--backend`` (auto = C++ kernel).
+* ``ours-lt-prefix-bf16``  ``lt-prefix`` with label texts padded to 20 tokens, listwise over K=2 labels: twice
+                     the rows of the others (every input is scored against both labels), reported for reference.
+
+MFU = model FLOPs / step time / the bf16 matrix rate measured in the same run (a 2048^3 bf16 product). Model
+FLOPs per step count the matrix products a frozen-base step needs: forward 2*N*T, backward (input gradients
+only, the base is frozen) 2*N*T, with N the non-embedding parameters and T the tokens, plus attention
+(QK^T and PV over P+L keys: 4*T*(P+L)*H*D forward, twice that backward).
+
+    python benchmarks/bench_train_step.py [--quick] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+B, L, P = 8, 128, 20
+CONFIGS = ["peft-fp32", "peft-bf16", "eager-fp32", "ours-prefix-fp32", "ours-prefix-bf16", "ours-lt-prefix-bf16"]
+
+
+def bf16_matmul_tflops(n=2048, reps=10) -> float:
+    import torch
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(ts) / 1e12
+
+
+def model_flops(info, n_params_nonembed: int, rows: int) -> float:
+    T = rows * L
+    attn = 4 * T * (P + L) * info.num_heads * info.head_dim * info.num_layers
+    return 4 * n_params_nonembed * T + 3 * attn
+
+
+def _batch(tok, rows, seed=0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, tok.vocab_size - 100, (rows, L), generator=g)
+    mask = torch.ones(rows, L, dtype=torch.long)
+    mask[1, L - 37:] = 0  # some padding, as real batches have
+    return ids, mask
+
+
+def run_config(name: str, steps: int, backend: str) -> dict:
+    """Time one configuration in this process; returns medians and peak RSS."""
+    import torch
+
+    import ltuning
+    from ltuning.models import load_base, model_info
+
+    dtype = "bf16" if name.endswith("bf16") and name.startswith("ours") else "fp32"
+    base, tok = load_base("smollm2-135m", dtype)
+    info = model_info(base)
+    ids, mask = _batch(tok, B)
+    labels = torch.randint(0, 2, (B,))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name.endswith("bf16"))
+    rows = B
+    if name.startswith("peft"):
+        import peft
+        pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=P,
+                                                               prefix_projection=True, encoder_hidden_size=512))
+        head = torch.nn.Linear(info.hidden_size, 2)
+        params = [p for p in pm.parameters() if p.requires_grad] + list(head.parameters())
+
+        def step():
+            with autocast:
+                h = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+                loss = torch.nn.functional.cross_entropy(head(h[:, -1].float()), labels)
+            loss.backward()
+            return loss
+    elif name.startswith("eager"):
+        base.set_attn_implementation("eager")
+        base.norm.weight.requires_grad_(True)
+        head = torch.nn.Linear(info.hidden_size, 2)
+        params = [base.norm.weight] + list(head.parameters())
+
+        def step():
+            h = base(input_ids=ids, attention_mask=mask).last_hidden_state
+            loss = torch.nn.functional.cross_entropy(head(h[:, -1]), labels)
+            loss.backward()
+            return loss
+    else:
+        method = "lt-prefix" if "lt-prefix" in name else "prefix"
+        opts = {"backend": backend}
+        if method == "prefix":
+            opts.update(num_virtual_tokens=P, encoder_hidden_size=512)
+            texts = None
+        else:
+            texts = [" ".join(["negative"] * P), " ".join(["positive"] * P)]
+            rows = 2 * B
+        cfg = ltuning.make_config(method, label_names=["negative", "positive"], label_texts=texts, **opts)
+        m = ltuning.patch(base, cfg, tok)
+        if method == "lt-prefix":
+            assert m.method.label_hidden.shape[1] == P, m.method.label_hidden.shape
+        m.train()
+        params = m.trainable_parameters()
+
+        def step():
+            with autocast:
+                loss, _ = m.loss(ids, mask, labels)
+            loss.backward()
+            return loss
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for i in range(3 + steps):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        step()
+        opt.step()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    n_nonembed = sum(p.numel() for n, p in base.named_parameters() if "embed" not in n)
+    return {"config": name, "median_s": statistics.median(times), "min_s": min(times), "steps": steps, "rows": rows,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "model_flops": model_flops(info, n_nonembed, rows), "backend": backend if name.startswith("ours") else "sdpa"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps (5) and configurations")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--backend", default="auto", help="ltuning attention backend for the ours-* rows")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "train_step.json"))
+    ap.add_argument("--png", default=None, help="bar chart (default: next to --json)")
+    ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._child:
+        print(json.dumps(run_config(a._child, a.steps, a.backend)))
+        return 0
+    steps = 5 if a.quick else a.steps
+    configs = a.configs.split(",")
+    if a.quick:
+        configs = [c for c in configs if c in ("peft-fp32", "peft-bf16", "ours-prefix-bf16")]
+    peak = bf16_matmul_tflops()
+    rows = []
+    for c in configs:
+        out = subprocess.run([sys.executable, __file__, "--_child", c, "--steps", str(steps), "--backend", a.backend],
+                             capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"configuration {c} failed")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["mfu"] = r["model_flops"] / r["median_s"] / (peak * 1e12)
+        rows.append(r)
+        print(f"{c:22s} {1000 * r['median_s']:9.1f} ms  rows {r['rows']:3d}  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+              f"MFU {100 * r['mfu']:5.1f}%", flush=True)
+    peak2 = bf16_matmul_tflops()
+    by = {r["config"]: r for r in rows}
+    res = {"shape": {"B": B, "L": L, "P": P, "model": "smollm2-135m"}, "bf16_matmul_tflops": [peak, peak2],
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
+           "command": " ".join(["python", "benchmarks/bench_train_step.py"] + (argv or sys.argv[1:])), "rows": rows}
+    ours = by.get("ours-prefix-bf16")
+    if ours:
+        for ref in ("peft-fp32", "peft-bf16", "eager-fp32"):
+            if ref in by:
+                res[f"speedup_vs_{ref.replace('-', '_')}"] = by[ref]["median_s"] / ours["median_s"]
+        res["mfu"] = ours["mfu"]
+    print(json.dumps({k: v for k, v in res.items() if k.startswith(("speedup", "mfu", "bf16"))}))
+    os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+    with open(a.json + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(a.json + ".tmp", a.json)
+    _plot(rows, a.png or os.path.splitext(a.json)[0] + ".png")
+    return 0
+
+
+def _plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    names = [r["config"] for r in rows]
+    ax.barh(names, [1000 * r["median_s"] for r in rows], color=["tab:gray" if n.startswith(("peft", "eager"))
+                                                               else "tab:blue" for n in names])
+    for i, r in enumerate(rows):
+        ax.text(1000 * r["median_s"], i, f" {1000 * r['median_s']:.0f} ms, MFU {100 * r['mfu']:.0f}%", va="center",
+                fontsize=8)
+    ax.set_xlabel("median step time (ms), SmolLM2-135M, B=8, L=128, P=20 (lower is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
