@@ -7,7 +7,7 @@ import os
 import sys
 
 DEFAULT_LR = {"prompt": 3e-2, "prefix": 1e-3, "lt-prefix": 1e-3, "lt-prompt": 1e-3, "linear-probe": 1e-2,
-              "sk-prefix": 1e-3, "sk-prompt": 1e-3, "apt": 1e-3, "fl": 1e-3, "lora": 5e-4, "cgc-lora": 5e-4}
+              "sk-prefix": 1e-3, "sk-prompt": 1e-3, "apt": 1e-3, "fl": 1e-3, "lora": 1e-3, "cgc-lora": 1e-3}
 
 # flag -> method config field (passed only when given and only to methods that have the field)
 METHOD_FLAGS = {

@@ -206,7 +206,8 @@ class LTuningModel(nn.Module):
         cache = None
         cache_keys = meta.get("cache_keys", [])
         same_base = fingerprint(base) == meta.get("base_fingerprint")
-        same_texts = config.label_texts == meta["method_config"].get("label_texts")
+        fields = getattr(method_class(config.method), "cache_fields", ("label_texts",))
+        same_texts = all(getattr(config, f) == meta["method_config"].get(f) for f in fields)
         if cache_keys and same_base and same_texts:
             cache = {k[len("method."):]: state[k] for k in cache_keys}
         elif cache_keys:

@@ -6,7 +6,7 @@ h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter text
 ``lt-prefix`` -- p_k = Z_psi(F_theta(h_k)) in R^{layers x l x 2 x kv_dim}; input x is run with prefix p_k.
   Our reading of F and Z (the paper leaves them open):
   * F_theta, self-attention pooling that keeps the l positions:
-      a = softmax_t(h_k w + b) over real tokens,  F(h_k)_t = (n_k * a_t) * h_{k,t}
+      a = softmax_t(h_k w) over real tokens,  F(h_k)_t = (n_k * a_t) * h_{k,t}
     (n_k real tokens; w is zero-initialised, so F starts as the identity on real tokens and maps padding
     positions to 0, which Z turns into learned label-independent filler tokens).
   * Z_psi, a per-token MLP: Linear(d, r) -> tanh -> Linear(r, layers * 2 * kv_dim): l prefix tokens per
@@ -82,9 +82,8 @@ class LTPrefix(LabelConditioned):
         super().__init__(config, info, base, tokenizer, cache)
         d, r, out = info.hidden_size, config.encoder_hidden_size, info.num_layers * 2 * info.kv_dim
         l = self.label_hidden.shape[1]
-        self.pool = nn.Linear(d, 1)
+        self.pool = nn.Linear(d, 1, bias=False)  # a bias is a constant shift: softmax and Z's bias absorb it
         nn.init.zeros_(self.pool.weight)
-        nn.init.zeros_(self.pool.bias)
         if config.variant == "pooling":
             self.transform = nn.Sequential(nn.Linear(d, r), nn.Tanh(), nn.Linear(r, out))
         elif config.variant == "published":

@@ -1,0 +1,109 @@
+"""Forward Triton kernel of shared-prefix attention (FlashAttention-2 structure).
+
+Grid ``(B * Hq, cdiv(Lq, BLOCK_M))`` (the large axis first: grid axes 1 and 2 are capped at 65535; query blocks
+run last-first so the heaviest causal blocks start first). A program owns ``BLOCK_M`` query rows of one
+(sequence, query head) and streams first the ``P`` prefix keys of bank entry ``prefix_idx[b]`` (read straight from
+the shared bank: no per-sequence copy), then the sequence's own keys, with an online softmax in exp2 and fp32
+accumulators::
+
+    m' = max(m, rowmax s2);  l = l * 2^(m - m') + rowsum 2^(s2 - m');  acc = acc * 2^(m - m') + 2^(s2 - m') @ v~
+    o = acc / l,  lse = (m + log2 l) / log2 e      (rows with l = 0: o = 0, lse = -inf)
+
+where ``s2 = softmax_scale * log2(e) * s_j * q.k_j`` and ``v~_j = s_j v_j`` (``s_j = 1`` off the prefix).
+Sequence tiles fully inside the key range and the causal band skip the bound / causal masks (the short prefix
+always takes the masked path).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_attn_common import LOG2E, key_scale, load_rows, mask_scores, seq_bounds, store_rows
+from .triton_configs import autotune
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, SC, s_sc,
+               lo, hi, n_keys, offs_m, shift, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax update of ``(acc, m_i, l_i)`` with key blocks ``[lo, hi)`` of one key source."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(K, offs_n, n_keys, s_kn, s_kd, HEAD_DIM, D_PAD).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_SCALE:
+            sc = key_scale(SC, offs_n, n_keys, s_sc)
+            s = s * (qk_scale * sc)[None, :]
+        else:
+            s = s * qk_scale
+        s = mask_scores(s, offs_m, offs_n, n_keys, shift, KPM, s_mn, MASKED, CAUSAL, HAS_KPM)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_SCALE:
+            p = p * sc[None, :]
+        v = load_rows(V, offs_n, n_keys, s_vn, s_vd, HEAD_DIM, D_PAD).to(q.dtype)
+        acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@autotune("fwd")
+@triton.jit
+def fwd_kernel(
+    Q, K, V, BANK_K, BANK_V, IDX, KPM, SCALE, CU, O, LSE,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_bkn, s_bkh, s_bkp, s_bkd, s_bvn, s_bvh, s_bvp, s_bvd, s_mb, s_mn, s_sb, s_sp,
+    s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm,
+    Hq, Lq, Lk, P, qk_scale, LEN_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """o[b, h, rows] and lse[b, h, rows] for one query block. ``LEN_BUCKET`` is only an autotune key."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest causal blocks first
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    row0, Lq_b, Lk_b = seq_bounds(CU, b, Lq, Lk, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m < Lq_b:
+        b64 = b.to(tl.int64)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(Q + b64 * s_qb + h * s_qh + row0 * s_qm, offs_m, Lq_b, s_qm, s_qd, HEAD_DIM, D_PAD)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        shift = Lk_b - Lq_b
+        if HAS_PREFIX:
+            e = tl.load(IDX + b).to(tl.int64)
+            bk = BANK_K + e * s_bkn + hk * s_bkh
+            bv = BANK_V + e * s_bvn + hk * s_bvh
+            sc = SCALE + b64 * s_sb
+            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, bk, bv, s_bkp, s_bkd, s_bvp, s_bvd, KPM, s_mn, sc, s_sp,
+                                       0, P, P, offs_m, shift, qk_scale, True, False, False, HAS_SCALE,
+                                       HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
+        if CAUSAL:
+            hi = tl.minimum(Lk_b, start_m + BLOCK_M + shift)
+            full = tl.minimum(tl.maximum(start_m + shift + 1, 0) // BLOCK_N, Lk_b // BLOCK_N) * BLOCK_N
+        else:
+            hi = Lk_b
+            full = (Lk_b // BLOCK_N) * BLOCK_N
+        kk = K + b64 * s_kb + hk * s_kh + row0 * s_kn
+        vv = V + b64 * s_vb + hk * s_vh + row0 * s_vn
+        kpm = KPM + b64 * s_mb
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp,
+                                   0, full, Lk_b, offs_m, shift, qk_scale, False, CAUSAL, HAS_KPM, False,
+                                   HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp,
+                                   full, hi, Lk_b, offs_m, shift, qk_scale, True, CAUSAL, HAS_KPM, False,
+                                   HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        o = acc / l_safe[:, None]
+        lse = (m_i + tl.math.log2(l_safe)) / LOG2E
+        store_rows(O + b64 * s_ob + h * s_oh + row0 * s_om, o, offs_m, Lq_b, s_om, s_od, HEAD_DIM, D_PAD)
+        tl.store(LSE + b64 * s_lb + h * s_lh + (row0 + offs_m) * s_lm, lse, mask=offs_m < Lq_b)

@@ -1,0 +1,251 @@
+"""Shared-prefix attention on Triton (GPU, or the CPU interpreter with ``TRITON_INTERPRET=1``).
+
+Semantics and shapes: :mod:`ltuning.kernels.reference`. Dense: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D); packed:
+q (T, Hq, D), k/v (T, Hkv, D) with ``cu_seqlens`` (B+1,). The bank (N, Hkv, P, D) is read in place by every
+kernel (no expanded per-sequence copy); its gradient is reduced inside the prefix dK/dV kernel over the sequences
+that use each entry (see :mod:`ltuning.kernels.triton_attn_bwd`). Both functions are differentiable w.r.t.
+q, k, v, bank_k, bank_v, prefix_scale, and through ``lse`` as well as ``o``.
+
+Triton is imported lazily, so importing this module never requires it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .reference import _check
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def is_available() -> bool:
+    """Triton importable and a target to run on: CUDA, or the interpreter (``TRITON_INTERPRET=1``)."""
+    try:
+        from .triton_configs import interpreting
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or interpreting()
+
+
+def _alloc(shape, dtype, device):
+    """Every kernel output is allocated here (uninitialised: each element is written by exactly one program)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def prefix_splits(B, N, Hkv, P, num_sms):
+    """Chunks each bank entry's sequence list is split into by the prefix dK/dV kernel (1 when ``num_sms = 0``).
+
+    Aims at ~2 waves of ``num_sms`` programs (prefix blocks of 64 keys); bounded by the mean number of sequences
+    per used entry, so the fp32 partials ``(splits, N, Hkv, P, D)`` never exceed a per-sequence prefix copy.
+    """
+    used = max(1, min(N, B))
+    busy = used * Hkv * -(-P // 64)
+    return max(1, min(B // used, -(-2 * num_sms // busy)))
+
+
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+@dataclass(frozen=True)
+class _Meta:
+    B: int
+    Hq: int
+    Hkv: int
+    Lq: int  # max query length (varlen: max_seqlen)
+    Lk: int
+    P: int
+    N: int
+    D: int
+    causal: bool
+    sm_scale: float
+    varlen: bool
+
+
+def _s4(t, m: _Meta):
+    """(batch, head, row, dim) strides of a (B, H, L, D) tensor, or of a packed (T, H, D) one (batch stride 0)."""
+    return (0, t.stride(1), t.stride(0), t.stride(2)) if m.varlen else tuple(t.stride())
+
+
+def _s3(t, m: _Meta):
+    """(batch, head, row) strides of a (B, H, L) tensor or a packed (T, H) one."""
+    return (0, t.stride(1), t.stride(0)) if m.varlen else tuple(t.stride())
+
+
+def _consts(m: _Meta, q, kpm, scale):
+    import triton
+    from .triton_configs import len_bucket
+    return dict(GROUP=m.Hq // m.Hkv, HEAD_DIM=m.D, D_PAD=max(16, triton.next_power_of_2(m.D)),
+                HAS_PREFIX=m.P > 0, HAS_KPM=kpm is not None, HAS_SCALE=scale is not None, CAUSAL=m.causal,
+                IS_VARLEN=m.varlen, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32"), \
+        len_bucket(max(m.Lq, m.Lk))
+
+
+def _ptr(t, q):
+    """``t``, or ``q`` standing in for an absent tensor the kernel never touches."""
+    return t if t is not None else q
+
+
+def _bank_args(bank_k, bank_v, idx, kpm, scale, q):
+    """Kernel pointers + strides of the optional inputs (``q`` and zero strides stand in for absent ones)."""
+    ptrs = tuple(_ptr(t, q) for t in (bank_k, bank_v, idx, kpm, scale))
+    strides = (*(bank_k.stride() if bank_k is not None else (0,) * 4),
+               *(bank_v.stride() if bank_v is not None else (0,) * 4),
+               *(kpm.stride() if kpm is not None else (0, 0)), *(scale.stride() if scale is not None else (0, 0)))
+    return ptrs, strides
+
+
+def _forward(q, k, v, bank_k, bank_v, idx, kpm, scale, cu, m: _Meta):
+    import triton
+    from .triton_attn_fwd import fwd_kernel
+    o = _alloc(q.shape, q.dtype, q.device)
+    lse = _alloc(q.shape[:-1], torch.float32, q.device)
+    consts, bucket = _consts(m, q, kpm, scale)
+    (bk, bv, ix, km, sc), bstr = _bank_args(bank_k, bank_v, idx, kpm, scale, q)
+    grid = lambda meta: (m.B * m.Hq, triton.cdiv(m.Lq, meta["BLOCK_M"]))  # noqa: E731
+    fwd_kernel[grid](q, k, v, bk, bv, ix, km, sc, _ptr(cu, q), o, lse, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
+                     *_s4(o, m), *_s3(lse, m), m.Hq, m.Lq, m.Lk, m.P, m.sm_scale * math.log2(math.e), bucket,
+                     **consts)
+    return o, lse
+
+
+def _backward(ctx, do, dlse):
+    import triton
+    from .triton_attn_bwd import dkdv_seq_kernel, dq_kernel, preprocess_kernel
+    q, k, v, bank_k, bank_v, scale, idx, kpm, cu, o, lse = ctx.saved_tensors
+    cu = _ptr(cu, q)
+    m: _Meta = ctx.meta
+    need = ctx.needs_input_grad
+    if do is None:
+        do = torch.zeros_like(o)
+    consts, bucket = _consts(m, q, kpm, scale)
+    qk_scale = m.sm_scale * math.log2(math.e)
+    delta = _alloc(lse.shape, torch.float32, q.device)
+    pre_block = 16 if consts["D_PAD"] <= 16 else 64
+    preprocess_kernel[(m.B * m.Hq, triton.cdiv(m.Lq, pre_block))](
+        o, do, _ptr(dlse, lse), cu, delta, *_s4(o, m), *_s4(do, m),
+        *(_s3(dlse, m) if dlse is not None else (0, 0, 0)), *_s3(lse, m), m.Hq, m.Lq,
+        HEAD_DIM=m.D, D_PAD=consts["D_PAD"], HAS_DLSE=dlse is not None, IS_VARLEN=m.varlen, BLOCK_M=pre_block)
+    (bk, bv, ix, km, sc), bstr = _bank_args(bank_k, bank_v, idx, kpm, scale, q)
+    dq = dk = dv = dbk = dbv = dsc = None
+    if need[0]:
+        dq = _alloc(q.shape, q.dtype, q.device)
+        dq_kernel[lambda meta: (m.B * m.Hq, triton.cdiv(m.Lq, meta["BLOCK_M"]))](
+            q, k, v, bk, bv, ix, km, sc, cu, do, lse, delta, dq, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
+            *_s4(do, m), *_s3(lse, m), *_s4(dq, m), m.Hq, m.Lq, m.Lk, m.P, m.sm_scale, qk_scale, bucket, **consts)
+    if need[1] or need[2]:
+        dk = _alloc(k.shape, k.dtype, k.device)
+        dv = _alloc(v.shape, v.dtype, v.device)
+        seq_consts = {c: consts[c] for c in ("GROUP", "HEAD_DIM", "D_PAD", "HAS_KPM", "CAUSAL", "IS_VARLEN",
+                                             "DOT_PREC")}
+        dkdv_seq_kernel[lambda meta: (m.B * m.Hkv, triton.cdiv(m.Lk, meta["BLOCK_N"]))](
+            q, k, v, km, cu, do, lse, delta, dk, dv, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr[8:10],
+            *_s4(do, m), *_s3(lse, m), *_s4(dk, m), m.Hkv, m.Lq, m.Lk, m.sm_scale, qk_scale, bucket, **seq_consts)
+    if m.P and (need[3] or need[4] or need[5]):
+        dbk, dbv, dsc = _bank_backward(q, bank_k, bank_v, scale, idx, cu, do, lse, delta, m, consts, qk_scale)
+    return dq, dk, dv, dbk, dbv, dsc
+
+
+def _bank_backward(q, bank_k, bank_v, scale, idx, cu, do, lse, delta, m: _Meta, consts, qk_scale):
+    """d(bank_k), d(bank_v), d(prefix_scale): sequences grouped by entry with a stable sort (no host sync)."""
+    import triton
+    from .triton_attn_bwd import dkdv_prefix_kernel
+    from .triton_configs import len_bucket
+    perm = torch.argsort(idx, stable=True).to(torch.int32)
+    seg = torch.zeros(m.N + 1, dtype=torch.int32, device=q.device)
+    seg[1:] = torch.cumsum(torch.bincount(idx, minlength=m.N), 0)
+    split = prefix_splits(m.B, m.N, m.Hkv, m.P, _num_sms(q.device))
+    part_k = _alloc((split, m.N, m.Hkv, m.P, m.D), torch.float32, q.device)
+    part_v = _alloc((split, m.N, m.Hkv, m.P, m.D), torch.float32, q.device)
+    dsc_part = _alloc((m.B, m.Hkv, m.P), torch.float32, q.device) if scale is not None else part_k
+    pre_consts = {c: consts[c] for c in ("GROUP", "HEAD_DIM", "D_PAD", "HAS_SCALE", "IS_VARLEN", "DOT_PREC")}
+    dkdv_prefix_kernel[lambda meta: (m.N * m.Hkv, triton.cdiv(m.P, meta["BLOCK_N"]), split)](
+        q, bank_k, bank_v, _ptr(scale, q), cu, do, lse, delta, perm, seg, part_k, part_v, dsc_part,
+        *_s4(q, m), *bank_k.stride(), *bank_v.stride(), *(scale.stride() if scale is not None else (0, 0)),
+        *_s4(do, m), *_s3(lse, m), *part_k.stride(), *(dsc_part.stride() if scale is not None else (0, 0, 0)),
+        m.Hkv, m.Lq, m.P, split, m.sm_scale, qk_scale, len_bucket(m.Lq), **pre_consts)
+    dbk = part_k.sum(0).to(bank_k.dtype)
+    dbv = part_v.sum(0).to(bank_v.dtype)
+    dsc = dsc_part.sum(1).to(scale.dtype) if scale is not None else None
+    return dbk, dbv, dsc
+
+
+class _PrefixAttention(torch.autograd.Function):
+    """(o, lse) = prefix attention; gradients w.r.t. q, k, v, bank_k, bank_v, prefix_scale (through o and lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bank_k, bank_v, scale, idx, kpm, cu, meta):
+        o, lse = _forward(q, k, v, bank_k, bank_v, idx, kpm, scale, cu, meta)
+        ctx.save_for_backward(q, k, v, bank_k, bank_v, scale, idx, kpm, cu, o, lse)
+        ctx.meta = meta
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        return (*_backward(ctx, do, dlse), None, None, None, None)
+
+
+def _check_common(q, k, v, bank_k, bank_v):
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    devs = {t.device for t in (q, k, v, bank_k, bank_v) if t is not None}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device; got {devs}")
+
+
+def _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, P):
+    """Bank, int64 index and scale when the prefix is non-empty, else Nones."""
+    if not P:
+        return None, None, None, None
+    return bank_k, bank_v, prefix_idx.to(torch.int64).contiguous(), prefix_scale
+
+
+def prefix_attention_triton(
+    q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
+    prefix_scale=None, softmax_scale=None,
+):
+    """Dense shared-prefix attention; returns ``(o (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) float32)``."""
+    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale)
+    _check_common(q, k, v, bank_k, bank_v)
+    sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if B * Hq * Lq == 0:
+        return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+    bank_k, bank_v, idx, scale = _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, P)
+    kpm = key_padding_mask.to(torch.bool).view(torch.uint8) if key_padding_mask is not None else None
+    meta = _Meta(B, Hq, Hkv, Lq, Lk, P, bank_k.shape[0] if P else 0, D, bool(causal), float(sm_scale), False)
+    return _PrefixAttention.apply(q, k, v, bank_k, bank_v, scale, idx, kpm, None, meta)
+
+
+def prefix_attention_varlen_triton(
+    q, k, v, cu_seqlens, bank_k=None, bank_v=None, prefix_idx=None, *, max_seqlen=None, causal=False,
+    prefix_scale=None, softmax_scale=None,
+):
+    """Packed form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,); returns ``(o (T, Hq, D), lse (T, Hq))``.
+
+    ``max_seqlen`` sizes the grid; when omitted it is read from ``cu_seqlens`` (one device-to-host sync).
+    """
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"expected q (T, Hq, D), k/v (T, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    B = cu_seqlens.numel() - 1
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    # the dense checker validates bank / prefix_idx / prefix_scale against (B, Hkv, D)
+    P = _check(q.new_empty(B, Hq, 0, D), k.new_empty(B, Hkv, 0, D), v.new_empty(B, Hkv, 0, D), bank_k, bank_v,
+               prefix_idx, None, prefix_scale)[-1]
+    _check_common(q, k, v, bank_k, bank_v)
+    sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    if max_seqlen is None:
+        max_seqlen = int((cu[1:] - cu[:-1]).max()) if B > 0 else 0
+    if T * Hq == 0 or B == 0:
+        return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
+    bank_k, bank_v, idx, scale = _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, P)
+    meta = _Meta(B, Hq, Hkv, int(max_seqlen), int(max_seqlen), P, bank_k.shape[0] if P else 0, D, bool(causal),
+                 float(sm_scale), True)
+    return _PrefixAttention.apply(q, k, v, bank_k, bank_v, scale, idx, None, cu, meta)

@@ -1,0 +1,144 @@
+"""SK-Tuning (Prottasha et al. 2024): a task-description text replaces random prefix / prompt tokens.
+
+``task_text`` (default: one sentence per known label set, see :func:`default_task_text`) has T tokens.
+
+``sk-prefix`` -- the frozen model prefills the text ONCE (the "text cache": its own per-layer keys/values after
+  RoPE, grabbed through the attention function's ``ltuning_capture``), stored with the adapter as buffers
+  ``text_keys`` / ``text_values`` (layers, Hkv, T, D) and recomputed only when the text or the base model
+  changes. Layer i's prefix (one bank entry, P = T) is
+      K'_i = K_i (I + dWk_i) + bk_i,   V'_i = V_i (I + dWv_i) + bv_i
+  i.e. one Linear(head_dim, head_dim) per layer on K and one on V, shared by the heads and tokens, written as
+  identity + a zero-initialised residual so training starts from the text's own K/V (and weight decay pulls
+  towards the identity). Input positions continue after the text (``position_offset="prefix"``), so at
+  initialisation a decoder computes exactly what it computes on ``[text ; input]``. Our reading: the text is
+  tokenised as a standalone text (with the tokenizer's special tokens); for bidirectional encoders the text's
+  K/V do not see the input (unlike a concatenated input).
+``sk-prompt`` -- trainable embeddings initialised from the text's token embeddings E(text) (T, d) (no special
+  tokens: the prompt goes in front of the input's own), passed through an optional Linear(d, d) initialised
+  to the identity (``projection``: e + e dW + b, dW and b zero-initialised), prepended to E(x).
+Both have an ordinary K-way classification head (not label-conditioned).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import Method, MethodConfig, register_method
+
+TASK_TEXTS = {
+    frozenset({"negative", "positive"}): "Classify the sentiment of this movie review as negative or positive.",
+    frozenset({"acceptable", "unacceptable"}): "Decide whether this sentence is grammatically acceptable or "
+                                               "unacceptable.",
+    frozenset({"entailment", "not_entailment"}): "Decide whether the premise entails the hypothesis.",
+    frozenset({"equivalent", "not_equivalent"}): "Decide whether the two sentences are paraphrases of each other.",
+    frozenset({"entailment", "neutral", "contradiction"}): "Decide whether the premise entails, contradicts or "
+                                                           "is neutral to the hypothesis.",
+}
+
+
+def default_task_text(label_names: list) -> str:
+    """The task description of a known label set, else ``"Classify this text as a, b or c."``."""
+    text = TASK_TEXTS.get(frozenset(label_names))
+    if text:
+        return text
+    names = [n.replace("_", " ") for n in label_names]
+    return f"Classify this text as {', '.join(names[:-1])} or {names[-1]}."
+
+
+@dataclass
+class SKConfig(MethodConfig):
+    task_text: Optional[str] = None
+
+
+@dataclass
+class SKPrefixConfig(SKConfig):
+    position_offset: str = "prefix"
+
+
+@dataclass
+class SKPromptConfig(SKConfig):
+    projection: bool = True
+
+
+class SKMethod(Method):
+    """Base of sk-prefix / sk-prompt: resolves the task text into the config (the saved adapter records it)."""
+
+    def __init__(self, config, info, base, tokenizer, cache=None):
+        super().__init__(config, info, base, tokenizer, cache)
+        if not config.task_text:
+            config.task_text = default_task_text(config.label_names)
+
+
+@torch.no_grad()
+def prefill_text(base, tokenizer, text: str):
+    """One no-grad forward of ``text``: its per-layer ``(keys, values)``, each (layers, Hkv, T, D) fp32."""
+    dev = base.get_input_embeddings().weight.device
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(dev)
+    capture = {}
+    base(input_ids=ids, attention_mask=torch.ones_like(ids), ltuning_capture=capture)
+    layers = sorted(capture)
+    keys = torch.stack([capture[i][0][0] for i in layers]).float()
+    values = torch.stack([capture[i][1][0] for i in layers]).float()
+    return keys, values
+
+
+def near_identity(x, delta, bias):
+    """Per layer l: x_l (I + delta_l) + bias_l, for x (layers, Hkv, T, D), delta (layers, D, D), bias (layers, D)."""
+    return x + torch.einsum("lhtd,lde->lhte", x, delta) + bias[:, None, None]
+
+
+@register_method("sk-prefix")
+class SKPrefix(SKMethod):
+    config_class = SKPrefixConfig
+    kind = "prefix"
+    cache_fields = ("task_text",)  # config fields the text cache derives from (besides the base model)
+
+    def __init__(self, config: SKPrefixConfig, info, base, tokenizer, cache=None):
+        super().__init__(config, info, base, tokenizer, cache)
+        if cache is not None:
+            self.set_cache(cache)
+        else:
+            self.refresh_cache(base, tokenizer)
+        n, D = info.num_layers, info.head_dim
+        self.key_delta = nn.Parameter(torch.zeros(n, D, D))
+        self.key_bias = nn.Parameter(torch.zeros(n, D))
+        self.value_delta = nn.Parameter(torch.zeros(n, D, D))
+        self.value_bias = nn.Parameter(torch.zeros(n, D))
+
+    def refresh_cache(self, base, tokenizer) -> None:
+        keys, values = prefill_text(base, tokenizer, self.config.task_text)
+        self.register_buffer("text_keys", keys)
+        self.register_buffer("text_values", values)
+
+    def cache_keys(self) -> list:
+        return ["text_keys", "text_values"]
+
+    def prefix(self):
+        k = near_identity(self.text_keys, self.key_delta, self.key_bias)
+        v = near_identity(self.text_values, self.value_delta, self.value_bias)
+        return [x[None] for x in k.unbind(0)], [x[None] for x in v.unbind(0)]
+
+
+@register_method("sk-prompt")
+class SKPrompt(SKMethod):
+    config_class = SKPromptConfig
+    kind = "prompt"
+
+    def __init__(self, config: SKPromptConfig, info, base, tokenizer, cache=None):
+        super().__init__(config, info, base, tokenizer, cache)
+        emb = base.get_input_embeddings().weight
+        ids = tokenizer(config.task_text, add_special_tokens=False)["input_ids"]
+        self.embedding = nn.Parameter(emb.detach()[torch.tensor(ids, device=emb.device)].float().clone())
+        d = info.hidden_size
+        if config.projection:
+            self.projection_delta = nn.Parameter(torch.zeros(d, d))
+            self.projection_bias = nn.Parameter(torch.zeros(d))
+
+    def prompts(self):
+        e = self.embedding
+        if self.config.projection:
+            e = e + e @ self.projection_delta + self.projection_bias
+        return e[None], torch.ones(1, e.shape[0], dtype=torch.bool, device=e.device)

@@ -1,0 +1,267 @@
+"""Triton shared-prefix attention kernels against the float64 reference (forward, lse and every gradient).
+
+Runs on CUDA when present, otherwise in the Triton interpreter on the CPU (``TRITON_INTERPRET=1`` is set before
+the kernels are imported). Every kernel output buffer is poisoned with NaN, so an element no program writes
+shows up as a NaN in the checked results. Shapes are tiny and the interpreter uses 16x16 blocks, so lengths
+17..40 cross block boundaries.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from conftest import rel_err  # noqa: E402
+from ltuning.kernels import prefix_attention, triton_prefix_attention as tpa  # noqa: E402
+from ltuning.kernels.reference import prefix_attention_reference, prefix_attention_varlen_reference  # noqa: E402
+
+if not tpa.is_available():
+    pytest.skip("triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+INTERPRET = DEV == "cpu"
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    INTERPRET, reason="the Triton interpreter computes bf16 dot products wrongly"))]
+TOL = {torch.float32: (2e-5, 5e-5), torch.float16: (3e-3, 1e-2), torch.bfloat16: (2e-2, 5e-2)}  # (fwd, grad)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Kernel outputs start as NaN: every element must be written."""
+    monkeypatch.setattr(tpa, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                 device=device))
+
+
+def make_case(seed, B=2, Hq=4, Hkv=2, Lq=19, Lk=23, P=5, D=16, N=3, pad=0.3, scale=True, dtype=torch.float32,
+              transposed=False, empty_rows=False):
+    """Random inputs; ``transposed`` makes q/k/v non-contiguous views of (B, L, H, D) storage (the HF layout)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+    def qkv(H, L):
+        x = rnd(B, L, H, D).transpose(1, 2) if transposed else rnd(B, H, L, D)
+        return x.to(DEV, dtype)
+
+    q, k, v = qkv(Hq, Lq), qkv(Hkv, Lk), qkv(Hkv, Lk)
+    bk = rnd(N, Hkv, P, D).to(DEV, dtype) if P else None
+    bv = rnd(N, Hkv, P, D).to(DEV, dtype) if P else None
+    idx = torch.randint(0, N, (B,), generator=g).to(DEV) if P else None
+    mask = None
+    if pad:
+        mask = torch.rand(B, Lk, generator=g) > pad
+        if empty_rows:
+            mask[0] = False
+        mask = mask.to(DEV)
+    sc = (torch.rand(B, P, generator=g) + 0.5).to(DEV) if (scale and P) else None
+    return q, k, v, bk, bv, idx, mask, sc
+
+
+def grads(fn, inputs, seed):
+    """Gradients of ``<o, go> + <lse, gl>`` (random cotangents; lse's on finite entries) w.r.t. ``inputs``."""
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+    o, lse = fn(*leaves)
+    g = torch.Generator().manual_seed(seed + 1)
+    go = torch.randn(o.shape, generator=g).to(o.device, o.dtype)
+    gl = torch.randn(lse.shape, generator=g).to(lse.device) * torch.isfinite(lse)
+    loss = (o.float() * go.float()).sum() + torch.where(torch.isfinite(lse), lse * gl, 0.0).sum()
+    live = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad(loss, live, allow_unused=True))
+    return o, lse, [next(got) if t is not None else None for t in leaves]
+
+
+def check(name, got, want, tol):
+    assert got.shape == want.shape, name
+    assert not torch.isnan(got).any(), f"{name}: NaN (an unwritten element or a bad row)"
+    err = rel_err(got.float(), want)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def compare(tri, ref, inputs, dtype, seed):
+    """Forward (o, lse with -inf pattern) and the gradients of every float input, against float64."""
+    to, tl_, tg = grads(tri, inputs, seed)
+    ro, rl, rg = grads(ref, [t.double() if t is not None and t.is_floating_point() else t for t in inputs], seed)
+    fwd_tol, grad_tol = TOL[dtype]
+    assert to.dtype == dtype and tl_.dtype == torch.float32
+    check("o", to, ro, fwd_tol)
+    assert torch.equal(torch.isinf(tl_), torch.isinf(rl)), "lse = -inf exactly on rows that see no key"
+    fin = torch.isfinite(rl)
+    check("lse", tl_[fin], rl[fin], fwd_tol)
+    for name, a, b in zip(("dq", "dk", "dv", "dbank_k", "dbank_v", "dprefix_scale"), tg, rg):
+        if b is not None:
+            check(name, a, b, grad_tol)
+
+
+def run_dense(case, causal, dtype, seed, softmax_scale=None):
+    q, k, v, bk, bv, idx, mask, sc = case
+    kw = dict(key_padding_mask=mask, causal=causal, softmax_scale=softmax_scale)
+
+    def tri(q, k, v, bk, bv, sc):
+        return tpa.prefix_attention_triton(q, k, v, bk, bv, idx, prefix_scale=sc, **kw)
+
+    def ref(q, k, v, bk, bv, sc):
+        return prefix_attention_reference(q, k, v, bk, bv, idx, prefix_scale=sc, compute_dtype=torch.float64, **kw)
+
+    compare(tri, ref, [q, k, v, bk, bv, sc], dtype, seed)
+
+
+SHAPES = {
+    "base": dict(),
+    "P0": dict(P=0),
+    "P1_gqa3": dict(P=1, Hq=3, Hkv=1),
+    "gqa8_odd": dict(Hq=8, Hkv=1, Lq=17, Lk=17, P=7, N=1),
+    "mha_noscale": dict(Hq=2, Hkv=2, scale=False, pad=0.0),
+    "decode": dict(Lq=3, Lk=37, P=17),
+    "lq_gt_lk": dict(Lq=21, Lk=6, P=2, pad=0.0),
+    "empty_rows_P0": dict(P=0, empty_rows=True),
+    "empty_rows_P3": dict(P=3, empty_rows=True),
+    "d24_transposed": dict(D=24, transposed=True, B=3, N=5),
+    "d64": dict(D=64, Lq=9, Lk=9, B=1, Hq=2, Hkv=1),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_dense_fp32(shape, causal):
+    seed = sum(map(ord, shape)) + causal
+    run_dense(make_case(seed, **SHAPES[shape]), causal, torch.float32, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape,causal", [("base", True), ("gqa8_odd", False), ("empty_rows_P3", False),
+                                          ("d24_transposed", True)])
+def test_dense_half(shape, causal, dtype):
+    seed = 7 + sum(map(ord, shape))
+    run_dense(make_case(seed, dtype=dtype, **SHAPES[shape]), causal, dtype, seed)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_fuzz(seed):
+    """Random shapes: lengths 1..40, P 0..20, GQA ratio 1/2/3/8, padding, prefix scale, causal, custom scale."""
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(*xs):
+        return xs[int(torch.randint(len(xs), (1,), generator=g))]
+
+    hkv, ratio = pick(1, 2), pick(1, 2, 3, 8)
+    shape = dict(B=pick(1, 2, 3), Hq=hkv * ratio, Hkv=hkv, Lq=pick(1, 5, 16, 33), Lk=pick(1, 9, 17, 40),
+                 P=pick(0, 1, 6, 20), D=pick(16, 32), N=pick(1, 4), pad=pick(0.0, 0.4), scale=pick(False, True))
+    dtype, causal = pick(torch.float32, torch.float16), pick(False, True)
+    run_dense(make_case(seed, dtype=dtype, **shape), causal, dtype, seed, softmax_scale=pick(None, 0.3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen(causal, dtype):
+    """Packed sequences (one of length 0, one crossing two blocks) with a shared bank and prefix scale."""
+    g = torch.Generator().manual_seed(11 + causal)
+    lens = [5, 0, 33, 1, 16]
+    B, Hq, Hkv, D, P, N, T = len(lens), 6, 2, 16, 9, 2, sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
+    q, k, v = (torch.randn(T, h, D, generator=g).to(DEV, dtype) for h in (Hq, Hkv, Hkv))
+    bk, bv = (torch.randn(N, Hkv, P, D, generator=g).to(DEV, dtype) for _ in range(2))
+    idx = torch.tensor([1, 0, 1, 1, 0], device=DEV)
+    sc = (torch.rand(B, P, generator=g) + 0.5).to(DEV)
+
+    def tri(q, k, v, bk, bv, sc):
+        return tpa.prefix_attention_varlen_triton(q, k, v, cu, bk, bv, idx, causal=causal, prefix_scale=sc,
+                                                  max_seqlen=max(lens))
+
+    def ref(q, k, v, bk, bv, sc):
+        return prefix_attention_varlen_reference(q, k, v, cu, bk, bv, idx, causal=causal, prefix_scale=sc,
+                                                 compute_dtype=torch.float64)
+
+    compare(tri, ref, [q, k, v, bk, bv, sc], dtype, 11)
+
+
+def test_bank_grad_split_is_deterministic(monkeypatch):
+    """Prefix dK/dV split over 3 chunks of each entry's sequences: exact and bitwise reproducible."""
+    monkeypatch.setattr(tpa, "prefix_splits", lambda *a: 3)
+    case = make_case(5, B=5, N=4, Lq=9, Lk=9, P=18)
+    run_dense(case, True, torch.float32, 5)
+    q, k, v, bk, bv, idx, mask, sc = case
+    bk.requires_grad_(True)
+    outs = []
+    for _ in range(2):
+        o, lse = tpa.prefix_attention_triton(q, k, v, bk, bv, idx, key_padding_mask=mask, prefix_scale=sc)
+        outs.append(torch.autograd.grad(o.sum() + lse.sum(), bk)[0])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_lse_only_and_mixed_bank_dtype():
+    """Backward through lse alone (o unused), with a float32 bank under float16 activations."""
+    q, k, v, bk, bv, idx, mask, sc = make_case(3, dtype=torch.float16, Lq=9, Lk=11)
+    bk, bv = bk.float().requires_grad_(True), bv.float().requires_grad_(True)
+    q.requires_grad_(True)
+    _, lse = tpa.prefix_attention_triton(q, k, v, bk, bv, idx, key_padding_mask=mask, prefix_scale=sc)
+    got = torch.autograd.grad(lse.sum(), [q, bk])
+    ref_in = [t.double().detach().requires_grad_(True) for t in (q, bk)]
+    _, rl = prefix_attention_reference(ref_in[0], k.double(), v.double(), ref_in[1], bv.double(), idx,
+                                       key_padding_mask=mask, prefix_scale=sc.double())
+    want = torch.autograd.grad(rl.sum(), ref_in)
+    assert got[1].dtype == torch.float32
+    for a, b in zip(got, want):
+        check("grad", a, b, 1e-2)
+
+
+def test_dispatch_uses_triton():
+    q, k, v, bk, bv, idx, mask, sc = make_case(2, Lq=5, Lk=5)
+    o = prefix_attention(q, k, v, bk, bv, idx, key_padding_mask=mask, prefix_scale=sc, backend="triton")
+    ro, _ = prefix_attention_reference(q, k, v, bk, bv, idx, key_padding_mask=mask, prefix_scale=sc)
+    check("o", o, ro, 1e-5)
+
+
+def _run(code, env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_module_imports_without_triton():
+    r = _run("""
+        import sys; sys.modules["triton"] = None
+        import ltuning
+        from ltuning.kernels import triton_prefix_attention as m
+        assert not m.is_available()
+    """, {})
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the kernels are compiled and run by the other tests")
+def test_kernels_compile_for_sm80_sm90():
+    """Without a GPU, lower every kernel to a cubin for sm80 and sm90a (ptxas) with a large tuning config.
+
+    The interpreter accepts code the compiler rejects (e.g. non-constexpr globals); this catches it.
+    """
+    r = _run("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from ltuning.kernels import triton_attn_bwd as bw, triton_attn_fwd as fw
+
+        flags = dict(GROUP=4, HEAD_DIM=128, D_PAD=128, HAS_PREFIX=True, HAS_KPM=True, HAS_SCALE=True,
+                     CAUSAL=True, IS_VARLEN=False, HAS_DLSE=True, DOT_PREC="tf32")
+        ptr = dict(IDX="*i64", KPM="*u8", SCALE="*fp32", CU="*i32", LSE="*fp32", DELTA="*fp32", DLSE="*fp32",
+                   PERM="*i32", SEG="*i32", DBK="*fp32", DBV="*fp32", DSC="*fp32")
+        ints = ("P", "SPLIT", "LEN_BUCKET")
+        for kern, bm, bn, warps in [(fw.fwd_kernel, 128, 64, 8), (bw.dq_kernel, 128, 64, 8),
+                                    (bw.dkdv_seq_kernel, 64, 128, 8), (bw.dkdv_prefix_kernel, 64, 64, 4),
+                                    (bw.preprocess_kernel, 64, None, 4)]:
+            fn = kern.fn if isinstance(kern, triton.runtime.Autotuner) else kern
+            consts = {a: v for a, v in {**flags, "BLOCK_M": bm, "BLOCK_N": bn}.items() if a in fn.arg_names}
+            sig = {a: "constexpr" if a in consts else ptr.get(a, "*bf16" if a.isupper() and a not in ints
+                   else "fp32" if a.endswith("scale") else "i32") for a in fn.arg_names}
+            for cap in (80, 90):
+                k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),
+                                   options=dict(num_warps=warps, num_stages=2))
+                assert k.asm["cubin"], (fn.__name__, cap)
+    """, {"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
+    if "No module named" in r.stderr or "ptxas" in r.stderr and "not found" in r.stderr:
+        pytest.skip("triton's NVIDIA backend / ptxas is not installed")
+    assert r.returncode == 0, r.stderr[-3000:]
