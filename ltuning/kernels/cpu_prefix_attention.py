@@ -1,0 +1,194 @@
+"""Fused shared-prefix attention on CPU: the C++ kernel of ``csrc/prefix_attention.cpp``.
+
+Same semantics and return value as :func:`ltuning.kernels.reference.prefix_attention_reference`::
+
+    o, lse = softmax(scale * q [s * bank_k[idx] ; k]^T) [s * bank_v[idx] ; v],  o (B, Hq, Lq, D), lse (B, Hq, Lq)
+
+The extension is compiled at first use with ``torch.utils.cpp_extension.load`` into ``$LTUNING_BUILD_DIR`` or
+``~/.cache/ltuning/`` (rebuilt when the source, flags or torch change). The forward and backward are
+``torch.library`` custom ops (``ltuning::prefix_attention_cpu_fwd`` / ``_bwd``) with a registered autograd
+formula and fake implementation, so autograd and ``torch.compile`` see one opaque op. float32, bfloat16 and
+float64 run natively (fp32 accumulation for bf16); float16 runs in float32. Without a working compiler
+the functions fall back to the reference with one warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .reference import _check, prefix_attention_reference, prefix_attention_varlen_reference
+
+_SRC = Path(__file__).resolve().parents[2] / "csrc" / "prefix_attention.cpp"
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+_STATE: dict = {}
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    if not _SRC.is_file():
+        raise RuntimeError(f"kernel source {_SRC} not found")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    cap = torch.backends.cpu.get_cpu_capability()
+    cflags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}"]
+    if cap in _ISA_FLAGS:
+        cflags += [f"-DCPU_CAPABILITY_{cap}"] + _ISA_FLAGS[cap]
+    tag = hashlib.sha1(_SRC.read_bytes() + " ".join(cflags + [torch.__version__]).encode()).hexdigest()[:12]
+    name = f"ltuning_prefix_attention_{tag}"
+    root = Path(os.environ.get("LTUNING_BUILD_DIR") or Path.home() / ".cache" / "ltuning")
+    build_dir = root / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(name=name, sources=[str(_SRC)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir), verbose=False)
+
+
+def is_available() -> bool:
+    """Build (once per process, cached on disk) and load the extension; False with one warning on failure."""
+    if "ok" not in _STATE:
+        try:
+            _STATE["ext"] = _build()
+            _STATE["ok"] = True
+        except Exception as e:  # compiler missing, build or load failure
+            _STATE["ok"] = False
+            warnings.warn(f"ltuning C++ prefix-attention kernel unavailable ({type(e).__name__}: {e}); "
+                          "falling back to the reference implementation", RuntimeWarning, stacklevel=2)
+    return _STATE["ok"]
+
+
+def _ext():
+    if not is_available():
+        raise RuntimeError("the ltuning C++ prefix-attention kernel failed to build")
+    return _STATE["ext"]
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+@torch.library.custom_op("ltuning::prefix_attention_cpu_fwd", mutates_args=(), device_types="cpu")
+def _fwd(q: Tensor, k: Tensor, v: Tensor, bank_k: Optional[Tensor], bank_v: Optional[Tensor],
+         prefix_idx: Optional[Tensor], key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
+         prefix_scale: Optional[Tensor], causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    o, lse = _ext().forward(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale,
+                            causal, softmax_scale)
+    return o, lse
+
+
+@_fwd.register_fake
+def _(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, causal, softmax_scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("ltuning::prefix_attention_cpu_bwd", mutates_args=(), device_types="cpu")
+def _bwd(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, bank_k: Optional[Tensor],
+         bank_v: Optional[Tensor], prefix_idx: Optional[Tensor], key_padding_mask: Optional[Tensor],
+         cu_seqlens: Optional[Tensor], prefix_scale: Optional[Tensor], lse: Tensor, causal: bool,
+         softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _ext().backward(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens,
+                            prefix_scale, lse, causal, softmax_scale)
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@_bwd.register_fake
+def _(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, lse,
+      causal, softmax_scale):
+    has_bank = bank_k is not None and bank_k.shape[2] > 0
+    like = [q, k, v, bank_k if has_bank else None, bank_v if has_bank else None,
+            prefix_scale if has_bank else None]
+    return tuple(q.new_empty(0) if t is None else torch.empty_like(t) for t in like)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, causal, softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, output[1])  # not o
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+
+
+def _backward(ctx, grad_o, grad_lse):
+    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, lse = ctx.saved_tensors
+    dq, dk, dv, dbk, dbv, dps = _bwd(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale,
+                                     lse, ctx.causal, ctx.softmax_scale)
+    dbk, dbv = (_none_if_empty(dbk), _none_if_empty(dbv)) if bank_k is not None else (None, None)
+    dps = _none_if_empty(dps) if prefix_scale is not None else None
+    return dq, dk, dv, dbk, dbv, None, None, None, dps, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _prepare(q, k, v, bank_k, bank_v, prefix_scale):
+    """Cast to the kernel's compute dtype (float16 -> float32) and make last dims contiguous (differentiable)."""
+    cd = q.dtype if q.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
+
+    def prep(t):
+        if t is None:
+            return None
+        t = t.to(cd)
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    ps = None if prefix_scale is None else prefix_scale.to(_acc_dtype(cd))
+    return prep(q), prep(k), prep(v), prep(bank_k), prep(bank_v), ps
+
+
+def prefix_attention_cpu(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
+                         prefix_scale=None, softmax_scale=None):
+    """Fused attention of q (B, Hq, Lq, D) over ``[bank[prefix_idx] ; k]``; returns ``(o, lse)``.
+
+    Differentiable w.r.t. q, k, v, bank_k, bank_v and prefix_scale; shapes as in the reference.
+    """
+    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale)
+    if not is_available():
+        return prefix_attention_reference(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask,
+                                          causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    q_, k_, v_, bk, bv, ps = _prepare(q, k, v, bank_k if P else None, bank_v if P else None,
+                                      prefix_scale if P else None)
+    idx = prefix_idx.long() if P else None
+    mask = key_padding_mask.bool() if key_padding_mask is not None else None
+    o, lse = torch.ops.ltuning.prefix_attention_cpu_fwd(q_, k_, v_, bk, bv, idx, mask, None, ps, causal, float(scale))
+    return o.to(q.dtype), lse.float()
+
+
+def prefix_attention_varlen_cpu(q, k, v, cu_seqlens, bank_k=None, bank_v=None, prefix_idx=None, *, max_seqlen=None,
+                                causal=False, prefix_scale=None, softmax_scale=None):
+    """Packed form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,); returns o (T, Hq, D), lse (T, Hq).
+
+    Sequence b owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``. ``max_seqlen`` is accepted for API parity with the
+    GPU kernels; the lengths are read from ``cu_seqlens``.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"varlen q must be (T, Hq, D) and k, v (T, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    B, D = cu_seqlens.numel() - 1, q.shape[2]
+    P = bank_k.shape[2] if bank_k is not None else 0
+    if P and (prefix_idx is None or prefix_idx.shape != (B,)):
+        raise ValueError(f"prefix_idx must be a (B={B},) integer tensor")
+    if prefix_scale is not None and prefix_scale.shape != (B, P):
+        raise ValueError(f"prefix_scale must be (B={B}, P={P}); got {tuple(prefix_scale.shape)}")
+    if not is_available():
+        return prefix_attention_varlen_reference(q, k, v, cu_seqlens, bank_k, bank_v, prefix_idx, causal=causal,
+                                                 prefix_scale=prefix_scale, softmax_scale=softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    q_, k_, v_, bk, bv, ps = _prepare(q, k, v, bank_k if P else None, bank_v if P else None,
+                                      prefix_scale if P else None)
+    idx = prefix_idx.long() if P else None
+    o, lse = torch.ops.ltuning.prefix_attention_cpu_fwd(q_, k_, v_, bk, bv, idx, None, cu_seqlens.long(), ps, causal,
+                                                        float(scale))
+    return o.to(q.dtype), lse.float()

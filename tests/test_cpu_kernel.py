@@ -1,0 +1,296 @@
+"""C++ CPU shared-prefix attention kernel vs the float64 reference (forward, backward, varlen, fuzzing).
+
+Errors are relative to the float64 reference: fp32 uses max|a - r| / max|r| < 1e-5; bf16 uses
+||a - r|| / ||r|| < 1e-2 (inputs are the same bf16 tensors upcast, so only the kernel's rounding counts).
+"""
+import math
+import random
+
+import pytest
+import torch
+
+from ltuning.kernels import cpu_prefix_attention as cpa
+from ltuning.kernels.reference import prefix_attention_reference, prefix_attention_varlen_reference
+
+pytestmark = pytest.mark.skipif(not cpa.is_available(), reason="C++ prefix-attention extension did not build")
+
+
+def max_rel(a, r):
+    a, r = a.double(), r.double()
+    return ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+
+
+def norm_rel(a, r):
+    a, r = a.double(), r.double()
+    return ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(a, r, dtype, what):
+    assert a.shape == r.shape, f"{what}: shape {tuple(a.shape)} != {tuple(r.shape)}"
+    if r.numel() == 0:
+        return
+    assert not torch.isnan(a).any(), f"{what}: NaN"
+    if dtype == torch.bfloat16:
+        err, tol = norm_rel(a, r), 1e-2
+    else:
+        err, tol = max_rel(a, r), 1e-5 if dtype == torch.float32 else 1e-10
+    assert err < tol, f"{what}: rel. error {err:.2e} >= {tol:.0e}"
+
+
+def make_inputs(B, Hq, Hkv, Lq, Lk, D, P, N, dtype, *, mask=False, scale=False, empty_rows=False, gen=None):
+    """HF-style non-contiguous q/k/v (transposes of (B, L, H, D)), a bank, prefix_idx, optional mask and scale."""
+    g = gen or torch.Generator().manual_seed(0)
+    q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype).transpose(1, 2)
+    bank_k = torch.randn(N, Hkv, P, D, generator=g).to(dtype) if P else None
+    bank_v = torch.randn(N, Hkv, P, D, generator=g).to(dtype) if P else None
+    idx = torch.randint(0, N, (B,), generator=g) if P else None
+    kpm = None
+    if mask:
+        kpm = torch.rand(B, Lk, generator=g) > 0.3
+        if empty_rows:
+            kpm[0] = False  # a sequence whose keys are all padding
+    ps = (torch.rand(B, P, generator=g) + 0.5).to(dtype) if (scale and P) else None
+    return q, k, v, bank_k, bank_v, idx, kpm, ps
+
+
+def run_both(q, k, v, bank_k, bank_v, idx, kpm, ps, causal, grad=True, gen=None, softmax_scale=None):
+    """(ours, reference) lists [o, lse, dq, dk, dv, dbank_k, dbank_v, dprefix_scale] (None where absent)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, bank_k, bank_v, ps)]
+    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, bank_k, bank_v, ps)]
+    o, lse = cpa.prefix_attention_cpu(*leaves[:5], idx, key_padding_mask=kpm, causal=causal, prefix_scale=leaves[5],
+                                      softmax_scale=softmax_scale)
+    ro, rlse = prefix_attention_reference(*ref_leaves[:5], idx, key_padding_mask=kpm, causal=causal,
+                                          prefix_scale=ref_leaves[5], softmax_scale=softmax_scale)
+    out, ref = [o, lse], [ro, rlse]
+    if grad:  # loss = <o, go> + <lse, gl> over finite lse entries (exercises the lse gradient too)
+        g = gen or torch.Generator().manual_seed(1)
+        go = torch.randn(o.shape, generator=g).to(o.dtype)
+        gl = torch.randn(lse.shape, generator=g) * torch.isfinite(rlse)
+        loss = (o.double() * go.double()).sum() + (lse.double().nan_to_num(0, 0, 0) * gl).sum()
+        rloss = (ro * go.double()).sum() + (rlse.nan_to_num(0, 0, 0) * gl).sum()
+        gs = iter(torch.autograd.grad(loss, [t for t in leaves if t is not None]))
+        rs = iter(torch.autograd.grad(rloss, [t for t in ref_leaves if t is not None]))
+        out += [next(gs) if t is not None else None for t in leaves]
+        ref += [next(rs) if t is not None else None for t in ref_leaves]
+    return out, ref
+
+
+NAMES = ["o", "lse", "dq", "dk", "dv", "dbank_k", "dbank_v", "dprefix_scale"]
+
+
+def check(out, ref, dtype, tag=""):
+    for name, a, r in zip(NAMES, out, ref):
+        if r is None:
+            assert a is None, f"{tag} {name}: expected no gradient"
+            continue
+        if name == "lse":
+            fin = torch.isfinite(r)
+            assert torch.equal(torch.isfinite(a), fin), f"{tag} lse: -inf pattern differs"
+            a, r = a[fin], r[fin]
+            if r.numel() == 0:
+                continue
+            assert_close(a, r, torch.float32 if dtype != torch.float64 else dtype, f"{tag} {name}")
+            continue
+        assert_close(a, r, dtype, f"{tag} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3), (8, 1)])
+def test_matches_reference(dtype, causal, Hq, Hkv):
+    B, L, D, P, N = 3, 45, 64, 20, 2
+    inputs = make_inputs(B, Hq, Hkv, L, L, D, P, N, dtype, mask=not causal, scale=True,
+                         gen=torch.Generator().manual_seed(Hq * 10 + causal))
+    out, ref = run_both(*inputs, causal)
+    check(out, ref, dtype, f"{dtype} causal={causal} g={Hq // Hkv}")
+
+
+def test_no_prefix_and_padding_only_rows():
+    """P = 0 and a sequence whose keys are all padding: o = 0, lse = -inf, zero gradients there."""
+    inputs = make_inputs(3, 4, 2, 17, 17, 32, 0, 1, torch.float32, mask=True, empty_rows=True)
+    out, ref = run_both(*inputs, causal=False)
+    check(out, ref, torch.float32)
+    assert (out[0][0] == 0).all() and torch.isinf(out[1][0]).all()
+    # causal with more queries than keys: the first queries see no sequence key
+    inputs = make_inputs(2, 6, 3, 20, 7, 16, 0, 1, torch.float32)
+    out, ref = run_both(*inputs, causal=True)
+    check(out, ref, torch.float32)
+    # no sequence keys at all: the prefix alone
+    inputs = make_inputs(2, 4, 2, 5, 0, 16, 3, 2, torch.float32)
+    out, ref = run_both(*inputs, causal=False, softmax_scale=0.3)
+    check(out, ref, torch.float32)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    for causal, mask, P in [(True, False, 3), (False, True, 2), (True, True, 1)]:
+        q, k, v, bk, bv, idx, kpm, ps = make_inputs(2, 4, 2, 5, 5, 4, P, 2, torch.float64, mask=mask, scale=True, gen=g)
+        if kpm is not None:
+            kpm[:, 0] = True  # every row keeps a visible key so lse stays finite
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, bk, bv, ps)]
+
+        def fn(q, k, v, bk, bv, ps):  # lse is float32 by contract, too coarse for finite differences
+            return cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, key_padding_mask=kpm, causal=causal,
+                                            prefix_scale=ps)[0]
+
+        assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+def test_varlen():
+    g = torch.Generator().manual_seed(5)
+    lens = [5, 1, 0, 33, 64, 17]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    T, Hq, Hkv, D, P, N = int(cu[-1]), 6, 2, 32, 7, 3
+    for dtype in (torch.float32, torch.bfloat16):
+        for causal, scale in [(True, True), (False, False)]:
+            q = torch.randn(T, Hq, D, generator=g).to(dtype)
+            k = torch.randn(T, Hkv, D, generator=g).to(dtype)
+            v = torch.randn(T, Hkv, D, generator=g).to(dtype)
+            bk = torch.randn(N, Hkv, P, D, generator=g).to(dtype)
+            bv = torch.randn(N, Hkv, P, D, generator=g).to(dtype)
+            idx = torch.randint(0, N, (len(lens),), generator=g)
+            ps = (torch.rand(len(lens), P, generator=g) + 0.5) if scale else None
+            leaves = [t.clone().requires_grad_() if t is not None else None for t in (q, k, v, bk, bv, ps)]
+            rleaves = [t.double().requires_grad_() if t is not None else None for t in (q, k, v, bk, bv, ps)]
+            o, lse = cpa.prefix_attention_varlen_cpu(*leaves[:3], cu, *leaves[3:5], idx, max_seqlen=max(lens),
+                                                     causal=causal, prefix_scale=leaves[5])
+            ro, rlse = prefix_attention_varlen_reference(*rleaves[:3], cu, *rleaves[3:5], idx, causal=causal,
+                                                         prefix_scale=rleaves[5])
+            go = torch.randn(o.shape, generator=g)
+            used = [t for t in leaves if t is not None]
+            rused = [t for t in rleaves if t is not None]
+            grads = torch.autograd.grad(o, used, go.to(dtype))
+            rgrads = torch.autograd.grad(ro, rused, go.double())
+            assert_close(o, ro, dtype, "varlen o")
+            assert_close(lse, rlse, torch.float32, "varlen lse")
+            for name, a, r in zip(["dq", "dk", "dv", "dbank_k", "dbank_v", "dprefix_scale"], grads, rgrads):
+                assert_close(a, r, dtype, f"varlen {name}")
+
+
+@pytest.mark.parametrize("dtype,cases", [(torch.float32, 24), (torch.bfloat16, 8)])
+def test_fuzz(dtype, cases):
+    """Random shapes: odd lengths and head dims, Lq != Lk, P in {0, 1, odd}, GQA 1/3/8, masks, prefix_scale,
+    causal or not."""
+    rng = random.Random(cases)
+    for case in range(cases):
+        Hkv = rng.choice([1, 2, 3])
+        Hq = Hkv * rng.choice([1, 3, 8])
+        D = rng.choice([7, 8, 16, 24, 33, 64, 80])
+        Lk = rng.randint(1, 150)
+        Lq = Lk if rng.random() < 0.5 else rng.randint(1, Lk + 10)
+        P = rng.choice([0, 1, 5, 16, 17, 33])
+        causal, mask = rng.random() < 0.5, rng.random() < 0.4
+        inputs = make_inputs(rng.randint(1, 4), Hq, Hkv, Lq, Lk, D, P, rng.randint(1, 3), dtype, mask=mask,
+                             scale=rng.random() < 0.5, empty_rows=mask and rng.random() < 0.5,
+                             gen=torch.Generator().manual_seed(case))
+        out, ref = run_both(*inputs, causal)
+        check(out, ref, dtype, f"case {case}")
+
+
+def test_every_output_written():
+    """With deterministic mode torch.empty fills NaN: any element the kernel forgets to write shows up."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.isnan(torch.empty(4)).all()
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = make_inputs(3, 6, 2, 19, 23, 40, 9, 4, dtype, mask=True, scale=True, empty_rows=True)
+            out, ref = run_both(*inputs, causal=True)
+            for name, a in zip(NAMES, out):
+                if a is not None:
+                    assert not torch.isnan(a).any(), f"{dtype} {name} has unwritten (NaN) elements"
+            check(out, ref, dtype)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_deterministic_bank_gradient():
+    """d(bank) is reduced in a fixed order: bitwise identical across runs and thread counts."""
+    inputs = make_inputs(8, 8, 2, 64, 64, 32, 12, 2, torch.float32, scale=True)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for nt in (1, max(2, threads), max(2, threads)):
+            torch.set_num_threads(nt)
+            out, _ = run_both(*inputs, causal=True)
+            grads.append([t for t in out[2:] if t is not None])
+    finally:
+        torch.set_num_threads(threads)
+    for gs in grads[1:]:
+        for a, b in zip(grads[0], gs):
+            assert torch.equal(a, b)
+
+
+def test_float16_and_dtype_mix():
+    """float16 runs in float32; an fp32 bank with bf16 activations is cast to the activations' dtype."""
+    q, k, v, bk, bv, idx, _, _ = make_inputs(2, 4, 2, 9, 9, 16, 3, 2, torch.float16)
+    o, lse = cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, causal=True)
+    ro, _ = prefix_attention_reference(q.double(), k.double(), v.double(), bk.double(), bv.double(), idx, causal=True)
+    assert o.dtype == torch.float16 and lse.dtype == torch.float32
+    assert max_rel(o, ro) < 2e-3
+    q, k, v, bk, bv, idx, _, _ = make_inputs(2, 4, 2, 9, 9, 16, 3, 2, torch.bfloat16)
+    bk32 = bk.float().requires_grad_()
+    o, _ = cpa.prefix_attention_cpu(q, k, v, bk32, bv.float(), idx)
+    o.float().sum().backward()
+    assert o.dtype == torch.bfloat16 and bk32.grad.dtype == torch.float32
+
+
+def test_dispatch_and_compile():
+    """Reachable through the dispatcher; a custom op, so torch.compile traces it without a graph break."""
+    from ltuning.kernels import prefix_attention
+
+    q, k, v, bk, bv, idx, _, ps = make_inputs(2, 6, 3, 11, 11, 16, 4, 2, torch.float32, scale=True)
+    o = prefix_attention(q, k, v, bk, bv, idx, causal=True, prefix_scale=ps, backend="cpu")
+    ro, _ = prefix_attention_reference(q, k, v, bk, bv, idx, causal=True, prefix_scale=ps)
+    assert max_rel(o, ro) < 1e-5
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bk, bv)]
+
+    def f(q, k, v, bk, bv):
+        o, lse = cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, causal=True, prefix_scale=ps)
+        return (o * o).sum() + lse.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, bk, bv)]
+    rgrads = torch.autograd.grad(f(*ref_leaves), ref_leaves)
+    assert math.isclose(loss.item(), f(*ref_leaves).item(), rel_tol=1e-6)
+    for a, b in zip(grads, rgrads):
+        assert max_rel(a, b) < 1e-6
+
+
+def test_fallback_without_compiler(tmp_path):
+    """No C++ compiler: is_available() is False with one warning and the reference answers instead."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import warnings, torch
+        from ltuning.kernels import cpu_prefix_attention as cpa
+        from ltuning.kernels.reference import prefix_attention_reference
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ok = cpa.is_available()
+            q = torch.randn(1, 2, 3, 4)
+            o, lse = cpa.prefix_attention_cpu(q, q, q, causal=True)
+        ro, _ = prefix_attention_reference(q, q, q, causal=True)
+        assert not ok and torch.allclose(o, ro), ok
+        assert len([x for x in w if "unavailable" in str(x.message)]) == 1, [str(x.message) for x in w]
+    """)
+    env = dict(__import__("os").environ, CXX=str(tmp_path / "no-such-compiler"), LTUNING_BUILD_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_without_onednn_ukernel():
+    """With oneDNN disabled brgemm falls back to plain GEMMs: the non-VNNI operand layouts must agree too."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = make_inputs(2, 6, 2, 37, 37, 24, 5, 2, dtype, mask=True, scale=True)
+            out, ref = run_both(*inputs, causal=True)
+            check(out, ref, dtype, f"no-oneDNN {dtype}")
