@@ -119,17 +119,25 @@ def test_gradient_checkpointing_gives_same_gradients(minilm, method):
 
 
 def test_bf16_autocast_close_to_fp32(smollm):
+    """bf16 autocast keeps the pooled features (what the head reads) within bf16 accuracy of fp32 after 30
+    layers; the scores stay fp32. (Scores of a freshly initialised head are a near-cancelling projection of
+    the features, so their relative error says little about the model and is not the quantity tested.)"""
     model, tok = smollm
+    torch.manual_seed(0)
     cfg = ltuning.make_config("lt-prefix", label_names=["negative", "positive"])
     m = ltuning.patch(model, cfg, tok)
     enc = batch(tok)
+    idx = torch.tensor([0, 1, 0])
     with torch.no_grad():
-        s32 = m(enc["input_ids"], enc["attention_mask"])
+        f32 = m.encode(enc["input_ids"], enc["attention_mask"], idx)
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            f16 = m.encode(enc["input_ids"], enc["attention_mask"], idx)
             s16 = m(enc["input_ids"], enc["attention_mask"])
     ltuning.unpatch(m)
-    assert s16.dtype == torch.float32
-    assert rel_err(s16, s32) < 5e-2
+    assert s16.dtype == torch.float32 and f16.dtype == torch.float32
+    assert rel_err(f16, f32) < 5e-2
+    cos = torch.nn.functional.cosine_similarity(f16, f32, dim=-1)
+    assert cos.min() > 0.99
 
 
 def test_torch_compile_matches_eager(minilm):
