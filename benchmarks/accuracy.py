@@ -31,9 +31,26 @@ LR_GRID = {"prompt": [1e-2, 3e-2, 1e-1], "linear-probe": [3e-3, 1e-2, 3e-2], "lo
 LR_GRID_DEFAULT = [3e-4, 1e-3, 3e-3]
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"lt-prefix"`` or a variant ``"lt-prefix:objective=pairwise+variant=published"`` -> (method, options);
+    options are method-config fields (ints, floats and words)."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for kv in filter(None, rest.split("+")):
+        k, _, v = kv.partition("=")
+        for conv in (int, float):
+            try:
+                v = conv(v)
+                break
+            except ValueError:
+                pass
+        opts[k] = v
+    return name, opts
+
+
 def default_lr(method: str) -> float:
     from ltuning.cli import DEFAULT_LR
-    return DEFAULT_LR.get(method, 1e-3)
+    return DEFAULT_LR.get(parse_method(method)[0], 1e-3)
 
 
 def atomic_json(path: str, obj) -> None:
@@ -69,7 +86,8 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
         dev = random.Random(1234).sample(dev, a.max_dev)
     import torch
     torch.manual_seed(seed)
-    clf = ltuning.Classifier(model, method, base=base, tokenizer=tok, dtype=a.dtype, max_length=a.max_length)
+    name, opts = parse_method(method)
+    clf = ltuning.Classifier(model, name, base=base, tokenizer=tok, dtype=a.dtype, max_length=a.max_length, **opts)
     t0 = time.time()
     try:
         hist = clf.fit(train, progress=False, epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr,
@@ -156,7 +174,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm-l6,smollm2-135m")
     ap.add_argument("--tasks", default="sst2,rte,cola")
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help="comma-separated; a variant sets config fields: lt-prefix:objective=pairwise+variant=published")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--max-train", type=int, default=1000, help="training examples per task (same for all methods)")
     ap.add_argument("--max-dev", type=int, default=None, help="evaluate on a fixed sample of dev (default: all)")
@@ -169,6 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in --out")
+    ap.add_argument("--include", default="",
+                    help="comma-separated JSON files of other invocations (same budget, e.g. run in parallel with "
+                         "OMP_NUM_THREADS=1) whose runs are merged into --out before the table is made")
     ap.add_argument("--quick", action="store_true", help="smoke test: minilm-l6, sst2, 1 seed, 300 examples")
     a = ap.parse_args(argv)
     if a.quick:
@@ -190,7 +212,15 @@ def main(argv=None) -> int:
             state = {"runs": []}
     state.update(budget=budget, command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
                  machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}")
-    done = {(r["model"], r["task"], r["method"], r["seed"], r.get("sweep", False), r["lr"]) for r in state["runs"]}
+    key = lambda r: (r["model"], r["task"], r["method"], r["seed"], r.get("sweep", False), r["lr"])  # noqa: E731
+    for path in filter(None, a.include.split(",")):
+        with open(path) as f:
+            other = json.load(f)
+        if other.get("budget") != budget:
+            raise SystemExit(f"{path}: made with budget {other.get('budget')}, not {budget}")
+        have = {key(r) for r in state["runs"]}
+        state["runs"] += [r for r in other["runs"] if key(r) not in have]
+    done = {key(r) for r in state["runs"]}
     t_start = time.time()
     bases = Bases(a.dtype)
     for model in models:
@@ -198,7 +228,7 @@ def main(argv=None) -> int:
             for method in methods:
                 lr = default_lr(method)
                 if a.sweep:
-                    grid = LR_GRID.get(method, LR_GRID_DEFAULT)
+                    grid = LR_GRID.get(parse_method(method)[0], LR_GRID_DEFAULT)
                     for g in grid:
                         if (model, task, method, seeds[0], True, g) not in done:
                             r = run_one(bases, model, task, method, seeds[0], g, a)

@@ -5,11 +5,14 @@ subprocess (so peak RSS is per configuration), 3 warm-up steps then ``--steps`` 
 
 * ``peft-fp32``      PEFT PrefixTuningConfig(num_virtual_tokens=20) on the fp32 model, SDPA attention (what
                      users run);  ``peft-bf16``: the same under ``torch.autocast(bfloat16)``.
-* ``eager-fp32``     the unpatched fp32 model with eager attention, no prefix, all weights frozen but the
-                     final norm (a floor for the backbone itself).
+* ``eager-fp32``     the unpatched fp32 model with eager attention and no prefix; the input embeddings require
+                     grad so the backward runs through every layer as in a prefix step (the backbone's cost).
 * ``ours-prefix-*``  ltuning ``prefix`` method (same P=20 per-layer K/V reparameterisation as PEFT) through the
                      shared-prefix attention; ``fp32`` = fp32 weights, ``bf16`` = bf16 frozen weights + autocast
                      (fp32 trainable parameters and optimizer state). Backend: ``--backend`` (auto = C++ kernel).
+                     ``ours-prefix-fp32-compile``: the same with every decoder layer under ``torch.compile``
+                     (fusing the RMSNorm / RoPE / SwiGLU elementwise work); its compile time is in
+                     ``first_step_s``.
 * ``ours-lt-prefix-bf16``  ``lt-prefix`` with label texts padded to 20 tokens, listwise over K=2 labels: twice
                      the rows of the others (every input is scored against both labels), reported for reference.
 
@@ -37,19 +40,28 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 B, L, P = 8, 128, 20
-CONFIGS = ["peft-fp32", "peft-bf16", "eager-fp32", "ours-prefix-fp32", "ours-prefix-bf16", "ours-lt-prefix-bf16"]
+CONFIGS = ["peft-fp32", "peft-bf16", "eager-fp32", "ours-prefix-fp32", "ours-prefix-bf16", "ours-prefix-fp32-compile",
+           "ours-lt-prefix-fp32", "ours-lt-prefix-bf16"]
 
 
-def bf16_matmul_tflops(n=2048, reps=10) -> float:
+def matmul_tflops(dtype_name: str, n=2048, reps=10) -> float:
+    """Median rate of an n^3 matrix product in the given dtype (TFLOP/s). bf16 is probed on a small product
+    first: on CPUs without AVX512-BF16/AMX PyTorch emulates it at ~1 GFLOP/s and a 2048^3 probe takes minutes."""
     import torch
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
+
+    def rate(m, k):
+        a, b = torch.randn(m, m, dtype=dtype), torch.randn(m, m, dtype=dtype)
         a @ b
-        ts.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(ts) / 1e12
+        ts = []
+        for _ in range(k):
+            t = time.perf_counter()
+            a @ b
+            ts.append(time.perf_counter() - t)
+        return 2 * m ** 3 / statistics.median(ts) / 1e12
+
+    small = rate(256, 3)
+    return small if small < 0.02 else rate(n, reps)
 
 
 def model_flops(info, n_params_nonembed: int, rows: int) -> float:
@@ -67,19 +79,47 @@ def _batch(tok, rows, seed=0):
     return ids, mask
 
 
-def run_config(name: str, steps: int, backend: str) -> dict:
+# op-name patterns -> category for the --profile breakdown (self CPU time of the profiled steps)
+PROFILE_CATEGORIES = [
+    ("matrix products", ("addmm", "::mm", "bmm", "matmul", "linear", "baddbmm")),
+    ("attention", ("attention", "prefix_attention", "softmax")),
+    ("optimizer", ("adamw", "_foreach", "optimizer")),
+]
+
+
+def profile_breakdown(step, opt, reps: int = 2) -> dict:
+    """Share of self CPU time per category over ``reps`` profiled steps (elementwise = everything else)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            opt.zero_grad(set_to_none=True)
+            step()
+            opt.step()
+    totals = {c: 0.0 for c, _ in PROFILE_CATEGORIES}
+    totals["elementwise and other"] = 0.0
+    for ev in prof.key_averages():
+        name = ev.key.lower()
+        cat = next((c for c, pats in PROFILE_CATEGORIES if any(p in name for p in pats)), "elementwise and other")
+        totals[cat] += ev.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    return {"shares": {c: t / whole for c, t in totals.items()},
+            "top_ops": [[e.key, e.self_cpu_time_total / whole] for e in top]}
+
+
+def run_config(name: str, steps: int, backend: str, profile_steps: int = 0) -> dict:
     """Time one configuration in this process; returns medians and peak RSS."""
     import torch
 
     import ltuning
     from ltuning.models import load_base, model_info
 
-    dtype = "bf16" if name.endswith("bf16") and name.startswith("ours") else "fp32"
+    dtype = "bf16" if "bf16" in name and name.startswith("ours") else "fp32"
     base, tok = load_base("smollm2-135m", dtype)
     info = model_info(base)
     ids, mask = _batch(tok, B)
     labels = torch.randint(0, 2, (B,))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=name.endswith("bf16"))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in name)
     rows = B
     if name.startswith("peft"):
         import peft
@@ -96,12 +136,14 @@ def run_config(name: str, steps: int, backend: str) -> dict:
             return loss
     elif name.startswith("eager"):
         base.set_attn_implementation("eager")
-        base.norm.weight.requires_grad_(True)
         head = torch.nn.Linear(info.hidden_size, 2)
-        params = [base.norm.weight] + list(head.parameters())
+        params = list(head.parameters())
 
         def step():
-            h = base(input_ids=ids, attention_mask=mask).last_hidden_state
+            # the input embeddings require grad, so the backward runs through every layer (input gradients only,
+            # as in a prefix step); nothing of the frozen base is trained
+            emb = base.get_input_embeddings()(ids).detach().requires_grad_(True)
+            h = base(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
             loss = torch.nn.functional.cross_entropy(head(h[:, -1]), labels)
             loss.backward()
             return loss
@@ -120,6 +162,9 @@ def run_config(name: str, steps: int, backend: str) -> dict:
             assert m.method.label_hidden.shape[1] == P, m.method.label_hidden.shape
         m.train()
         params = m.trainable_parameters()
+        if name.endswith("-compile"):  # torch.compile each decoder layer (fuses RMSNorm / RoPE / SwiGLU work)
+            for layer in base.layers:
+                layer.compile()
 
         def step():
             with autocast:
@@ -127,16 +172,20 @@ def run_config(name: str, steps: int, backend: str) -> dict:
             loss.backward()
             return loss
     opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
+    times, first = [], None
     for i in range(3 + steps):
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         step()
         opt.step()
+        if i == 0:
+            first = time.perf_counter() - t
         if i >= 3:
             times.append(time.perf_counter() - t)
     n_nonembed = sum(p.numel() for n, p in base.named_parameters() if "embed" not in n)
-    return {"config": name, "median_s": statistics.median(times), "min_s": min(times), "steps": steps, "rows": rows,
+    extra = {"profile": profile_breakdown(step, opt, profile_steps)} if profile_steps else {}
+    extra["first_step_s"] = first  # includes torch.compile's compile time for the -compile configurations
+    return {**extra, "config": name, "median_s": statistics.median(times), "min_s": min(times), "steps": steps, "rows": rows,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "model_flops": model_flops(info, n_nonembed, rows), "backend": backend if name.startswith("ours") else "sdpa"}
 
@@ -144,51 +193,84 @@ def run_config(name: str, steps: int, backend: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps (5) and configurations")
+    ap.add_argument("--force-bf16", action="store_true",
+                    help="run the bf16 configurations even when this CPU's bf16 products are slower than fp32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--backend", default="auto", help="ltuning attention backend for the ours-* rows")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--json", default=os.path.join(HERE, "results", "train_step.json"))
     ap.add_argument("--png", default=None, help="bar chart (default: next to --json)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile N more steps per configuration and report the share of matrix "
+                         "products / attention / optimizer / elementwise work (torch.profiler, self CPU time)")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._child:
-        print(json.dumps(run_config(a._child, a.steps, a.backend)))
+        print(json.dumps(run_config(a._child, a.steps, a.backend, a.profile)))
         return 0
     steps = 5 if a.quick else a.steps
     configs = a.configs.split(",")
     if a.quick:
-        configs = [c for c in configs if c in ("peft-fp32", "peft-bf16", "ours-prefix-bf16")]
-    peak = bf16_matmul_tflops()
+        configs = [c for c in configs if c in ("peft-fp32", "peft-bf16", "ours-prefix-fp32", "ours-prefix-bf16")]
+    peak = {"fp32": matmul_tflops("fp32"), "bf16": matmul_tflops("bf16")}
+    print(f"matrix rate: fp32 {1000 * peak['fp32']:.0f} GFLOP/s, bf16 {1000 * peak['bf16']:.0f} GFLOP/s", flush=True)
+    skipped = {}
+    if peak["bf16"] < peak["fp32"] and not a.force_bf16:
+        why = (f"bf16 products run at {1000 * peak['bf16']:.1f} GFLOP/s on this CPU vs fp32 at "
+               f"{1000 * peak['fp32']:.0f} GFLOP/s (no AVX512-BF16/AMX): bf16 configurations skipped (--force-bf16)")
+        print(why, flush=True)
+        for c in [c for c in configs if "bf16" in c]:
+            skipped[c] = why
+        configs = [c for c in configs if c not in skipped]
+    best = max(peak.values())
     rows = []
     for c in configs:
-        out = subprocess.run([sys.executable, __file__, "--_child", c, "--steps", str(steps), "--backend", a.backend],
+        out = subprocess.run([sys.executable, __file__, "--_child", c, "--steps", str(steps), "--backend", a.backend,
+                              "--profile", str(a.profile)],
                              capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"configuration {c} failed")
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        r["mfu"] = r["model_flops"] / r["median_s"] / (peak * 1e12)
+        r["mfu"] = r["model_flops"] / r["median_s"] / (best * 1e12)
         rows.append(r)
         print(f"{c:22s} {1000 * r['median_s']:9.1f} ms  rows {r['rows']:3d}  peak RSS {r['peak_rss_mb']:7.0f} MB  "
               f"MFU {100 * r['mfu']:5.1f}%", flush=True)
-    peak2 = bf16_matmul_tflops()
+        if "profile" in r:
+            print("    " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["profile"]["shares"].items()), flush=True)
+    peak_after = {"fp32": matmul_tflops("fp32"), "bf16": peak["bf16"]}
     by = {r["config"]: r for r in rows}
-    res = {"shape": {"B": B, "L": L, "P": P, "model": "smollm2-135m"}, "bf16_matmul_tflops": [peak, peak2],
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
+    res = {"shape": {"B": B, "L": L, "P": P, "model": "smollm2-135m"},
+           "matmul_tflops_before": peak, "matmul_tflops_after": peak_after, "mfu_peak": "max(fp32, bf16) rate before",
+           "cpu_capability": _cpu_capability(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "date": time.strftime("%Y-%m-%d %H:%M"), "skipped": skipped,
            "command": " ".join(["python", "benchmarks/bench_train_step.py"] + (argv or sys.argv[1:])), "rows": rows}
-    ours = by.get("ours-prefix-bf16")
+    ours_name = "ours-prefix-bf16" if "ours-prefix-bf16" in by else "ours-prefix-fp32"
+    ours = by.get(ours_name)
     if ours:
+        res["ours"] = ours_name
         for ref in ("peft-fp32", "peft-bf16", "eager-fp32"):
-            if ref in by:
-                res[f"speedup_vs_{ref.replace('-', '_')}"] = by[ref]["median_s"] / ours["median_s"]
+            res[f"speedup_vs_{ref.replace('-', '_')}"] = by[ref]["median_s"] / ours["median_s"] if ref in by else None
         res["mfu"] = ours["mfu"]
-    print(json.dumps({k: v for k, v in res.items() if k.startswith(("speedup", "mfu", "bf16"))}))
+        res["speedups"] = {o: {ref: by[ref]["median_s"] / by[o]["median_s"] for ref in by if not ref.startswith("ours")}
+                           for o in by if o.startswith("ours")}
+    print(json.dumps({k: v for k, v in res.items() if k.startswith(("speedup", "mfu", "ours"))}))
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json + ".tmp", "w") as f:
         json.dump(res, f, indent=1)
     os.replace(a.json + ".tmp", a.json)
     _plot(rows, a.png or os.path.splitext(a.json)[0] + ".png")
     return 0
+
+
+def _cpu_capability() -> str:
+    import torch
+    flags = ""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    extra = [x for x in ("avx512_bf16", "amx_bf16") if x in flags.split()]
+    return "+".join([torch.backends.cpu.get_cpu_capability()] + extra)
 
 
 def _plot(rows, path):

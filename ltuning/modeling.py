@@ -105,7 +105,7 @@ class LTuningModel(nn.Module):
             kwargs["ltuning_prefix"] = PrefixInputs(keys, values, entry_index, scales, self.config.backend)
             if self.config.position_offset == "prefix":
                 kwargs["position_ids"] = (torch.arange(L, device=dev) + P)[None]
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         elif kind == "prompt":
             prompts, pmask = self.method.prompts()
             emb = self.base.get_input_embeddings()(input_ids)
@@ -113,9 +113,9 @@ class LTuningModel(nn.Module):
             offset = pe.shape[1]
             inputs_embeds = torch.cat([pe, emb], dim=1)
             attention_mask = torch.cat([pmask[entry_index].to(dev), attention_mask], dim=1)
-            out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+            out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
         else:
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask)
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         h = out.last_hidden_state
         return self._pool(h, attention_mask, input_mask, offset).float()
 

@@ -294,3 +294,29 @@ def test_without_onednn_ukernel():
             inputs = make_inputs(2, 6, 2, 37, 37, 24, 5, 2, dtype, mask=True, scale=True)
             out, ref = run_both(*inputs, causal=True)
             check(out, ref, dtype, f"no-oneDNN {dtype}")
+
+
+def test_inductor_with_strided_views():
+    """torch.compile (inductor) through forward and backward with the layouts models produce: q/k/v as
+    transposed (B, L, H, D) views and the bank as a permuted view of an MLP output. Inductor asserts the
+    strides the fake kernels promise, so a kernel returning another layout fails here (it once did for
+    the bank gradient)."""
+    B, H, Hkv, L, D, P, N = 2, 6, 3, 9, 16, 5, 2
+    raw = [torch.randn(B, L, H, D), torch.randn(B, L, Hkv, D), torch.randn(B, L, Hkv, D),
+           torch.randn(N, P, Hkv, D), torch.randn(N, P, Hkv, D)]
+    idx = torch.tensor([1, 0])
+
+    def f(q, k, v, bk, bv):  # (B, L, H, D) -> (B, H, L, D) and (N, P, H, D) -> (N, H, P, D) views, as in models
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        bk, bv = (t.permute(0, 2, 1, 3) for t in (bk, bv))
+        o, lse = cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, causal=True)
+        return (o * o).sum() + lse.sum()
+
+    la, lb = ([t.clone().requires_grad_() for t in raw] for _ in range(2))
+    loss = torch.compile(f, backend="inductor", fullgraph=True)(*la)
+    grads = torch.autograd.grad(loss, la)
+    ref = f(*lb)
+    rgrads = torch.autograd.grad(ref, lb)
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5)
+    for a, b in zip(grads, rgrads):
+        assert max_rel(a, b) < 1e-5

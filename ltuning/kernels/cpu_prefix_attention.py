@@ -81,13 +81,22 @@ def _none_if_empty(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
+def _layout_like(g: Tensor, t: Tensor) -> Tensor:
+    """``g`` with the strides of ``torch.empty_like(t)`` (what the fake kernels promise ``torch.compile``). The C++
+    kernel writes some results (e.g. the bank gradients) contiguously while the input was a strided view."""
+    if g.stride() == t.stride():
+        return g
+    want = torch.empty_like(t)
+    return g if g.stride() == want.stride() else want.copy_(g)
+
+
 @torch.library.custom_op("ltuning::prefix_attention_cpu_fwd", mutates_args=(), device_types="cpu")
 def _fwd(q: Tensor, k: Tensor, v: Tensor, bank_k: Optional[Tensor], bank_v: Optional[Tensor],
          prefix_idx: Optional[Tensor], key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
          prefix_scale: Optional[Tensor], causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor]:
     o, lse = _ext().forward(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale,
                             causal, softmax_scale)
-    return o, lse
+    return _layout_like(o, q), lse
 
 
 @_fwd.register_fake
@@ -102,7 +111,8 @@ def _bwd(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Te
          softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _ext().backward(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens,
                             prefix_scale, lse, causal, softmax_scale)
-    return tuple(q.new_empty(0) if g is None else g for g in grads)
+    like = (q, k, v, bank_k, bank_v, prefix_scale)
+    return tuple(q.new_empty(0) if g is None else g if t is None else _layout_like(g, t) for g, t in zip(grads, like))
 
 
 @_bwd.register_fake

@@ -19,6 +19,6 @@ def encode_texts(base, tokenizer, texts):
     batch = tokenizer(list(texts), padding=True, return_tensors="pt")
     dev = base.get_input_embeddings().weight.device
     ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    out = base(input_ids=ids, attention_mask=mask)
+    out = base(input_ids=ids, attention_mask=mask, use_cache=False)
     embeds = base.get_input_embeddings()(ids)
     return out.last_hidden_state.float(), mask.bool(), embeds.float()

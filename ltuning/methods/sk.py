@@ -78,7 +78,7 @@ def prefill_text(base, tokenizer, text: str):
     dev = base.get_input_embeddings().weight.device
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(dev)
     capture = {}
-    base(input_ids=ids, attention_mask=torch.ones_like(ids), ltuning_capture=capture)
+    base(input_ids=ids, attention_mask=torch.ones_like(ids), ltuning_capture=capture, use_cache=False)
     layers = sorted(capture)
     keys = torch.stack([capture[i][0][0] for i in layers]).float()
     values = torch.stack([capture[i][1][0] for i in layers]).float()
