@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
 TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "cola": "mcc", "mrpc": "accuracy"}
-DEFAULT_METHODS = ["linear-probe", "lora", "prompt", "prefix", "lt-prompt", "lt-prefix"]
+DEFAULT_METHODS = ["linear-probe", "lora", "prompt", "prefix", "lt-prompt", "lt-prefix",  # issue 4
+                   "sk-prefix", "sk-prompt", "apt", "fl"]  # issue 5 (cgc-lora is multi-task: RESULTS_methods.md)
 LR_GRID = {"prompt": [1e-2, 3e-2, 1e-1], "linear-probe": [3e-3, 1e-2, 3e-2], "lora": [3e-4, 1e-3, 3e-3]}
 LR_GRID_DEFAULT = [3e-4, 1e-3, 3e-3]
 
@@ -139,6 +140,8 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
                 extra = f" (acc {r['acc_mean']:.1f})" if r["metric"] == "mcc" else ""
                 cells.append(f"{r['mean']:.1f} ± {r['std']:.1f}{extra} [n={r['seeds']}]")
                 params, speed = f"{r['trainable_parameters']:,}", f"{r['train_examples_per_s']:.0f}"
+            if not params:  # no run of this method on this model: leave the row out
+                continue
             out.append(f"| {method} | " + " | ".join(cells) + f" | {params} | {speed} |")
     return "\n".join(out) + "\n"
 
@@ -148,8 +151,10 @@ def plot(rows: list, methods: list, tasks: list, models: list, path: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     w = 0.8 / max(1, len(methods))
+    cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    color = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}  # one colour per method in every panel
     for ax, model in zip(axes[0], models):
         for i, method in enumerate(methods):
             xs, ys, es = [], [], []
@@ -159,14 +164,16 @@ def plot(rows: list, methods: list, tasks: list, models: list, path: str) -> Non
                     xs.append(j + i * w)
                     ys.append(r["mean"])
                     es.append(r["std"])
-            ax.bar(xs, ys, w, yerr=es, label=method, capsize=2)
+            ax.bar(xs, ys, w, yerr=es, color=color[method], capsize=2)
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(tasks))])
         ax.set_xticklabels([f"{t}\n({TASK_METRIC[t]})" for t in tasks])
         ax.set_title(model)
-        ax.set_ylabel("score x100 (GLUE dev)")
+        ax.set_ylabel("score x100 (GLUE dev); missing bar = not run")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=color[m]) for m in methods]
+    fig.legend(handles, methods, fontsize=7, loc="lower center", ncol=min(len(methods), 5))
+    fig.subplots_adjust(bottom=0.28)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="comma-separated; a variant sets config fields: lt-prefix:objective=pairwise+variant=published")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--max-train", type=int, default=1000, help="training examples per task (same for all methods)")
+    ap.add_argument("--max-train", type=int, default=500, help="training examples per task (same for all methods)")
     ap.add_argument("--max-dev", type=int, default=None, help="evaluate on a fixed sample of dev (default: all)")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -188,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in --out")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: make the table, markdown and chart from the runs in --out (and --include)")
     ap.add_argument("--include", default="",
                     help="comma-separated JSON files of other invocations (same budget, e.g. run in parallel with "
                          "OMP_NUM_THREADS=1) whose runs are merged into --out before the table is made")
@@ -210,7 +219,11 @@ def main(argv=None) -> int:
         if state.get("budget") != budget:
             print(f"{a.out} was made with another budget; starting afresh", file=sys.stderr)
             state = {"runs": []}
-    state.update(budget=budget, command=" ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+    cmd = " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:]))
+    state.setdefault("commands", [])
+    if cmd not in state["commands"]:
+        state["commands"].append(cmd)
+    state.update(budget=budget, command=cmd,
                  machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}")
     key = lambda r: (r["model"], r["task"], r["method"], r["seed"], r.get("sweep", False), r["lr"])  # noqa: E731
     for path in filter(None, a.include.split(",")):
@@ -223,7 +236,7 @@ def main(argv=None) -> int:
     done = {key(r) for r in state["runs"]}
     t_start = time.time()
     bases = Bases(a.dtype)
-    for model in models:
+    for model in ([] if a.report_only else models):
         for task in tasks:
             for method in methods:
                 lr = default_lr(method)
