@@ -265,11 +265,9 @@ def main(argv=None) -> int:
 
 def _cpu_capability() -> str:
     import torch
-    flags = ""
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
-    extra = [x for x in ("avx512_bf16", "amx_bf16") if x in flags.split()]
+
+    from ltuning.models.registry import cpu_flags
+    extra = sorted({"avx512_bf16", "amx_bf16"} & cpu_flags())
     return "+".join([torch.backends.cpu.get_cpu_capability()] + extra)
 
 

@@ -26,9 +26,8 @@ def test_half_precision_on_a_cpu_without_bf16_units_warns_once(monkeypatch, fast
         assert "--dtype fp32" in str(w[0].message)
 
 
-def test_cpu_has_fast_bf16_matches_cpuinfo():
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
-    except OSError:
-        pytest.skip("no /proc/cpuinfo")
-    assert registry.cpu_has_fast_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+@pytest.mark.parametrize("flags,fast", [({"avx2", "fma"}, False), ({"avx512f", "avx512bw"}, False),
+                                        ({"avx512f", "avx512_bf16"}, True), ({"amx_tile", "amx_bf16"}, True)])
+def test_fast_bf16_needs_avx512_bf16_or_amx(monkeypatch, flags, fast):
+    monkeypatch.setattr(registry, "cpu_flags", lambda: flags)
+    assert registry.cpu_has_fast_bf16() is fast

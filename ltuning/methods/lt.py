@@ -24,9 +24,9 @@ the prediction is the argmax over the K scores (the paper's inference rule, A.4)
 Defaults, as measured (``benchmarks/accuracy.py``, MiniLM, SST-2, 500 training examples, 3 seeds, GLUE dev;
 benchmarks/RESULTS.md section 3): ``objective="listwise"`` (cross-entropy over the K label-conditioned
 scores) vs the paper's ``"pairwise"`` (binary matched/unmatched, one sampled negative): lt-prefix 75.7 +- 2.5
-vs 76.8 +- 1.4, lt-prompt 76.4 +- 2.0 vs 70.2 +- 10.0 (one pairwise seed collapsed to 58.8); listwise is kept
+vs 76.8 +- 1.4, lt-prompt 76.4 +- 2.0 vs 70.3 +- 9.9 (one pairwise seed collapsed to 58.8); listwise is kept
 as the default (never collapsed, equal within noise otherwise). ``variant="pooling"`` (our reading) vs
-``"published"``: 75.7 +- 2.5 vs 68.1 +- 14.2 (one published seed collapsed to 51.9); pooling is kept.
+``"published"``: 75.7 +- 2.5 vs 68.2 +- 14.2 (one published seed collapsed to 51.9); pooling is kept.
 """
 from __future__ import annotations
 

@@ -32,16 +32,23 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX). Without them PyTorch emulates
-    bf16/fp16 products at about 1 GFLOP/s (measured on an AVX2 EPYC: 1 GFLOP/s vs 83 GFLOP/s for fp32)."""
+def cpu_flags() -> set:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+            return set(next((ln for ln in f if ln.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX). Without them PyTorch emulates
+    bf16/fp16 products at about 1 GFLOP/s (measured on an AVX2 EPYC: 1.3 GFLOP/s vs 162-173 GFLOP/s for fp32,
+    ``benchmarks/bench_train_step.py``)."""
+    flags = cpu_flags()
+    if flags:
         return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:  # not Linux: trust PyTorch's capability string
-        return "AMX" in torch.backends.cpu.get_cpu_capability() or "AVX512_BF16" in \
-            torch.backends.cpu.get_cpu_capability()
+    return "AMX" in torch.backends.cpu.get_cpu_capability()  # no flags to read: trust PyTorch's capability
 
 
 def warn_if_slow_half(dtype: str, device: str = "cpu") -> None:
