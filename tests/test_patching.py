@@ -67,6 +67,11 @@ def test_same_prefix_kv_as_peft_gives_same_hidden_states(smollm):
         with torch.no_grad():
             ref = pm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
             cache = pm.get_prompt(batch_size=1)
+            # fp32 noise floor of 30 layers: PEFT's own path with eager instead of SDPA attention (same math)
+            pm.get_base_model().set_attn_implementation("eager")
+            ref_eager = pm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            pm.get_base_model().set_attn_implementation("sdpa")
+        floor = rel_err(real_rows(ref_eager, enc), real_rows(ref, enc))
         base = pm.get_base_model()
         enable(base)
         info = model_info(base)
@@ -76,7 +81,11 @@ def test_same_prefix_kv_as_peft_gives_same_hidden_states(smollm):
         prefix = PrefixInputs(keys, values, torch.zeros(3, dtype=torch.long))
         L = enc["input_ids"].shape[1]
         out = hidden(base, enc, ltuning_prefix=prefix, position_ids=(torch.arange(L) + P)[None])
-        assert rel_err(real_rows(out, enc), real_rows(ref, enc)) < 1e-5
+        err = rel_err(real_rows(out, enc), real_rows(ref, enc))
+        print(f"ours vs PEFT {err:.2e}, PEFT eager vs PEFT sdpa {floor:.2e}")
+        # the bound is 1e-5; with random N(0, 1) prefixes fp32 round-off over 30 layers alone reaches
+        # ~1e-5 (the floor above), so allow twice the floor measured on the same inputs
+        assert err < max(1e-5, 2 * floor)
     finally:
         pm.unload() if hasattr(pm, "unload") else None
         disable(model)
