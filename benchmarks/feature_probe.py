@@ -3,11 +3,14 @@
 For each method: patch the frozen model with a freshly initialised method (seed 0), pool the features the
 head would read for ``--train`` SST-2 training sentences and ``--dev`` dev sentences, fit a standardised
 logistic-regression probe on the training features (Adam, 300 full-batch steps, L2 1e-3) and report its dev
-accuracy. Label-conditioned methods (lt-*) are probed with label entry 0 for every sentence. A method whose
+accuracy. Label-conditioned methods (lt-*) are probed twice: with label entry 0 for every sentence, and on
+the difference h(x | y_1) - h(x | y_0) of the two label entries (a binary task), which is all a shared scalar
+head w can read (score_1 - score_0 = w . difference). A method whose
 probe falls far below ``linear-probe`` (no prefix) destroys the representation at initialisation; one that
 stays close but trains to chance fails in training instead.
 
     python benchmarks/feature_probe.py --model smollm2-135m [--methods linear-probe,prefix,lt-prefix,sk-prefix]
+    (variants as in accuracy.py: "lt-prefix:variant=kv+position_offset=prefix")
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from accuracy import parse_method  # noqa: E402  (the method-variant syntax of the accuracy table)
 DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "sst2")
 
 
@@ -58,28 +63,37 @@ def main(argv=None) -> int:
     ytr = torch.tensor([labels.index(r["label"]) for r in tr])
     ydv = torch.tensor([labels.index(r["label"]) for r in dv])
 
-    def features(m, recs):
+    def features(m, recs, entry=0):
         out = []
         for i in range(0, len(recs), 32):
             enc = tok([r["text"] for r in recs[i:i + 32]], padding=True, truncation=True, max_length=128,
                       return_tensors="pt")
             with torch.no_grad():
-                out.append(m.encode(enc["input_ids"], enc["attention_mask"]))  # label entry 0 for lt-*
+                idx = torch.full((len(enc["input_ids"]),), entry, dtype=torch.long)
+                out.append(m.encode(enc["input_ids"], enc["attention_mask"], idx))
         return torch.cat(out)
 
     rows = []
     for method in a.methods.split(","):
         torch.manual_seed(0)
-        cfg = ltuning.make_config(method, label_names=labels, label_texts=[default_label_text(n) for n in labels])
+        name, opts = parse_method(method)
+        cfg = ltuning.make_config(name, label_names=labels, label_texts=[default_label_text(n) for n in labels],
+                                  **opts)
         m = ltuning.patch(base, cfg, tok)
+        diff_acc = None
         try:
             xtr, xdv = features(m, tr), features(m, dv)
+            if m.method.label_conditioned and len(labels) == 2:
+                dtr, ddv = features(m, tr, 1) - xtr, features(m, dv, 1) - xdv
+                diff_acc = probe_accuracy(dtr, ytr, ddv, ydv)
         finally:
             ltuning.unpatch(m)
         acc = probe_accuracy(xtr, ytr, xdv, ydv)
-        rows.append({"method": method, "probe_dev_accuracy": acc, "feature_norm": xtr.norm(dim=-1).mean().item()})
-        print(f"{method:14s} probe dev accuracy {100 * acc:5.1f} %   mean feature norm {rows[-1]['feature_norm']:.1f}",
-              flush=True)
+        rows.append({"method": method, "probe_dev_accuracy": acc, "feature_norm": xtr.norm(dim=-1).mean().item(),
+                     "difference_probe_dev_accuracy": diff_acc})
+        extra = "" if diff_acc is None else f"   label-difference probe {100 * diff_acc:5.1f} %"
+        print(f"{method:14s} probe dev accuracy {100 * acc:5.1f} %   mean feature norm {rows[-1]['feature_norm']:.1f}"
+              + extra, flush=True)
     if a.json:
         with open(a.json + ".tmp", "w") as f:
             json.dump({"model": a.model, "train": a.train, "dev": a.dev, "rows": rows}, f, indent=1)

@@ -11,11 +11,17 @@ LABELS = ["negative", "positive", "neutral"]
 TEXTS = ["The sentiment is negative.", "The sentiment of the text is positive.", "It is neutral."]
 
 
+def build(method):
+    """``"lt-prefix:kv"`` -> ("lt-prefix", {"variant": "kv"}); plain names -> (name, {})."""
+    name, _, variant = method.partition(":")
+    return name, ({"variant": variant, "position_offset": "prefix"} if variant else {})
+
+
 def enc(tok, texts=("great fun", "awful , just awful", "it exists", "a film")):
     return tok(list(texts), padding=True, return_tensors="pt")
 
 
-@pytest.mark.parametrize("method", ["lt-prefix", "lt-prompt"])
+@pytest.mark.parametrize("method", ["lt-prefix", "lt-prefix:kv", "lt-prompt"])
 def test_label_texts_encoded_once_per_training_run(minilm, method):
     """A whole training run (build + fit + validation) runs the frozen model on the label texts exactly once."""
     model, tok = minilm
@@ -25,7 +31,8 @@ def test_label_texts_encoded_once_per_training_run(minilm, method):
     hook = model.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw.get("input_ids")), with_kwargs=True)
     try:
         before = label_cache.ENCODE_CALLS
-        clf = ltuning.Classifier("minilm-l6", method, base=model, tokenizer=tok, label_names=LABELS)
+        name, opts = build(method)
+        clf = ltuning.Classifier("minilm-l6", name, base=model, tokenizer=tok, label_names=LABELS, **opts)
         recs = [{"text": t, "label": LABELS[i % 3]} for i, t in enumerate(["good", "bad", "meh", "fine", "ok"] * 12)]
         clf.fit(recs, progress=False, epochs=2, batch_size=8, lr=1e-3)
     finally:
@@ -50,10 +57,11 @@ def test_label_cache_is_one_forward_of_all_texts(minilm):
     ltuning.unpatch(m)
 
 
-@pytest.mark.parametrize("method", ["lt-prefix", "lt-prompt"])
+@pytest.mark.parametrize("method", ["lt-prefix", "lt-prefix:kv", "lt-prompt"])
 def test_kway_batch_equals_one_label_at_a_time(real_model, method):
     model, tok = real_model
-    cfg = ltuning.make_config(method, label_names=LABELS, label_texts=TEXTS)
+    name, opts = build(method)
+    cfg = ltuning.make_config(name, label_names=LABELS, label_texts=TEXTS, **opts)
     m = ltuning.patch(model, cfg, tok)
     with torch.no_grad():
         for p in m.method.parameters():
@@ -69,10 +77,11 @@ def test_kway_batch_equals_one_label_at_a_time(real_model, method):
     assert torch.equal(scores.argmax(-1), one.argmax(-1))
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix", "lt-prefix", "lt-prompt"])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lt-prefix", "lt-prefix:kv", "lt-prompt"])
 def test_save_load_round_trip_same_logits(real_model, method, tmp_path):
     model, tok = real_model
-    cfg = ltuning.make_config(method, label_names=LABELS, label_texts=TEXTS)
+    name, opts = build(method)
+    cfg = ltuning.make_config(name, label_names=LABELS, label_texts=TEXTS, **opts)
     m = ltuning.patch(model, cfg, tok)
     with torch.no_grad():
         for p in m.trainable_parameters():
@@ -96,6 +105,38 @@ def test_save_load_round_trip_same_logits(real_model, method, tmp_path):
     # blocking for differently aligned buffers)
     assert torch.equal(before.argmax(-1), after.argmax(-1))
     assert rel_err(after, before) < 1e-4
+
+
+def test_lt_prefix_kv_starts_as_the_frozen_model_on_label_text_then_input(smollm):
+    """variant="kv": at initialisation, scoring x against label k runs exactly what the frozen decoder computes
+    on the concatenation [y_k ; x] (the label text's own K/V as prefix, input positions after it)."""
+    model, tok = smollm
+    texts = ["The review is negative.", "The review is positive."]  # equal token counts: no padding in the bank
+    m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS[:2], label_texts=texts,
+                                                 variant="kv", position_offset="prefix"), tok)
+    try:
+        assert m.method.label_mask.all()
+        x = tok(["a gripping film"], return_tensors="pt")
+        with torch.no_grad():
+            for k in range(2):
+                pooled = m.encode(x["input_ids"], x["attention_mask"], torch.tensor([k]))
+                full = torch.cat([tok([texts[k]], return_tensors="pt")["input_ids"], x["input_ids"]], 1)
+                ref = model(input_ids=full, use_cache=False).last_hidden_state[0, -1]
+                assert rel_err(pooled[0], ref) < 1e-5
+            # and the prefix matters: the two labels give different representations
+            a, b = (m.encode(x["input_ids"], x["attention_mask"], torch.tensor([k])) for k in range(2))
+            assert rel_err(a, b) > 1e-3
+    finally:
+        ltuning.unpatch(m)
+
+
+def test_lt_prefix_variant_default_by_family(real_model):
+    """Decoders default to the label texts' own K/V with positions after them; encoders to the pooling reading."""
+    model, tok = real_model
+    m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS[:2]), tok)
+    ltuning.unpatch(m)
+    want = ("kv", "prefix") if m.info.causal else ("pooling", "zero")
+    assert (m.config.variant, m.config.position_offset) == want
 
 
 def test_changed_label_texts_recompute_cache(minilm, tmp_path):

@@ -86,8 +86,23 @@ def prefill_text(base, tokenizer, text: str):
 
 
 def near_identity(x, delta, bias):
-    """Per layer l: x_l (I + delta_l) + bias_l, for x (layers, Hkv, T, D), delta (layers, D, D), bias (layers, D)."""
-    return x + torch.einsum("lhtd,lde->lhte", x, delta) + bias[:, None, None]
+    """Per layer l: x_l (I + delta_l) + bias_l, for x (layers, ..., D), delta (layers, D, D), bias (layers, D)."""
+    b = bias.view(bias.shape[0], *([1] * (x.dim() - 2)), bias.shape[1])
+    return x + torch.einsum("l...d,lde->l...e", x, delta) + b
+
+
+def add_kv_maps(module: nn.Module, num_layers: int, head_dim: int) -> None:
+    """Register the per-layer near-identity maps on K and V (``key_delta``, ``key_bias``, ``value_delta``,
+    ``value_bias``; all zero, so the maps start as the identity)."""
+    for name in ("key", "value"):
+        module.register_parameter(f"{name}_delta", nn.Parameter(torch.zeros(num_layers, head_dim, head_dim)))
+        module.register_parameter(f"{name}_bias", nn.Parameter(torch.zeros(num_layers, head_dim)))
+
+
+def apply_kv_maps(module: nn.Module, keys, values):
+    """``(K (I + dWk) + bk, V (I + dWv) + bv)`` per layer, keys/values (layers, ..., D)."""
+    return (near_identity(keys, module.key_delta, module.key_bias),
+            near_identity(values, module.value_delta, module.value_bias))
 
 
 @register_method("sk-prefix")
@@ -102,11 +117,7 @@ class SKPrefix(SKMethod):
             self.set_cache(cache)
         else:
             self.refresh_cache(base, tokenizer)
-        n, D = info.num_layers, info.head_dim
-        self.key_delta = nn.Parameter(torch.zeros(n, D, D))
-        self.key_bias = nn.Parameter(torch.zeros(n, D))
-        self.value_delta = nn.Parameter(torch.zeros(n, D, D))
-        self.value_bias = nn.Parameter(torch.zeros(n, D))
+        add_kv_maps(self, info.num_layers, info.head_dim)
 
     def refresh_cache(self, base, tokenizer) -> None:
         keys, values = prefill_text(base, tokenizer, self.config.task_text)
@@ -117,8 +128,7 @@ class SKPrefix(SKMethod):
         return ["text_keys", "text_values"]
 
     def prefix(self):
-        k = near_identity(self.text_keys, self.key_delta, self.key_bias)
-        v = near_identity(self.text_values, self.value_delta, self.value_bias)
+        k, v = apply_kv_maps(self, self.text_keys, self.text_values)
         return [x[None] for x in k.unbind(0)], [x[None] for x in v.unbind(0)]
 
 
