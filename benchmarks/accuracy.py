@@ -34,7 +34,8 @@ LR_GRID_DEFAULT = [3e-4, 1e-3, 3e-3]
 
 def parse_method(spec: str) -> tuple[str, dict]:
     """``"lt-prefix"`` or a variant ``"lt-prefix:objective=pairwise+variant=published"`` -> (method, options);
-    options are method-config fields (ints, floats and words)."""
+    options are method-config fields (ints, floats and words); ``label_texts=text 1|text 2`` gives the label
+    texts in label order (``ltuning.data.label_names_of``; e.g. a control without label semantics)."""
     name, _, rest = spec.partition(":")
     opts = {}
     for kv in filter(None, rest.split("+")):
@@ -45,7 +46,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
                 break
             except ValueError:
                 pass
-        opts[k] = v
+        opts[k] = v.split("|") if k == "label_texts" else v
     return name, opts
 
 
@@ -88,7 +89,15 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
     import torch
     torch.manual_seed(seed)
     name, opts = parse_method(method)
-    clf = ltuning.Classifier(model, name, base=base, tokenizer=tok, dtype=a.dtype, max_length=a.max_length, **opts)
+    texts = opts.pop("label_texts", None)
+    if texts is not None:
+        from ltuning.data import label_names_of
+        names = label_names_of(train)
+        if len(texts) != len(names):
+            raise SystemExit(f"{method}: {len(texts)} label texts for the {len(names)} labels {names}")
+        texts = dict(zip(names, texts))
+    clf = ltuning.Classifier(model, name, base=base, tokenizer=tok, dtype=a.dtype, max_length=a.max_length,
+                             label_texts=texts, **opts)
     t0 = time.time()
     try:
         hist = clf.fit(train, progress=False, epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr,
@@ -142,7 +151,8 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
                 params, speed = f"{r['trainable_parameters']:,}", f"{r['train_examples_per_s']:.0f}"
             if not params:  # no run of this method on this model: leave the row out
                 continue
-            out.append(f"| {method} | " + " | ".join(cells) + f" | {params} | {speed} |")
+            label = method.replace("|", "\\|")  # a literal | would split the Markdown cell
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {params} | {speed} |")
     return "\n".join(out) + "\n"
 
 

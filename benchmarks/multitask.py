@@ -82,7 +82,8 @@ def report(results: dict, tasks: list, seeds: list, a) -> str:
     n = len(seeds)
     lines.append("")
     lines.append(f"Mean ± std over {n} seed(s) ({', '.join(map(str, seeds))}); {a.model}, {a.max_train} training "
-                 f"examples per task (a 10 % validation split carved from them picks the best step), "
+                 f"examples per task (a validation split carved from them, 10 % but at least 50, picks the best "
+                 f"step), "
                  f"{a.max_dev} dev examples per task, {a.epochs:g} epochs, batch {a.batch_size}, lr {a.lr:g}.")
     return "\n".join(lines)
 

@@ -36,3 +36,35 @@ def test_accuracy_quick_smoke(tmp_path, minilm, sst2_dir):
     assert acc.main(args) == 0
     again = json.loads(out.read_text())
     assert len(again["runs"]) == 3 and again["wall_seconds_this_invocation"] < wall
+
+
+def test_method_variant_specs():
+    """The accuracy table's row syntax: method, options joined by +, label texts separated by |."""
+    acc = _load("accuracy")
+    assert acc.parse_method("lt-prefix") == ("lt-prefix", {})
+    assert acc.parse_method("lt-prefix:variant=kv+num_negatives=2+lr=1e-3") == (
+        "lt-prefix", {"variant": "kv", "num_negatives": 2, "lr": 1e-3})
+    assert acc.parse_method("lt-prompt:label_texts=Class A.|Class B.") == (
+        "lt-prompt", {"label_texts": ["Class A.", "Class B."]})
+
+
+def test_multitask_report_from_finished_runs(tmp_path):
+    """benchmarks/multitask.py --report-only collects finished runs (per task and multi-task metrics files)
+    into the JSON, the Markdown table (mean ± std over seeds) and the chart, and skips unfinished settings."""
+    mt = _load("multitask")
+    tasks = ["sst2", "rte"]
+    for seed, acc in ((0, 0.7), (1, 0.8)):
+        for out, method, ts in mt.runs_of("cgc-lora", tasks, str(tmp_path), seed) + \
+                mt.runs_of("lora-per-task", tasks, str(tmp_path), seed):
+            os.makedirs(out)
+            m = {"accuracy": acc, "mcc": 0.1, "trainable_parameters": 10, "wall_seconds": 5.0,
+                 "per_task": {t: {"accuracy": acc, "mcc": 0.1} for t in ts}}
+            (open(os.path.join(out, "metrics.json"), "w")).write(json.dumps(m))
+    out = tmp_path / "mt.json"
+    mt.main(["--tasks", ",".join(tasks), "--seeds", "0,1", "--work", str(tmp_path), "--out", str(out),
+             "--report-only"])
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"cgc-lora", "lora-per-task"}  # shared-lora never ran
+    assert res["lora-per-task"]["1"]["trainable_parameters"] == 20
+    md = (tmp_path / "mt.md").read_text()
+    assert "| cgc-lora | 75.0 ± 7.1 | 75.0 ± 7.1 | 75.0 ± 7.1 |" in md
