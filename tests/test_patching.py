@@ -84,7 +84,8 @@ def _peft_vs_ours(model, tok, backend, P=6, offset=None):
         assert keys[0].shape == (1, info.num_kv_heads, P, info.head_dim)
         prefix = PrefixInputs(keys, values, torch.zeros(3, dtype=torch.long), backend=backend)
         L = enc["input_ids"].shape[1]
-        out = hidden(base, enc, ltuning_prefix=prefix, position_ids=(torch.arange(L) + (P if offset is None else offset))[None])
+        start = P if offset is None else offset
+        out = hidden(base, enc, ltuning_prefix=prefix, position_ids=(torch.arange(L) + start)[None])
     finally:
         disable(base)
     return real_rows(ref, enc), real_rows(out, enc)

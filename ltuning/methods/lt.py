@@ -80,6 +80,7 @@ class LTPromptConfig(LTConfig):
 class LabelConditioned(Method):
     """Holds the label cache (``label_hidden``, ``label_mask``, ``label_embeds`` buffers, saved with the adapter)."""
     label_conditioned = True
+    uses_label_kv = False  # also cache the label texts' own per-layer K/V (lt-prefix variant "kv")
 
     def __init__(self, config, info, base, tokenizer, cache=None):
         super().__init__(config, info, base, tokenizer, cache)
@@ -89,8 +90,6 @@ class LabelConditioned(Method):
             self.set_cache(cache)
         else:
             self.refresh_cache(base, tokenizer)
-
-    uses_label_kv = False
 
     def refresh_cache(self, base, tokenizer) -> None:
         res = encode_texts(base, tokenizer, self.config.resolved_label_texts(), capture_kv=self.uses_label_kv)
