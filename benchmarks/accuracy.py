@@ -8,6 +8,7 @@ Metrics: accuracy, and Matthews correlation for CoLA (the GLUE metric). Results 
 the JSON (atomically), so an interrupted table resumes where it stopped.
 
     python benchmarks/accuracy.py                      # the full table (see --help for the budget)
+    python benchmarks/accuracy.py --jobs 2             # the same, as 2 single-thread workers on a 2-core CPU
     python benchmarks/accuracy.py --quick              # CI smoke test: 1 seed, 300 examples, 1 task, MiniLM
 """
 from __future__ import annotations
@@ -34,12 +35,16 @@ LR_GRID_DEFAULT = [3e-4, 1e-3, 3e-3]
 
 def parse_method(spec: str) -> tuple[str, dict]:
     """``"lt-prefix"`` or a variant ``"lt-prefix:objective=pairwise+variant=published"`` -> (method, options);
-    options are method-config fields (ints, floats and words); ``label_texts=text 1|text 2`` gives the label
-    texts in label order (``ltuning.data.label_names_of``; e.g. a control without label semantics)."""
+    options are method-config fields (ints, floats, true/false and words); ``label_texts=text 1|text 2`` gives the label
+    texts in label order (``ltuning.data.label_names_of``; e.g. a control without label semantics) and
+    ``lr=1e-4`` the learning rate instead of the method's default (a row of its own in the table)."""
     name, _, rest = spec.partition(":")
     opts = {}
     for kv in filter(None, rest.split("+")):
         k, _, v = kv.partition("=")
+        if v.lower() in ("true", "false"):
+            opts[k] = v.lower() == "true"
+            continue
         for conv in (int, float):
             try:
                 v = conv(v)
@@ -51,8 +56,10 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 
 def default_lr(method: str) -> float:
+    """The lr a row is trained at without ``--sweep``: the spec's ``lr=`` or the CLI's default for the method."""
     from ltuning.cli import DEFAULT_LR
-    return DEFAULT_LR.get(parse_method(method)[0], 1e-3)
+    name, opts = parse_method(method)
+    return float(opts.get("lr", DEFAULT_LR.get(name, 1e-3)))
 
 
 def atomic_json(path: str, obj) -> None:
@@ -89,6 +96,7 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
     import torch
     torch.manual_seed(seed)
     name, opts = parse_method(method)
+    opts.pop("lr", None)  # the learning rate is not a method-config field (default_lr reads it)
     texts = opts.pop("label_texts", None)
     if texts is not None:
         from ltuning.data import label_names_of
@@ -114,11 +122,18 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
             "train_examples": hist["train_examples"], "dev_examples": len(dev), "wall_seconds": time.time() - t0}
 
 
+def row_lr(runs: list, model: str, task: str, method: str) -> float:
+    """The lr a table row reports: the sweep's pick (best validation score) if the row was swept, else the
+    default (``default_lr``). Runs at any other lr stay in the JSON but are not averaged into the row."""
+    sw = [r for r in runs if r.get("sweep") and (r["model"], r["task"], r["method"]) == (model, task, method)]
+    return max(sw, key=lambda r: r["best_val"])["lr"] if sw else default_lr(method)
+
+
 def summarize(runs: list) -> list:
-    """Mean and std over seeds per (model, task, method) (sweep runs excluded)."""
+    """Mean and std over seeds per (model, task, method) at the row's lr (``row_lr``; sweep runs excluded)."""
     groups = {}
     for r in runs:
-        if r.get("sweep"):
+        if r.get("sweep") or r["lr"] != row_lr(runs, r["model"], r["task"], r["method"]):
             continue
         groups.setdefault((r["model"], r["task"], r["method"]), []).append(r)
     rows = []
@@ -137,10 +152,10 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
     out = []
     for model in models:
         out.append(f"\n**{model}** (CoLA: Matthews corr. x100; others: accuracy %; mean ± std over seeds)\n")
-        out.append("| method | " + " | ".join(tasks) + " | trainable params | train ex/s |")
-        out.append("|---" * (len(tasks) + 3) + "|")
+        out.append("| method | " + " | ".join(tasks) + " | lr | trainable params | train ex/s (median over tasks) |")
+        out.append("|---" * (len(tasks) + 4) + "|")
         for method in methods:
-            cells, params, speed = [], "", ""
+            cells, params, speeds, lrs = [], "", [], []
             for task in tasks:
                 r = next((x for x in rows if x["model"] == model and x["task"] == task and x["method"] == method), None)
                 if r is None:
@@ -148,11 +163,13 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
                     continue
                 extra = f" (acc {r['acc_mean']:.1f})" if r["metric"] == "mcc" else ""
                 cells.append(f"{r['mean']:.1f} ± {r['std']:.1f}{extra} [n={r['seeds']}]")
-                params, speed = f"{r['trainable_parameters']:,}", f"{r['train_examples_per_s']:.0f}"
+                params = f"{r['trainable_parameters']:,}"
+                speeds.append(r["train_examples_per_s"])
+                lrs += [f"{r['lr']:g}"] if f"{r['lr']:g}" not in lrs else []
             if not params:  # no run of this method on this model: leave the row out
                 continue
             label = method.replace("|", "\\|")  # a literal | would split the Markdown cell
-            out.append(f"| {label} | " + " | ".join(cells) + f" | {params} | {speed} |")
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {'/'.join(lrs)} | {params} | {statistics.median(speeds):.0f} |")
     return "\n".join(out) + "\n"
 
 
@@ -187,6 +204,49 @@ def plot(rows: list, methods: list, tasks: list, models: list, path: str) -> Non
     fig.savefig(path, dpi=110)
 
 
+def claim(folder, *unit) -> bool:
+    """A worker of ``--jobs`` takes a unit of work (one run; one swept row) if no other worker has: the first
+    to create the unit's claim file wins. Without a queue folder every unit is this process's."""
+    if folder is None:
+        return True
+    name = "_".join(str(u) for u in unit).replace("/", "%").replace("|", "%")[:200]
+    try:
+        os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def run_workers(a, argv: list) -> list:
+    """Start ``a.jobs`` copies of this script on one queue; each writes its own JSON (seeded with the runs
+    already in ``a.out`` so that none is repeated). Returns the workers' JSON paths."""
+    import shutil
+    import subprocess
+
+    queue = a.out + ".queue"
+    shutil.rmtree(queue, ignore_errors=True)  # claims of an interrupted invocation: their runs are not in a.out
+    os.makedirs(queue)
+    drop = {"--jobs", "--out", "--include", "--fresh"}
+    rest, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+            continue
+        if x.split("=")[0] in drop:
+            skip = "=" not in x and x != "--fresh"
+            continue
+        rest.append(x)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // a.jobs)))
+    paths = [f"{os.path.splitext(a.out)[0]}.worker{i}.json" for i in range(a.jobs)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *rest, "--out", p, "--fresh",
+                               "--include", a.out, "--claims", queue], env=env) for p in paths]
+    codes = [p.wait() for p in procs]
+    shutil.rmtree(queue, ignore_errors=True)
+    if any(codes):
+        print(f"worker exit codes {codes}: the finished runs are merged; rerun to do the rest", file=sys.stderr)
+    return paths
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm-l6,smollm2-135m")
@@ -211,6 +271,11 @@ def main(argv=None) -> int:
                     help="comma-separated JSON files of other invocations (same budget, e.g. run in parallel with "
                          "OMP_NUM_THREADS=1) whose runs are merged into --out before the table is made")
     ap.add_argument("--quick", action="store_true", help="smoke test: minilm-l6, sst2, 1 seed, 300 examples")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the table as N worker processes (each with cores/N threads) that take runs from a "
+                         "shared queue, then merge their results into --out (on 2 cores, 2 single-thread "
+                         "workers train about twice as many runs per hour as one 2-thread process)")
+    ap.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # a worker of --jobs: the queue's folder
     a = ap.parse_args(argv)
     if a.quick:
         a.models, a.tasks, a.seeds, a.max_train, a.max_dev = "minilm-l6", "sst2", "0", 300, 300
@@ -243,13 +308,28 @@ def main(argv=None) -> int:
             raise SystemExit(f"{path}: made with budget {other.get('budget')}, not {budget}")
         have = {key(r) for r in state["runs"]}
         state["runs"] += [r for r in other["runs"] if key(r) not in have]
-    done = {key(r) for r in state["runs"]}
     t_start = time.time()
+    if a.jobs > 1 and not a.report_only:
+        atomic_json(a.out, state)
+        shards = run_workers(a, argv if argv is not None else sys.argv[1:])
+        for path in shards:  # merge what every worker finished, even if one failed
+            if os.path.isfile(path):
+                with open(path) as f:
+                    have = {key(r) for r in state["runs"]}
+                    state["runs"] += [r for r in json.load(f)["runs"] if key(r) not in have]
+        atomic_json(a.out, state)
+        for path in shards:
+            if os.path.isfile(path):
+                os.remove(path)
+        a.report_only = True
+    done = {key(r) for r in state["runs"]}
     bases = Bases(a.dtype)
     for model in ([] if a.report_only else models):
         for task in tasks:
             for method in methods:
                 lr = default_lr(method)
+                if a.sweep and not claim(a.claims, model, task, method):
+                    continue
                 if a.sweep:
                     grid = LR_GRID.get(parse_method(method)[0], LR_GRID_DEFAULT)
                     for g in grid:
@@ -259,11 +339,11 @@ def main(argv=None) -> int:
                             state["runs"].append(r)
                             atomic_json(a.out, state)
                             print(f"sweep {model} {task} {method} lr={g}: val {r['best_val']:.4f}", flush=True)
-                    sw = [r for r in state["runs"] if r.get("sweep") and (r["model"], r["task"], r["method"]) ==
-                          (model, task, method)]
-                    lr = max(sw, key=lambda r: r["best_val"])["lr"]
+                    lr = row_lr(state["runs"], model, task, method)
                 for seed in seeds:
                     if (model, task, method, seed, False, lr) in done:
+                        continue
+                    if not a.sweep and not claim(a.claims, model, task, method, seed):
                         continue
                     r = run_one(bases, model, task, method, seed, lr, a)
                     state["runs"].append(r)
@@ -271,6 +351,8 @@ def main(argv=None) -> int:
                     print(f"{model} {task} {method} seed={seed} lr={lr}: {r['metric']} {100 * r['score']:.1f} "
                           f"(acc {100 * r['accuracy']:.1f}) {r['train_examples_per_s']:.0f} ex/s "
                           f"{r['wall_seconds']:.0f}s", flush=True)
+    if a.claims:  # a worker of --jobs: the parent makes the table
+        return 0
     rows = summarize(state["runs"])
     state["table"] = rows
     state["wall_seconds_this_invocation"] = time.time() - t_start

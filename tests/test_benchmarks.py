@@ -46,6 +46,29 @@ def test_method_variant_specs():
         "lt-prefix", {"variant": "kv", "num_negatives": 2, "lr": 1e-3})
     assert acc.parse_method("lt-prompt:label_texts=Class A.|Class B.") == (
         "lt-prompt", {"label_texts": ["Class A.", "Class B."]})
+    assert acc.parse_method("lt-prompt:scale_to_embeddings=false") == ("lt-prompt", {"scale_to_embeddings": False})
+    assert acc.default_lr("lt-prompt:lr=1e-4") == 1e-4 and acc.default_lr("prompt") == 3e-2
+
+
+def test_table_rows_average_only_the_rows_learning_rate():
+    """A row averages the seeds run at its own lr: the default (or the spec's lr=), or the sweep's pick on the
+    validation split; runs at other learning rates stay in the JSON but never mix into the mean."""
+    acc = _load("accuracy")
+
+    def run(method, lr, score, seed=0, sweep=False, val=0.5):
+        r = {"model": "m", "task": "sst2", "method": method, "seed": seed, "lr": lr, "score": score,
+             "accuracy": score, "metric": "accuracy", "best_val": val, "trainable_parameters": 1,
+             "train_examples_per_s": 1.0}
+        return dict(r, sweep=True) if sweep else r
+
+    runs = [run("prefix", 1e-3, 0.8), run("prefix", 1e-3, 0.6, seed=1), run("prefix", 1e-2, 0.1),
+            run("lt-prompt:lr=1e-4", 1e-4, 0.9), run("lt-prompt:lr=1e-4", 1e-3, 0.2),
+            run("fl", 3e-3, 0.0, sweep=True, val=0.9), run("fl", 1e-3, 0.0, sweep=True, val=0.7),
+            run("fl", 1e-3, 0.3), run("fl", 3e-3, 0.7)]
+    rows = {r["method"]: r for r in acc.summarize(runs)}
+    assert (rows["prefix"]["seeds"], round(rows["prefix"]["mean"], 6), rows["prefix"]["lr"]) == (2, 70.0, 1e-3)
+    assert (rows["lt-prompt:lr=1e-4"]["seeds"], rows["lt-prompt:lr=1e-4"]["mean"]) == (1, 90.0)
+    assert (rows["fl"]["seeds"], rows["fl"]["mean"], rows["fl"]["lr"]) == (1, 70.0, 3e-3)
 
 
 def test_multitask_report_from_finished_runs(tmp_path):
@@ -68,3 +91,23 @@ def test_multitask_report_from_finished_runs(tmp_path):
     assert res["lora-per-task"]["1"]["trainable_parameters"] == 20
     md = (tmp_path / "mt.md").read_text()
     assert "| cgc-lora | 75.0 ± 7.1 | 75.0 ± 7.1 | 75.0 ± 7.1 |" in md
+
+
+def test_accuracy_jobs_share_one_queue(tmp_path, minilm, sst2_dir):
+    """--jobs 2: two worker processes take the runs from one queue; every run is done exactly once, the
+    results are merged into --out (the workers' files removed), and a rerun with more seeds does only the
+    new ones."""
+    acc = _load("accuracy")
+    out = tmp_path / "jobs.json"
+    base = ["--models", "minilm-l6", "--tasks", "sst2", "--methods", "linear-probe", "--max-train", "80",
+            "--max-dev", "64", "--epochs", "1", "--out", str(out), "--data", os.path.dirname(sst2_dir), "--jobs", "2"]
+    assert acc.main(base + ["--seeds", "0,1"]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    assert sorted(os.listdir(tmp_path)) == ["jobs.json", "jobs.md", "jobs.png"]
+    first = {r["seed"]: r["wall_seconds"] for r in runs}
+    assert acc.main(base + ["--seeds", "0,1,2"]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(r["seed"] for r in runs) == [0, 1, 2]
+    assert {r["seed"]: r["wall_seconds"] for r in runs if r["seed"] < 2} == first  # not rerun
+    assert "| linear-probe | " in (tmp_path / "jobs.md").read_text()

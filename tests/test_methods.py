@@ -130,6 +130,36 @@ def test_lt_prefix_kv_starts_as_the_frozen_model_on_label_text_then_input(smollm
         ltuning.unpatch(m)
 
 
+@pytest.mark.parametrize("scaled", [True, False])
+def test_lt_prompt_is_label_embeddings_plus_scaled_mlp(real_model, scaled):
+    """lt-prompt's prompt for label k, against a plain reference: E(y_k) + s * MLP(h_k) with s the rms of the
+    label texts' real-token embeddings (s = 1 with scale_to_embeddings=False); E(y_k) alone at initialisation."""
+    model, tok = real_model
+    m = ltuning.patch(model, ltuning.make_config("lt-prompt", label_names=LABELS, label_texts=TEXTS,
+                                                 scale_to_embeddings=scaled), tok)
+    try:
+        meth = m.method
+        with torch.no_grad():
+            e0, mask = meth.prompts()
+            assert torch.equal(e0, meth.label_embeds)  # zero-initialised last layer: the hard prompt y_k
+            for p in meth.transform.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+            e, _ = meth.prompts()
+            emb = model.get_input_embeddings().weight.double()
+            ids = tok(TEXTS, padding=True, return_tensors="pt")
+            real = [emb[ids["input_ids"][k][ids["attention_mask"][k].bool()]] for k in range(3)]
+            s = torch.cat(real).pow(2).mean().sqrt() if scaled else 1.0
+            h = meth.label_hidden.double()
+            W1, b1, W2, b2 = (t.double() for t in (meth.transform[0].weight, meth.transform[0].bias,
+                                                    meth.transform[2].weight, meth.transform[2].bias))
+            ref = meth.label_embeds.double() + s * (torch.tanh(h @ W1.T + b1) @ W2.T + b2)
+        assert torch.equal(mask, ids["attention_mask"].bool())
+        assert rel_err(e[mask], ref[mask]) < 1e-5
+        assert scaled == (float(s) < 0.5)  # both models' embeddings are far smaller than 1: the scale matters
+    finally:
+        ltuning.unpatch(m)
+
+
 def test_lt_prefix_variant_default_by_family(real_model):
     """Decoders default to the label texts' own K/V with positions after them; encoders to the pooling reading."""
     model, tok = real_model

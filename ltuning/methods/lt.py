@@ -25,6 +25,12 @@ h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter text
   G(h_k)_t = E(y_k)_t + MLP(h_{k,t}), MLP = Linear(d, r) -> tanh -> Linear(r, d) with the last layer
   zero-initialised, so training starts from the label text itself as a hard prompt (``residual=False``
   drops the E(y_k) term: plain G = MLP). Padding positions of the label texts are masked out.
+  ``scale_to_embeddings=True`` (default) multiplies the MLP's output by s = rms(E(y_k)) over real tokens, so
+  a learning rate moves the prompt by the same fraction of the embedding scale on every model. Without it
+  the MLP's absolute steps swamp a decoder's small embeddings (SmolLM2: rms 0.136) within a few steps and
+  lt-prompt stayed at chance on SmolLM2 at lr 1e-3 (50.6 %, seed 0) while lr 1e-4 reached 85.0 %; with the
+  scale, the default lr 1e-3 reaches 80.7 % (seed 0; RESULTS.md section 3). BERT hides the problem because
+  its embedding LayerNorm renormalises the prompt.
 
 Both are label-conditioned: the head C_phi = Linear(d, 1) scores "is y_k the label of x" for every pair;
 the prediction is the argmax over the K scores (the paper's inference rule, A.4).
@@ -74,7 +80,10 @@ class LTPrefixConfig(LTConfig):
 
 @dataclass
 class LTPromptConfig(LTConfig):
+    """``residual``: prompt = E(y_k) + MLP(h_k) (else MLP(h_k) alone); ``scale_to_embeddings``: the MLP's
+    output is multiplied by the label embeddings' rms (see the module docstring)."""
     residual: bool = True
+    scale_to_embeddings: bool = True
 
 
 class LabelConditioned(Method):
@@ -160,8 +169,15 @@ class LTPrompt(LabelConditioned):
             nn.init.zeros_(self.transform[2].weight)
             nn.init.zeros_(self.transform[2].bias)
 
+    def embedding_scale(self) -> torch.Tensor:
+        """rms of the label texts' token embeddings over real tokens (a constant of the label cache)."""
+        m = self.label_mask[..., None]
+        return (self.label_embeds.pow(2) * m).sum().div(m.sum() * self.label_embeds.shape[-1]).sqrt()
+
     def prompts(self):
         e = self.transform(self.label_hidden)
+        if self.config.scale_to_embeddings:
+            e = e * self.embedding_scale()
         if self.config.residual:
             e = e + self.label_embeds
         return e, self.label_mask
