@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="dev", help="split to evaluate when --data is a directory")
     e.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     e.add_argument("--model", default=None, help="override the base model recorded in the adapter")
+    e.add_argument("--task", default=None, help="multi-task adapters: the task of --data (default: its directory "
+                                                "name; --data DIR1,DIR2,... evaluates several tasks)")
 
     c = sub.add_parser("classify", help="classify records; each output line = input record + prediction + scores")
     c.add_argument("--adapter", required=True, help="directory written by 'ltuning train'")
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", required=True, help="JSONL to write (atomically)")
     c.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     c.add_argument("--model", default=None, help="override the base model recorded in the adapter")
+    c.add_argument("--task", default=None, help="multi-task adapters: the task of records without a 'task' field")
     return ap
 
 
@@ -154,8 +157,25 @@ def _load_classifier(a):
     return Classifier.from_pretrained(a.adapter)
 
 
+def _multitask(a):
+    """:func:`ltuning.multitask.load`'s (router, labels, max_length, dtype) for a multi-task adapter, else None."""
+    from .modeling import read_adapter_config
+    if "multitask" not in read_adapter_config(a.adapter):
+        return None
+    from .models import load_base
+    from .multitask import load
+    base, tok = load_base(a.model) if a.model else (None, None)
+    return load(a.adapter, base, tok)
+
+
 def cmd_eval(a) -> dict:
     from .data import load_split
+    mt = _multitask(a)
+    if mt is not None:
+        from .multitask import cmd_eval as eval_tasks
+        return eval_tasks(a, mt)
+    if a.task:
+        raise ValueError(f"--task applies to multi-task adapters; {a.adapter} has one task")
     clf = _load_classifier(a)
     recs = load_split(a.data, a.split)
     return clf.evaluate(recs, a.batch_size, progress=True)
@@ -164,14 +184,22 @@ def cmd_eval(a) -> dict:
 def cmd_classify(a) -> dict:
     from .data import read_records
     from .modeling import atomic_write_bytes
-    clf = _load_classifier(a)
     recs = read_records(a.input, require_label=False)
-    scores = clf.predict_scores(recs, a.batch_size, progress=True)
+    mt = _multitask(a)
+    if mt is not None:
+        from .multitask import classify
+        router, labels, max_length, dtype = mt
+        per_label = [s for _, s in classify(router, labels, recs, a.task, max_length, a.batch_size, dtype)]
+    else:
+        if a.task:
+            raise ValueError(f"--task applies to multi-task adapters; {a.adapter} has one task")
+        clf = _load_classifier(a)
+        per_label = [dict(zip(clf.label_names, s)) for s in clf.predict_scores(recs, a.batch_size, True).tolist()]
     lines = []
-    for r, s in zip(recs, scores.tolist()):
+    for r, s in zip(recs, per_label):
         out = dict(r)
-        out["prediction"] = clf.label_names[max(range(len(s)), key=s.__getitem__)]
-        out["scores"] = dict(zip(clf.label_names, s))
+        out["prediction"] = max(s, key=s.__getitem__)
+        out["scores"] = s
         lines.append(json.dumps(out, ensure_ascii=False))
     atomic_write_bytes(a.output, ("\n".join(lines) + "\n").encode())
     return {"classified": len(recs), "output": os.path.abspath(a.output)}

@@ -10,6 +10,9 @@ to the model as ``task_ids``. Task-aware methods (``cgc-lora``: ``tasks`` in its
 
 Command line: ``ltuning train --method cgc-lora --data DIR1,DIR2,... --out OUT`` (task t = directory name;
 ``--max-train-examples`` / ``--max-dev-examples`` apply per task). Metrics: dev accuracy per task and their mean.
+``ltuning eval --adapter OUT --data DIR1,...`` evaluates the saved model on any of its tasks (task = directory
+name, or ``--task``); ``ltuning classify --adapter OUT --task T`` classifies records as task T (a record's own
+``task`` field wins); both go through :func:`load`.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from .data import encode, label_names_of, load_split
 from .inference import predict_scores
 from .methods import make_config, method_class
 from .metrics import classification_metrics
-from .modeling import LTuningModel, atomic_write_bytes
+from .modeling import LTuningModel, atomic_write_bytes, read_adapter_config
 from .models import load_base
 from .training import TrainConfig, fit
 
@@ -131,6 +134,70 @@ def cmd_train(a, method_options: dict, lr: float) -> dict:
                "train_examples_per_s": hist["train_examples_per_s"], "trainable_parameters": trainable,
                "total_parameters": total, "best_val": hist["best_val"], "best_step": hist["best_step"],
                "steps": hist["steps"], "wall_seconds": wall, "train_config": hist["train_config"]}
-    router.save_pretrained(a.out, extra={"multitask": {"tasks": list(labels), "labels": labels}})
+    router.save_pretrained(a.out, extra={"multitask": {"tasks": list(labels), "labels": labels},
+                                         "classifier": {"model": a.model, "dtype": a.dtype,
+                                                        "max_length": a.max_length}})
     atomic_write_bytes(os.path.join(a.out, "metrics.json"), json.dumps(metrics, indent=2).encode())
     return metrics
+
+
+def load(directory: str, base=None, tokenizer=None, dtype=None):
+    """A multi-task model saved by ``ltuning train --data DIR1,DIR2,...``: ``(router, labels, max_length, dtype)``
+    with ``labels`` = ``{task: label names}`` in model order. ``base`` None loads the recorded base model."""
+    meta = read_adapter_config(directory)
+    if "multitask" not in meta:
+        raise ValueError(f"{directory}: a single-task adapter (no 'multitask' entry in its config)")
+    info = meta.get("classifier", {})
+    dtype = dtype or info.get("dtype", "fp32")
+    if base is None:
+        base, tokenizer = load_base(info.get("model", meta["base_model"]), dtype)
+    model = LTuningModel.from_pretrained(base, directory, tokenizer, dtype)
+    labels = meta["multitask"]["labels"]
+    router = TaskRouter(model, [t for t, task in enumerate(labels) for _ in labels[task]])
+    return router, labels, info.get("max_length", 128), dtype
+
+
+def task_of(name: str, labels: dict, where: str) -> str:
+    if name not in labels:
+        raise ValueError(f"{where}: task {name!r} is not one of the adapter's tasks {list(labels)} "
+                         f"(name the directory after the task or pass --task)")
+    return name
+
+
+def cmd_eval(a, loaded=None) -> dict:
+    """``ltuning eval`` of a multi-task adapter: metrics per task (``--data DIR1,DIR2,...``) and their mean
+    accuracy. ``loaded``: what :func:`load` returned (else the adapter is loaded here)."""
+    router, labels, max_length, dtype = loaded or load(a.adapter)
+    dirs = [d for d in a.data.split(",") if d]
+    if a.task and len(dirs) > 1:
+        raise ValueError("--task names the task of a single --data directory")
+    tasks = {task_of(a.task or os.path.basename(os.path.normpath(d)), labels, d): load_split(d, a.split)
+             for d in dirs}
+    out, offset = {}, 0
+    for t, names in labels.items():
+        if t in tasks:
+            ids, y = encode_tasks({t: tasks[t]}, labels, router.tokenizer, max_length, router.info.causal)
+            scores = predict_scores(router, ids, a.batch_size, dtype, progress=True)
+            out[t] = classification_metrics((scores.argmax(-1) - offset).tolist(), [i - offset for i in y],
+                                            len(names))
+        offset += len(names)
+    return {"accuracy": sum(m["accuracy"] for m in out.values()) / len(out), "per_task": out}
+
+
+def classify(router, labels: dict, records: list, task: str | None, max_length: int, batch_size: int = 64,
+             dtype: str = "fp32"):
+    """``[(task, {label: score})]`` for unlabelled records, each classified as its ``task`` field or ``task``."""
+    order = list(labels)
+    rows = []
+    for i, r in enumerate(records):
+        t = r.get("task", task)
+        if t is None:
+            raise ValueError(f"record {i + 1}: no 'task' field and no --task for this multi-task adapter "
+                             f"(tasks: {order})")
+        rows.append(task_of(t, labels, f"record {i + 1}"))
+    enc = encode(records, router.tokenizer, None, max_length, router.info.causal)
+    ids = [[-1 - order.index(t)] + x for t, x in zip(rows, enc.input_ids)]
+    scores = predict_scores(router, ids, batch_size, dtype, progress=True)
+    offsets = {t: sum(len(labels[u]) for u in order[:order.index(t)]) for t in order}
+    return [(t, dict(zip(labels[t], s[offsets[t]:offsets[t] + len(labels[t])].tolist())))
+            for t, s in zip(rows, scores)]

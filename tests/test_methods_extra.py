@@ -2,6 +2,8 @@
 import contextlib
 import copy
 import json
+import os
+import random
 
 import pytest
 import torch
@@ -333,7 +335,7 @@ def test_cli_train_every_method(fresh_minilm, sst2_dir, tmp_path, method, flags)
         assert cfg["target_modules"] == ["query", "key", "value"]
 
 
-def test_cli_multitask_cgc_lora(fresh_minilm, sst2_dir, tmp_path):
+def test_cli_multitask_cgc_lora(fresh_minilm, sst2_dir, tmp_path, capsys):
     """--data DIR1,DIR2: one model, a head per task (SST-2 and CoLA label sets), mixed-task batches."""
     cola = sst2_dir.replace("sst2", "cola")
     out = tmp_path / "mt"
@@ -346,6 +348,35 @@ def test_cli_multitask_cgc_lora(fresh_minilm, sst2_dir, tmp_path):
     assert all(metrics["per_task"][t]["n"] == 12 for t in ("sst2", "cola"))
     cfg = json.loads((out / "adapter_config.json").read_text())["method_config"]
     assert cfg["tasks"] == ["sst2", "cola"] and "cola:acceptable" in cfg["label_names"]
+
+    # the saved model evaluates per task (on training's dev sample: its metrics again) and classifies records
+    from ltuning.data import load_split
+    dirs = []
+    for d in (sst2_dir, cola):
+        task = os.path.basename(d)
+        os.makedirs(tmp_path / "dev" / task)
+        dev = random.Random(0).sample(load_split(d, "dev"), 12)  # the CLI's --max-dev-examples sample
+        (tmp_path / "dev" / task / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in dev))
+        dirs.append(str(tmp_path / "dev" / task))
+    capsys.readouterr()
+    rc = main(["eval", "--adapter", str(out), "--data", ",".join(dirs), "--batch-size", "8"])
+    assert rc == 0
+    ev = json.loads(capsys.readouterr().out.splitlines()[-1])
+    for t in ("sst2", "cola"):
+        assert ev["per_task"][t]["accuracy"] == metrics["per_task"][t]["accuracy"]
+        assert ev["per_task"][t]["n"] == 12
+    assert abs(ev["accuracy"] - metrics["accuracy"]) < 1e-12
+    ev = tmp_path / "classified.jsonl"
+    rc = main(["eval", "--adapter", str(out), "--data", cola, "--split", "train", "--task", "sst2"])
+    assert rc == 2  # CoLA's labels are not SST-2's: a one-line error, not a crash
+    recs = [{"text": "a gripping film", "task": "sst2"}, {"text": "Him went home."}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    rc = main(["classify", "--adapter", str(out), "--input", str(tmp_path / "in.jsonl"), "--output", str(ev),
+               "--task", "cola"])
+    assert rc == 0
+    got = [json.loads(x) for x in ev.read_text().splitlines()]
+    assert set(got[0]["scores"]) == {"negative", "positive"} and got[0]["prediction"] in got[0]["scores"]
+    assert set(got[1]["scores"]) == {"acceptable", "unacceptable"} and got[1]["prediction"] in got[1]["scores"]
 
 
 def test_multitask_router_scores_only_own_labels(minilm):
