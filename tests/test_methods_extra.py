@@ -85,9 +85,11 @@ def test_sk_prefix_text_cache_saved_and_recomputed_only_when_text_changes(minilm
         hook.remove()
 
 
-def test_sk_prompt_starts_as_the_text_as_hard_prompt(minilm):
+@pytest.mark.parametrize("projection", [False, True])
+def test_sk_prompt_starts_as_the_text_as_hard_prompt(minilm, projection):
     base, tok = minilm
-    with patched(base, tok, "sk-prompt", task_text="Is the review positive?") as m:
+    with patched(base, tok, "sk-prompt", task_text="Is the review positive?", projection=projection) as m:
+        assert hasattr(m.method, "projection_delta") == projection
         e = enc(tok)
         text = tok("Is the review positive?", add_special_tokens=False, return_tensors="pt")["input_ids"]
         T = text.shape[1]
