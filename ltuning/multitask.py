@@ -93,14 +93,16 @@ def build(base, tokenizer, method: str, labels: dict, **options) -> TaskRouter:
 
 
 def evaluate(router: TaskRouter, tasks: dict, labels: dict, max_length: int, batch_size: int = 64,
-             dtype: str = "fp32") -> dict:
-    """Dev metrics per task (task-local label indices) and the mean accuracy."""
+             dtype: str = "fp32", progress: bool = False) -> dict:
+    """Metrics per task of ``tasks`` (any subset of the model's ``labels``; task-local label indices) and
+    their mean accuracy."""
     out, offset = {}, 0
     for task in labels:
-        ids, y = encode_tasks({task: tasks[task]}, labels, router.tokenizer, max_length, router.info.causal)
-        scores = predict_scores(router, ids, batch_size, dtype)
-        out[task] = classification_metrics((scores.argmax(-1) - offset).tolist(), [i - offset for i in y],
-                                           len(labels[task]))
+        if task in tasks:
+            ids, y = encode_tasks({task: tasks[task]}, labels, router.tokenizer, max_length, router.info.causal)
+            scores = predict_scores(router, ids, batch_size, dtype, progress)
+            out[task] = classification_metrics((scores.argmax(-1) - offset).tolist(), [i - offset for i in y],
+                                               len(labels[task]))
         offset += len(labels[task])
     out["mean_accuracy"] = sum(out[t]["accuracy"] for t in tasks) / len(tasks)
     return out
@@ -173,15 +175,8 @@ def cmd_eval(a, loaded=None) -> dict:
         raise ValueError("--task names the task of a single --data directory")
     tasks = {task_of(a.task or os.path.basename(os.path.normpath(d)), labels, d): load_split(d, a.split)
              for d in dirs}
-    out, offset = {}, 0
-    for t, names in labels.items():
-        if t in tasks:
-            ids, y = encode_tasks({t: tasks[t]}, labels, router.tokenizer, max_length, router.info.causal)
-            scores = predict_scores(router, ids, a.batch_size, dtype, progress=True)
-            out[t] = classification_metrics((scores.argmax(-1) - offset).tolist(), [i - offset for i in y],
-                                            len(names))
-        offset += len(names)
-    return {"accuracy": sum(m["accuracy"] for m in out.values()) / len(out), "per_task": out}
+    m = evaluate(router, tasks, labels, max_length, a.batch_size, dtype, progress=True)
+    return {"accuracy": m.pop("mean_accuracy"), "per_task": m}
 
 
 def classify(router, labels: dict, records: list, task: str | None, max_length: int, batch_size: int = 64,

@@ -29,7 +29,7 @@ h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter text
   a learning rate moves the prompt by the same fraction of the embedding scale on every model. Without it
   the MLP's absolute steps swamp a decoder's small embeddings (SmolLM2: rms 0.136) within a few steps and
   lt-prompt stayed at chance on SmolLM2 at lr 1e-3 (50.6 %, seed 0) while lr 1e-4 reached 85.0 %; with the
-  scale, the default lr 1e-3 reaches 80.7 % (seed 0; RESULTS.md section 3). BERT hides the problem because
+  scale, the default lr 1e-3 reaches 82.2 +- 2.6 % (3 seeds; RESULTS.md section 3). BERT hides the problem because
   its embedding LayerNorm renormalises the prompt.
 
 Both are label-conditioned: the head C_phi = Linear(d, 1) scores "is y_k the label of x" for every pair;
@@ -38,7 +38,8 @@ the prediction is the argmax over the K scores (the paper's inference rule, A.4)
 Defaults, as measured (``benchmarks/accuracy.py``, MiniLM, SST-2, 500 training examples, 3 seeds, GLUE dev;
 benchmarks/RESULTS.md section 3): ``objective="listwise"`` (cross-entropy over the K label-conditioned
 scores) vs the paper's ``"pairwise"`` (binary matched/unmatched, one sampled negative): lt-prefix 75.7 +- 2.5
-vs 76.8 +- 1.4, lt-prompt 76.4 +- 2.0 vs 70.3 +- 9.9 (one pairwise seed collapsed to 58.8); listwise is kept
+vs 76.8 +- 1.4, lt-prompt (before scale_to_embeddings) 76.4 +- 2.0 vs 70.3 +- 9.9 (one pairwise seed
+collapsed to 58.8); listwise is kept
 as the default (never collapsed, equal within noise otherwise). ``variant="pooling"`` (our reading) vs
 ``"published"``: 75.7 +- 2.5 vs 68.2 +- 14.2 (one published seed collapsed to 51.9); pooling is kept.
 ``variant`` defaults by family, as measured (SmolLM2-135M, SST-2, same budget, GLUE dev; RESULTS.md section 3):
