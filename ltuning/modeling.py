@@ -201,7 +201,7 @@ class LTuningModel(nn.Module):
             raise ValueError("pass the tokenizer together with a loaded base model")
         cfg_dict = dict(meta["method_config"])
         cfg_dict.update(overrides)
-        config = config_from_dict(cfg_dict)
+        config = config_from_dict(cfg_dict, saved=True)
         state = load_file(os.path.join(directory, WEIGHTS_NAME))
         cache = None
         cache_keys = meta.get("cache_keys", [])

@@ -107,6 +107,39 @@ def test_save_load_round_trip_same_logits(real_model, method, tmp_path):
     assert rel_err(after, before) < 1e-4
 
 
+def test_adapter_saved_before_an_option_existed_loads_with_its_old_behaviour(smollm, tmp_path):
+    """An lt-prompt adapter from before ``scale_to_embeddings`` (its config has no such key) is restored unscaled,
+    as it was trained, not with today's default; a config that names the option keeps its value."""
+    import json
+    model, tok = smollm
+    m = ltuning.patch(model, ltuning.make_config("lt-prompt", label_names=LABELS, label_texts=TEXTS,
+                                                 scale_to_embeddings=False), tok)
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        e = enc(tok)
+        old = m(e["input_ids"], e["attention_mask"])
+    m.save_pretrained(tmp_path)
+    ltuning.unpatch(m)
+    path = tmp_path / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    del meta["method_config"]["scale_to_embeddings"]  # what a config written before the option looks like
+    path.write_text(json.dumps(meta))
+    m2 = LTuningModel.from_pretrained(model, str(tmp_path), tok)
+    with torch.no_grad():
+        legacy = m2(e["input_ids"], e["attention_mask"])
+    ltuning.unpatch(m2)
+    assert m2.config.scale_to_embeddings is False and rel_err(legacy, old) < 1e-4
+    meta["method_config"]["scale_to_embeddings"] = True
+    path.write_text(json.dumps(meta))
+    m3 = LTuningModel.from_pretrained(model, str(tmp_path), tok)
+    with torch.no_grad():
+        scaled = m3(e["input_ids"], e["attention_mask"])
+    ltuning.unpatch(m3)
+    assert m3.config.scale_to_embeddings is True and rel_err(scaled, old) > 1e-2  # the option is not ignored
+    assert ltuning.make_config("lt-prompt", label_names=LABELS).scale_to_embeddings is True  # new adapters
+
+
 def test_lt_prefix_kv_starts_as_the_frozen_model_on_label_text_then_input(smollm):
     """variant="kv": at initialisation, scoring x against label k runs exactly what the frozen decoder computes
     on the concatenation [y_k ; x] (the label text's own K/V as prefix, input positions after it)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ class MethodConfig:
     pooling: Optional[str] = None
     position_offset: str = "zero"
     backend: str = "auto"
+    # Options added after adapters of the method were already being saved, whose current default changes what
+    # those adapters compute: a saved config without the key gets this (old) value instead of the default.
+    legacy_defaults: ClassVar[dict] = {}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,8 +122,11 @@ def method_class(name: str) -> type:
     return METHODS[name]
 
 
-def config_from_dict(d: dict) -> MethodConfig:
-    return method_class(d["method"]).config_class.from_dict(d)
+def config_from_dict(d: dict, saved: bool = False) -> MethodConfig:
+    """``saved``: ``d`` was read from an adapter's config file, so options it lacks take the method's
+    ``legacy_defaults`` (the behaviour the adapter was trained with), not today's defaults."""
+    cls = method_class(d["method"]).config_class
+    return cls.from_dict({**cls.legacy_defaults, **d} if saved else d)
 
 
 def make_config(method: str, **kwargs) -> MethodConfig:

@@ -52,7 +52,7 @@ with the texts "The text is in class A/B." instead of the sentiment texts, ``"kv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -82,9 +82,11 @@ class LTPrefixConfig(LTConfig):
 @dataclass
 class LTPromptConfig(LTConfig):
     """``residual``: prompt = E(y_k) + MLP(h_k) (else MLP(h_k) alone); ``scale_to_embeddings``: the MLP's
-    output is multiplied by the label embeddings' rms (see the module docstring)."""
+    output is multiplied by the label embeddings' rms (see the module docstring). Adapters saved before the
+    option existed load with ``scale_to_embeddings=False``, which is what they were trained with."""
     residual: bool = True
     scale_to_embeddings: bool = True
+    legacy_defaults: ClassVar[dict] = {"scale_to_embeddings": False}
 
 
 class LabelConditioned(Method):
