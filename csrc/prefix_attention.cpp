@@ -2,6 +2,8 @@
 //
 //   S = scale * q . [s * bank_k[idx[b]] ; k_b]^T (masked -> -inf),  lse = logsumexp(S),  o = softmax(S) [s * bank_v ; v_b]
 //
+// With prefix_lengths (N,), sequence b sees only the first prefix_lengths[idx[b]] keys of its entry: the rest
+// of the prefix block is masked exactly like padded sequence keys (per-row visible-column counts).
 // Layout: a tile is BM "rows" = (query position i, query head of one KV group) pairs, position-major, so
 // GQA reads each KV head once and never copies it per query head. Every matmul is an ATen brgemm tile
 // (oneDNN ukernel: AVX512-BF16 / AMX for bf16 with fp32 accumulation; oneDNN fp32 otherwise).
@@ -177,6 +179,7 @@ struct Problem {
   const int64_t* idx = nullptr;
   const bool* mask = nullptr;
   const A* ps = nullptr;
+  const int64_t* plen = nullptr;  // (N,) real length of each bank entry, or null: all P
   const T* bank_k = nullptr;
   const T* bank_v = nullptr;
   View<const T> q, k, v;
@@ -184,6 +187,8 @@ struct Problem {
   int64_t lq(int64_t b) const { return cu ? cu[b + 1] - cu[b] : Lq; }
   int64_t lk(int64_t b) const { return cu ? cu[b + 1] - cu[b] : Lk; }
   int64_t rows(int64_t b) const { return lq(b) * g; }
+  // Prefix keys sequence b sees: the real length of its bank entry (the rest of a right-padded entry is masked).
+  int64_t prefix_len(int64_t b) const { return plen ? plen[idx[b]] : P; }
   // Number of sequence keys visible to query position i (causal: bottom-right aligned).
   int64_t visible(int64_t b, int64_t i) const { return causal ? clamp(i + lk(b) - lq(b) + 1, 0, lk(b)) : lk(b); }
   // ... to every row of a tile ending before row r_end.
@@ -457,9 +462,10 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
     }
     if (P) {
       const int64_t n = pb.idx[b];
-      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_k, n, h, j); }, P, P16, D, Dp);
+      const int64_t pl = pb.prefix_len(b);  // rows past the entry's length are never read (zero-filled)
+      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_k, n, h, j); }, pl, P16, D, Dp);
       b_trans(w.ktb, P16, w.tmp, P16, Dp, vnni);
-      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_v, n, h, j); }, P, Pp, D, Dp);
+      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_v, n, h, j); }, pl, Pp, D, Dp);
       b_plain(w.vnb, w.tmp, Pp, Dp, vnni);
       std::fill(w.s, w.s + SL, A(1));
       if (pb.ps) std::copy_n(pb.ps + b * P, P, w.s);
@@ -477,7 +483,7 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
       bool fresh = true;  // the first PV product writes O (nothing is rescaled before it: l == 0)
       if (P) {
         gemm(Mg, P16, Dp, w.qt, Dp, w.ktb, P16, w.S, SL, false, vnni);
-        for (int64_t r = 0; r < Mg; ++r) w.cnt[r] = r < m ? P : 0;
+        for (int64_t r = 0; r < Mg; ++r) w.cnt[r] = r < m ? pb.prefix_len(b) : 0;
         softmax_block(w.S, SL, Mg, P16, w.cnt, pb.scale, pb.ps ? w.s : nullptr, (const A*)nullptr, w.mx, w.l,
                       w.O, Dp, w.alpha);
         pt = a_rows(w.pt, w.S, Mg, Pp, SL);
@@ -666,10 +672,11 @@ void backward_impl(const Problem<T>& pb, const Grad<T>& gr, T* dbank_k, T* dbank
     A* dkb = P ? part.data() + task * 2 * Dp * P16 : nullptr;
     A* dvb = P ? dkb + Dp * P16 : nullptr;
     if (P) {
-      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_k, n, h, j); }, P, P16, D, Dp);
+      const int64_t pl = pb.plen ? pb.plen[n] : P;  // rows past the entry's length are never read
+      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_k, n, h, j); }, pl, P16, D, Dp);
       b_trans(w.ktb, P16, w.tmp, P16, Dp, vnni);
       b_plain(w.knb, w.tmp, Pp, Dp, vnni);
-      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_v, n, h, j); }, P, P16, D, Dp);
+      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_v, n, h, j); }, pl, P16, D, Dp);
       b_trans(w.vtb, P16, w.tmp, P16, Dp, vnni);
     }
     for (int64_t i = ts0[task]; i < ts1[task]; ++i) {
@@ -712,7 +719,7 @@ void backward_impl(const Problem<T>& pb, const Grad<T>& gr, T* dbank_k, T* dbank
           gemm(Mg, P16, Dp, w.qt, Dp, w.ktb, P16, w.S, SL, false, vnni);
           gemm(Mg, P16, Dp, w.dot, Dp, w.vtb, P16, w.dP, SL, false, vnni);
           if (dps) std::copy_n(w.S, Mg * SL, w.xraw);
-          for (int64_t r = 0; r < Mg; ++r) w.cnt[r] = w.lim[r] < 0 ? 0 : P;
+          for (int64_t r = 0; r < Mg; ++r) w.cnt[r] = w.lim[r] < 0 ? 0 : pb.prefix_len(b);
           bwd_probs(w.S, w.dP, SL, Mg, P16, w.cnt, pb.scale, pb.ps ? w.s : nullptr, (const A*)nullptr, w.lse, w.racc);
         }
         for (int64_t c0 = 0; c0 < nkt; c0 += KB) {
@@ -795,7 +802,7 @@ void backward_impl(const Problem<T>& pb, const Grad<T>& gr, T* dbank_k, T* dbank
 // Entry points.
 
 struct Inputs {
-  at::Tensor q, k, v, bank_k, bank_v, idx, mask, cu, ps;
+  at::Tensor q, k, v, bank_k, bank_v, idx, mask, cu, ps, plen;
   bool causal;
   double scale;
 };
@@ -805,7 +812,8 @@ at::Tensor last_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t :
 Inputs normalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& bank_k,
                  const c10::optional<at::Tensor>& bank_v, const c10::optional<at::Tensor>& idx,
                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cu,
-                 const c10::optional<at::Tensor>& ps, bool causal, double scale) {
+                 const c10::optional<at::Tensor>& ps, bool causal, double scale,
+                 const c10::optional<at::Tensor>& plen) {
   Inputs in{last_contiguous(q), last_contiguous(k), last_contiguous(v)};
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble, "prefix_attention_cpu: dtype ", dt,
@@ -826,6 +834,12 @@ Inputs normalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     TORCH_CHECK(in.idx.numel() == 0 || (in.idx.min().item<int64_t>() >= 0 && in.idx.max().item<int64_t>() < N),
                 "prefix_attention_cpu: prefix_idx out of range [0, ", N, ")");
     if (ps.has_value()) in.ps = ps->to(dt == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+    if (plen.has_value()) {
+      in.plen = plen->to(at::kLong).contiguous();
+      TORCH_CHECK(in.plen.dim() == 1 && in.plen.numel() == N && in.plen.min().item<int64_t>() >= 0 &&
+                      in.plen.max().item<int64_t>() <= in.bank_k.size(2),
+                  "prefix_attention_cpu: prefix_lengths must be (N=", N, ",) with values in [0, P=", in.bank_k.size(2), "]");
+    }
   }
   if (mask.has_value()) in.mask = mask->to(at::kBool).contiguous();
   if (varlen) {
@@ -864,6 +878,7 @@ Problem<T> problem(const Inputs& in) {
     pb.bank_v = in.bank_v.data_ptr<T>();
     pb.idx = in.idx.data_ptr<int64_t>();
     if (in.ps.defined()) pb.ps = in.ps.data_ptr<acc_t<T>>();
+    if (in.plen.defined()) pb.plen = in.plen.data_ptr<int64_t>();
   }
   pb.Pp = up(pb.P, 2);
   pb.P16 = up(pb.P, 16);
@@ -882,8 +897,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& bank_k, const c10::optional<at::Tensor>& bank_v,
                                 const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& mask,
                                 const c10::optional<at::Tensor>& cu, const c10::optional<at::Tensor>& ps, bool causal,
-                                double scale) {
-  const Inputs in = normalize(q, k, v, bank_k, bank_v, idx, mask, cu, ps, causal, scale);
+                                double scale, const c10::optional<at::Tensor>& plen) {
+  const Inputs in = normalize(q, k, v, bank_k, bank_v, idx, mask, cu, ps, causal, scale, plen);
   at::Tensor o = at::empty_like(in.q);
   const auto acc = in.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty(in.q.sizes().slice(0, in.q.dim() - 1), in.q.options().dtype(acc));
@@ -899,8 +914,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
                                  const c10::optional<at::Tensor>& bank_v, const c10::optional<at::Tensor>& idx,
                                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cu,
                                  const c10::optional<at::Tensor>& ps, const at::Tensor& lse, bool causal,
-                                 double scale) {
-  const Inputs in = normalize(q, k, v, bank_k, bank_v, idx, mask, cu, ps, causal, scale);
+                                 double scale, const c10::optional<at::Tensor>& plen) {
+  const Inputs in = normalize(q, k, v, bank_k, bank_v, idx, mask, cu, ps, causal, scale, plen);
   const at::Tensor do_ = last_contiguous(dout.to(q.scalar_type()));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor lse_ = lse.to(acc).contiguous();

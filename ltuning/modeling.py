@@ -102,9 +102,11 @@ class LTuningModel(nn.Module):
             keys, values = self.method.prefix()
             P = keys[0].shape[2]
             scales = self.method.prefix_scales()
-            kwargs["ltuning_prefix"] = PrefixInputs(keys, values, entry_index, scales, self.config.backend)
-            if self.config.position_offset == "prefix":
-                kwargs["position_ids"] = (torch.arange(L, device=dev) + P)[None]
+            lengths = self.method.prefix_lengths()
+            kwargs["ltuning_prefix"] = PrefixInputs(keys, values, entry_index, scales, self.config.backend, lengths)
+            if self.config.position_offset == "prefix":  # the input continues after its own prefix
+                start = P if lengths is None else lengths.to(dev)[entry_index][:, None]
+                kwargs["position_ids"] = torch.arange(L, device=dev)[None] + start
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         elif kind == "prompt":
             prompts, pmask = self.method.prompts()

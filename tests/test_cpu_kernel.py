@@ -55,14 +55,16 @@ def make_inputs(B, Hq, Hkv, Lq, Lk, D, P, N, dtype, *, mask=False, scale=False, 
     return q, k, v, bank_k, bank_v, idx, kpm, ps
 
 
-def run_both(q, k, v, bank_k, bank_v, idx, kpm, ps, causal, grad=True, gen=None, softmax_scale=None):
+def run_both(q, k, v, bank_k, bank_v, idx, kpm, ps, causal, grad=True, gen=None, softmax_scale=None,
+             prefix_lengths=None):
     """(ours, reference) lists [o, lse, dq, dk, dv, dbank_k, dbank_v, dprefix_scale] (None where absent)."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, bank_k, bank_v, ps)]
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, bank_k, bank_v, ps)]
     o, lse = cpa.prefix_attention_cpu(*leaves[:5], idx, key_padding_mask=kpm, causal=causal, prefix_scale=leaves[5],
-                                      softmax_scale=softmax_scale)
+                                      softmax_scale=softmax_scale, prefix_lengths=prefix_lengths)
     ro, rlse = prefix_attention_reference(*ref_leaves[:5], idx, key_padding_mask=kpm, causal=causal,
-                                          prefix_scale=ref_leaves[5], softmax_scale=softmax_scale)
+                                          prefix_scale=ref_leaves[5], softmax_scale=softmax_scale,
+                                          prefix_lengths=prefix_lengths)
     out, ref = [o, lse], [ro, rlse]
     if grad:  # loss = <o, go> + <lse, gl> over finite lse entries (exercises the lse gradient too)
         g = gen or torch.Generator().manual_seed(1)
@@ -105,6 +107,45 @@ def test_matches_reference(dtype, causal, Hq, Hkv):
                          gen=torch.Generator().manual_seed(Hq * 10 + causal))
     out, ref = run_both(*inputs, causal)
     check(out, ref, dtype, f"{dtype} causal={causal} g={Hq // Hkv}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefix_lengths_match_reference(dtype, causal):
+    """Right-padded bank entries (label texts of unequal length): row b sees only the first
+    prefix_lengths[idx[b]] prefix keys; lengths 0, odd and full P, GQA, padding (with an all-padding row)."""
+    B, Hq, Hkv, L, D, P, N = 6, 9, 3, 29, 64, 21, 4
+    inputs = make_inputs(B, Hq, Hkv, L, L, D, P, N, dtype, mask=True, scale=True, empty_rows=True,
+                         gen=torch.Generator().manual_seed(7 + causal))
+    idx = torch.tensor([0, 1, 2, 3, 1, 2])  # row 0 (all keys padded) uses the length-0 entry: no key at all
+    plen = torch.tensor([0, 13, P, 1], dtype=torch.int32)
+    inputs = inputs[:5] + (idx,) + inputs[6:]
+    out, ref = run_both(*inputs, causal, prefix_lengths=plen)
+    check(out, ref, dtype, f"{dtype} causal={causal} prefix_lengths")
+    assert torch.isinf(out[1][0]).all() and (out[0][0] == 0).all()  # nothing visible: o = 0, lse = -inf
+    for n in range(N):  # d(bank) beyond an entry's length is exactly zero
+        assert (out[5][n, :, int(plen[n]):] == 0).all() and (out[6][n, :, int(plen[n]):] == 0).all()
+    assert (out[7][torch.arange(P)[None] >= plen[idx].long()[:, None]] == 0).all()  # d(prefix_scale) too
+
+
+def test_prefix_lengths_hide_the_padded_bank_positions():
+    """What sits beyond an entry's length has no influence; all lengths = P equals no lengths, bit for bit."""
+    q, k, v, bk, bv, idx, kpm, ps = make_inputs(3, 6, 2, 17, 17, 32, 11, 2, torch.float32, mask=True, scale=True)
+    plen = torch.tensor([4, 9])
+    o1, _ = cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, key_padding_mask=kpm, prefix_scale=ps, prefix_lengths=plen)
+    bk2, bv2 = bk.clone(), bv.clone()
+    bk2[0, :, 4:], bv2[1, :, 9:] = 1e3, float("nan")
+    o2, _ = cpa.prefix_attention_cpu(q, k, v, bk2, bv2, idx, key_padding_mask=kpm, prefix_scale=ps,
+                                     prefix_lengths=plen)
+    assert torch.equal(o1, o2)
+    full = torch.full((2,), 11)
+    o3, _ = cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, key_padding_mask=kpm, prefix_scale=ps, prefix_lengths=full)
+    o4, _ = cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, key_padding_mask=kpm, prefix_scale=ps)
+    assert torch.equal(o3, o4)
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, prefix_lengths=torch.tensor([1, 2, 3]))
+    with pytest.raises(RuntimeError, match="prefix_lengths"):
+        cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, prefix_lengths=torch.tensor([1, 12]))
 
 
 def test_no_prefix_and_padding_only_rows():
@@ -152,19 +193,22 @@ def test_varlen():
             bv = torch.randn(N, Hkv, P, D, generator=g).to(dtype)
             idx = torch.randint(0, N, (len(lens),), generator=g)
             ps = (torch.rand(len(lens), P, generator=g) + 0.5) if scale else None
+            plen = torch.randint(0, P + 1, (N,), generator=g) if scale else None
             leaves = [t.clone().requires_grad_() if t is not None else None for t in (q, k, v, bk, bv, ps)]
             rleaves = [t.double().requires_grad_() if t is not None else None for t in (q, k, v, bk, bv, ps)]
             o, lse = cpa.prefix_attention_varlen_cpu(*leaves[:3], cu, *leaves[3:5], idx, max_seqlen=max(lens),
-                                                     causal=causal, prefix_scale=leaves[5])
+                                                     causal=causal, prefix_scale=leaves[5], prefix_lengths=plen)
             ro, rlse = prefix_attention_varlen_reference(*rleaves[:3], cu, *rleaves[3:5], idx, causal=causal,
-                                                         prefix_scale=rleaves[5])
+                                                         prefix_scale=rleaves[5], prefix_lengths=plen)
             go = torch.randn(o.shape, generator=g)
             used = [t for t in leaves if t is not None]
             rused = [t for t in rleaves if t is not None]
             grads = torch.autograd.grad(o, used, go.to(dtype))
             rgrads = torch.autograd.grad(ro, rused, go.double())
             assert_close(o, ro, dtype, "varlen o")
-            assert_close(lse, rlse, torch.float32, "varlen lse")
+            fin = torch.isfinite(rlse)
+            assert torch.equal(torch.isfinite(lse), fin), "varlen lse: -inf pattern differs"
+            assert_close(lse[fin], rlse[fin], torch.float32, "varlen lse")
             for name, a, r in zip(["dq", "dk", "dv", "dbank_k", "dbank_v", "dprefix_scale"], grads, rgrads):
                 assert_close(a, r, dtype, f"varlen {name}")
 
@@ -172,7 +216,7 @@ def test_varlen():
 @pytest.mark.parametrize("dtype,cases", [(torch.float32, 24), (torch.bfloat16, 8)])
 def test_fuzz(dtype, cases):
     """Random shapes: odd lengths and head dims, Lq != Lk, P in {0, 1, odd}, GQA 1/3/8, masks, prefix_scale,
-    causal or not."""
+    per-entry prefix lengths, causal or not."""
     rng = random.Random(cases)
     for case in range(cases):
         Hkv = rng.choice([1, 2, 3])
@@ -182,10 +226,12 @@ def test_fuzz(dtype, cases):
         Lq = Lk if rng.random() < 0.5 else rng.randint(1, Lk + 10)
         P = rng.choice([0, 1, 5, 16, 17, 33])
         causal, mask = rng.random() < 0.5, rng.random() < 0.4
-        inputs = make_inputs(rng.randint(1, 4), Hq, Hkv, Lq, Lk, D, P, rng.randint(1, 3), dtype, mask=mask,
+        N = rng.randint(1, 3)
+        inputs = make_inputs(rng.randint(1, 4), Hq, Hkv, Lq, Lk, D, P, N, dtype, mask=mask,
                              scale=rng.random() < 0.5, empty_rows=mask and rng.random() < 0.5,
                              gen=torch.Generator().manual_seed(case))
-        out, ref = run_both(*inputs, causal)
+        plen = torch.tensor([rng.randint(0, P) for _ in range(N)]) if (P and rng.random() < 0.5) else None
+        out, ref = run_both(*inputs, causal, prefix_lengths=plen)
         check(out, ref, dtype, f"case {case}")
 
 

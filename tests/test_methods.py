@@ -138,27 +138,45 @@ def test_adapter_saved_before_an_option_existed_loads_with_its_old_behaviour(smo
     ltuning.unpatch(m3)
     assert m3.config.scale_to_embeddings is True and rel_err(scaled, old) > 1e-2  # the option is not ignored
     assert ltuning.make_config("lt-prompt", label_names=LABELS).scale_to_embeddings is True  # new adapters
+    from ltuning.methods import config_from_dict
+    old_prefix = {"method": "lt-prefix", "label_names": LABELS}  # lt-prefix from before mask_label_padding
+    assert config_from_dict(old_prefix, saved=True).mask_label_padding is False
+    assert config_from_dict(old_prefix).mask_label_padding is True
 
 
-def test_lt_prefix_kv_starts_as_the_frozen_model_on_label_text_then_input(smollm):
+@pytest.mark.parametrize("texts", [("The review is negative.", "The review is positive."),
+                                   ("The review is negative.", "The review is not negative at all, it is positive.")])
+def test_lt_prefix_kv_starts_as_the_frozen_model_on_label_text_then_input(smollm, texts):
     """variant="kv": at initialisation, scoring x against label k runs exactly what the frozen decoder computes
-    on the concatenation [y_k ; x] (the label text's own K/V as prefix, input positions after it)."""
+    on the concatenation [y_k ; x] (the label text's own K/V as prefix, input positions after it), also when
+    the label texts have different token counts (the shorter one's padding is masked in the kernel and its
+    input positions start right after it), for a padded batch whose rows use different labels."""
     model, tok = smollm
-    texts = ["The review is negative.", "The review is positive."]  # equal token counts: no padding in the bank
-    m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS[:2], label_texts=texts,
+    m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS[:2], label_texts=list(texts),
                                                  variant="kv", position_offset="prefix"), tok)
     try:
-        assert m.method.label_mask.all()
-        x = tok(["a gripping film"], return_tensors="pt")
+        lens = m.method.label_mask.sum(-1).tolist()
+        assert (lens[0] == lens[1]) == (texts[0].count(" ") == texts[1].count(" "))
+        xs = ["a gripping film", "dull"]
+        x = tok(xs, padding=True, return_tensors="pt")
         with torch.no_grad():
-            for k in range(2):
-                pooled = m.encode(x["input_ids"], x["attention_mask"], torch.tensor([k]))
-                full = torch.cat([tok([texts[k]], return_tensors="pt")["input_ids"], x["input_ids"]], 1)
-                ref = model(input_ids=full, use_cache=False).last_hidden_state[0, -1]
-                assert rel_err(pooled[0], ref) < 1e-5
+            for entries in ([0, 0], [1, 1], [0, 1], [1, 0]):
+                pooled = m.encode(x["input_ids"], x["attention_mask"], torch.tensor(entries))
+                for r, k in enumerate(entries):
+                    full = tok([texts[k]], return_tensors="pt")["input_ids"]
+                    full = torch.cat([full, tok([xs[r]], return_tensors="pt")["input_ids"]], 1)
+                    ref = model(input_ids=full, use_cache=False).last_hidden_state[0, -1]
+                    assert rel_err(pooled[r], ref) < 1e-5, (entries, r)
             # and the prefix matters: the two labels give different representations
-            a, b = (m.encode(x["input_ids"], x["attention_mask"], torch.tensor([k])) for k in range(2))
+            a, b = (m.encode(x["input_ids"], x["attention_mask"], torch.tensor([k, k])) for k in range(2))
             assert rel_err(a, b) > 1e-3
+            if lens[0] != lens[1]:  # without the mask the shorter label's padding K/V leak into attention
+                m.config.mask_label_padding = False
+                short = int(lens[1] < lens[0])
+                leaky = m.encode(x["input_ids"], x["attention_mask"], torch.tensor([short, short]))
+                m.config.mask_label_padding = True
+                exact = m.encode(x["input_ids"], x["attention_mask"], torch.tensor([short, short]))
+                assert rel_err(leaky, exact) > 1e-3
     finally:
         ltuning.unpatch(m)
 

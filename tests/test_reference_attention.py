@@ -8,7 +8,7 @@ from ltuning.kernels import prefix_attention, prefix_attention_reference, prefix
 from conftest import rel_err
 
 
-def naive(q, k, v, bank_k, bank_v, idx, mask, causal, scale):
+def naive(q, k, v, bank_k, bank_v, idx, mask, causal, scale, plen=None):
     """Loop-per-row/head, written independently of the reference: float64 softmax over explicit key lists."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -20,7 +20,7 @@ def naive(q, k, v, bank_k, bank_v, idx, mask, causal, scale):
             for i in range(Lq):
                 keys, vals, logits = [], [], []
                 if bank_k is not None:
-                    for j in range(bank_k.shape[2]):
+                    for j in range(bank_k.shape[2] if plen is None else int(plen[idx[b]])):
                         s = scale[b, j] if scale is not None else 1.0
                         keys.append(bank_k[idx[b], kh, j] * s)
                         vals.append(bank_v[idx[b], kh, j] * s)
@@ -63,6 +63,26 @@ def test_reference_matches_naive_loops(causal, shape):
     ref = naive(q, k, v, bk, bv, idx, mask, causal, sc)
     assert torch.allclose(o, ref, atol=1e-12, rtol=1e-10)
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_prefix_lengths_match_naive_loops(causal):
+    """Per-entry prefix lengths (right-padded banks): the naive loops simply stop at each entry's length."""
+    q, k, v, bk, bv, idx, mask, sc = rand_case(B=5, N=3, P=6)
+    idx = torch.tensor([0, 1, 2, 0, 2])
+    plen = torch.tensor([6, 0, 3])
+    o, lse = prefix_attention_reference(q, k, v, bk, bv, idx, key_padding_mask=mask, causal=causal, prefix_scale=sc,
+                                        prefix_lengths=plen)
+    assert torch.allclose(o, naive(q, k, v, bk, bv, idx, mask, causal, sc, plen), atol=1e-12, rtol=1e-10)
+    qf, kf, vf, bkf, bvf, scf = (t.float().requires_grad_() for t in (q, k, v, bk, bv, sc))
+    kw = dict(key_padding_mask=mask, causal=causal, prefix_lengths=plen)
+    o_sdpa = prefix_attention(qf, kf, vf, bkf, bvf, idx, prefix_scale=scf, backend="sdpa", **kw)
+    assert rel_err(o_sdpa, o) < 1e-5
+    g = torch.autograd.grad(o_sdpa.sum(), [bkf, bvf, scf])
+    assert (g[0][1] == 0).all() and (g[0][2, :, 3:] == 0).all() and (g[1][2, :, 3:] == 0).all()
+    assert (g[2][[1, 4], 3:] == 0).all()
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        prefix_attention_reference(q, k, v, bk, bv, idx, prefix_lengths=torch.tensor([1.0, 2.0, 3.0]))
 
 
 def test_row_with_no_visible_key_is_zero():

@@ -99,9 +99,9 @@ def compare(tri, ref, inputs, dtype, seed):
             check(name, a, b, grad_tol)
 
 
-def run_dense(case, causal, dtype, seed, softmax_scale=None):
+def run_dense(case, causal, dtype, seed, softmax_scale=None, prefix_lengths=None):
     q, k, v, bk, bv, idx, mask, sc = case
-    kw = dict(key_padding_mask=mask, causal=causal, softmax_scale=softmax_scale)
+    kw = dict(key_padding_mask=mask, causal=causal, softmax_scale=softmax_scale, prefix_lengths=prefix_lengths)
 
     def tri(q, k, v, bk, bv, sc):
         return tpa.prefix_attention_triton(q, k, v, bk, bv, idx, prefix_scale=sc, **kw)
@@ -181,6 +181,102 @@ def test_varlen(causal, dtype):
     compare(tri, ref, [q, k, v, bk, bv, sc], dtype, 11)
 
 
+# Right-padded banks: P = 19 is not a multiple of the 16-wide interpreter blocks; entry 0 has length 0 and is used
+# by sequence 0, whose keys are all padded (rows that see no key), entry 1 is full, entry 2 ends in the first
+# block, entry 3 one token into the second; entry 2 is shared by two sequences.
+PLEN_SHAPE = dict(B=5, Hq=4, Hkv=2, Lq=18, Lk=21, P=19, D=16, N=4, empty_rows=True)
+PLEN = [0, 19, 6, 17]
+PLEN_IDX = [0, 1, 2, 3, 2]
+
+
+def plen_case(seed, dtype=torch.float32, scale=True, lengths_dtype=torch.int64):
+    case = list(make_case(seed, dtype=dtype, scale=scale, **PLEN_SHAPE))
+    case[5] = torch.tensor(PLEN_IDX, device=DEV)
+    return tuple(case), torch.tensor(PLEN, device=DEV, dtype=lengths_dtype)
+
+
+@pytest.mark.parametrize("scale", [False, True], ids=["noscale", "scale"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_prefix_lengths_dense_fp32(causal, scale):
+    seed = 40 + 2 * causal + scale
+    case, lengths = plen_case(seed, scale=scale, lengths_dtype=torch.int32 if scale else torch.int64)
+    run_dense(case, causal, torch.float32, seed, prefix_lengths=lengths)
+
+
+def test_prefix_lengths_dense_fp16():
+    case, lengths = plen_case(45, dtype=torch.float16)
+    run_dense(case, True, torch.float16, 45, prefix_lengths=lengths)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_prefix_lengths_varlen(causal):
+    """Packed sequences over a right-padded bank (P = 21; lengths 21, 0, 9), with prefix scale."""
+    g = torch.Generator().manual_seed(21 + causal)
+    lens = [5, 0, 20, 1, 17]
+    B, Hq, Hkv, D, P, N, T = len(lens), 4, 2, 16, 21, 3, sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
+    q, k, v = (torch.randn(T, h, D, generator=g).to(DEV) for h in (Hq, Hkv, Hkv))
+    bk, bv = (torch.randn(N, Hkv, P, D, generator=g).to(DEV) for _ in range(2))
+    idx = torch.tensor([1, 0, 2, 1, 0], device=DEV)
+    lengths = torch.tensor([21, 0, 9], device=DEV)
+    sc = (torch.rand(B, P, generator=g) + 0.5).to(DEV)
+
+    def tri(q, k, v, bk, bv, sc):
+        return tpa.prefix_attention_varlen_triton(q, k, v, cu, bk, bv, idx, causal=causal, prefix_scale=sc,
+                                                  max_seqlen=max(lens), prefix_lengths=lengths)
+
+    def ref(q, k, v, bk, bv, sc):
+        return prefix_attention_varlen_reference(q, k, v, cu, bk, bv, idx, causal=causal, prefix_scale=sc,
+                                                 compute_dtype=torch.float64, prefix_lengths=lengths)
+
+    compare(tri, ref, [q, k, v, bk, bv, sc], torch.float32, 21)
+
+
+def test_prefix_lengths_padding_is_invisible():
+    """Bank positions past an entry's length: exactly zero d(bank) / d(prefix_scale), and no influence at all
+    (even NaN there) on o, lse or any gradient. Lengths all equal to P reproduce the no-lengths result bitwise."""
+    (q, k, v, bk, bv, idx, mask, sc), lengths = plen_case(50)
+
+    def tri(bk, bv, lengths):
+        def fn(q, k, v, bk, bv, sc):
+            return tpa.prefix_attention_triton(q, k, v, bk, bv, idx, key_padding_mask=mask, causal=True,
+                                               prefix_scale=sc, prefix_lengths=lengths)
+        return grads(fn, [q, k, v, bk, bv, sc], 50)
+
+    o, lse, g = tri(bk, bv, lengths)
+    dbk, dbv, dsc = g[3:]
+    pad = torch.arange(bk.shape[2], device=DEV)[None, :] >= lengths[:, None]  # (N, P)
+    assert pad.sum() > 0 and set(PLEN_IDX) == set(range(len(PLEN)))  # every entry is used by some row
+    for name, d in (("dbank_k", dbk), ("dbank_v", dbv)):
+        assert not torch.isnan(d).any(), name
+        assert (d.permute(0, 2, 1, 3)[pad] == 0).all(), f"{name}: nonzero gradient past an entry's length"
+        assert (d.permute(0, 2, 1, 3)[~pad] != 0).any(), name
+    assert (dsc[pad[idx]] == 0).all() and not torch.isnan(dsc).any(), "d(prefix_scale) past the length"
+
+    bad_k, bad_v = bk.clone(), bv.clone()
+    p4 = pad[:, None, :, None].expand_as(bk)
+    bad_k[p4] = float("nan")
+    bad_v[p4] = 1e4 * torch.randn(int(p4.sum()), device=DEV)
+    o2, lse2, g2 = tri(bad_k, bad_v, lengths)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2), "a bank position past the length changed the output"
+    for a, b in zip(g, g2):
+        assert torch.equal(a, b), "a bank position past the length changed a gradient"
+
+    full = torch.full_like(lengths, bk.shape[2])
+    o3, lse3, g3 = tri(bk, bv, full)
+    o4, lse4, g4 = tri(bk, bv, None)
+    assert torch.equal(o3, o4) and torch.equal(lse3, lse4)
+    for a, b in zip(g3, g4):
+        assert torch.equal(a, b)
+
+
+def test_prefix_lengths_validation():
+    (q, k, v, bk, bv, idx, mask, sc), lengths = plen_case(60)
+    for bad in (lengths[:-1], lengths.float(), lengths.to(torch.int16), lengths[None]):
+        with pytest.raises(ValueError, match="prefix_lengths"):
+            tpa.prefix_attention_triton(q, k, v, bk, bv, idx, prefix_lengths=bad)
+
+
 def test_bank_grad_split_is_deterministic(monkeypatch):
     """Prefix dK/dV split over 3 chunks of each entry's sequences: exact and bitwise reproducible."""
     monkeypatch.setattr(tpa, "prefix_splits", lambda *a: 3)
@@ -246,9 +342,9 @@ def test_kernels_compile_for_sm80_sm90():
         from ltuning.kernels import triton_attn_bwd as bw, triton_attn_fwd as fw
 
         flags = dict(GROUP=4, HEAD_DIM=128, D_PAD=128, HAS_PREFIX=True, HAS_KPM=True, HAS_SCALE=True,
-                     CAUSAL=True, IS_VARLEN=False, HAS_DLSE=True, DOT_PREC="tf32")
-        ptr = dict(IDX="*i64", KPM="*u8", SCALE="*fp32", CU="*i32", LSE="*fp32", DELTA="*fp32", DLSE="*fp32",
-                   PERM="*i32", SEG="*i32", DBK="*fp32", DBV="*fp32", DSC="*fp32")
+                     CAUSAL=True, IS_VARLEN=False, HAS_DLSE=True, HAS_PLEN=True, DOT_PREC="tf32")
+        ptr = dict(IDX="*i64", PLEN="*i32", KPM="*u8", SCALE="*fp32", CU="*i32", LSE="*fp32", DELTA="*fp32",
+                   DLSE="*fp32", PERM="*i32", SEG="*i32", DBK="*fp32", DBV="*fp32", DSC="*fp32")
         ints = ("P", "SPLIT", "LEN_BUCKET")
         for kern, bm, bn, warps in [(fw.fwd_kernel, 128, 64, 8), (bw.dq_kernel, 128, 64, 8),
                                     (bw.dkdv_seq_kernel, 64, 128, 8), (bw.dkdv_prefix_kernel, 64, 64, 4),

@@ -93,14 +93,16 @@ def _layout_like(g: Tensor, t: Tensor) -> Tensor:
 @torch.library.custom_op("ltuning::prefix_attention_cpu_fwd", mutates_args=(), device_types="cpu")
 def _fwd(q: Tensor, k: Tensor, v: Tensor, bank_k: Optional[Tensor], bank_v: Optional[Tensor],
          prefix_idx: Optional[Tensor], key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
-         prefix_scale: Optional[Tensor], causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor]:
+         prefix_scale: Optional[Tensor], causal: bool, softmax_scale: float,
+         prefix_lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     o, lse = _ext().forward(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale,
-                            causal, softmax_scale)
+                            causal, softmax_scale, prefix_lengths)
     return _layout_like(o, q), lse
 
 
 @_fwd.register_fake
-def _(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, causal, softmax_scale):
+def _(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, causal, softmax_scale,
+      prefix_lengths=None):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
 
 
@@ -108,16 +110,17 @@ def _(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_
 def _bwd(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, bank_k: Optional[Tensor],
          bank_v: Optional[Tensor], prefix_idx: Optional[Tensor], key_padding_mask: Optional[Tensor],
          cu_seqlens: Optional[Tensor], prefix_scale: Optional[Tensor], lse: Tensor, causal: bool,
-         softmax_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+         softmax_scale: float, prefix_lengths: Optional[Tensor] = None
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _ext().backward(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens,
-                            prefix_scale, lse, causal, softmax_scale)
+                            prefix_scale, lse, causal, softmax_scale, prefix_lengths)
     like = (q, k, v, bank_k, bank_v, prefix_scale)
     return tuple(q.new_empty(0) if g is None else g if t is None else _layout_like(g, t) for g, t in zip(grads, like))
 
 
 @_bwd.register_fake
 def _(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, lse,
-      causal, softmax_scale):
+      causal, softmax_scale, prefix_lengths=None):
     has_bank = bank_k is not None and bank_k.shape[2] > 0
     like = [q, k, v, bank_k if has_bank else None, bank_v if has_bank else None,
             prefix_scale if has_bank else None]
@@ -125,18 +128,18 @@ def _(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, c
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, causal, softmax_scale = inputs
-    ctx.save_for_backward(q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, output[1])  # not o
+    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, causal, softmax_scale, plen = inputs
+    ctx.save_for_backward(q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, plen, output[1])  # not o
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
 
 
 def _backward(ctx, grad_o, grad_lse):
-    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, lse = ctx.saved_tensors
+    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, plen, lse = ctx.saved_tensors
     dq, dk, dv, dbk, dbv, dps = _bwd(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale,
-                                     lse, ctx.causal, ctx.softmax_scale)
+                                     lse, ctx.causal, ctx.softmax_scale, plen)
     dbk, dbv = (_none_if_empty(dbk), _none_if_empty(dbv)) if bank_k is not None else (None, None)
     dps = _none_if_empty(dps) if prefix_scale is not None else None
-    return dq, dk, dv, dbk, dbv, None, None, None, dps, None, None
+    return dq, dk, dv, dbk, dbv, None, None, None, dps, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -157,26 +160,30 @@ def _prepare(q, k, v, bank_k, bank_v, prefix_scale):
 
 
 def prefix_attention_cpu(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
-                         prefix_scale=None, softmax_scale=None):
+                         prefix_scale=None, softmax_scale=None, prefix_lengths=None):
     """Fused attention of q (B, Hq, Lq, D) over ``[bank[prefix_idx] ; k]``; returns ``(o, lse)``.
 
     Differentiable w.r.t. q, k, v, bank_k, bank_v and prefix_scale; shapes as in the reference.
     """
-    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale)
+    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
+                                      prefix_lengths)
     if not is_available():
         return prefix_attention_reference(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask,
-                                          causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale)
+                                          causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale,
+                                          prefix_lengths=prefix_lengths)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     q_, k_, v_, bk, bv, ps = _prepare(q, k, v, bank_k if P else None, bank_v if P else None,
                                       prefix_scale if P else None)
     idx = prefix_idx.long() if P else None
     mask = key_padding_mask.bool() if key_padding_mask is not None else None
-    o, lse = torch.ops.ltuning.prefix_attention_cpu_fwd(q_, k_, v_, bk, bv, idx, mask, None, ps, causal, float(scale))
+    plen = prefix_lengths.long() if (P and prefix_lengths is not None) else None
+    o, lse = torch.ops.ltuning.prefix_attention_cpu_fwd(q_, k_, v_, bk, bv, idx, mask, None, ps, causal, float(scale),
+                                                        plen)
     return o.to(q.dtype), lse.float()
 
 
 def prefix_attention_varlen_cpu(q, k, v, cu_seqlens, bank_k=None, bank_v=None, prefix_idx=None, *, max_seqlen=None,
-                                causal=False, prefix_scale=None, softmax_scale=None):
+                                causal=False, prefix_scale=None, softmax_scale=None, prefix_lengths=None):
     """Packed form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,); returns o (T, Hq, D), lse (T, Hq).
 
     Sequence b owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``. ``max_seqlen`` is accepted for API parity with the
@@ -192,13 +199,18 @@ def prefix_attention_varlen_cpu(q, k, v, cu_seqlens, bank_k=None, bank_v=None, p
         raise ValueError(f"prefix_idx must be a (B={B},) integer tensor")
     if prefix_scale is not None and prefix_scale.shape != (B, P):
         raise ValueError(f"prefix_scale must be (B={B}, P={P}); got {tuple(prefix_scale.shape)}")
+    if prefix_lengths is not None and (prefix_lengths.shape != (bank_k.shape[0] if P else 0,)
+                                       or prefix_lengths.is_floating_point()):
+        raise ValueError(f"prefix_lengths must be an (N,) integer tensor; got {tuple(prefix_lengths.shape)}")
     if not is_available():
         return prefix_attention_varlen_reference(q, k, v, cu_seqlens, bank_k, bank_v, prefix_idx, causal=causal,
-                                                 prefix_scale=prefix_scale, softmax_scale=softmax_scale)
+                                                 prefix_scale=prefix_scale, softmax_scale=softmax_scale,
+                                                 prefix_lengths=prefix_lengths)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     q_, k_, v_, bk, bv, ps = _prepare(q, k, v, bank_k if P else None, bank_v if P else None,
                                       prefix_scale if P else None)
     idx = prefix_idx.long() if P else None
+    plen = prefix_lengths.long() if (P and prefix_lengths is not None) else None
     o, lse = torch.ops.ltuning.prefix_attention_cpu_fwd(q_, k_, v_, bk, bv, idx, None, cu_seqlens.long(), ps, causal,
-                                                        float(scale))
+                                                        float(scale), plen)
     return o.to(q.dtype), lse.float()

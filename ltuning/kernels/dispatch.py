@@ -49,7 +49,7 @@ def resolve_backend(backend: str, device_type: str) -> str:
 
 def prefix_attention(
     q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
-    prefix_scale=None, softmax_scale=None, backend="auto", return_lse=False,
+    prefix_scale=None, softmax_scale=None, prefix_lengths=None, backend="auto", return_lse=False,
 ):
     """Attention of q over ``[bank[prefix_idx] ; k]`` (see :mod:`ltuning.kernels.reference` for shapes).
 
@@ -58,6 +58,8 @@ def prefix_attention(
     name = resolve_backend(backend, q.device.type)
     kw = dict(key_padding_mask=key_padding_mask, causal=causal, prefix_scale=prefix_scale,
               softmax_scale=softmax_scale)
+    if prefix_lengths is not None:  # only passed when given, so every backend keeps its plain signature too
+        kw["prefix_lengths"] = prefix_lengths
     if name == "sdpa" and return_lse:
         name = "reference"
     if name == "cpu":
@@ -74,11 +76,13 @@ def prefix_attention(
 
 def prefix_attention_varlen(
     q, k, v, cu_seqlens, bank_k=None, bank_v=None, prefix_idx=None, *, causal=False, prefix_scale=None,
-    softmax_scale=None, max_seqlen=None, backend="auto", return_lse=False,
+    softmax_scale=None, max_seqlen=None, prefix_lengths=None, backend="auto", return_lse=False,
 ):
     """Packed variable-length form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,) int32."""
     name = resolve_backend(backend, q.device.type)
     kw = dict(causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale)
+    if prefix_lengths is not None:
+        kw["prefix_lengths"] = prefix_lengths
     if name == "cpu":
         from .cpu_prefix_attention import prefix_attention_varlen_cpu as fn
         o, lse = fn(q, k, v, cu_seqlens, bank_k, bank_v, prefix_idx, max_seqlen=max_seqlen, **kw)

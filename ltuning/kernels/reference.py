@@ -13,6 +13,9 @@ Semantics (shared by the C++ kernel, the Triton kernels and the SDPA fallback)::
                                      the prefix is always visible
     prefix_scale (B, P) float        optional per-(sequence, prefix-token) scale s (APT gates): prefix
                                      token j enters as key s_j * K_j and value s_j * V_j
+    prefix_lengths (N,) int          optional real length of each bank entry (right-padded banks, e.g. label
+                                     texts of unequal token counts): sequence b sees prefix tokens
+                                     j < prefix_lengths[idx[b]] only; the rest get no probability and no gradient
     softmax_scale float              default 1 / sqrt(D)
 
     S   = softmax_scale * q @ [s * bank_k[idx[b]] ; k_b]^T      (masked entries -> -inf)
@@ -29,7 +32,7 @@ import math
 import torch
 
 
-def _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale):
+def _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale, prefix_lengths=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, Hq, Lq, D = q.shape
@@ -51,11 +54,18 @@ def _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale):
         raise ValueError(f"key_padding_mask must be (B={B}, Lk={Lk}); got {tuple(key_padding_mask.shape)}")
     if prefix_scale is not None and prefix_scale.shape != (B, P):
         raise ValueError(f"prefix_scale must be (B={B}, P={P}); got {tuple(prefix_scale.shape)}")
+    if prefix_lengths is not None:
+        N = bank_k.shape[0] if bank_k is not None else 0
+        if prefix_lengths.shape != (N,) or prefix_lengths.is_floating_point():
+            raise ValueError(f"prefix_lengths must be an (N={N},) integer tensor; got {tuple(prefix_lengths.shape)} "
+                             f"{prefix_lengths.dtype}")
     return B, Hq, Lq, D, Hkv, Lk, P
 
 
-def visible_mask(B, Lq, Lk, P, key_padding_mask=None, causal=False, device=None):
-    """Boolean (B, Lq, P + Lk): True where query i may attend to key j of [prefix ; sequence]."""
+def visible_mask(B, Lq, Lk, P, key_padding_mask=None, causal=False, device=None, row_prefix_lengths=None):
+    """Boolean (B, Lq, P + Lk): True where query i may attend to key j of [prefix ; sequence].
+
+    ``row_prefix_lengths`` (B,): the prefix tokens row b sees (``prefix_lengths[prefix_idx]``); None = all P."""
     seq = torch.ones(B, Lq, Lk, dtype=torch.bool, device=device)
     if causal:
         i = torch.arange(Lq, device=device)[:, None]
@@ -64,18 +74,28 @@ def visible_mask(B, Lq, Lk, P, key_padding_mask=None, causal=False, device=None)
     if key_padding_mask is not None:
         seq = seq & key_padding_mask[:, None, :].to(torch.bool)
     pre = torch.ones(B, Lq, P, dtype=torch.bool, device=device)
+    if row_prefix_lengths is not None and P:
+        pre = pre & (torch.arange(P, device=device)[None, None, :] < row_prefix_lengths.to(device)[:, None, None])
     return torch.cat([pre, seq], dim=-1)
+
+
+def row_prefix_lengths(prefix_lengths, prefix_idx, P):
+    """(B,) prefix tokens each row sees, or None when every row sees all P."""
+    if prefix_lengths is None or not P:
+        return None
+    return prefix_lengths.to(prefix_idx.device).long()[prefix_idx.long()]
 
 
 def prefix_attention_reference(
     q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
-    prefix_scale=None, softmax_scale=None, compute_dtype=None,
+    prefix_scale=None, softmax_scale=None, compute_dtype=None, prefix_lengths=None,
 ):
     """Reference shared-prefix attention; returns ``(o, lse)``. Differentiable in every float input.
 
     ``compute_dtype`` (e.g. torch.float64) runs the math in that dtype; the output is cast back to q's dtype.
     """
-    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale)
+    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
+                                      prefix_lengths)
     out_dtype = q.dtype
     cd = compute_dtype or (torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -92,7 +112,8 @@ def prefix_attention_reference(
     kk = kk.repeat_interleave(g, dim=1)
     vv = vv.repeat_interleave(g, dim=1)
     scores = torch.matmul(q.to(cd), kk.transpose(-1, -2)) * scale  # (B, Hq, Lq, P+Lk)
-    vis = visible_mask(B, Lq, Lk, P, key_padding_mask, causal, q.device)[:, None]
+    vis = visible_mask(B, Lq, Lk, P, key_padding_mask, causal, q.device,
+                       row_prefix_lengths(prefix_lengths, prefix_idx, P))[:, None]
     scores = scores.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     any_vis = vis.any(-1)
@@ -104,7 +125,7 @@ def prefix_attention_reference(
 
 def prefix_attention_varlen_reference(
     q, k, v, cu_seqlens, bank_k=None, bank_v=None, prefix_idx=None, *, causal=False,
-    prefix_scale=None, softmax_scale=None, compute_dtype=None,
+    prefix_scale=None, softmax_scale=None, compute_dtype=None, prefix_lengths=None,
 ):
     """Packed variable-length form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,) int.
 
@@ -122,7 +143,7 @@ def prefix_attention_varlen_reference(
         sc = prefix_scale[b:b + 1] if prefix_scale is not None else None
         o, lse = prefix_attention_reference(
             qb, kb, vb, bank_k, bank_v, idx, causal=causal, prefix_scale=sc,
-            softmax_scale=softmax_scale, compute_dtype=compute_dtype)
+            softmax_scale=softmax_scale, compute_dtype=compute_dtype, prefix_lengths=prefix_lengths)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0].transpose(0, 1))
     return torch.cat(outs, 0), torch.cat(lses, 0)

@@ -11,22 +11,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import _check, prefix_attention_reference, visible_mask
+from .reference import _check, prefix_attention_reference, row_prefix_lengths, visible_mask
 
 
 def prefix_attention_sdpa(
     q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
-    prefix_scale=None, softmax_scale=None,
+    prefix_scale=None, softmax_scale=None, prefix_lengths=None,
 ):
     """SDPA over the materialised ``[bank[idx] ; K]``. Returns ``(o, lse)``; lse is recomputed cheaply."""
-    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale)
+    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
+                                      prefix_lengths)
     mask = None
-    if causal or key_padding_mask is not None:
-        mask = visible_mask(B, Lq, Lk, P, key_padding_mask, causal, q.device)[:, None]
-        if P == 0 and not bool(mask.any(-1).all()):
+    rows = row_prefix_lengths(prefix_lengths, prefix_idx, P)
+    if causal or key_padding_mask is not None or rows is not None:
+        mask = visible_mask(B, Lq, Lk, P, key_padding_mask, causal, q.device, rows)[:, None]
+        if (P == 0 or rows is not None) and not bool(mask.any(-1).all()):
             # a query row with no visible key: SDPA would return NaN; the reference defines it as 0
-            return prefix_attention_reference(q, k, v, None, None, None, key_padding_mask=key_padding_mask,
-                                              causal=causal, softmax_scale=softmax_scale)
+            return prefix_attention_reference(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask,
+                                              causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale,
+                                              prefix_lengths=prefix_lengths)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     kk, vv = k, v
     if P:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_attn_common import key_scale, load_lse2, load_rows, mask_scores, seq_bounds, store_rows
+from .triton_attn_common import key_scale, load_lse2, load_rows, mask_scores, prefix_len, seq_bounds, store_rows
 from .triton_configs import autotune
 
 
@@ -72,14 +72,14 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, S
 @autotune("dq")
 @triton.jit
 def dq_kernel(
-    Q, K, V, BANK_K, BANK_V, IDX, KPM, SCALE, CU, DO, LSE, DELTA, DQ,
+    Q, K, V, BANK_K, BANK_V, IDX, PLEN, KPM, SCALE, CU, DO, LSE, DELTA, DQ,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_bkn, s_bkh, s_bkp, s_bkd, s_bvn, s_bvh, s_bvp, s_bvd, s_mb, s_mn, s_sb, s_sp,
     s_db, s_dh, s_dm, s_dd, s_lb, s_lh, s_lm, s_gb, s_gh, s_gm, s_gd,
     Hq, Lq, Lk, P, sm_scale, qk_scale, LEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq[b, h, rows] for one query block; same key traversal and masks as the forward kernel."""
     b = tl.program_id(0) // Hq
@@ -104,8 +104,9 @@ def dq_kernel(
             bk = BANK_K + e * s_bkn + hk * s_bkh
             bv = BANK_V + e * s_bvn + hk * s_bvh
             sc = SCALE + b64 * s_sb
+            n_pre = prefix_len(PLEN, e, P, HAS_PLEN)
             dq = _dq_tiles(dq, q, do, lse2, delta, bk, bv, s_bkp, s_bkd, s_bvp, s_bvd, KPM, s_mn, sc, s_sp,
-                           0, P, P, offs_m, shift, qk_scale, True, False, False, HAS_SCALE,
+                           0, n_pre, n_pre, offs_m, shift, qk_scale, True, False, False, HAS_SCALE,
                            HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
         if CAUSAL:
             hi = tl.minimum(Lk_b, start_m + BLOCK_M + shift)
@@ -204,18 +205,21 @@ def dkdv_seq_kernel(
 @autotune("dkdv")
 @triton.jit
 def dkdv_prefix_kernel(
-    Q, BANK_K, BANK_V, SCALE, CU, DO, LSE, DELTA, PERM, SEG, DBK, DBV, DSC,
+    Q, BANK_K, BANK_V, PLEN, SCALE, CU, DO, LSE, DELTA, PERM, SEG, DBK, DBV, DSC,
     s_qb, s_qh, s_qm, s_qd, s_bkn, s_bkh, s_bkp, s_bkd, s_bvn, s_bvh, s_bvp, s_bvd, s_sb, s_sp,
     s_db, s_dh, s_dm, s_dd, s_lb, s_lh, s_lm, s_gs, s_gn, s_gh, s_gp, s_gd, s_cb, s_ch, s_cp,
     Hkv, Lq, P, SPLIT, sm_scale, qk_scale, LEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_SCALE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_PLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Partial d(bank) of one (entry, KV head, prefix key block) over split ``pid 2`` of the entry's sequences.
 
     Grid ``(N * Hkv, cdiv(P, BLOCK_N), SPLIT)``. Sequences ``PERM[SEG[e]:SEG[e+1]]`` use entry ``e``; split ``t``
     takes the ``t``-th of ``SPLIT`` equal chunks. Writes ``DBK/DBV[t, e, hk, keys]`` (fp32, zero for empty
-    chunks) and ``DSC[b, hk, keys]`` for each of its sequences ``b``. The prefix is visible to every query.
+    chunks) and ``DSC[b, hk, keys]`` for each of its sequences ``b``. The prefix is visible to every query, up to
+    the entry's length ``n_pre`` with ``HAS_PLEN``: columns ``>= n_pre`` get zero probability, hence exactly zero
+    dk, dv, ds (still stored), and a block entirely past ``n_pre`` skips the query loop.
     """
     e = tl.program_id(0) // Hkv
     hk = tl.program_id(0) % Hkv
@@ -224,24 +228,34 @@ def dkdv_prefix_kernel(
     chunk = tl.cdiv(tl.load(SEG + e + 1) - seg_lo, SPLIT)
     lo = seg_lo + split * chunk
     hi = tl.minimum(lo + chunk, tl.load(SEG + e + 1))
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     e64 = e.to(tl.int64)
-    k = load_rows(BANK_K + e64 * s_bkn + hk * s_bkh, offs_n, P, s_bkp, s_bkd, HEAD_DIM, D_PAD).to(Q.dtype.element_ty)
-    v = load_rows(BANK_V + e64 * s_bvn + hk * s_bvh, offs_n, P, s_bvp, s_bvd, HEAD_DIM, D_PAD).to(Q.dtype.element_ty)
+    n_pre = prefix_len(PLEN, e64, P, HAS_PLEN)
+    k = load_rows(BANK_K + e64 * s_bkn + hk * s_bkh, offs_n, n_pre, s_bkp, s_bkd, HEAD_DIM, D_PAD)
+    v = load_rows(BANK_V + e64 * s_bvn + hk * s_bvh, offs_n, n_pre, s_bvp, s_bvd, HEAD_DIM, D_PAD)
+    k = k.to(Q.dtype.element_ty)
+    v = v.to(Q.dtype.element_ty)
+    if HAS_PLEN:
+        live = offs_n < n_pre
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     for t in range(lo, hi):
         b64 = tl.load(PERM + t).to(tl.int64)
         row0, Lq_b, _ = seq_bounds(CU, b64, Lq, Lq, IS_VARLEN)
+        if HAS_PLEN:
+            m_hi = tl.where(start_n < n_pre, Lq_b, 0)  # a block past the entry's length gets zeros only
+        else:
+            m_hi = Lq_b
         if HAS_SCALE:
-            sc = key_scale(SCALE + b64 * s_sb, offs_n, P, s_sp)
+            sc = key_scale(SCALE + b64 * s_sb, offs_n, n_pre, s_sp)
             dsc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for g in range(GROUP):
             h = hk * GROUP + g
             qq = Q + b64 * s_qb + h * s_qh + row0 * s_qm
             dd = DO + b64 * s_db + h * s_dh + row0 * s_dm
             row_off = b64 * s_lb + h * s_lh + row0 * s_lm
-            for start_m in range(0, Lq_b, BLOCK_M):
+            for start_m in range(0, m_hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 q = load_rows(qq, offs_m, Lq_b, s_qm, s_qd, HEAD_DIM, D_PAD)
                 do = load_rows(dd, offs_m, Lq_b, s_dm, s_dd, HEAD_DIM, D_PAD).to(q.dtype)
@@ -251,12 +265,16 @@ def dkdv_prefix_kernel(
                 et = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
                 if HAS_SCALE:
                     pt = tl.math.exp2(rt * (qk_scale * sc)[:, None] - lse2[None, :])
+                    if HAS_PLEN:
+                        pt = tl.where(live[:, None], pt, 0.0)
                     dst = pt * (et * sc[:, None] - delta[None, :])
                     dsc += tl.sum(dst * rt * sm_scale + pt * et, 1)
                     pt = pt * sc[:, None]
                     dst = dst * sc[:, None]
                 else:
                     pt = tl.math.exp2(rt * qk_scale - lse2[None, :])
+                    if HAS_PLEN:
+                        pt = tl.where(live[:, None], pt, 0.0)
                     dst = pt * (et - delta[None, :])
                 dv = tl.dot(pt.to(q.dtype), do, dv, input_precision=DOT_PREC)
                 dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)

@@ -24,6 +24,15 @@ def seq_bounds(CU, b, Lq, Lk, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def prefix_len(PLEN, e, P, HAS_PLEN: tl.constexpr):
+    """Real length of bank entry ``e``: ``PLEN[e]`` clamped to ``[0, P]`` with ``HAS_PLEN``, else ``P``."""
+    if HAS_PLEN:
+        return tl.minimum(tl.maximum(tl.load(PLEN + e).to(tl.int32), 0), P)
+    else:
+        return P
+
+
+@triton.jit
 def _tile_mask(rows, n_rows, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """In-bounds mask of a (len(rows), D_PAD) tile; the head-dim test is compiled only when D is padded."""
     if HEAD_DIM == D_PAD:

@@ -3,8 +3,8 @@
 Grid ``(B * Hq, cdiv(Lq, BLOCK_M))`` (the large axis first: grid axes 1 and 2 are capped at 65535; query blocks
 run last-first so the heaviest causal blocks start first). A program owns ``BLOCK_M`` query rows of one
 (sequence, query head) and streams first the ``P`` prefix keys of bank entry ``prefix_idx[b]`` (read straight from
-the shared bank: no per-sequence copy), then the sequence's own keys, with an online softmax in exp2 and fp32
-accumulators::
+the shared bank: no per-sequence copy; only its first ``prefix_lengths[prefix_idx[b]]`` when lengths are given),
+then the sequence's own keys, with an online softmax in exp2 and fp32 accumulators::
 
     m' = max(m, rowmax s2);  l = l * 2^(m - m') + rowsum 2^(s2 - m');  acc = acc * 2^(m - m') + 2^(s2 - m') @ v~
     o = acc / l,  lse = (m + log2 l) / log2 e      (rows with l = 0: o = 0, lse = -inf)
@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_attn_common import LOG2E, key_scale, load_rows, mask_scores, seq_bounds, store_rows
+from .triton_attn_common import LOG2E, key_scale, load_rows, mask_scores, prefix_len, seq_bounds, store_rows
 from .triton_configs import autotune
 
 
@@ -54,16 +54,20 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, SC, s_
 @autotune("fwd")
 @triton.jit
 def fwd_kernel(
-    Q, K, V, BANK_K, BANK_V, IDX, KPM, SCALE, CU, O, LSE,
+    Q, K, V, BANK_K, BANK_V, IDX, PLEN, KPM, SCALE, CU, O, LSE,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_bkn, s_bkh, s_bkp, s_bkd, s_bvn, s_bvh, s_bvp, s_bvd, s_mb, s_mn, s_sb, s_sp,
     s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm,
     Hq, Lq, Lk, P, qk_scale, LEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """o[b, h, rows] and lse[b, h, rows] for one query block. ``LEN_BUCKET`` is only an autotune key."""
+    """o[b, h, rows] and lse[b, h, rows] for one query block. ``LEN_BUCKET`` is only an autotune key.
+
+    ``HAS_PLEN``: entry ``e`` holds ``prefix_len(PLEN, e, P)`` real tokens; only those are streamed (the rest are
+    masked like keys past the end of the bank).
+    """
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest causal blocks first
     b = pid_bh // Hq
@@ -84,8 +88,9 @@ def fwd_kernel(
             bk = BANK_K + e * s_bkn + hk * s_bkh
             bv = BANK_V + e * s_bvn + hk * s_bvh
             sc = SCALE + b64 * s_sb
+            n_pre = prefix_len(PLEN, e, P, HAS_PLEN)
             acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, bk, bv, s_bkp, s_bkd, s_bvp, s_bvd, KPM, s_mn, sc, s_sp,
-                                       0, P, P, offs_m, shift, qk_scale, True, False, False, HAS_SCALE,
+                                       0, n_pre, n_pre, offs_m, shift, qk_scale, True, False, False, HAS_SCALE,
                                        HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
         if CAUSAL:
             hi = tl.minimum(Lk_b, start_m + BLOCK_M + shift)

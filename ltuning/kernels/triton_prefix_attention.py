@@ -4,7 +4,9 @@ Semantics and shapes: :mod:`ltuning.kernels.reference`. Dense: q (B, Hq, Lq, D),
 q (T, Hq, D), k/v (T, Hkv, D) with ``cu_seqlens`` (B+1,). The bank (N, Hkv, P, D) is read in place by every
 kernel (no expanded per-sequence copy); its gradient is reduced inside the prefix dK/dV kernel over the sequences
 that use each entry (see :mod:`ltuning.kernels.triton_attn_bwd`). Both functions are differentiable w.r.t.
-q, k, v, bank_k, bank_v, prefix_scale, and through ``lse`` as well as ``o``.
+q, k, v, bank_k, bank_v, prefix_scale, and through ``lse`` as well as ``o``. The optional ``prefix_lengths`` (N,)
+(right-padded banks) is read by the kernels too: positions past an entry's length are skipped or masked and get
+exactly zero gradient; without it the kernels compile exactly as before (``HAS_PLEN = False``).
 
 Triton is imported lazily, so importing this module never requires it.
 """
@@ -74,12 +76,13 @@ def _s3(t, m: _Meta):
     return (0, t.stride(1), t.stride(0)) if m.varlen else tuple(t.stride())
 
 
-def _consts(m: _Meta, q, kpm, scale):
+def _consts(m: _Meta, q, kpm, scale, plen):
     import triton
     from .triton_configs import len_bucket
     return dict(GROUP=m.Hq // m.Hkv, HEAD_DIM=m.D, D_PAD=max(16, triton.next_power_of_2(m.D)),
                 HAS_PREFIX=m.P > 0, HAS_KPM=kpm is not None, HAS_SCALE=scale is not None, CAUSAL=m.causal,
-                IS_VARLEN=m.varlen, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32"), \
+                IS_VARLEN=m.varlen, HAS_PLEN=plen is not None,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32"), \
         len_bucket(max(m.Lq, m.Lk))
 
 
@@ -88,24 +91,24 @@ def _ptr(t, q):
     return t if t is not None else q
 
 
-def _bank_args(bank_k, bank_v, idx, kpm, scale, q):
+def _bank_args(bank_k, bank_v, idx, plen, kpm, scale, q):
     """Kernel pointers + strides of the optional inputs (``q`` and zero strides stand in for absent ones)."""
-    ptrs = tuple(_ptr(t, q) for t in (bank_k, bank_v, idx, kpm, scale))
+    ptrs = tuple(_ptr(t, q) for t in (bank_k, bank_v, idx, plen, kpm, scale))
     strides = (*(bank_k.stride() if bank_k is not None else (0,) * 4),
                *(bank_v.stride() if bank_v is not None else (0,) * 4),
                *(kpm.stride() if kpm is not None else (0, 0)), *(scale.stride() if scale is not None else (0, 0)))
     return ptrs, strides
 
 
-def _forward(q, k, v, bank_k, bank_v, idx, kpm, scale, cu, m: _Meta):
+def _forward(q, k, v, bank_k, bank_v, idx, plen, kpm, scale, cu, m: _Meta):
     import triton
     from .triton_attn_fwd import fwd_kernel
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc(q.shape[:-1], torch.float32, q.device)
-    consts, bucket = _consts(m, q, kpm, scale)
-    (bk, bv, ix, km, sc), bstr = _bank_args(bank_k, bank_v, idx, kpm, scale, q)
+    consts, bucket = _consts(m, q, kpm, scale, plen)
+    (bk, bv, ix, pl, km, sc), bstr = _bank_args(bank_k, bank_v, idx, plen, kpm, scale, q)
     grid = lambda meta: (m.B * m.Hq, triton.cdiv(m.Lq, meta["BLOCK_M"]))  # noqa: E731
-    fwd_kernel[grid](q, k, v, bk, bv, ix, km, sc, _ptr(cu, q), o, lse, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
+    fwd_kernel[grid](q, k, v, bk, bv, ix, pl, km, sc, _ptr(cu, q), o, lse, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
                      *_s4(o, m), *_s3(lse, m), m.Hq, m.Lq, m.Lk, m.P, m.sm_scale * math.log2(math.e), bucket,
                      **consts)
     return o, lse
@@ -114,13 +117,13 @@ def _forward(q, k, v, bank_k, bank_v, idx, kpm, scale, cu, m: _Meta):
 def _backward(ctx, do, dlse):
     import triton
     from .triton_attn_bwd import dkdv_seq_kernel, dq_kernel, preprocess_kernel
-    q, k, v, bank_k, bank_v, scale, idx, kpm, cu, o, lse = ctx.saved_tensors
+    q, k, v, bank_k, bank_v, scale, idx, plen, kpm, cu, o, lse = ctx.saved_tensors
     cu = _ptr(cu, q)
     m: _Meta = ctx.meta
     need = ctx.needs_input_grad
     if do is None:
         do = torch.zeros_like(o)
-    consts, bucket = _consts(m, q, kpm, scale)
+    consts, bucket = _consts(m, q, kpm, scale, plen)
     qk_scale = m.sm_scale * math.log2(math.e)
     delta = _alloc(lse.shape, torch.float32, q.device)
     pre_block = 16 if consts["D_PAD"] <= 16 else 64
@@ -128,12 +131,12 @@ def _backward(ctx, do, dlse):
         o, do, _ptr(dlse, lse), cu, delta, *_s4(o, m), *_s4(do, m),
         *(_s3(dlse, m) if dlse is not None else (0, 0, 0)), *_s3(lse, m), m.Hq, m.Lq,
         HEAD_DIM=m.D, D_PAD=consts["D_PAD"], HAS_DLSE=dlse is not None, IS_VARLEN=m.varlen, BLOCK_M=pre_block)
-    (bk, bv, ix, km, sc), bstr = _bank_args(bank_k, bank_v, idx, kpm, scale, q)
+    (bk, bv, ix, pl, km, sc), bstr = _bank_args(bank_k, bank_v, idx, plen, kpm, scale, q)
     dq = dk = dv = dbk = dbv = dsc = None
     if need[0]:
         dq = _alloc(q.shape, q.dtype, q.device)
         dq_kernel[lambda meta: (m.B * m.Hq, triton.cdiv(m.Lq, meta["BLOCK_M"]))](
-            q, k, v, bk, bv, ix, km, sc, cu, do, lse, delta, dq, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
+            q, k, v, bk, bv, ix, pl, km, sc, cu, do, lse, delta, dq, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
             *_s4(do, m), *_s3(lse, m), *_s4(dq, m), m.Hq, m.Lq, m.Lk, m.P, m.sm_scale, qk_scale, bucket, **consts)
     if need[1] or need[2]:
         dk = _alloc(k.shape, k.dtype, k.device)
@@ -144,11 +147,12 @@ def _backward(ctx, do, dlse):
             q, k, v, km, cu, do, lse, delta, dk, dv, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr[8:10],
             *_s4(do, m), *_s3(lse, m), *_s4(dk, m), m.Hkv, m.Lq, m.Lk, m.sm_scale, qk_scale, bucket, **seq_consts)
     if m.P and (need[3] or need[4] or need[5]):
-        dbk, dbv, dsc = _bank_backward(q, bank_k, bank_v, scale, idx, cu, do, lse, delta, m, consts, qk_scale)
+        dbk, dbv, dsc = _bank_backward(q, bank_k, bank_v, scale, idx, plen, cu, do, lse, delta, m, consts,
+                                       qk_scale)
     return dq, dk, dv, dbk, dbv, dsc
 
 
-def _bank_backward(q, bank_k, bank_v, scale, idx, cu, do, lse, delta, m: _Meta, consts, qk_scale):
+def _bank_backward(q, bank_k, bank_v, scale, idx, plen, cu, do, lse, delta, m: _Meta, consts, qk_scale):
     """d(bank_k), d(bank_v), d(prefix_scale): sequences grouped by entry with a stable sort (no host sync)."""
     import triton
     from .triton_attn_bwd import dkdv_prefix_kernel
@@ -160,9 +164,10 @@ def _bank_backward(q, bank_k, bank_v, scale, idx, cu, do, lse, delta, m: _Meta, 
     part_k = _alloc((split, m.N, m.Hkv, m.P, m.D), torch.float32, q.device)
     part_v = _alloc((split, m.N, m.Hkv, m.P, m.D), torch.float32, q.device)
     dsc_part = _alloc((m.B, m.Hkv, m.P), torch.float32, q.device) if scale is not None else part_k
-    pre_consts = {c: consts[c] for c in ("GROUP", "HEAD_DIM", "D_PAD", "HAS_SCALE", "IS_VARLEN", "DOT_PREC")}
+    pre_consts = {c: consts[c] for c in ("GROUP", "HEAD_DIM", "D_PAD", "HAS_SCALE", "IS_VARLEN", "HAS_PLEN",
+                                         "DOT_PREC")}
     dkdv_prefix_kernel[lambda meta: (m.N * m.Hkv, triton.cdiv(m.P, meta["BLOCK_N"]), split)](
-        q, bank_k, bank_v, _ptr(scale, q), cu, do, lse, delta, perm, seg, part_k, part_v, dsc_part,
+        q, bank_k, bank_v, _ptr(plen, q), _ptr(scale, q), cu, do, lse, delta, perm, seg, part_k, part_v, dsc_part,
         *_s4(q, m), *bank_k.stride(), *bank_v.stride(), *(scale.stride() if scale is not None else (0, 0)),
         *_s4(do, m), *_s3(lse, m), *part_k.stride(), *(dsc_part.stride() if scale is not None else (0, 0, 0)),
         m.Hkv, m.Lq, m.P, split, m.sm_scale, qk_scale, len_bucket(m.Lq), **pre_consts)
@@ -173,58 +178,69 @@ def _bank_backward(q, bank_k, bank_v, scale, idx, cu, do, lse, delta, m: _Meta, 
 
 
 class _PrefixAttention(torch.autograd.Function):
-    """(o, lse) = prefix attention; gradients w.r.t. q, k, v, bank_k, bank_v, prefix_scale (through o and lse)."""
+    """(o, lse) = prefix attention; gradients w.r.t. q, k, v, bank_k, bank_v, prefix_scale (through o and lse).
+
+    ``plen`` (int32 prefix lengths, or None) gets no gradient, like ``idx``, ``kpm`` and ``cu``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bank_k, bank_v, scale, idx, kpm, cu, meta):
-        o, lse = _forward(q, k, v, bank_k, bank_v, idx, kpm, scale, cu, meta)
-        ctx.save_for_backward(q, k, v, bank_k, bank_v, scale, idx, kpm, cu, o, lse)
+    def forward(ctx, q, k, v, bank_k, bank_v, scale, idx, kpm, cu, plen, meta):
+        o, lse = _forward(q, k, v, bank_k, bank_v, idx, plen, kpm, scale, cu, meta)
+        ctx.save_for_backward(q, k, v, bank_k, bank_v, scale, idx, plen, kpm, cu, o, lse)
         ctx.meta = meta
         ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        return (*_backward(ctx, do, dlse), None, None, None, None)
+        return (*_backward(ctx, do, dlse), None, None, None, None, None)
 
 
-def _check_common(q, k, v, bank_k, bank_v):
+def _check_common(q, k, v, bank_k, bank_v, prefix_lengths=None):
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
-    devs = {t.device for t in (q, k, v, bank_k, bank_v) if t is not None}
+    if prefix_lengths is not None and prefix_lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"prefix_lengths must be int32 or int64; got {prefix_lengths.dtype}")
+    devs = {t.device for t in (q, k, v, bank_k, bank_v, prefix_lengths) if t is not None}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device; got {devs}")
 
 
-def _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, P):
-    """Bank, int64 index and scale when the prefix is non-empty, else Nones."""
+def _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, prefix_lengths, P):
+    """Bank, int64 index, scale and int32 lengths (None when not given) when the prefix is non-empty, else Nones.
+
+    The kernels clamp each length to ``[0, P]``, as the reference's ``arange(P) < length`` does."""
     if not P:
-        return None, None, None, None
-    return bank_k, bank_v, prefix_idx.to(torch.int64).contiguous(), prefix_scale
+        return None, None, None, None, None
+    plen = prefix_lengths.to(torch.int32).contiguous() if prefix_lengths is not None else None
+    return bank_k, bank_v, prefix_idx.to(torch.int64).contiguous(), prefix_scale, plen
 
 
 def prefix_attention_triton(
     q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
-    prefix_scale=None, softmax_scale=None,
+    prefix_scale=None, softmax_scale=None, prefix_lengths=None,
 ):
-    """Dense shared-prefix attention; returns ``(o (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) float32)``."""
-    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale)
-    _check_common(q, k, v, bank_k, bank_v)
+    """Dense shared-prefix attention; returns ``(o (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) float32)``.
+
+    ``prefix_lengths`` (N,) int32/int64: real length of each (right-padded) bank entry; None = all P tokens."""
+    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
+                                      prefix_lengths)
+    _check_common(q, k, v, bank_k, bank_v, prefix_lengths)
     sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if B * Hq * Lq == 0:
         return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
-    bank_k, bank_v, idx, scale = _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, P)
+    bank_k, bank_v, idx, scale, plen = _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, prefix_lengths, P)
     kpm = key_padding_mask.to(torch.bool).view(torch.uint8) if key_padding_mask is not None else None
     meta = _Meta(B, Hq, Hkv, Lq, Lk, P, bank_k.shape[0] if P else 0, D, bool(causal), float(sm_scale), False)
-    return _PrefixAttention.apply(q, k, v, bank_k, bank_v, scale, idx, kpm, None, meta)
+    return _PrefixAttention.apply(q, k, v, bank_k, bank_v, scale, idx, kpm, None, plen, meta)
 
 
 def prefix_attention_varlen_triton(
     q, k, v, cu_seqlens, bank_k=None, bank_v=None, prefix_idx=None, *, max_seqlen=None, causal=False,
-    prefix_scale=None, softmax_scale=None,
+    prefix_scale=None, softmax_scale=None, prefix_lengths=None,
 ):
     """Packed form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,); returns ``(o (T, Hq, D), lse (T, Hq))``.
 
+    ``prefix_lengths`` (N,): as in :func:`prefix_attention_triton`.
     ``max_seqlen`` sizes the grid; when omitted it is read from ``cu_seqlens`` (one device-to-host sync).
     """
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
@@ -235,17 +251,17 @@ def prefix_attention_varlen_triton(
     B = cu_seqlens.numel() - 1
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    # the dense checker validates bank / prefix_idx / prefix_scale against (B, Hkv, D)
+    # the dense checker validates bank / prefix_idx / prefix_scale / prefix_lengths against (B, Hkv, D)
     P = _check(q.new_empty(B, Hq, 0, D), k.new_empty(B, Hkv, 0, D), v.new_empty(B, Hkv, 0, D), bank_k, bank_v,
-               prefix_idx, None, prefix_scale)[-1]
-    _check_common(q, k, v, bank_k, bank_v)
+               prefix_idx, None, prefix_scale, prefix_lengths)[-1]
+    _check_common(q, k, v, bank_k, bank_v, prefix_lengths)
     sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     if max_seqlen is None:
         max_seqlen = int((cu[1:] - cu[:-1]).max()) if B > 0 else 0
     if T * Hq == 0 or B == 0:
         return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
-    bank_k, bank_v, idx, scale = _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, P)
+    bank_k, bank_v, idx, scale, plen = _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, prefix_lengths, P)
     meta = _Meta(B, Hq, Hkv, int(max_seqlen), int(max_seqlen), P, bank_k.shape[0] if P else 0, D, bool(causal),
                  float(sm_scale), True)
-    return _PrefixAttention.apply(q, k, v, bank_k, bank_v, scale, idx, None, cu, meta)
+    return _PrefixAttention.apply(q, k, v, bank_k, bank_v, scale, idx, None, cu, plen, meta)

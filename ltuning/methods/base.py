@@ -93,6 +93,11 @@ class Method(nn.Module):
         """Per-layer (B, P) scales or None (gated prefixes)."""
         return None
 
+    def prefix_lengths(self):
+        """(N,) real length of each bank entry of a right-padded bank (the rest is masked in attention), or None
+        when every entry uses all P positions."""
+        return None
+
     def prompts(self):
         """``(embeds (N, P, d), mask (N, P) bool)`` (kind ``"prompt"``)."""
         raise NotImplementedError

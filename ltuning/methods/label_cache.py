@@ -19,7 +19,12 @@ def encode_texts(base, tokenizer, texts, capture_kv: bool = False):
     plus ``(keys, values)`` with ``capture_kv`` (needs the ltuning attention enabled on ``base``)."""
     global ENCODE_CALLS
     ENCODE_CALLS += 1
-    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    side = getattr(tokenizer, "padding_side", "right")
+    try:  # right padding: real tokens first, so an entry's length says which bank positions are real
+        tokenizer.padding_side = "right"
+        batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
     dev = base.get_input_embeddings().weight.device
     ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
     capture = {} if capture_kv else None

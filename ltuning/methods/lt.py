@@ -7,16 +7,19 @@ h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter text
   Our reading of F and Z (the paper leaves them open):
   * F_theta, self-attention pooling that keeps the l positions:
       a = softmax_t(h_k w) over real tokens,  F(h_k)_t = (n_k * a_t) * h_{k,t}
-    (n_k real tokens; w is zero-initialised, so F starts as the identity on real tokens and maps padding
-    positions to 0, which Z turns into learned label-independent filler tokens).
+    (n_k real tokens; w is zero-initialised, so F starts as the identity on real tokens). Padding positions
+    of shorter label texts are masked in attention (``mask_label_padding=True``, per-entry prefix lengths in
+    the kernels): label k's prefix has n_k tokens, not l. Before that option they entered as Z(0), learned
+    label-independent filler tokens; adapters saved then still load that way.
   * Z_psi, a per-token MLP: Linear(d, r) -> tanh -> Linear(r, layers * 2 * kv_dim): l prefix tokens per
     layer per label.
   ``variant="kv"`` (ours, for decoders): the frozen model's OWN per-layer keys/values of y_k, captured in the
   same single batched forward as h_k, are the prefix, adapted per layer like SK-Tuning's text cache:
       K'_{k,i} = K_{k,i} (I + dWk_i) + bk_i,  V'_{k,i} = V_{k,i} (I + dWv_i) + bv_i   (dW, b zero-initialised)
   so training starts from what the model computes on "[y_k ; x]" (use ``position_offset="prefix"``).
-  F_theta/Z_psi collapse to the frozen layers' K/V maps; padding positions of shorter label texts keep the
-  K/V the model computes at pad tokens (filler). Motivation: on SmolLM2 an MLP-generated prefix moves K/V far
+  F_theta/Z_psi collapse to the frozen layers' K/V maps; padding positions of shorter label texts are masked
+  and the input's positions start right after its own label text, so scoring x against y_k is exactly the
+  frozen model on "[y_k ; x]" at initialisation, whatever the label lengths (tested). Motivation: on SmolLM2 an MLP-generated prefix moves K/V far
   from the model's own statistics (a linear probe on lt-prefix features drops to 57 % on SST-2 vs 74 %
   without a prefix, ``benchmarks/feature_probe.py``), while the model's own K/V of a text keep them (75 %).
   ``variant="published"`` follows the released code instead: every token squashed to one scalar
@@ -74,9 +77,15 @@ class LTConfig(MethodConfig):
 class LTPrefixConfig(LTConfig):
     """``variant``: "kv", "pooling" or "published"; None picks by family ("kv" for decoders, "pooling" for
     encoders, as measured). ``position_offset`` None: "prefix" for "kv" (the input continues after the label
-    text), else "zero". Both are resolved into the config when the method is built (the adapter records them)."""
+    text), else "zero". Both are resolved into the config when the method is built (the adapter records them).
+    ``mask_label_padding``: label texts of unequal token counts are right-padded to one length l; attention then
+    sees only each label's real tokens (per-entry prefix lengths in the kernels) and, with position_offset
+    "prefix", the input's positions start right after its own label text. Adapters saved before the option
+    existed load with False (the pad positions stay visible, as they were trained)."""
     variant: Optional[str] = None
     position_offset: Optional[str] = None
+    mask_label_padding: bool = True
+    legacy_defaults: ClassVar[dict] = {"mask_label_padding": False}
 
 
 @dataclass
@@ -145,6 +154,12 @@ class LTPrefix(LabelConditioned):
         h, m = self.label_hidden, self.label_mask
         a = self.pool(h).squeeze(-1).masked_fill(~m, float("-inf")).softmax(-1)
         return h * (a * m.sum(-1, keepdim=True))[..., None]
+
+    def prefix_lengths(self):
+        """(K,) token counts of the label texts when they differ (masked padding), else None."""
+        if not self.config.mask_label_padding or bool(self.label_mask.all()):
+            return None
+        return self.label_mask.sum(-1)
 
     def prefix(self):
         if self.config.variant == "kv":

@@ -22,12 +22,14 @@ IMPL_NAME = "ltuning"
 @dataclass
 class PrefixInputs:
     """The prefix for one forward: per-layer banks ``keys[l]``/``values[l]`` (N, Hkv, P, D), shared by all rows;
-    ``index`` (B,) selects the entry of each row; ``scales[l]`` optional (B, P) per-row gates; ``backend``."""
+    ``index`` (B,) selects the entry of each row; ``scales[l]`` optional (B, P) per-row gates; ``backend``;
+    ``lengths`` optional (N,) real length of each entry of a right-padded bank (same for every layer)."""
     keys: Sequence[torch.Tensor]
     values: Sequence[torch.Tensor]
     index: torch.Tensor
     scales: Optional[Sequence[Optional[torch.Tensor]]] = None
     backend: str = "auto"
+    lengths: Optional[torch.Tensor] = None
 
 
 def ltuning_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -48,7 +50,7 @@ def ltuning_attention_forward(module, query, key, value, attention_mask, scaling
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
     causal = bool(getattr(module, "is_causal", False))
-    bank_k = bank_v = idx = scale = None
+    bank_k = bank_v = idx = scale = lengths = None
     backend = "auto"
     if ltuning_prefix is not None:
         layer = module.layer_idx
@@ -56,10 +58,11 @@ def ltuning_attention_forward(module, query, key, value, attention_mask, scaling
         if ltuning_prefix.scales is not None:
             scale = ltuning_prefix.scales[layer]
         backend = ltuning_prefix.backend
+        lengths = ltuning_prefix.lengths
         if bank_k is not None and bank_k.dtype != query.dtype:
             bank_k, bank_v = bank_k.to(query.dtype), bank_v.to(query.dtype)
     out = prefix_attention(query, key, value, bank_k, bank_v, idx, key_padding_mask=attention_mask, causal=causal,
-                           prefix_scale=scale, softmax_scale=scaling, backend=backend)
+                           prefix_scale=scale, softmax_scale=scaling, prefix_lengths=lengths, backend=backend)
     return out.transpose(1, 2), None
 
 
