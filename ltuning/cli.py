@@ -31,6 +31,12 @@ METHOD_FLAGS = {
     "num_task_experts": "cgc-lora: task-specific experts E_t per task per adapted Linear",
     "task_embedding_dim": "cgc-lora: size of the task embedding e_t that drives the gate",
 }
+METHOD_SWITCHES = {  # boolean config fields: --name / --no-name (default: the method's own)
+    "mask_label_padding": "lt-prefix: hide the padding of label texts of unequal token counts from attention",
+    "scale_to_embeddings": "lt-prompt: scale the label MLP's output to the label embeddings' rms",
+    "residual": "lt-prompt: prompt = label embeddings + MLP (else the MLP alone)",
+    "projection": "sk-prompt: a trainable Linear(d, d) on the prompt",
+}
 
 
 def _add_model_args(p):
@@ -79,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "lora_alpha", "num_common_experts", "num_task_experts",
                                        "task_embedding_dim") else {}
         t.add_argument("--" + name.replace("_", "-"), default=None, help=help_, **kw)
+    for name, help_ in METHOD_SWITCHES.items():
+        t.add_argument("--" + name.replace("_", "-"), default=None, action=argparse.BooleanOptionalAction, help=help_)
 
     e = sub.add_parser("eval", help="evaluate a trained adapter; prints metrics as JSON on the last line")
     e.add_argument("--adapter", required=True, help="directory written by 'ltuning train'")
@@ -107,10 +115,10 @@ def cmd_train(a) -> dict:
     from .methods import method_class
 
     fields = set(method_class(a.method).config_class.__dataclass_fields__)
-    opts = {k: getattr(a, k) for k in METHOD_FLAGS if getattr(a, k) is not None}
+    opts = {k: getattr(a, k) for k in (*METHOD_FLAGS, *METHOD_SWITCHES) if getattr(a, k) is not None}
     bad = set(opts) - fields
     if bad:
-        raise SystemExit(f"ltuning train: --{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
+        raise ValueError(f"--{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
     lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 1e-3)
     if "," in a.data:
         from .multitask import cmd_train as train_tasks

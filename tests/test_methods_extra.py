@@ -318,7 +318,9 @@ def fresh_minilm(minilm, monkeypatch):
 
 @pytest.mark.parametrize("method,flags", [
     ("sk-prefix", ["--task-text", "Is this movie review positive or negative?"]),
-    ("sk-prompt", []),
+    ("sk-prompt", ["--projection"]),
+    ("lt-prompt", ["--no-scale-to-embeddings"]),
+    ("lt-prefix", ["--no-mask-label-padding", "--variant", "kv"]),
     ("apt", ["--num-virtual-tokens", "4"]),
     ("fl", ["--num-units", "8"]),
     ("lora", ["--r", "4", "--lora-alpha", "8"]),
@@ -335,6 +337,17 @@ def test_cli_train_every_method(fresh_minilm, sst2_dir, tmp_path, method, flags)
     cfg = json.loads((out / "adapter_config.json").read_text())["method_config"]
     if method == "cgc-lora":
         assert cfg["target_modules"] == ["query", "key", "value"]
+    switches = {"sk-prompt": ("projection", True), "lt-prompt": ("scale_to_embeddings", False),
+                "lt-prefix": ("mask_label_padding", False)}
+    if method in switches:  # --name / --no-name reach the config
+        name, value = switches[method]
+        assert cfg[name] is value
+
+
+def test_cli_switch_of_another_method_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", "--model", "minilm-l6", "--method", "prefix", "--data", str(tmp_path), "--out",
+               str(tmp_path / "o"), "--no-scale-to-embeddings"])
+    assert rc == 2 and "--scale-to-embeddings does not apply to --method prefix" in capsys.readouterr().err
 
 
 def test_cli_multitask_cgc_lora(fresh_minilm, sst2_dir, tmp_path, capsys):
