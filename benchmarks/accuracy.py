@@ -122,6 +122,40 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
             "train_examples": hist["train_examples"], "dev_examples": len(dev), "wall_seconds": time.time() - t0}
 
 
+def same_budget(old, new):
+    """False if the budgets differ in anything but ``sweep`` (older JSONs recorded it); None if old is None."""
+    if old is None:
+        return None
+    return {k: v for k, v in old.items() if k != "sweep"} == new
+
+
+def same_run(runs: list, key: tuple, sweep: bool):
+    """A copy of the run ``key`` = (model, task, method, seed, swept, lr), relabelled as a sweep run or as a table
+    run (``sweep``), or None. A sweep's seed-0 run at the picked lr is exactly the table's seed-0 run (same
+    config, data sample and seed), so it is reused instead of trained twice; the copy says so."""
+    model, task, method, seed, swept, lr = key
+    for r in runs:
+        if (r["model"], r["task"], r["method"], r["seed"], bool(r.get("sweep")), r["lr"]) == key:
+            return dict(r, sweep=sweep, copied_from="table run" if sweep else "sweep run")
+    return None
+
+
+def sweep_markdown(runs: list) -> str:
+    """Validation score (the selection criterion) and dev score per swept lr; * marks the row's pick."""
+    swept = sorted({(r["model"], r["task"], r["method"]) for r in runs if r.get("sweep")})
+    if not swept:
+        return ""
+    out = ["\n**Learning-rate sweeps** (seed 0; pick = best validation score on the split carved from train; "
+           "validation / dev, %)\n", "| model | task | method | lr: validation / dev |", "|---|---|---|---|"]
+    for model, task, method in swept:
+        pick = row_lr(runs, model, task, method)
+        pts = sorted((r["lr"], r["best_val"], r["score"]) for r in runs if r.get("sweep")
+                     and (r["model"], r["task"], r["method"]) == (model, task, method))
+        cells = ", ".join(f"{'*' if lr == pick else ''}{lr:g}: {100 * v:.1f} / {100 * d:.1f}" for lr, v, d in pts)
+        out.append(f"| {model} | {task} | {method.replace('|', chr(92) + '|')} | {cells} |")
+    return "\n".join(out) + "\n"
+
+
 def row_lr(runs: list, model: str, task: str, method: str) -> float:
     """The lr a table row reports: the sweep's pick (best validation score) if the row was swept, else the
     default (``default_lr``). Runs at any other lr stay in the JSON but are not averaged into the row."""
@@ -285,13 +319,14 @@ def main(argv=None) -> int:
     models, tasks, methods = a.models.split(","), a.tasks.split(","), a.methods.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    # --sweep is not part of the budget: swept and unswept rows share one JSON (row_lr picks each row's lr)
     budget = {k: getattr(a, k) for k in ("max_train", "max_dev", "epochs", "batch_size", "head_lr", "max_length",
-                                         "dtype", "sweep")}
+                                         "dtype")}
     state = {"runs": []}
     if os.path.isfile(a.out) and not a.fresh:
         with open(a.out) as f:
             state = json.load(f)
-        if state.get("budget") != budget:
+        if same_budget(state.get("budget"), budget) is False:
             print(f"{a.out} was made with another budget; starting afresh", file=sys.stderr)
             state = {"runs": []}
     cmd = " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:]))
@@ -304,7 +339,7 @@ def main(argv=None) -> int:
     for path in filter(None, a.include.split(",")):
         with open(path) as f:
             other = json.load(f)
-        if other.get("budget") != budget:
+        if same_budget(other.get("budget"), budget) is False:
             raise SystemExit(f"{path}: made with budget {other.get('budget')}, not {budget}")
         have = {key(r) for r in state["runs"]}
         state["runs"] += [r for r in other["runs"] if key(r) not in have]
@@ -334,7 +369,8 @@ def main(argv=None) -> int:
                     grid = LR_GRID.get(parse_method(method)[0], LR_GRID_DEFAULT)
                     for g in grid:
                         if (model, task, method, seeds[0], True, g) not in done:
-                            r = run_one(bases, model, task, method, seeds[0], g, a)
+                            r = same_run(state["runs"], (model, task, method, seeds[0], False, g), sweep=True)
+                            r = r or run_one(bases, model, task, method, seeds[0], g, a)
                             r["sweep"] = True
                             state["runs"].append(r)
                             atomic_json(a.out, state)
@@ -345,7 +381,8 @@ def main(argv=None) -> int:
                         continue
                     if not a.sweep and not claim(a.claims, model, task, method, seed):
                         continue
-                    r = run_one(bases, model, task, method, seed, lr, a)
+                    r = same_run(state["runs"], (model, task, method, seed, True, lr), sweep=False) if a.sweep else None
+                    r = r or run_one(bases, model, task, method, seed, lr, a)
                     state["runs"].append(r)
                     atomic_json(a.out, state)
                     print(f"{model} {task} {method} seed={seed} lr={lr}: {r['metric']} {100 * r['score']:.1f} "
@@ -358,7 +395,7 @@ def main(argv=None) -> int:
     state["wall_seconds_this_invocation"] = time.time() - t_start
     state["date"] = time.strftime("%Y-%m-%d")
     atomic_json(a.out, state)
-    md = markdown(rows, methods, tasks, models)
+    md = markdown(rows, methods, tasks, models) + sweep_markdown(state["runs"])
     with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
         f.write(md)
     plot(rows, methods, tasks, models, os.path.splitext(a.out)[0] + ".png")

@@ -111,3 +111,27 @@ def test_accuracy_jobs_share_one_queue(tmp_path, minilm, sst2_dir):
     assert sorted(r["seed"] for r in runs) == [0, 1, 2]
     assert {r["seed"]: r["wall_seconds"] for r in runs if r["seed"] < 2} == first  # not rerun
     assert "| linear-probe | " in (tmp_path / "jobs.md").read_text()
+
+
+def test_accuracy_sweep_reuses_runs_and_reports_the_pick(tmp_path, minilm, sst2_dir):
+    """--sweep: the grid point at an lr the table already ran (seed 0) is reused, not retrained; the row then
+    reports 2 seeds at the pick (best validation score), the pick's seed-0 run being the sweep's own; the
+    Markdown lists validation / dev per lr."""
+    acc = _load("accuracy")
+    out = tmp_path / "sw.json"
+    base = ["--models", "minilm-l6", "--tasks", "sst2", "--methods", "linear-probe", "--max-train", "80",
+            "--max-dev", "64", "--epochs", "1", "--out", str(out), "--data", os.path.dirname(sst2_dir)]
+    assert acc.main(base + ["--seeds", "0"]) == 0
+    assert acc.main(base + ["--seeds", "0,1", "--sweep"]) == 0
+    state = json.loads(out.read_text())
+    runs = state["runs"]
+    grid = acc.LR_GRID["linear-probe"]
+    assert sorted(r["lr"] for r in runs if r.get("sweep")) == sorted(grid)
+    assert [r["copied_from"] for r in runs if r.get("sweep") and r["lr"] == 1e-2] == ["table run"]
+    trained = [r for r in runs if "copied_from" not in r]
+    pick = max((r for r in runs if r.get("sweep")), key=lambda r: r["best_val"])["lr"]
+    assert len(trained) == 1 + (len(grid) - 1) + 1  # table seed 0, the other grid points, seed 1 at the pick
+    row = next(r for r in state["table"] if r["method"] == "linear-probe")
+    assert (row["lr"], row["seeds"]) == (pick, 2)
+    md = (tmp_path / "sw.md").read_text()
+    assert "Learning-rate sweeps" in md and f"*{pick:g}:" in md
