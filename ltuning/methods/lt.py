@@ -156,10 +156,16 @@ class LTPrefix(LabelConditioned):
         return h * (a * m.sum(-1, keepdim=True))[..., None]
 
     def prefix_lengths(self):
-        """(K,) token counts of the label texts when they differ (masked padding), else None."""
-        if not self.config.mask_label_padding or bool(self.label_mask.all()):
+        """(K,) token counts of the label texts when they differ (masked padding), else None. A constant of the
+        label cache: worked out once per cache (no device sync per forward)."""
+        if not self.config.mask_label_padding:
             return None
-        return self.label_mask.sum(-1)
+        m = self.label_mask
+        key = (m.data_ptr(), m._version, m.device)
+        if getattr(self, "_lengths_key", None) != key:
+            self._lengths = None if bool(m.all()) else m.sum(-1)
+            self._lengths_key = key
+        return self._lengths
 
     def prefix(self):
         if self.config.variant == "kv":
