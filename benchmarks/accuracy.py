@@ -157,10 +157,13 @@ def sweep_markdown(runs: list) -> str:
 
 
 def row_lr(runs: list, model: str, task: str, method: str) -> float:
-    """The lr a table row reports: the sweep's pick (best validation score) if the row was swept, else the
-    default (``default_lr``). Runs at any other lr stay in the JSON but are not averaged into the row."""
+    """The lr a table row reports: the sweep's pick (best validation score; the default on a tie) if the row was
+    swept, else the default (``default_lr``). Runs at any other lr stay in the JSON but are not averaged into the row."""
     sw = [r for r in runs if r.get("sweep") and (r["model"], r["task"], r["method"]) == (model, task, method)]
-    return max(sw, key=lambda r: r["best_val"])["lr"] if sw else default_lr(method)
+    if not sw:
+        return default_lr(method)
+    # a tie (common: 50 validation examples score in steps of 2 %) keeps the default lr
+    return max(sw, key=lambda r: (r["best_val"], r["lr"] == default_lr(method)))["lr"]
 
 
 def summarize(runs: list) -> list:

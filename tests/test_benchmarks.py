@@ -64,11 +64,14 @@ def test_table_rows_average_only_the_rows_learning_rate():
     runs = [run("prefix", 1e-3, 0.8), run("prefix", 1e-3, 0.6, seed=1), run("prefix", 1e-2, 0.1),
             run("lt-prompt:lr=1e-4", 1e-4, 0.9), run("lt-prompt:lr=1e-4", 1e-3, 0.2),
             run("fl", 3e-3, 0.0, sweep=True, val=0.9), run("fl", 1e-3, 0.0, sweep=True, val=0.7),
-            run("fl", 1e-3, 0.3), run("fl", 3e-3, 0.7)]
+            run("fl", 1e-3, 0.3), run("fl", 3e-3, 0.7),
+            run("apt", 3e-4, 0.0, sweep=True, val=0.8), run("apt", 1e-3, 0.0, sweep=True, val=0.8),
+            run("apt", 1e-3, 0.6), run("apt", 3e-4, 0.9)]
     rows = {r["method"]: r for r in acc.summarize(runs)}
     assert (rows["prefix"]["seeds"], round(rows["prefix"]["mean"], 6), rows["prefix"]["lr"]) == (2, 70.0, 1e-3)
     assert (rows["lt-prompt:lr=1e-4"]["seeds"], rows["lt-prompt:lr=1e-4"]["mean"]) == (1, 90.0)
     assert (rows["fl"]["seeds"], rows["fl"]["mean"], rows["fl"]["lr"]) == (1, 70.0, 3e-3)
+    assert (rows["apt"]["lr"], rows["apt"]["mean"]) == (1e-3, 60.0)  # a validation tie keeps the default lr
 
 
 def test_multitask_report_from_finished_runs(tmp_path):
@@ -129,7 +132,9 @@ def test_accuracy_sweep_reuses_runs_and_reports_the_pick(tmp_path, minilm, sst2_
     assert sorted(r["lr"] for r in runs if r.get("sweep")) == sorted(grid)
     assert [r["copied_from"] for r in runs if r.get("sweep") and r["lr"] == 1e-2] == ["table run"]
     trained = [r for r in runs if "copied_from" not in r]
-    pick = max((r for r in runs if r.get("sweep")), key=lambda r: r["best_val"])["lr"]
+    pick = acc.row_lr(runs, "minilm-l6", "sst2", "linear-probe")
+    best = max(r["best_val"] for r in runs if r.get("sweep"))
+    assert [r["best_val"] for r in runs if r.get("sweep") and r["lr"] == pick] == [best]
     assert len(trained) == 1 + (len(grid) - 1) + 1  # table seed 0, the other grid points, seed 1 at the pick
     row = next(r for r in state["table"] if r["method"] == "linear-probe")
     assert (row["lr"], row["seeds"]) == (pick, 2)
