@@ -344,6 +344,20 @@ def test_cli_train_every_method(fresh_minilm, sst2_dir, tmp_path, method, flags)
         assert cfg[name] is value
 
 
+def test_cli_linear_probe_trains_its_head_at_lr(fresh_minilm, sst2_dir, tmp_path):
+    """linear-probe has no parameters but its head: --lr is the head's learning rate (not silently ignored)."""
+    from safetensors.torch import load_file
+    heads = []
+    for lr in ("1e-5", "1e-1"):
+        out = tmp_path / lr
+        assert main(["train", "--model", "minilm-l6", "--method", "linear-probe", "--data", sst2_dir, "--out", str(out),
+                     "--max-train-examples", "24", "--max-dev-examples", "8", "--max-steps", "2", "--batch-size", "8",
+                     "--max-length", "32", "--quiet", "--lr", lr, "--patience", "100"]) == 0
+        heads.append(load_file(str(out / "adapter.safetensors")))
+    assert heads[0].keys() == heads[1].keys()
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
 def test_cli_switch_of_another_method_is_a_clear_error(tmp_path, capsys):
     rc = main(["train", "--model", "minilm-l6", "--method", "prefix", "--data", str(tmp_path), "--out",
                str(tmp_path / "o"), "--no-scale-to-embeddings"])
