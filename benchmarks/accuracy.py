@@ -108,9 +108,8 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
                              label_texts=texts, **opts)
     t0 = time.time()
     try:
-        # linear-probe trains only its head: its row lr (default 1e-2 = --head-lr's default) is the head's lr
-        head_lr = lr if name == "linear-probe" else a.head_lr
-        hist = clf.fit(train, progress=False, epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=head_lr,
+        # linear-probe trains only its head, at lr (param_groups); head_lr is the head's rate for the others
+        hist = clf.fit(train, progress=False, epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr,
                        seed=seed, dtype=a.dtype, select_metric=TASK_METRIC[task])
         m = clf.evaluate(dev, batch_size=64)
     finally:

@@ -39,13 +39,6 @@ METHOD_SWITCHES = {  # boolean config fields: --name / --no-name (default: the m
 }
 
 
-def resolve_head_lr(a, lr: float) -> float:
-    """--head-lr if given; else --lr for linear-probe (the head is all it trains) and 1e-2 for the others."""
-    if a.head_lr is not None:
-        return a.head_lr
-    return lr if a.method == "linear-probe" else 1e-2
-
-
 def _add_model_args(p):
     p.add_argument("--model", default="minilm-l6",
                    help="base model: smollm2-135m, minilm-l6 (offline, from PyPI packages) or a hub id / path")
@@ -56,6 +49,7 @@ def _add_model_args(p):
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
+    from .training import DEFAULT_HEAD_LR
 
     ap = argparse.ArgumentParser(prog="ltuning", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -73,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, default=3.0, help="passes over the training data")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     t.add_argument("--lr", type=float, default=None, help=f"learning rate (default by method: {DEFAULT_LR})")
-    t.add_argument("--head-lr", type=float, default=None,
-                   help="learning rate of the classification / scoring head (default 1e-2; for linear-probe, whose "
-                        "only parameters are the head, --lr)")
+    t.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
+                   help="learning rate of the classification / scoring head next to the method's other trainables "
+                        "(linear-probe trains only its head, at --lr)")
     t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (never on prefixes/prompts)")
     t.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps of linear warm-up")
     t.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"], help="decay after warm-up")
@@ -142,7 +136,7 @@ def cmd_train(a) -> dict:
     clf = Classifier(a.model, a.method, label_texts=parse_label_texts(a.label_text), dtype=a.dtype,
                      max_length=a.max_length, **opts)
     hist = clf.fit(train, out_dir=a.out, resume=a.resume, val_fraction=a.val_fraction, progress=not a.quiet,
-                   epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=resolve_head_lr(a, lr), weight_decay=a.weight_decay,
+                   epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr, weight_decay=a.weight_decay,
                    warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype, eval_every=a.eval_every,
                    patience=a.patience, seed=a.seed, gradient_checkpointing=a.gradient_checkpointing,
                    max_steps=a.max_steps)

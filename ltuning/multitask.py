@@ -120,8 +120,7 @@ def cmd_train(a, method_options: dict, lr: float) -> dict:
     decoder = router.info.causal
     tr_ids, tr_y = encode_tasks({t: s[0] for t, s in split.items()}, labels, tok, a.max_length, decoder)
     va_ids, va_y = encode_tasks({t: s[1] for t, s in split.items()}, labels, tok, a.max_length, decoder)
-    head_lr = 1e-2 if a.head_lr is None else a.head_lr
-    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=head_lr,
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr,
                       weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype,
                       eval_every=a.eval_every, patience=a.patience, seed=a.seed,
                       gradient_checkpointing=a.gradient_checkpointing, max_steps=a.max_steps)

@@ -20,6 +20,9 @@ from .inference import autocast, predict_scores
 from .metrics import classification_metrics
 
 
+DEFAULT_HEAD_LR = 1e-2  # the head's learning rate next to other trainables (CLI, multi-task, benchmarks)
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 3.0
@@ -40,14 +43,27 @@ class TrainConfig:
     max_steps: Optional[int] = None
 
 
+def no_decay_names(model) -> set:
+    """Parameters that take no weight decay besides the rule in ``param_groups``: those a module lists in its
+    ``no_weight_decay`` attribute (leaf names, e.g. a stacked per-layer bias not called ``*bias``)."""
+    return {f"{mod_name}.{leaf}" if mod_name else leaf
+            for mod_name, mod in model.named_modules() for leaf in getattr(mod, "no_weight_decay", ())}
+
+
 def param_groups(model, cfg: TrainConfig) -> list:
-    """Weight decay only on matrices of Linear layers: never on prefixes, prompts, embeddings or biases."""
+    """AdamW groups. Weight decay only on weight matrices (ndim >= 2): never on prefixes, prompts, embeddings or
+    biases (also stacked per-layer ones: leaf names containing ``bias`` or listed by ``no_weight_decay``).
+    The head (parameters named ``head.*``) trains at ``cfg.head_lr`` when that is set and the model also trains
+    something else; a model that trains nothing but its head (linear probe) has one rate, ``cfg.lr``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head_only = all(n.startswith("head.") for n, _ in named)
+    skip = no_decay_names(model)
     groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.ndim >= 2 and "embedding" not in name and cfg.weight_decay > 0
-        head = name.startswith("head.") and cfg.head_lr is not None
+    for name, p in named:
+        leaf = name.rsplit(".", 1)[-1]
+        decay = (p.ndim >= 2 and "embedding" not in name and "bias" not in leaf and name not in skip
+                 and cfg.weight_decay > 0)
+        head = name.startswith("head.") and cfg.head_lr is not None and not head_only
         key = (decay, head)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,

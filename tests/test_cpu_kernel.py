@@ -146,6 +146,10 @@ def test_prefix_lengths_hide_the_padded_bank_positions():
         cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, prefix_lengths=torch.tensor([1, 2, 3]))
     with pytest.raises(RuntimeError, match="prefix_lengths"):
         cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, prefix_lengths=torch.tensor([1, 12]))
+    cu = torch.tensor([0, 3, 6])  # varlen (two sequences of 3 tokens): the same one-line check
+    packed = [t[:2, :, :3].transpose(1, 2).reshape(6, t.shape[1], t.shape[3]) for t in (q, k, v)]
+    with pytest.raises(ValueError, match=r"prefix_lengths must be an \(N=2,\) integer tensor"):
+        cpa.prefix_attention_varlen_cpu(*packed, cu, bk, bv, idx[:2], prefix_lengths=torch.tensor([1.0, 2.0]))
 
 
 def test_no_prefix_and_padding_only_rows():

@@ -119,3 +119,41 @@ def test_interrupted_training_resumes_to_the_same_adapter(minilm, tmp_path, monk
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+
+
+def test_param_groups_head_lr_and_weight_decay():
+    """The head trains at head_lr next to other trainables; a head-only model (linear probe) at lr; no weight
+    decay on prefixes/embeddings/biases; frozen parameters in no group."""
+    import torch
+    from ltuning.training import TrainConfig, param_groups
+
+    class M(torch.nn.Module):
+        def __init__(self, with_prefix):
+            super().__init__()
+            self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+            self.embedding = torch.nn.Parameter(torch.zeros(3, 4)) if with_prefix else None  # prefix / prompt
+            self.head = torch.nn.Linear(4, 2)
+
+    cfg = TrainConfig(lr=1e-3, head_lr=5e-2, weight_decay=0.1)
+    groups = param_groups(M(True), cfg)
+    by_lr_wd = {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}
+    assert by_lr_wd == {(1e-3, 0.0): 1, (5e-2, 0.1): 1, (5e-2, 0.0): 1}  # prefix; head weight; head bias
+    groups = param_groups(M(False), cfg)
+    assert {g["lr"] for g in groups} == {1e-3} and sum(len(g["params"]) for g in groups) == 2
+
+
+def test_param_groups_never_decay_stacked_biases():
+    """Per-layer biases stored as (layers, dim) tensors are biases: no weight decay (sk, apt, fl on BERT)."""
+    import ltuning
+    from ltuning.training import TrainConfig, param_groups
+    for method, biases in (("sk-prefix", {"key_bias", "value_bias"}), ("apt", {"gate_bias"}), ("fl", {"b_in"})):
+        clf = ltuning.Classifier("minilm-l6", method, max_length=32)
+        model = clf.build(["negative", "positive"])
+        try:
+            decayed = {id(p) for g in param_groups(model, TrainConfig(weight_decay=0.1)) if g["weight_decay"]
+                       for p in g["params"]}
+            names = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if id(p) in decayed}
+            assert names and not names & biases, (method, names)
+            assert all(p.ndim >= 2 for n, p in model.named_parameters() if id(p) in decayed)
+        finally:
+            ltuning.unpatch(model)

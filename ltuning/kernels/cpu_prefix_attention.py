@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import _check, prefix_attention_reference, prefix_attention_varlen_reference
+from .reference import _check, check_prefix_lengths, prefix_attention_reference, prefix_attention_varlen_reference
 
 _SRC = Path(__file__).resolve().parents[2] / "csrc" / "prefix_attention.cpp"
 _ISA_FLAGS = {
@@ -199,9 +199,7 @@ def prefix_attention_varlen_cpu(q, k, v, cu_seqlens, bank_k=None, bank_v=None, p
         raise ValueError(f"prefix_idx must be a (B={B},) integer tensor")
     if prefix_scale is not None and prefix_scale.shape != (B, P):
         raise ValueError(f"prefix_scale must be (B={B}, P={P}); got {tuple(prefix_scale.shape)}")
-    if prefix_lengths is not None and (prefix_lengths.shape != (bank_k.shape[0] if P else 0,)
-                                       or prefix_lengths.is_floating_point()):
-        raise ValueError(f"prefix_lengths must be an (N,) integer tensor; got {tuple(prefix_lengths.shape)}")
+    check_prefix_lengths(prefix_lengths, bank_k)
     if not is_available():
         return prefix_attention_varlen_reference(q, k, v, cu_seqlens, bank_k, bank_v, prefix_idx, causal=causal,
                                                  prefix_scale=prefix_scale, softmax_scale=softmax_scale,

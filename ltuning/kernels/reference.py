@@ -54,12 +54,18 @@ def _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale, 
         raise ValueError(f"key_padding_mask must be (B={B}, Lk={Lk}); got {tuple(key_padding_mask.shape)}")
     if prefix_scale is not None and prefix_scale.shape != (B, P):
         raise ValueError(f"prefix_scale must be (B={B}, P={P}); got {tuple(prefix_scale.shape)}")
-    if prefix_lengths is not None:
-        N = bank_k.shape[0] if bank_k is not None else 0
-        if prefix_lengths.shape != (N,) or prefix_lengths.is_floating_point():
-            raise ValueError(f"prefix_lengths must be an (N={N},) integer tensor; got {tuple(prefix_lengths.shape)} "
-                             f"{prefix_lengths.dtype}")
+    check_prefix_lengths(prefix_lengths, bank_k)
     return B, Hq, Lq, D, Hkv, Lk, P
+
+
+def check_prefix_lengths(prefix_lengths, bank_k) -> None:
+    """``prefix_lengths`` is None or an (N,) integer tensor, N = bank entries (0 without a bank)."""
+    if prefix_lengths is None:
+        return
+    N = bank_k.shape[0] if bank_k is not None else 0
+    if prefix_lengths.shape != (N,) or prefix_lengths.is_floating_point():
+        raise ValueError(f"prefix_lengths must be an (N={N},) integer tensor; got {tuple(prefix_lengths.shape)} "
+                         f"{prefix_lengths.dtype}")
 
 
 def visible_mask(B, Lq, Lk, P, key_padding_mask=None, causal=False, device=None, row_prefix_lengths=None):

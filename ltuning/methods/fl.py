@@ -36,6 +36,7 @@ class FLConfig(MethodConfig):
 class FLTuning(Method):
     config_class = FLConfig
     kind = "none"
+    no_weight_decay = ("b_in",)  # the extra units' stacked bias (n, m): a bias, though 2-D
 
     def __init__(self, config: FLConfig, info, base, tokenizer, cache=None):
         super().__init__(config, info, base, tokenizer, cache)
