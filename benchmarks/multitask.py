@@ -40,7 +40,7 @@ def run(out: str, method: str, tasks: list, seed: int, a) -> dict:
                "--data", ",".join(os.path.join(a.data, t) for t in tasks), "--out", out,
                "--max-train-examples", str(a.max_train), "--max-dev-examples", str(a.max_dev),
                "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
-               "--seed", str(seed), "--quiet"]
+               "--seed", str(seed), "--select-metric", "accuracy", "--quiet"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     with open(path) as f:
@@ -82,8 +82,8 @@ def report(results: dict, tasks: list, seeds: list, a) -> str:
     n = len(seeds)
     lines.append("")
     lines.append(f"Mean ± std over {n} seed(s) ({', '.join(map(str, seeds))}); {a.model}, {a.max_train} training "
-                 f"examples per task (a validation split carved from them, 10 % but at least 50, picks the best "
-                 f"step), "
+                 f"examples per task (a validation split carved from them, 10 % but at least 50, picks the step "
+                 f"of best validation accuracy), "
                  f"{a.max_dev} dev examples per task, {a.epochs:g} epochs, batch {a.batch_size}, lr {a.lr:g}.")
     return "\n".join(lines)
 

@@ -49,7 +49,7 @@ def _add_model_args(p):
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
-    from .training import DEFAULT_HEAD_LR
+    from .training import DEFAULT_HEAD_LR, SELECT_METRICS
 
     ap = argparse.ArgumentParser(prog="ltuning", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from train")
     t.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: ~8 times a run)")
     t.add_argument("--patience", type=int, default=None, help="early stopping after N validations without gain")
+    t.add_argument("--select-metric", default="macro_f1", choices=list(SELECT_METRICS),
+                   help="validation metric that picks the best step (macro_f1: a constant prediction of the "
+                        "majority class, which accuracy can prefer on a small imbalanced split, scores low)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     t.add_argument("--resume", action="store_true", help="resume from OUT/checkpoint if present")
     t.add_argument("--label-text", action="append", default=[], metavar='NAME="TEXT"',
@@ -139,7 +142,7 @@ def cmd_train(a) -> dict:
                    epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr, weight_decay=a.weight_decay,
                    warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype, eval_every=a.eval_every,
                    patience=a.patience, seed=a.seed, gradient_checkpointing=a.gradient_checkpointing,
-                   max_steps=a.max_steps)
+                   max_steps=a.max_steps, select_metric=a.select_metric)
     m = clf.evaluate(dev, a.batch_size * 4, progress=not a.quiet)
     trainable, total = clf.model.count_parameters()
     metrics = {"model": a.model, "method": a.method, "data": a.data, "dev_examples": len(dev),

@@ -123,7 +123,8 @@ def cmd_train(a, method_options: dict, lr: float) -> dict:
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr,
                       weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype,
                       eval_every=a.eval_every, patience=a.patience, seed=a.seed,
-                      gradient_checkpointing=a.gradient_checkpointing, max_steps=a.max_steps)
+                      gradient_checkpointing=a.gradient_checkpointing, max_steps=a.max_steps,
+                      select_metric=a.select_metric)
     t0 = time.time()
     hist = fit(router, tr_ids, tr_y, va_ids, va_y, cfg, checkpoint_dir=a.out, resume=a.resume,
                progress=not a.quiet)

@@ -78,6 +78,29 @@ def test_lt_prefix_on_300_sst2_examples_beats_majority(minilm, sst2_dir):
     assert m["accuracy"] > majority + 0.05, (m, majority)
 
 
+@pytest.mark.parametrize("metric,best_step", [("macro_f1", 2), ("accuracy", 1)])
+def test_selection_metric_and_a_constant_majority_prediction(minilm, monkeypatch, metric, best_step):
+    """Step 1 predicts the validation majority for everything (62 % accuracy, 0 MCC), step 2 is a real classifier
+    at 60 % accuracy: the default metric (macro-F1) keeps step 2; accuracy keeps the constant step 1."""
+    import ltuning
+    from ltuning import training
+    from ltuning.metrics import classification_metrics
+
+    gold = [0] * 31 + [1] * 19
+    preds = iter([[0] * 50, [0] * 18 + [1] * 13 + [1] * 12 + [0] * 7])
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: classification_metrics(next(preds), gold, 2))
+    model, tok = minilm
+    recs = [{"text": f"sample {i}", "label": ["a", "b"][i % 2]} for i in range(32)]
+    clf = ltuning.Classifier("minilm-l6", "lt-prefix", base=model, tokenizer=tok, label_names=["a", "b"])
+    kw = {} if metric == "macro_f1" else {"select_metric": metric}
+    hist = clf.fit(recs, val=recs[:2], progress=False, batch_size=8, max_steps=2, eval_every=1, **kw)
+    ltuning.unpatch(clf.model)
+    assert hist["train_config"]["select_metric"] == metric
+    assert hist["best_step"] == best_step, hist["evals"]
+    with pytest.raises(ValueError, match="select_metric must be one of"):
+        training.TrainConfig(select_metric="f1")
+
+
 def test_interrupted_training_resumes_to_the_same_adapter(minilm, tmp_path, monkeypatch):
     """Kill training right after a checkpoint, resume from it: the final adapter equals an uninterrupted run."""
     import torch
