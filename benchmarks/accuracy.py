@@ -1,8 +1,9 @@
 """The accuracy table: methods x GLUE tasks x real models, mean +- std over seeds, on GLUE dev.
 
 Protocol: every method gets the same data budget (``--max-train`` examples sampled with the seed, the same
-epochs, batch size and schedule); model selection (best validation step, and the learning rate when
-``--sweep`` is on) uses a validation split carved from the training sample, never the reported dev set.
+epochs, batch size and schedule); model selection (the step of best validation accuracy, MCC on CoLA, and the
+learning rate when ``--sweep`` is on, its grid run at ``--grid-seed``) uses a validation split carved from the
+training sample, never the reported dev set.
 LT methods predict argmax over the K label-conditioned scores (paper A.4); the others use an ordinary head.
 Metrics: accuracy, and Matthews correlation for CoLA (the GLUE metric). Results are appended run by run to
 the JSON (atomically), so an interrupted table resumes where it stopped.
@@ -286,6 +287,8 @@ def run_workers(a, argv: list) -> list:
 
 
 def main(argv=None) -> int:
+    from ltuning.training import DEFAULT_HEAD_LR
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm-l6,smollm2-135m")
     ap.add_argument("--tasks", default="sst2,rte,cola")
@@ -296,10 +299,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-dev", type=int, default=None, help="evaluate on a fixed sample of dev (default: all)")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--head-lr", type=float, default=1e-2)
+    ap.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--sweep", action="store_true", help="pick each method's lr on the validation split (seed 0)")
+    ap.add_argument("--sweep", action="store_true", help="pick each method's lr on the validation split")
+    ap.add_argument("--grid-seed", type=int, default=0,
+                    help="seed of the sweep's grid runs (whatever --seeds lists: adding seeds to a swept row with "
+                         "--seeds 1,2 reuses the seed-0 grid already in --out/--include)")
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in --out")
@@ -372,9 +378,9 @@ def main(argv=None) -> int:
                 if a.sweep:
                     grid = LR_GRID.get(parse_method(method)[0], LR_GRID_DEFAULT)
                     for g in grid:
-                        if (model, task, method, seeds[0], True, g) not in done:
-                            r = same_run(state["runs"], (model, task, method, seeds[0], False, g), sweep=True)
-                            r = r or run_one(bases, model, task, method, seeds[0], g, a)
+                        if (model, task, method, a.grid_seed, True, g) not in done:
+                            r = same_run(state["runs"], (model, task, method, a.grid_seed, False, g), sweep=True)
+                            r = r or run_one(bases, model, task, method, a.grid_seed, g, a)
                             r["sweep"] = True
                             state["runs"].append(r)
                             atomic_json(a.out, state)

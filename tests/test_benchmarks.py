@@ -140,3 +140,7 @@ def test_accuracy_sweep_reuses_runs_and_reports_the_pick(tmp_path, minilm, sst2_
     assert (row["lr"], row["seeds"]) == (pick, 2)
     md = (tmp_path / "sw.md").read_text()
     assert "Learning-rate sweeps" in md and f"*{pick:g}:" in md
+    # a later seed added to the swept row reuses the seed-0 grid: one new run (seed 2 at the pick), no new grid
+    assert acc.main(base + ["--seeds", "2", "--sweep"]) == 0
+    again = json.loads(out.read_text())["runs"]
+    assert [(r["seed"], r["lr"]) for r in again[len(runs):]] == [(2, pick)]
