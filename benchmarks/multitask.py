@@ -88,7 +88,7 @@ def report(results: dict, tasks: list, seeds: list, a) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, tasks: list, seeds: list, path: str) -> None:
+def plot(results: dict, tasks: list, seeds: list, path: str, model: str = "") -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -110,7 +110,7 @@ def plot(results: dict, tasks: list, seeds: list, path: str) -> None:
     ax.set_xticks(range(len(tasks)), [t.upper() for t in tasks])
     ax.set_ylabel("dev accuracy (%)")
     ax.set_ylim(40, 90)
-    ax.set_title(f"multi-task, mean ± std over {len(seeds)} seeds")
+    ax.set_title(f"multi-task {model}, mean ± std over {len(seeds)} seeds".replace("  ", " "))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     os.replace(tmp, a.out)
     with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
         f.write(table + "\n")
-    plot(results, tasks, done, os.path.splitext(a.out)[0] + ".png")
+    plot(results, tasks, done, os.path.splitext(a.out)[0] + ".png", a.model)
 
 
 if __name__ == "__main__":
