@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from train")
     t.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: ~8 times a run)")
     t.add_argument("--patience", type=int, default=None, help="early stopping after N validations without gain")
-    t.add_argument("--select-metric", default="macro_f1", choices=list(SELECT_METRICS),
+    t.add_argument("--select-metric", default=SELECT_METRICS[0], choices=list(SELECT_METRICS),
                    help="validation metric that picks the best step (macro_f1: a constant prediction of the "
                         "majority class, which accuracy can prefer on a small imbalanced split, scores low)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")

@@ -40,7 +40,7 @@ class TrainConfig:
     dtype: str = "fp32"
     eval_every: Optional[int] = None
     patience: Optional[int] = None
-    select_metric: str = "macro_f1"
+    select_metric: str = SELECT_METRICS[0]
     seed: int = 0
     gradient_checkpointing: bool = False
     eval_batch_size: int = 64
