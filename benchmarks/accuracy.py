@@ -25,6 +25,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import sync_results  # noqa: E402  (beside this script)
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
 TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "cola": "mcc", "mrpc": "accuracy"}
@@ -406,8 +408,11 @@ def main(argv=None) -> int:
     state["date"] = time.strftime("%Y-%m-%d")
     atomic_json(a.out, state)
     md = markdown(rows, methods, tasks, models) + sweep_markdown(state["runs"])
-    with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
+    md_path = os.path.splitext(a.out)[0] + ".md"
+    with open(md_path, "w") as f:
         f.write(md)
+    for doc, src in sync_results.sync(only=md_path):  # RESULTS*.md blocks that embed this report
+        print(f"{doc}: {src} updated", file=sys.stderr)
     plot(rows, methods, tasks, models, os.path.splitext(a.out)[0] + ".png")
     print(md)
     return 0

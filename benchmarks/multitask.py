@@ -20,6 +20,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import sync_results  # noqa: E402  (beside this script)
 DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
 SETTINGS = ("cgc-lora", "shared-lora", "lora-per-task")
 
@@ -156,8 +158,11 @@ def main(argv=None) -> None:
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, a.out)
-    with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
+    md_path = os.path.splitext(a.out)[0] + ".md"
+    with open(md_path, "w") as f:
         f.write(table + "\n")
+    for doc, src in sync_results.sync(only=md_path):  # RESULTS*.md blocks that embed this report
+        print(f"{doc}: {src} updated", file=sys.stderr)
     plot(results, tasks, done, os.path.splitext(a.out)[0] + ".png", a.model)
 
 

@@ -144,3 +144,32 @@ def test_accuracy_sweep_reuses_runs_and_reports_the_pick(tmp_path, minilm, sst2_
     assert acc.main(base + ["--seeds", "2", "--sweep"]) == 0
     again = json.loads(out.read_text())["runs"]
     assert [(r["seed"], r["lr"]) for r in again[len(runs):]] == [(2, pick)]
+
+
+def test_results_docs_embed_the_current_reports(tmp_path):
+    """The tables in benchmarks/RESULTS*.md are copies of the reports the scripts write
+    (``<!-- report: results/X.md -->`` blocks): every committed copy equals its file, and sync_results rewrites
+    a stale block (only the named report's when asked), leaving the text around it alone."""
+    sync = _load("sync_results")
+    assert sync.stale() == [], "run: python benchmarks/sync_results.py"
+    embedded = set()
+    for doc in sync._docs(sync.HERE):
+        embedded |= {m["src"] for m in sync.BLOCK.finditer(open(doc, encoding="utf-8").read())}
+    assert {"results/accuracy.md", "results/multitask.md", "results/multitask_smollm2.md"} <= embedded
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "a.md").write_text("| new a |\n")
+    (tmp_path / "results" / "b.md").write_text("\n| new b |\n\n")
+    doc = tmp_path / "RESULTS_x.md"
+    block = "<!-- report: results/{} -->\n{}<!-- /report -->\n"
+    doc.write_text("intro\n" + block.format("a.md", "| old |\n") + "middle\n" + block.format("b.md", "") + "end\n")
+    assert sync.stale(str(tmp_path)) == [("RESULTS_x.md", "results/a.md"), ("RESULTS_x.md", "results/b.md")]
+    assert sync.sync(only=str(tmp_path / "results" / "a.md"), folder=str(tmp_path)) == [("RESULTS_x.md", "results/a.md")]
+    assert doc.read_text() == ("intro\n" + block.format("a.md", "| new a |\n") + "middle\n"
+                               + block.format("b.md", "") + "end\n")
+    assert sync.sync(folder=str(tmp_path)) == [("RESULTS_x.md", "results/b.md")]
+    assert doc.read_text().endswith("middle\n" + block.format("b.md", "| new b |\n") + "end\n")
+    assert sync.stale(str(tmp_path)) == []
+    doc.write_text(block.format("missing.md", ""))
+    with pytest.raises(FileNotFoundError, match="missing.md"):
+        sync.stale(str(tmp_path))
