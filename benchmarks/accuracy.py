@@ -185,6 +185,8 @@ def summarize(runs: list) -> list:
                      "mean": statistics.mean(sc), "std": statistics.stdev(sc) if len(sc) > 1 else 0.0,
                      "acc_mean": statistics.mean(acc), "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                      "lr": rs[0]["lr"], "trainable_parameters": rs[0]["trainable_parameters"],
+                     "trainable_parameters_range": [min(r["trainable_parameters"] for r in rs),
+                                                    max(r["trainable_parameters"] for r in rs)],
                      "train_examples_per_s": statistics.median(r["train_examples_per_s"] for r in rs)})
     return rows
 
@@ -196,7 +198,7 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
         out.append("| method | " + " | ".join(tasks) + " | lr | trainable params | train ex/s (median over tasks) |")
         out.append("|---" * (len(tasks) + 4) + "|")
         for method in methods:
-            cells, params, speeds, lrs = [], "", [], []
+            cells, counts, speeds, lrs = [], [], [], []
             for task in tasks:
                 r = next((x for x in rows if x["model"] == model and x["task"] == task and x["method"] == method), None)
                 if r is None:
@@ -204,11 +206,13 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
                     continue
                 extra = f" (acc {r['acc_mean']:.1f})" if r["metric"] == "mcc" else ""
                 cells.append(f"{r['mean']:.1f} ± {r['std']:.1f}{extra} [n={r['seeds']}]")
-                params = f"{r['trainable_parameters']:,}"
+                counts += r.get("trainable_parameters_range", [r["trainable_parameters"]])
                 speeds.append(r["train_examples_per_s"])
                 lrs += [f"{r['lr']:g}"] if f"{r['lr']:g}" not in lrs else []
-            if not params:  # no run of this method on this model: leave the row out
+            if not counts:  # no run of this method on this model: leave the row out
                 continue
+            # one count, or the range over tasks and seeds (sk-prompt's prompt is as long as each task's description)
+            params = f"{min(counts):,}" + (f"-{max(counts):,}" if max(counts) != min(counts) else "")
             label = method.replace("|", "\\|")  # a literal | would split the Markdown cell
             out.append(f"| {label} | " + " | ".join(cells) + f" | {'/'.join(lrs)} | {params} | {statistics.median(speeds):.0f} |")
     return "\n".join(out) + "\n"

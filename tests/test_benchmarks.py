@@ -173,3 +173,16 @@ def test_results_docs_embed_the_current_reports(tmp_path):
     doc.write_text(block.format("missing.md", ""))
     with pytest.raises(FileNotFoundError, match="missing.md"):
         sync.stale(str(tmp_path))
+
+
+def test_table_params_cell_shows_the_range_over_tasks():
+    """A method whose trainable-parameter count differs between tasks (sk-prompt: one prompt vector per token of
+    each task's description) shows the range, not one task's count; a method with one count shows it alone."""
+    acc = _load("accuracy")
+    runs = [{"model": "m", "task": t, "method": meth, "seed": 0, "lr": 1e-3, "score": 0.5, "accuracy": 0.5,
+             "metric": "accuracy", "best_val": 0.5, "trainable_parameters": n, "train_examples_per_s": 1.0}
+            for meth, t, n in [("sk-prompt", "sst2", 5378), ("sk-prompt", "rte", 4226), ("prefix", "sst2", 2000),
+                               ("prefix", "rte", 2000)]]
+    md = acc.markdown(acc.summarize(runs), ["sk-prompt", "prefix"], ["sst2", "rte"], ["m"])
+    assert "| 0.001 | 4,226-5,378 | 1 |" in md
+    assert "| 0.001 | 2,000 | 1 |" in md
