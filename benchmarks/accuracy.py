@@ -11,6 +11,7 @@ the JSON (atomically), so an interrupted table resumes where it stopped.
     python benchmarks/accuracy.py                      # the full table (see --help for the budget)
     python benchmarks/accuracy.py --jobs 2             # the same, as 2 single-thread workers on a 2-core CPU
     python benchmarks/accuracy.py --quick              # CI smoke test: 1 seed, 300 examples, 1 task, MiniLM
+    python benchmarks/accuracy.py --plan --fresh       # train nothing: the runs from scratch and their estimated time
 """
 from __future__ import annotations
 
@@ -142,6 +143,52 @@ def same_run(runs: list, key: tuple, sweep: bool):
         if (r["model"], r["task"], r["method"], r["seed"], bool(r.get("sweep")), r["lr"]) == key:
             return dict(r, sweep=sweep, copied_from="table run" if sweep else "sweep run")
     return None
+
+
+def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, sweep: bool, grid_seed: int,
+         timed: list | None = None) -> list:
+    """The runs an invocation still has to train (those not in ``runs``), in queue order, as
+    ``(model, task, method, seed, lr, minutes)``. ``minutes`` is the median wall time of finished runs of the same
+    model, task and method in ``timed`` (default ``runs``; of the same method with any options, failing that), or
+    None when there is none. For a swept row whose grid is not finished the seeds are listed at the default lr
+    (the pick is not known yet)."""
+    def minutes(model, task, method):
+        for same in (lambda r: r["method"] == method, lambda r: parse_method(r["method"])[0] == parse_method(method)[0]):
+            w = [r["wall_seconds"] for r in (runs if timed is None else timed) if r["model"] == model and r["task"] == task and same(r)
+                 and "wall_seconds" in r and "copied_from" not in r]
+            if w:
+                return statistics.median(w) / 60
+        return None
+
+    have = {(r["model"], r["task"], r["method"], r["seed"], bool(r.get("sweep")), r["lr"]) for r in runs}
+    todo = []
+    for model in models:
+        for task in tasks:
+            for method in methods:
+                est, lr = minutes(model, task, method), default_lr(method)
+                if sweep:
+                    grid = LR_GRID.get(parse_method(method)[0], LR_GRID_DEFAULT)
+                    left = [g for g in grid if (model, task, method, grid_seed, True, g) not in have
+                            and (model, task, method, grid_seed, False, g) not in have]
+                    todo += [(model, task, method, grid_seed, g, est) for g in left]
+                    if not left and len(grid) == len([g for g in grid if (model, task, method, grid_seed, True, g) in have]):
+                        lr = row_lr(runs, model, task, method)
+                todo += [(model, task, method, s, lr, est) for s in seeds
+                         if (model, task, method, s, False, lr) not in have
+                         and not (sweep and s == grid_seed)]  # a swept row's grid-seed run is its grid's run
+    return todo
+
+
+def plan_text(todo: list, jobs: int) -> str:
+    known = [t[5] for t in todo if t[5] is not None]
+    lines = [f"{m} {t} {meth} seed={s} lr={lr:g}: " + (f"~{est:.0f} min" if est is not None else "no timing yet")
+             for m, t, meth, s, lr, est in todo]
+    total = sum(known)
+    lines.append(f"{len(todo)} runs to train; {len(known)} with a timing from earlier runs, summing to "
+                 f"~{total / 60:.1f} h on one worker, ~{total / 60 / max(1, jobs):.1f} h elapsed with --jobs {jobs} "
+                 f"(estimate from the wall times in the JSON, as measured on the machine that ran them, "
+                 f"with whatever else shared its cores)")
+    return "\n".join(lines)
 
 
 def sweep_markdown(runs: list) -> str:
@@ -325,6 +372,9 @@ def main(argv=None) -> int:
                     help="run the table as N worker processes (each with cores/N threads) that take runs from a "
                          "shared queue, then merge their results into --out (on 2 cores, 2 single-thread "
                          "workers train about twice as many runs per hour as one 2-thread process)")
+    ap.add_argument("--plan", action="store_true",
+                    help="train nothing: list the runs still to do, each with an estimated wall time (the median of "
+                         "finished runs of the same model, task and method in --out/--include), and the total")
     ap.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # a worker of --jobs: the queue's folder
     a = ap.parse_args(argv)
     if a.quick:
@@ -359,6 +409,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"{path}: made with budget {other.get('budget')}, not {budget}")
         have = {key(r) for r in state["runs"]}
         state["runs"] += [r for r in other["runs"] if key(r) not in have]
+    if a.plan:
+        timed = state["runs"]
+        if a.fresh and os.path.isfile(a.out):  # plan the table from scratch, timed by the runs already made
+            with open(a.out) as f:
+                timed = json.load(f)["runs"]
+        print(plan_text(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, timed), a.jobs))
+        return 0
     t_start = time.time()
     if a.jobs > 1 and not a.report_only:
         atomic_json(a.out, state)

@@ -186,3 +186,27 @@ def test_table_params_cell_shows_the_range_over_tasks():
     md = acc.markdown(acc.summarize(runs), ["sk-prompt", "prefix"], ["sst2", "rte"], ["m"])
     assert "| 0.001 | 4,226-5,378 | 1 |" in md
     assert "| 0.001 | 2,000 | 1 |" in md
+
+
+def test_plan_lists_the_runs_left_with_estimated_times():
+    """--plan: the runs not yet in the JSON, in queue order, each timed by the median wall of finished runs of
+    the same model/task/method (of the same base method, failing that); a finished sweep grid plans the seeds
+    at its pick and reuses its seed-0 run."""
+    acc = _load("accuracy")
+
+    def run(method, seed, lr, wall, sweep=False, val=0.5):
+        return {"model": "m", "task": "sst2", "method": method, "seed": seed, "lr": lr, "sweep": sweep,
+                "best_val": val, "wall_seconds": wall}
+
+    runs = [run("prefix", 0, 1e-3, 60), run("prefix", 1, 1e-3, 180), run("prefix", 2, 1e-3, 600)]
+    todo = acc.plan(runs, ["m"], ["sst2"], ["prefix", "prefix:variant=x", "lora"], [0, 1, 2], False, 0)
+    assert [(t[2], t[3], t[5]) for t in todo] == [("prefix:variant=x", s, 3.0) for s in (0, 1, 2)] + \
+        [("lora", s, None) for s in (0, 1, 2)]
+    text = acc.plan_text(todo, 2)
+    assert "6 runs to train; 3 with a timing" in text and "~0.1 h on one worker, ~0.1 h elapsed with --jobs 2" in text
+
+    grid = [run("fl", 0, g, 120, sweep=True, val=v) for g, v in zip(acc.LR_GRID_DEFAULT, (0.5, 0.6, 0.9))]
+    todo = acc.plan(grid, ["m"], ["sst2"], ["fl"], [0, 1, 2], True, 0)
+    assert [(t[3], t[4]) for t in todo] == [(1, 3e-3), (2, 3e-3)]  # the pick; its seed-0 run is the grid's
+    todo = acc.plan(grid[:1], ["m"], ["sst2"], ["fl"], [0, 1], True, 0)
+    assert [(t[3], t[4]) for t in todo] == [(0, 1e-3), (0, 3e-3), (1, 1e-3)]  # seed 1 at the default for now
