@@ -18,12 +18,28 @@ from .models import load_base
 from .training import TrainConfig, fit
 
 
-def split_validation(records: list, fraction: float, seed: int, max_examples: int = 500, min_examples: int = 50):
+def split_validation(records: list, fraction: float, seed: int, max_examples: int = 500, min_examples: int = 50,
+                     stratify: bool = False):
     """Carve a seeded validation split off ``records``: ``(train, val)``; at least ``min_examples`` (or a fifth
-    of the data, when smaller) so that model selection is not decided by a handful of examples."""
+    of the data, when smaller) so that model selection is not decided by a handful of examples.
+
+    ``stratify``: the split keeps each label's share of ``records`` (largest remainder: label c gets
+    floor(n_val * n_c / n) examples plus one for the labels with the largest remainders), so a small split is not
+    by chance dominated by one class. Off by default: the published results used the plain split."""
     idx = list(range(len(records)))
     random.Random(seed).shuffle(idx)
     n_val = min(max_examples, max(int(len(records) * fraction), min(min_examples, len(records) // 5), 1))
+    if stratify:
+        by_label = {}
+        for i in idx:  # shuffled order within each label
+            by_label.setdefault(records[i]["label"], []).append(i)
+        quota = {c: n_val * len(ix) / len(records) for c, ix in by_label.items()}
+        take = {c: int(q) for c, q in quota.items()}
+        for c in sorted(quota, key=lambda c: (int(quota[c]) - quota[c], str(c)))[:n_val - sum(take.values())]:
+            take[c] += 1
+        chosen = {i for c, ix in by_label.items() for i in ix[:take[c]]}
+        val_idx = [i for i in idx if i in chosen]
+        idx = val_idx + [i for i in idx if i not in chosen]
     val = [records[i] for i in idx[:n_val]]
     train = [records[i] for i in idx[n_val:]]
     return train, val
@@ -78,13 +94,15 @@ class Classifier:
 
     # ------------------------------------------------------------------ training / inference
     def fit(self, train: list, val: Optional[list] = None, out_dir: Optional[str] = None, resume: bool = False,
-            val_fraction: float = 0.1, progress: bool = True, **train_options) -> dict:
-        """Train on ``train`` records; model selection on ``val`` (default: a seeded split of ``train``)."""
+            val_fraction: float = 0.1, progress: bool = True, stratify_validation: bool = False,
+            **train_options) -> dict:
+        """Train on ``train`` records; model selection on ``val`` (default: a seeded split of ``train``, with each
+        label's share of ``train`` if ``stratify_validation``)."""
         cfg = TrainConfig(**train_options)
         if self.model is None:
             self.build(self.label_names or label_names_of(train))
         if val is None:
-            train, val = split_validation(train, val_fraction, cfg.seed)
+            train, val = split_validation(train, val_fraction, cfg.seed, stratify=stratify_validation)
         tr, va = self.encode(train), self.encode(val)
         t0 = time.time()
         self.history = fit(self.model, tr.input_ids, tr.labels, va.input_ids, va.labels, cfg,

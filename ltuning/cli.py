@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed (data order, validation split, init)")
     t.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
     t.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from train")
+    t.add_argument("--stratify-validation", action="store_true",
+                   help="carve the validation split with each label's share of train (recommended for small or "
+                        "imbalanced data; off by default, the protocol of the published results)")
     t.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: ~8 times a run)")
     t.add_argument("--patience", type=int, default=None, help="early stopping after N validations without gain")
     t.add_argument("--select-metric", default=SELECT_METRICS[0], choices=list(SELECT_METRICS),
@@ -138,7 +141,8 @@ def cmd_train(a) -> dict:
     torch_seed(a.seed)
     clf = Classifier(a.model, a.method, label_texts=parse_label_texts(a.label_text), dtype=a.dtype,
                      max_length=a.max_length, **opts)
-    hist = clf.fit(train, out_dir=a.out, resume=a.resume, val_fraction=a.val_fraction, progress=not a.quiet,
+    hist = clf.fit(train, out_dir=a.out, resume=a.resume, val_fraction=a.val_fraction,
+                   stratify_validation=a.stratify_validation, progress=not a.quiet,
                    epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr, weight_decay=a.weight_decay,
                    warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype, eval_every=a.eval_every,
                    patience=a.patience, seed=a.seed, gradient_checkpointing=a.gradient_checkpointing,

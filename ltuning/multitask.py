@@ -116,7 +116,8 @@ def cmd_train(a, method_options: dict, lr: float) -> dict:
     torch.manual_seed(a.seed)
     base, tok = load_base(a.model, a.dtype)
     router = build(base, tok, a.method, labels, **method_options)
-    split = {t: split_validation(recs, a.val_fraction, a.seed) for t, recs in train.items()}
+    split = {t: split_validation(recs, a.val_fraction, a.seed, stratify=a.stratify_validation)
+             for t, recs in train.items()}
     decoder = router.info.causal
     tr_ids, tr_y = encode_tasks({t: s[0] for t, s in split.items()}, labels, tok, a.max_length, decoder)
     va_ids, va_y = encode_tasks({t: s[1] for t, s in split.items()}, labels, tok, a.max_length, decoder)

@@ -323,7 +323,7 @@ def fresh_minilm(minilm, monkeypatch):
     ("lt-prefix", ["--no-mask-label-padding", "--variant", "kv"]),
     ("apt", ["--num-virtual-tokens", "4"]),
     ("fl", ["--num-units", "8"]),
-    ("lora", ["--r", "4", "--lora-alpha", "8"]),
+    ("lora", ["--r", "4", "--lora-alpha", "8", "--stratify-validation"]),
     ("cgc-lora", ["--target-modules", "query,key,value"]),
 ])
 def test_cli_train_every_method(fresh_minilm, sst2_dir, tmp_path, method, flags):
@@ -370,7 +370,7 @@ def test_cli_multitask_cgc_lora(fresh_minilm, sst2_dir, tmp_path, capsys):
     out = tmp_path / "mt"
     rc = main(["train", "--model", "minilm-l6", "--method", "cgc-lora", "--data", f"{sst2_dir},{cola}",
                "--out", str(out), "--max-train-examples", "40", "--max-dev-examples", "12", "--max-steps", "3",
-               "--batch-size", "16", "--max-length", "32", "--quiet"])
+               "--batch-size", "16", "--max-length", "32", "--stratify-validation", "--quiet"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"] == ["sst2", "cola"] and set(metrics["per_task"]) == {"sst2", "cola"}

@@ -180,3 +180,40 @@ def test_param_groups_never_decay_stacked_biases():
             assert all(p.ndim >= 2 for n, p in model.named_parameters() if id(p) in decayed)
         finally:
             ltuning.unpatch(model)
+
+
+def test_validation_split_plain_and_stratified():
+    """split_validation: a seeded partition of the records (at least 50 held out); with ``stratify`` each label
+    keeps its share of the data (largest remainder), also with three labels whose quotas are fractional."""
+    from collections import Counter
+
+    from ltuning.classifier import split_validation
+
+    rng = random.Random()
+    recs = [{"text": f"t{i}", "label": "a" if i < 210 else "b"} for i in range(300)]  # 70 % / 30 %
+    rng.shuffle(recs)
+    seed = rng.randrange(10**6)
+    for stratify in (False, True):
+        tr, va = split_validation(recs, 0.1, seed, stratify=stratify)
+        assert len(va) == 50 and len(tr) == 250
+        assert sorted(r["text"] for r in tr + va) == sorted(r["text"] for r in recs)
+        assert split_validation(recs, 0.1, seed, stratify=stratify) == (tr, va)  # seeded
+    assert Counter(r["label"] for r in va) == {"a": 35, "b": 15}
+    # plain splits drift from 35/15 on some seeds; the stratified one never does
+    plain = {Counter(r["label"] for r in split_validation(recs, 0.1, s)[1])["a"] for s in range(20)}
+    assert len(plain) > 1
+
+    recs3 = [{"text": f"u{i}", "label": lab} for i, lab in enumerate(["x"] * 100 + ["y"] * 100 + ["z"] * 101)]
+    tr, va = split_validation(recs3, 0.1, seed, stratify=True)
+    counts = Counter(r["label"] for r in va)
+    assert sum(counts.values()) == len(va) == 50 and all(16 <= counts[c] <= 17 for c in "xyz")
+
+
+def test_stratify_validation_cli_switch():
+    """``--stratify-validation`` is a switch of ``ltuning train`` (single- and multi-task share the parser)."""
+    from ltuning.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["train", "--model", "m", "--method", "lora", "--data", "d", "--out", "o", "--stratify-validation"])
+    assert a.stratify_validation is True
+    assert p.parse_args(["train", "--model", "m", "--method", "lora", "--data", "d", "--out", "o"]).stratify_validation is False
