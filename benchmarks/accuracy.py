@@ -152,10 +152,13 @@ def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, swee
     model, task and method in ``timed`` (default ``runs``; of the same method with any options, failing that), or
     None when there is none. For a swept row whose grid is not finished the seeds are listed at the default lr
     (the pick is not known yet)."""
+    timed = runs if timed is None else timed
+
     def minutes(model, task, method):
-        for same in (lambda r: r["method"] == method, lambda r: parse_method(r["method"])[0] == parse_method(method)[0]):
-            w = [r["wall_seconds"] for r in (runs if timed is None else timed) if r["model"] == model and r["task"] == task and same(r)
-                 and "wall_seconds" in r and "copied_from" not in r]
+        base = parse_method(method)[0]
+        for same in (lambda r: r["method"] == method, lambda r: parse_method(r["method"])[0] == base):
+            w = [r["wall_seconds"] for r in timed if (r["model"], r["task"]) == (model, task) and same(r)
+                 and "wall_seconds" in r and "copied_from" not in r]  # a copy is another run's time
             if w:
                 return statistics.median(w) / 60
         return None
@@ -171,8 +174,8 @@ def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, swee
                     left = [g for g in grid if (model, task, method, grid_seed, True, g) not in have
                             and (model, task, method, grid_seed, False, g) not in have]
                     todo += [(model, task, method, grid_seed, g, est) for g in left]
-                    if not left and len(grid) == len([g for g in grid if (model, task, method, grid_seed, True, g) in have]):
-                        lr = row_lr(runs, model, task, method)
+                    if all((model, task, method, grid_seed, True, g) in have for g in grid):
+                        lr = row_lr(runs, model, task, method)  # the pick is known
                 todo += [(model, task, method, s, lr, est) for s in seeds
                          if (model, task, method, s, False, lr) not in have
                          and not (sweep and s == grid_seed)]  # a swept row's grid-seed run is its grid's run
