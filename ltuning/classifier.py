@@ -100,6 +100,9 @@ class Classifier:
         label's share of ``train`` if ``stratify_validation``)."""
         cfg = TrainConfig(**train_options)
         if self.model is None:
+            # the adapter's random initialisation follows cfg.seed, not whatever ran before in this process (the
+            # same order as the CLI: seed, load the base if needed, build)
+            torch.manual_seed(cfg.seed)
             self.build(self.label_names or label_names_of(train))
         if val is None:
             train, val = split_validation(train, val_fraction, cfg.seed, stratify=stratify_validation)

@@ -217,3 +217,25 @@ def test_stratify_validation_cli_switch():
     a = p.parse_args(["train", "--model", "m", "--method", "lora", "--data", "d", "--out", "o", "--stratify-validation"])
     assert a.stratify_validation is True
     assert p.parse_args(["train", "--model", "m", "--method", "lora", "--data", "d", "--out", "o"]).stratify_validation is False
+
+
+def test_fit_seed_fixes_the_initialisation(minilm, sst2_dir):
+    """Classifier.fit(seed=s) seeds the adapter's random initialisation, so a run does not depend on what used the
+    global torch RNG before it in the process (earlier tests did, and moved the acceptance run above)."""
+    import torch
+
+    from ltuning import Classifier, unpatch
+
+    model, tok = minilm
+    train = random.Random(0).sample(load_split(sst2_dir, "train"), 60)
+    states = []
+    for scramble in (1, 2, 1):
+        torch.manual_seed(scramble)
+        torch.rand(1000)
+        clf = Classifier("minilm-l6", "lt-prefix", base=model, tokenizer=tok, max_length=32)
+        clf.fit(train, progress=False, epochs=1, batch_size=16, max_steps=1, seed=3 if len(states) < 2 else 4)
+        states.append({k: v.detach().clone() for k, v in clf.model.named_parameters() if v.requires_grad})
+        unpatch(clf.model)
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 0
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # same seed, other global RNG
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])  # another seed
