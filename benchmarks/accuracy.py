@@ -97,8 +97,6 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
         train = random.Random(seed).sample(train, a.max_train)
     if a.max_dev and len(dev) > a.max_dev:
         dev = random.Random(1234).sample(dev, a.max_dev)
-    import torch
-    torch.manual_seed(seed)
     name, opts = parse_method(method)
     opts.pop("lr", None)  # the learning rate is not a method-config field (default_lr reads it)
     texts = opts.pop("label_texts", None)

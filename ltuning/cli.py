@@ -138,7 +138,6 @@ def cmd_train(a) -> dict:
         train = random.Random(a.seed).sample(train, a.max_train_examples)
     if a.max_dev_examples and len(dev) > a.max_dev_examples:
         dev = random.Random(a.seed).sample(dev, a.max_dev_examples)
-    torch_seed(a.seed)
     clf = Classifier(a.model, a.method, label_texts=parse_label_texts(a.label_text), dtype=a.dtype,
                      max_length=a.max_length, **opts)
     hist = clf.fit(train, out_dir=a.out, resume=a.resume, val_fraction=a.val_fraction,
@@ -157,11 +156,6 @@ def cmd_train(a) -> dict:
                "steps": hist["steps"], "wall_seconds": hist["wall_seconds"], "train_config": hist["train_config"]}
     clf.save_pretrained(a.out, metrics)
     return metrics
-
-
-def torch_seed(seed: int) -> None:
-    import torch
-    torch.manual_seed(seed)
 
 
 def _load_classifier(a):
