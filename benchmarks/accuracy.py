@@ -266,11 +266,18 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
     return "\n".join(out) + "\n"
 
 
+def chart_methods(methods: list) -> list:
+    """The rows the chart shows: the plain methods (a variant row, ``method:options``, is in the table only, so
+    that the bars stay readable and one colour means one method), or every row when all are variants."""
+    return [m for m in methods if ":" not in m] or list(methods)
+
+
 def plot(rows: list, methods: list, tasks: list, models: list, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    methods = chart_methods(methods)
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     w = 0.8 / max(1, len(methods))
     cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
@@ -291,7 +298,8 @@ def plot(rows: list, methods: list, tasks: list, models: list, path: str) -> Non
         ax.set_ylabel("score x100 (GLUE dev); missing bar = not run")
         ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=color[m]) for m in methods]
-    fig.legend(handles, methods, fontsize=7, loc="lower center", ncol=min(len(methods), 5))
+    fig.legend(handles, methods, fontsize=7, loc="lower center", ncol=min(len(methods), 5), title_fontsize=7,
+               title="mean ± std over seeds; variant rows (method:options) are in the table only")
     fig.subplots_adjust(bottom=0.28)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)

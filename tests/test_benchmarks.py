@@ -210,3 +210,10 @@ def test_plan_lists_the_runs_left_with_estimated_times():
     assert [(t[3], t[4]) for t in todo] == [(1, 3e-3), (2, 3e-3)]  # the pick; its seed-0 run is the grid's
     todo = acc.plan(grid[:1], ["m"], ["sst2"], ["fl"], [0, 1], True, 0)
     assert [(t[3], t[4]) for t in todo] == [(0, 1e-3), (0, 3e-3), (1, 1e-3)]  # seed 1 at the default for now
+
+
+def test_chart_shows_plain_methods_and_leaves_variants_to_the_table():
+    from accuracy import chart_methods
+    rows = ["linear-probe", "lt-prefix", "lt-prefix:variant=kv", "prefix:num_virtual_tokens=5"]
+    assert chart_methods(rows) == ["linear-probe", "lt-prefix"]
+    assert chart_methods(rows[2:]) == rows[2:]  # an invocation of variants only still gets its chart
