@@ -122,7 +122,19 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
             "mcc": m["mcc"], "macro_f1": m["macro_f1"], "metric": TASK_METRIC[task], "score": m[TASK_METRIC[task]],
             "best_val": hist["best_val"], "trainable_parameters": trainable,
             "train_examples_per_s": hist["train_examples_per_s"], "eval_examples_per_s": m["eval_examples_per_s"],
-            "train_examples": hist["train_examples"], "dev_examples": len(dev), "wall_seconds": time.time() - t0}
+            "train_examples": hist["train_examples"], "dev_examples": len(dev), "wall_seconds": time.time() - t0,
+            "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+
+
+def machine() -> str:
+    """What ran a run: architecture, cores and the CPU's model name (from /proc/cpuinfo where there is one)."""
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores, {name}"
 
 
 def same_budget(old, new):
@@ -264,6 +276,19 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
             label = method.replace("|", "\\|")  # a literal | would split the Markdown cell
             out.append(f"| {label} | " + " | ".join(cells) + f" | {'/'.join(lrs)} | {params} | {statistics.median(speeds):.0f} |")
     return "\n".join(out) + "\n"
+
+
+def wall_note(runs: list, rows: list) -> str:
+    """One line for the report: the summed wall time of the runs averaged into ``rows``, and of every run in the
+    JSON (sweep grids and other lrs too; a run reused from another, ``copied_from``, is counted once there)."""
+    keys = {(x["model"], x["task"], x["method"]) for x in rows}
+    in_rows = [r for r in runs if "wall_seconds" in r and not r.get("sweep") and (r["model"], r["task"], r["method"])
+               in keys and r["lr"] == row_lr(runs, r["model"], r["task"], r["method"])]
+    own = [r for r in runs if "wall_seconds" in r and "copied_from" not in r]
+    hours = lambda rs: sum(r["wall_seconds"] for r in rs) / 3600  # noqa: E731
+    return (f"\nWall time (summed over runs, as recorded in the JSON): the {len(in_rows)} runs averaged into these "
+            f"rows took {hours(in_rows):.1f} h; all {len(own)} runs in the JSON (sweep grids, other learning rates "
+            f"and rows not shown too) {hours(own):.1f} h.\n")
 
 
 def chart_methods(methods: list) -> list:
@@ -408,8 +433,7 @@ def main(argv=None) -> int:
     state.setdefault("commands", [])
     if cmd not in state["commands"]:
         state["commands"].append(cmd)
-    state.update(budget=budget, command=cmd,
-                 machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}")
+    state.update(budget=budget, command=cmd, machine=machine())
     key = lambda r: (r["model"], r["task"], r["method"], r["seed"], r.get("sweep", False), r["lr"])  # noqa: E731
     for path in filter(None, a.include.split(",")):
         with open(path) as f:
@@ -477,7 +501,8 @@ def main(argv=None) -> int:
     state["wall_seconds_this_invocation"] = time.time() - t_start
     state["date"] = time.strftime("%Y-%m-%d")
     atomic_json(a.out, state)
-    md = markdown(rows, methods, tasks, models) + sweep_markdown(state["runs"])
+    shown = [x for x in rows if x["model"] in models and x["task"] in tasks and x["method"] in methods]
+    md = markdown(rows, methods, tasks, models) + wall_note(state["runs"], shown) + sweep_markdown(state["runs"])
     md_path = os.path.splitext(a.out)[0] + ".md"
     with open(md_path, "w") as f:
         f.write(md)

@@ -28,6 +28,7 @@ def test_accuracy_quick_smoke(tmp_path, minilm, sst2_dir):
     for r in runs:
         assert r["task"] == "sst2" and r["dev_examples"] == 300 and r["train_examples"] > 0
         assert 0.0 <= r["accuracy"] <= 1.0 and r["trainable_parameters"] > 0 and r["train_examples_per_s"] > 0
+        assert r["machine"] == acc.machine() and r["date"] == state["date"]  # each run says when and where it ran
     # every method must beat the majority class of the 300-example dev sample by a margin (SST-2 dev ~51 % positive)
     assert min(r["accuracy"] for r in runs) > 0.6, [(r["method"], r["accuracy"]) for r in runs]
     md = (tmp_path / "quick.md").read_text()
@@ -217,3 +218,23 @@ def test_chart_shows_plain_methods_and_leaves_variants_to_the_table():
     rows = ["linear-probe", "lt-prefix", "lt-prefix:variant=kv", "prefix:num_virtual_tokens=5"]
     assert chart_methods(rows) == ["linear-probe", "lt-prefix"]
     assert chart_methods(rows[2:]) == rows[2:]  # an invocation of variants only still gets its chart
+
+
+def test_report_states_the_summed_wall_time_of_its_runs():
+    """The report's wall-time line sums the runs averaged into the shown rows (a seed-0 run copied from the sweep
+    counts, at the original's wall time) and, separately, every run once (copies not twice)."""
+    acc = _load("accuracy")
+
+    def run(method, lr, seed, wall, sweep=False, **kw):
+        return dict({"model": "m", "task": "sst2", "method": method, "seed": seed, "lr": lr, "score": 0.5,
+                     "accuracy": 0.5, "metric": "accuracy", "best_val": 0.5, "trainable_parameters": 1,
+                     "train_examples_per_s": 1.0, "wall_seconds": wall}, sweep=sweep, **kw)
+
+    runs = [run("prefix", 1e-3, 0, 3600, sweep=True, best_val=0.9), run("prefix", 3e-3, 0, 7200, sweep=True),
+            run("prefix", 1e-3, 0, 3600, copied_from="sweep run"), run("prefix", 1e-3, 1, 1800),
+            run("prefix", 3e-3, 1, 900),  # another lr: not in the row
+            run("fl", 1e-3, 0, 360)]  # a row not shown
+    rows = [x for x in acc.summarize(runs) if x["method"] == "prefix"]
+    note = acc.wall_note(runs, rows)
+    assert "the 2 runs averaged into these rows took 1.5 h" in note, note
+    assert "all 5 runs in the JSON" in note and "3.9 h" in note, note
