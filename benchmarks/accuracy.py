@@ -230,12 +230,15 @@ def row_lr(runs: list, model: str, task: str, method: str) -> float:
     return max(sw, key=lambda r: (r["best_val"], r["lr"] == default_lr(method)))["lr"]
 
 
+def row_runs(runs: list) -> list:
+    """The runs a table row averages: its seeds at the row's lr (``row_lr``); sweep runs excluded."""
+    return [r for r in runs if not r.get("sweep") and r["lr"] == row_lr(runs, r["model"], r["task"], r["method"])]
+
+
 def summarize(runs: list) -> list:
-    """Mean and std over seeds per (model, task, method) at the row's lr (``row_lr``; sweep runs excluded)."""
+    """Mean and std over seeds per (model, task, method) of ``row_runs``."""
     groups = {}
-    for r in runs:
-        if r.get("sweep") or r["lr"] != row_lr(runs, r["model"], r["task"], r["method"]):
-            continue
+    for r in row_runs(runs):
         groups.setdefault((r["model"], r["task"], r["method"]), []).append(r)
     rows = []
     for (model, task, method), rs in sorted(groups.items()):
@@ -282,8 +285,7 @@ def wall_note(runs: list, rows: list) -> str:
     """One line for the report: the summed wall time of the runs averaged into ``rows``, and of every run in the
     JSON (sweep grids and other lrs too; a run reused from another, ``copied_from``, is counted once there)."""
     keys = {(x["model"], x["task"], x["method"]) for x in rows}
-    in_rows = [r for r in runs if "wall_seconds" in r and not r.get("sweep") and (r["model"], r["task"], r["method"])
-               in keys and r["lr"] == row_lr(runs, r["model"], r["task"], r["method"])]
+    in_rows = [r for r in row_runs(runs) if "wall_seconds" in r and (r["model"], r["task"], r["method"]) in keys]
     own = [r for r in runs if "wall_seconds" in r and "copied_from" not in r]
     hours = lambda rs: sum(r["wall_seconds"] for r in rs) / 3600  # noqa: E731
     return (f"\nWall time (summed over runs, as recorded in the JSON): the {len(in_rows)} runs averaged into these "
