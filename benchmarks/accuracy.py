@@ -3,7 +3,8 @@
 Protocol: every method gets the same data budget (``--max-train`` examples sampled with the seed, the same
 epochs, batch size and schedule); model selection (the step of best validation accuracy, MCC on CoLA, and the
 learning rate when ``--sweep`` is on, its grid run at ``--grid-seed``) uses a validation split carved from the
-training sample, never the reported dev set.
+training sample, never the reported dev set. Without ``--sweep`` each row trains at the lr the committed table
+reports for it (``--lrs-from``: its sweep's pick), so ``--fresh`` regenerates the committed table's runs.
 LT methods predict argmax over the K label-conditioned scores (paper A.4); the others use an ordinary head.
 Metrics: accuracy, and Matthews correlation for CoLA (the GLUE metric). Results are appended run by run to
 the JSON (atomically), so an interrupted table resumes where it stopped.
@@ -31,8 +32,9 @@ import sync_results  # noqa: E402  (beside this script)
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
 TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "cola": "mcc", "mrpc": "accuracy"}
-DEFAULT_METHODS = ["linear-probe", "lora", "prompt", "prefix", "lt-prompt", "lt-prefix",  # issue 4
-                   "sk-prefix", "sk-prompt", "apt", "fl"]  # issue 5 (cgc-lora is multi-task: RESULTS_methods.md)
+DEFAULT_METHODS = ["linear-probe", "lora", "prompt", "prefix", "lt-prompt", "lt-prefix"]  # the table of issue 4
+RELATED_METHODS = ["sk-prefix", "sk-prompt", "apt", "fl"]  # issue 5, by --methods (cgc-lora is multi-task:
+# RESULTS_methods.md)
 LR_GRID = {"prompt": [1e-2, 3e-2, 1e-1], "linear-probe": [3e-3, 1e-2, 3e-2], "lora": [3e-4, 1e-3, 3e-3]}
 LR_GRID_DEFAULT = [3e-4, 1e-3, 3e-3]
 
@@ -144,6 +146,22 @@ def same_budget(old, new):
     return {k: v for k, v in old.items() if k != "sweep"} == new
 
 
+def frozen_sweeps(path: str, budget: dict, rows: set) -> list:
+    """The sweep runs of the JSON ``path`` for ``rows`` (``(model, task, method)``), as copies marked
+    ``copied_from``: added to a table made without ``--sweep``, they make ``row_lr`` train and report each row at
+    the lr its sweep picked, without re-running the grid (a table regenerated with ``--fresh`` then trains the
+    committed table's runs). Nothing from a JSON made with another budget (its picks need not apply)."""
+    if not path or not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        src = json.load(f)
+    if same_budget(src.get("budget"), budget) is False:
+        print(f"--lrs-from {path}: made with another budget; every row at its method's default lr", file=sys.stderr)
+        return []
+    return [dict(r, copied_from=f"sweep in {os.path.basename(path)}") for r in src["runs"]
+            if r.get("sweep") and (r["model"], r["task"], r["method"]) in rows]
+
+
 def same_run(runs: list, key: tuple, sweep: bool):
     """A copy of the run ``key`` = (model, task, method, seed, swept, lr), relabelled as a sweep run or as a table
     run (``sweep``), or None. A sweep's seed-0 run at the picked lr is exactly the table's seed-0 run (same
@@ -161,7 +179,7 @@ def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, swee
     ``(model, task, method, seed, lr, minutes)``. ``minutes`` is the median wall time of finished runs of the same
     model, task and method in ``timed`` (default ``runs``; of the same method with any options, failing that), or
     None when there is none. For a swept row whose grid is not finished the seeds are listed at the default lr
-    (the pick is not known yet)."""
+    (the pick is not known yet); an unswept row's at ``row_lr`` (a pick in ``runs``, e.g. ``frozen_sweeps``)."""
     timed = runs if timed is None else timed
 
     def minutes(model, task, method):
@@ -178,7 +196,8 @@ def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, swee
     for model in models:
         for task in tasks:
             for method in methods:
-                est, lr = minutes(model, task, method), default_lr(method)
+                est = minutes(model, task, method)
+                lr = default_lr(method) if sweep else row_lr(runs, model, task, method)
                 if sweep:
                     grid = LR_GRID.get(parse_method(method)[0], LR_GRID_DEFAULT)
                     left = [g for g in grid if (model, task, method, grid_seed, True, g) not in have
@@ -382,7 +401,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="minilm-l6,smollm2-135m")
     ap.add_argument("--tasks", default="sst2,rte,cola")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help="comma-separated; a variant sets config fields: lt-prefix:objective=pairwise+variant=published")
+                    help="comma-separated (default: the six rows of the issue-4 table; the related methods "
+                         f"{','.join(RELATED_METHODS)} by name); a variant sets config fields: "
+                         "lt-prefix:objective=pairwise+variant=published")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--max-train", type=int, default=500, help="training examples per task (same for all methods)")
     ap.add_argument("--max-dev", type=int, default=None, help="evaluate on a fixed sample of dev (default: all)")
@@ -398,6 +419,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "accuracy.json"))
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in --out")
+    ap.add_argument("--lrs-from", default=os.path.join(HERE, "results", "accuracy.json"),
+                    help="without --sweep: train each row at the lr this JSON's table reports for it (its sweep's "
+                         "pick, else the method's default), its sweep runs copied into --out as the record of the "
+                         "pick; default: the committed table; '' for every method's default lr")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: make the table, markdown and chart from the runs in --out (and --include)")
     ap.add_argument("--include", default="",
@@ -444,6 +469,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"{path}: made with budget {other.get('budget')}, not {budget}")
         have = {key(r) for r in state["runs"]}
         state["runs"] += [r for r in other["runs"] if key(r) not in have]
+    if not a.sweep:
+        have = {key(r) for r in state["runs"]}
+        rows = {(m, t, x) for m in models for t in tasks for x in methods}
+        state["runs"] += [r for r in frozen_sweeps(a.lrs_from, budget, rows) if key(r) not in have]
     if a.plan:
         timed = state["runs"]
         if a.fresh and os.path.isfile(a.out):  # plan the table from scratch, timed by the runs already made
@@ -470,7 +499,7 @@ def main(argv=None) -> int:
     for model in ([] if a.report_only else models):
         for task in tasks:
             for method in methods:
-                lr = default_lr(method)
+                lr = default_lr(method) if a.sweep else row_lr(state["runs"], model, task, method)
                 if a.sweep and not claim(a.claims, model, task, method):
                     continue
                 if a.sweep:

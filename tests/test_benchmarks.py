@@ -238,3 +238,31 @@ def test_report_states_the_summed_wall_time_of_its_runs():
     note = acc.wall_note(runs, rows)
     assert "the 2 runs averaged into these rows took 1.5 h" in note, note
     assert "all 5 runs in the JSON (sweep grids, other learning rates and rows not shown too) 3.9 h" in note, note
+
+
+def test_fresh_table_trains_each_row_at_its_committed_pick(tmp_path):
+    """Without --sweep a row trains at the lr the --lrs-from table picked for it: its sweep runs are copied in
+    (marked), so row_lr, the plan and the report use the pick; rows never swept keep the method's default; a JSON
+    of another budget lends no picks."""
+    acc = _load("accuracy")
+    budget = {"max_train": 500, "epochs": 3.0}
+
+    def run(method, lr, val, sweep=True):
+        return {"model": "m", "task": "sst2", "method": method, "seed": 0, "lr": lr, "sweep": sweep,
+                "best_val": val, "wall_seconds": 60}
+
+    src = tmp_path / "committed.json"
+    src.write_text(json.dumps({"budget": budget, "runs": [
+        run("fl", 3e-4, 0.5), run("fl", 1e-3, 0.6), run("fl", 3e-3, 0.9), run("fl", 3e-3, 0.9, sweep=False),
+        run("apt", 3e-3, 0.9)]}))  # apt: swept, but not a row asked for
+    rows = {("m", "sst2", "fl"), ("m", "sst2", "prefix")}
+    copies = acc.frozen_sweeps(str(src), budget, rows)
+    assert sorted(r["lr"] for r in copies) == [3e-4, 1e-3, 3e-3]
+    assert all(r["sweep"] and r["copied_from"] == "sweep in committed.json" for r in copies)
+    todo = acc.plan(copies, ["m"], ["sst2"], ["fl", "prefix"], [0, 1], False, 0)
+    assert [(t[2], t[3], t[4]) for t in todo] == [("fl", 0, 3e-3), ("fl", 1, 3e-3), ("prefix", 0, 1e-3),
+                                                   ("prefix", 1, 1e-3)]
+    assert acc.wall_note(copies, []).endswith("all 0 runs in the JSON (sweep grids, other learning rates and rows "
+                                              "not shown too) 0.0 h.\n")  # copies are not this table's work
+    assert acc.frozen_sweeps(str(src), dict(budget, max_train=300), rows) == []
+    assert acc.frozen_sweeps("", budget, rows) == [] and acc.frozen_sweeps(str(tmp_path / "none.json"), budget, rows) == []
