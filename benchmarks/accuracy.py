@@ -228,8 +228,11 @@ def sweep_markdown(runs: list) -> str:
     swept = sorted({(r["model"], r["task"], r["method"]) for r in runs if r.get("sweep")})
     if not swept:
         return ""
+    copies = {r.get("copied_from", "") for r in runs if r.get("sweep")}
+    origin = (f"; the sweeps of {', '.join(sorted(c[len('sweep in '):] for c in copies))}, copied, not re-run: each "
+              "row above trains at their pick") if all(c.startswith("sweep in ") for c in copies) else ""
     out = ["\n**Learning-rate sweeps** (seed 0; pick = best validation score on the split carved from train; "
-           "validation / dev, %)\n", "| model | task | method | lr: validation / dev |", "|---|---|---|---|"]
+           f"validation / dev, %{origin})\n", "| model | task | method | lr: validation / dev |", "|---|---|---|---|"]
     for model, task, method in swept:
         pick = row_lr(runs, model, task, method)
         pts = sorted((r["lr"], r["best_val"], r["score"]) for r in runs if r.get("sweep")
@@ -300,16 +303,43 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
     return "\n".join(out) + "\n"
 
 
-def wall_note(runs: list, rows: list) -> str:
+def wall_note(runs: list, rows: list, invocation: dict | None = None) -> str:
     """One line for the report: the summed wall time of the runs averaged into ``rows``, and of every run in the
-    JSON (sweep grids and other lrs too; a run reused from another, ``copied_from``, is counted once there)."""
+    JSON (sweep grids and other lrs too; a run reused from another, ``copied_from``, is counted once there); and
+    the elapsed time of the last ``invocation`` that trained runs (``state["last_training_invocation"]``)."""
     keys = {(x["model"], x["task"], x["method"]) for x in rows}
     in_rows = [r for r in row_runs(runs) if "wall_seconds" in r and (r["model"], r["task"], r["method"]) in keys]
     own = [r for r in runs if "wall_seconds" in r and "copied_from" not in r]
     hours = lambda rs: sum(r["wall_seconds"] for r in rs) / 3600  # noqa: E731
     return (f"\nWall time (summed over runs, as recorded in the JSON): the {len(in_rows)} runs averaged into these "
             f"rows took {hours(in_rows):.1f} h; all {len(own)} runs in the JSON (sweep grids, other learning rates "
-            f"and rows not shown too) {hours(own):.1f} h.\n")
+            f"and rows not shown too) {hours(own):.1f} h.\n" + (
+                f"The last invocation that trained runs, `{invocation['command']}` ({invocation['date']}, "
+                f"{invocation['machine']}), trained {invocation['runs_trained']} runs in "
+                f"**{invocation['elapsed_seconds'] / 3600:.2f} h elapsed**.\n" if invocation else ""))
+
+
+def compare_markdown(runs: list, other: list, name: str) -> str:
+    """Each row of ``runs`` next to the same row (model, task, method, lr) of ``other`` (e.g. the committed
+    table, when this JSON regenerated it from scratch): the means, and on how many seeds the dev score is the same
+    (same data sample, seed and config: a difference is the code or the machine's arithmetic, not chance)."""
+    mine, theirs = {}, {}
+    for dst, src in ((mine, runs), (theirs, other)):
+        for r in row_runs(src):
+            dst.setdefault((r["model"], r["task"], r["method"], r["lr"]), {})[r["seed"]] = 100 * r["score"]
+    shared = sorted(k for k in mine if k in theirs and set(mine[k]) & set(theirs[k]))
+    if not shared:
+        return ""
+    out = [f"\n**Against {name}** (the same rows at the same lr; score x100, mean over the seeds both have)\n",
+           "| model | task | method | here | there | here - there | seeds with the same score |", "|---" * 7 + "|"]
+    for k in shared:
+        seeds = sorted(set(mine[k]) & set(theirs[k]))
+        a = statistics.mean(mine[k][s] for s in seeds)
+        b = statistics.mean(theirs[k][s] for s in seeds)
+        same = sum(abs(mine[k][s] - theirs[k][s]) < 1e-9 for s in seeds)
+        label = k[2].replace("|", "\\|")
+        out.append(f"| {k[0]} | {k[1]} | {label} | {a:.1f} | {b:.1f} | {a - b:+.1f} | {same} of {len(seeds)} |")
+    return "\n".join(out) + "\n"
 
 
 def chart_methods(methods: list) -> list:
@@ -436,6 +466,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", action="store_true",
                     help="train nothing: list the runs still to do, each with an estimated wall time (the median of "
                          "finished runs of the same model, task and method in --out/--include), and the total")
+    ap.add_argument("--compare", default="",
+                    help="a JSON of the same budget (e.g. the committed table): the report adds each row next to "
+                         "the same row there, and on how many seeds the dev score is identical")
     ap.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # a worker of --jobs: the queue's folder
     a = ap.parse_args(argv)
     if a.quick:
@@ -481,6 +514,8 @@ def main(argv=None) -> int:
         print(plan_text(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, timed), a.jobs))
         return 0
     t_start = time.time()
+    own = lambda: sum("copied_from" not in r for r in state["runs"])  # noqa: E731  (runs trained, not copies)
+    own_before = own()
     if a.jobs > 1 and not a.report_only:
         atomic_json(a.out, state)
         shards = run_workers(a, argv if argv is not None else sys.argv[1:])
@@ -530,10 +565,21 @@ def main(argv=None) -> int:
     rows = summarize(state["runs"])
     state["table"] = rows
     state["wall_seconds_this_invocation"] = time.time() - t_start
+    if own() > own_before:  # this invocation trained runs (itself or by its --jobs workers): its elapsed time
+        state["last_training_invocation"] = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M"),
+                                             "machine": machine(), "runs_trained": own() - own_before,
+                                             "elapsed_seconds": state["wall_seconds_this_invocation"]}
     state["date"] = time.strftime("%Y-%m-%d")
     atomic_json(a.out, state)
     shown = [x for x in rows if x["model"] in models and x["task"] in tasks and x["method"] in methods]
-    md = markdown(rows, methods, tasks, models) + wall_note(state["runs"], shown) + sweep_markdown(state["runs"])
+    md = markdown(rows, methods, tasks, models) + wall_note(state["runs"], shown, state.get("last_training_invocation")) + sweep_markdown(state["runs"])
+    if a.compare:
+        with open(a.compare) as f:
+            other = json.load(f)
+        if same_budget(other.get("budget"), budget) is False:
+            raise SystemExit(f"--compare {a.compare}: made with budget {other.get('budget')}, not {budget}")
+        keep = lambda r: (r["model"], r["task"], r["method"]) in {(x["model"], x["task"], x["method"]) for x in shown}  # noqa: E731
+        md += compare_markdown([r for r in state["runs"] if keep(r)], other["runs"], os.path.basename(a.compare))
     md_path = os.path.splitext(a.out)[0] + ".md"
     with open(md_path, "w") as f:
         f.write(md)

@@ -34,9 +34,12 @@ def test_accuracy_quick_smoke(tmp_path, minilm, sst2_dir):
     md = (tmp_path / "quick.md").read_text()
     assert "| lt-prefix |" in md and (tmp_path / "quick.png").stat().st_size > 1000
     wall = state["wall_seconds_this_invocation"]
+    inv = state["last_training_invocation"]
+    assert inv["runs_trained"] == 3 and inv["elapsed_seconds"] == wall and "3 runs in" in md
     assert acc.main(args) == 0
     again = json.loads(out.read_text())
     assert len(again["runs"]) == 3 and again["wall_seconds_this_invocation"] < wall
+    assert again["last_training_invocation"] == inv  # an invocation that trains nothing keeps the last one's record
 
 
 def test_method_variant_specs():
@@ -238,6 +241,10 @@ def test_report_states_the_summed_wall_time_of_its_runs():
     note = acc.wall_note(runs, rows)
     assert "the 2 runs averaged into these rows took 1.5 h" in note, note
     assert "all 5 runs in the JSON (sweep grids, other learning rates and rows not shown too) 3.9 h" in note, note
+    inv = {"command": "accuracy.py --jobs 2 --fresh", "date": "2026-12-01 20:00", "machine": "x86_64, 2 cores, cpu",
+           "runs_trained": 108, "elapsed_seconds": 9000}
+    assert ("`accuracy.py --jobs 2 --fresh` (2026-12-01 20:00, x86_64, 2 cores, cpu), trained 108 runs in "
+            "**2.50 h elapsed**") in acc.wall_note(runs, rows, inv)
 
 
 def test_fresh_table_trains_each_row_at_its_committed_pick(tmp_path):
@@ -266,3 +273,29 @@ def test_fresh_table_trains_each_row_at_its_committed_pick(tmp_path):
                                               "not shown too) 0.0 h.\n")  # copies are not this table's work
     assert acc.frozen_sweeps(str(src), dict(budget, max_train=300), rows) == []
     assert acc.frozen_sweeps("", budget, rows) == [] and acc.frozen_sweeps(str(tmp_path / "none.json"), budget, rows) == []
+
+
+def test_compare_lists_each_row_next_to_the_same_row_elsewhere():
+    """--compare: a row here beside the same row (same lr) of another JSON, over the seeds both have, with the count
+    of seeds whose dev score is identical; rows at another lr or only on one side are left out."""
+    acc = _load("accuracy")
+
+    def run(method, lr, seed, score):
+        return {"model": "m", "task": "rte", "method": method, "seed": seed, "lr": lr, "score": score}
+
+    here = [run("prefix", 1e-3, 0, 0.50), run("prefix", 1e-3, 1, 0.60), run("prefix", 1e-3, 2, 0.70),
+            run("lora", 1e-3, 0, 0.55)]
+    there = [run("prefix", 1e-3, 0, 0.50), run("prefix", 1e-3, 1, 0.50), run("lora", 3e-3, 0, 0.55)]
+    md = acc.compare_markdown(here, there, "committed.json")
+    assert "| m | rte | prefix | 55.0 | 50.0 | +5.0 | 1 of 2 |" in md, md
+    assert "lora" not in md and "Against committed.json" in md
+    assert acc.compare_markdown(here, [], "x") == ""
+
+
+def test_sweep_list_says_when_its_sweeps_are_copied_from_another_table():
+    acc = _load("accuracy")
+    runs = [{"model": "m", "task": "rte", "method": "fl", "seed": 0, "lr": g, "sweep": True, "best_val": v,
+             "score": 0.5, "copied_from": "sweep in accuracy.json"} for g, v in zip(acc.LR_GRID_DEFAULT, (0.5, 0.6, 0.7))]
+    assert "the sweeps of accuracy.json, copied, not re-run" in acc.sweep_markdown(runs)
+    runs[0] = dict(runs[0], copied_from="table run")  # a sweep of this JSON (its seed-0 run reused): no such note
+    assert "copied, not re-run" not in acc.sweep_markdown(runs) and "*0.003: 70.0 / 50.0" in acc.sweep_markdown(runs)
