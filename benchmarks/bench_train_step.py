@@ -45,24 +45,26 @@ CONFIGS = ["peft-fp32", "peft-bf16", "eager-fp32", "ours-prefix-fp32", "ours-pre
            "ours-lt-prefix-fp32", "ours-lt-prefix-bf16"]
 
 
+def product_rate(m: int, k: int, n: int, dtype, reps: int) -> float:
+    """Median rate (TFLOP/s) of an (m, k) x (k, n) product in ``dtype`` over ``reps`` timed calls after one warm-up."""
+    import torch
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t)
+    return 2 * m * k * n / statistics.median(ts) / 1e12
+
+
 def matmul_tflops(dtype_name: str, n=2048, reps=10) -> float:
     """Median rate of an n^3 matrix product in the given dtype (TFLOP/s). bf16 is probed on a small product
     first: on CPUs without AVX512-BF16/AMX PyTorch emulates it at ~1 GFLOP/s and a 2048^3 probe takes minutes."""
     import torch
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
-
-    def rate(m, k):
-        a, b = torch.randn(m, m, dtype=dtype), torch.randn(m, m, dtype=dtype)
-        a @ b
-        ts = []
-        for _ in range(k):
-            t = time.perf_counter()
-            a @ b
-            ts.append(time.perf_counter() - t)
-        return 2 * m ** 3 / statistics.median(ts) / 1e12
-
-    small = rate(256, 3)
-    return small if small < 0.02 else rate(n, reps)
+    small = product_rate(256, 256, 256, dtype, 3)
+    return small if small < 0.02 else product_rate(n, n, n, dtype, reps)
 
 
 def model_flops(info, n_params_nonembed: int, rows: int) -> float:

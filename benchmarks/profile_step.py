@@ -11,24 +11,12 @@ from __future__ import annotations
 
 import os
 import random
-import statistics
 import sys
+import statistics
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-
-
-def rate(dtype, m=16 * 80, k=576, n=1536, reps=20) -> float:
-    import torch
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    a @ b
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t)
-    return 2 * m * k * n / statistics.median(ts) / 1e9
 
 
 def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
@@ -39,6 +27,7 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
     from ltuning.data import collate, label_names_of, load_split, sorted_batches
     sys.path.insert(0, HERE)
     from accuracy import DATA
+    from bench_train_step import product_rate
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     train = random.Random(0).sample(load_split(os.path.join(DATA, task), "train"), 200)
@@ -71,7 +60,8 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
         for _ in range(3):
             step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-    print(f"matrix rate at 1280x576x1536: fp32 {rate(torch.float32):.0f} GFLOP/s, bf16 {rate(torch.bfloat16):.0f} GFLOP/s")
+    fp32, bf16 = (1000 * product_rate(16 * 80, 576, 1536, dt, 20) for dt in (torch.float32, torch.bfloat16))
+    print(f"matrix rate at 1280x576x1536: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
     val = [len(x) for x in enc.input_ids[:50]]
     dev = [len(x) for x in clf.encode(load_split(os.path.join(DATA, task), "dev")).input_ids]
     for name, ls in (("validation (50)", val), ("dev", dev)):
