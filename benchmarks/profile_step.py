@@ -1,9 +1,12 @@
 """Where a table run's time goes: one training step of a real model, profiled; the matrix rates at its shape.
 
 Prints (1) the median time of a training step of METHOD on a batch of 16 TASK examples around the median length
-(one thread, as the accuracy table runs), (2) the torch profiler's ops by self CPU time, (3) the fp32 and bf16
-rates of a product of the model's MLP shape (16 x 80 tokens, 576 -> 1536), and (4) the padding of the
-evaluation batches (the validation split of 50 examples and the dev set, in sorted batches of 64 and of 16).
+(one thread, as the accuracy table runs; for a prompt method on a decoder, first the step with the prompt
+concatenated vs run once as a shared prefix, alternately), (2) the torch profiler's ops by self CPU time, (3) the fp32 and bf16
+rates of a product of the model's MLP shape (16 x 80 tokens, 576 -> 1536), (4) the fixed cost of one
+forward pass in tokens, (5) the padding of the evaluation batches (the validation split of 50 examples and the dev
+set: sorted chunks of 64 and of 16 rows, and ``predict_scores``' split) and the time of ``predict_scores`` on the
+validation split with each.
 
     OMP_NUM_THREADS=1 python benchmarks/profile_step.py lt-prefix rte
 """
@@ -25,6 +28,7 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
 
     import ltuning
     from ltuning.data import collate, label_names_of, load_split, sorted_batches
+    from ltuning.inference import OVERHEAD_TOKENS, predict_scores
     sys.path.insert(0, HERE)
     from accuracy import DATA
     from bench_train_step import product_rate
@@ -48,27 +52,72 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
         for p in params:
             p.grad = None
 
-    for _ in range(2):
-        step()
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t)
-    print(f"{model} {task} {method}: batch {tuple(ids.shape)}, step median {statistics.median(ts):.2f} s")
+    def median_step():
+        for _ in range(2):
+            step()
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    if m.method.kind == "prompt" and m.prompt_as_prefix:  # the same step with the prompt concatenated, alternately
+        pairs = []
+        for _ in range(2):
+            for flag in (False, True):
+                m.prompt_as_prefix = flag
+                pairs.append((flag, median_step()))
+        concat = statistics.median(t for f, t in pairs if not f)
+        shared = statistics.median(t for f, t in pairs if f)
+        print(f"prompt concatenated [p ; x]: step {concat:.2f} s; run once as a shared prefix: {shared:.2f} s "
+              f"({concat / shared:.2f}x)")
+    print(f"{model} {task} {method}: batch {tuple(ids.shape)}, step median {median_step():.2f} s")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     fp32, bf16 = (1000 * product_rate(16 * 80, 576, 1536, dt, 20) for dt in (torch.float32, torch.bfloat16))
     print(f"matrix rate at 1280x576x1536: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
-    val = [len(x) for x in enc.input_ids[:50]]
-    dev = [len(x) for x in clf.encode(load_split(os.path.join(DATA, task), "dev")).input_ids]
-    for name, ls in (("validation (50)", val), ("dev", dev)):
-        for bs in (64, 16):
-            padded = sum(len(x) * max(ls[i] for i in x) for x in sorted_batches(ls, bs))
-            print(f"{name}, batches of {bs}: computes {padded / sum(ls):.2f}x its real tokens")
+    print(f"one forward pass, eval mode: {overhead_line(m, ids)}")
+    val_ids = enc.input_ids[:50]
+    dev_ids = clf.encode(load_split(os.path.join(DATA, task), "dev")).input_ids
+    for name, x in (("validation (50)", val_ids), ("dev", dev_ids)):
+        ls = [len(t) for t in x]
+        for bs, ovh in ((64, None), (16, None), (64, OVERHEAD_TOKENS["cpu"])):
+            batches = sorted_batches(ls, bs, ovh)
+            padded = sum(len(b) * max(ls[i] for i in b) for b in batches)
+            how = f"batches of {bs}" if ovh is None else f"<= {bs} rows, overhead_tokens={ovh}"
+            line = f"{name}, {how}: {len(batches)} batches, computes {padded / sum(ls):.2f}x its real tokens"
+            if name.startswith("validation"):
+                t = time.perf_counter()
+                predict_scores(m, x, bs, overhead_tokens=ovh)
+                line += f", predict_scores {time.perf_counter() - t:.1f} s"
+            print(line)
 
+
+def overhead_line(model, ids) -> str:
+    """The fixed cost of a forward pass in tokens: medians of 1 x 8 and 8 x 128 token batches."""
+    import torch
+
+    def t(B, L):
+        x = ids[:1, :1].expand(B, L).contiguous()
+        mask = torch.ones_like(x)
+        with torch.inference_mode():
+            model(x, mask)
+            ts = []
+            for _ in range(5):
+                s = time.perf_counter()
+                model(x, mask)
+                ts.append(time.perf_counter() - s)
+        model.train()
+        return statistics.median(ts)
+
+    model.eval()
+    small, big = t(1, 8), t(8, 128)
+    per_token = big / (8 * 128)
+    return (f"1 x 8 tokens {1000 * small:.0f} ms, 8 x 128 tokens {1000 * per_token:.2f} ms per token: "
+            f"overhead ~{(small - 8 * per_token) / per_token:.0f} tokens")
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

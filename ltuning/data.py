@@ -188,7 +188,29 @@ def length_grouped_batches(lengths: list, batch_size: int, rng: random.Random, m
     return batches
 
 
-def sorted_batches(lengths: list, batch_size: int) -> list:
-    """Inference batches sorted by length (least padding); callers restore the order."""
+def sorted_batches(lengths: list, batch_size: int, overhead_tokens: int | None = None) -> list:
+    """Inference batches of at most ``batch_size`` rows, sorted by length (longest first); callers restore the order.
+
+    Without ``overhead_tokens``: consecutive chunks of ``batch_size``. With it: the split of the sorted rows into
+    consecutive batches that minimises ``padded tokens + overhead_tokens * batches`` (exact, by dynamic programming
+    in O(n * batch_size)), where ``overhead_tokens`` is the fixed cost of one forward pass counted in tokens (streaming
+    the weights once: ~40 tokens for SmolLM2 on one CPU core, far more on a GPU). A chunk of 64 rows of 30 to 128
+    tokens computes up to 2x its real tokens; the split computes little more than its real ones.
+    """
     idx = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
+    n = len(idx)
+    if overhead_tokens is None or n <= 1:
+        return [idx[j:j + batch_size] for j in range(0, n, batch_size)]
+    ls = [lengths[i] for i in idx]
+    best = [0.0] + [float("inf")] * n  # best[j]: least cost of the first j rows
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - batch_size), j):  # last batch = rows i..j-1, padded to ls[i]
+            c = best[i] + (j - i) * ls[i] + overhead_tokens
+            if c < best[j]:
+                best[j], start[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(idx[start[j]:j])
+        j = start[j]
+    return out[::-1]

@@ -16,19 +16,46 @@ def autocast(dtype: str):
     return contextlib.nullcontext()
 
 
+# The fixed cost of one forward pass in tokens (reading every weight once), by device type: the batches of
+# ``predict_scores`` trade padding against it. CPU: SmolLM2-135M on one Xeon core, fp32, a batch of 1 x 8 tokens took
+# 130 ms and 8 x 128 tokens 2.34 ms per token, i.e. ~47 tokens of overhead (benchmarks/profile_step.py prints the
+# padding). GPUs: unmeasured here, so plain chunks of ``batch_size`` rows (None).
+OVERHEAD_TOKENS = {"cpu": 48}
+
+
 @torch.inference_mode()
-def predict_scores(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False):
-    """Scores (N, K) float32 for N tokenised inputs (label-conditioned methods: all B x K pairs per batch)."""
+def predict_scores(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False,
+                   overhead_tokens: int | str | None = "auto"):
+    """Scores (N, K) float32 for N tokenised inputs (label-conditioned methods: all B x K pairs per batch).
+
+    Batches hold at most ``batch_size`` inputs of similar length: see :func:`ltuning.data.sorted_batches` for
+    ``overhead_tokens`` (``"auto"``: :data:`OVERHEAD_TOKENS` of the model's device; None: chunks of ``batch_size``)."""
+    return _map_batches(model, model, len(model.label_names), input_ids, batch_size, dtype, progress, overhead_tokens)
+
+
+@torch.inference_mode()
+def pooled_features(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False,
+                    overhead_tokens: int | str | None = "auto"):
+    """The pooled representations (N, d) float32 the head of ``model`` (an ``LTuningModel``) reads, in input order;
+    batches as in :func:`predict_scores`."""
+    return _map_batches(model, model.encode, model.info.hidden_size, input_ids, batch_size, dtype, progress,
+                        overhead_tokens)
+
+
+def _map_batches(model, fn, width, input_ids, batch_size, dtype, progress, overhead_tokens):
+    """``fn(ids, mask)`` over length-sorted batches of ``input_ids`` in eval mode: (N, width) float32, input order."""
     was_training = model.training
     model.eval()
     device = model.head.weight.device
     pad = model.tokenizer.pad_token_id
-    out = torch.empty(len(input_ids), len(model.label_names))
-    batches = sorted_batches([len(x) for x in input_ids], batch_size)
+    out = torch.empty(len(input_ids), width)
+    if overhead_tokens == "auto":
+        overhead_tokens = OVERHEAD_TOKENS.get(device.type)
+    batches = sorted_batches([len(x) for x in input_ids], batch_size, overhead_tokens)
     for b in tqdm(batches, desc="classify", disable=not progress, leave=False):
         ids, mask, _ = collate([input_ids[i] for i in b], pad)
         with autocast(dtype):
-            s = model(ids.to(device), mask.to(device))
+            s = fn(ids.to(device), mask.to(device))
         out[torch.tensor(b)] = s.float().cpu()
     model.train(was_training)
     return out

@@ -5,6 +5,14 @@ conditioned methods (L-Tuning) score every (input, label) pair: all B x K pairs 
 (b, k) selecting bank entry k of the shared prefix/prompt bank, and s_{b,k} = C_phi(pool(M(x_b; p_k))).
 Prediction is argmax_k s_{b,k}. Losses: ``listwise`` = cross-entropy over the K scores; ``pairwise`` =
 binary cross-entropy on the true pair and ``num_negatives`` sampled wrong labels (the paper's objective).
+
+Prompts on decoders run as shared prefixes (``prompt_as_prefix``). A soft prompt p_e (n tokens, entry e of
+the method's bank) comes before the input, and causal attention never lets it see the input, so its per-layer
+keys/values are the same for every row that uses entry e. They are computed ONCE per forward, by one pass of
+the N bank entries ``[p_1..p_N]`` (N x n tokens, the layers' own K/V captured after RoPE), and the B rows then
+attend to them as a shared prefix (the prefix-attention kernels, gradient reduced over rows inside the kernel),
+with positions n..n+L-1, as in ``[p_e ; x]``. Same result as the concatenation (tested), for N x n + B x L
+tokens instead of B x (n + L). Encoders (bidirectional: the prompt sees the input) concatenate.
 """
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ class LTuningModel(nn.Module):
             raise ValueError(f"pooling must be 'last', 'mean' or 'cls', not {self.pooling!r}")
         for p in self.base.parameters():
             p.requires_grad_(False)
+        self.prompt_as_prefix = self.info.causal  # see the module docstring; False: concatenate [p_e ; x]
         device = base.get_input_embeddings().weight.device
         self.method.to(device)
         self.head.to(device)
@@ -107,6 +116,19 @@ class LTuningModel(nn.Module):
             if self.config.position_offset == "prefix":  # the input continues after its own prefix
                 start = P if lengths is None else lengths.to(dev)[entry_index][:, None]
                 kwargs["position_ids"] = torch.arange(L, device=dev)[None] + start
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        elif kind == "prompt" and self.prompt_as_prefix:
+            prompts, pmask = self.method.prompts()
+            n = prompts.shape[1]
+            pmask = pmask.to(dev)
+            captured = {}
+            self.base(inputs_embeds=prompts.to(self.base.get_input_embeddings().weight.dtype),
+                      attention_mask=pmask, use_cache=False, ltuning_capture=captured)
+            layers = sorted(captured)
+            lengths = None if bool(pmask.all()) else pmask.sum(-1)
+            kwargs["ltuning_prefix"] = PrefixInputs([captured[i][0] for i in layers], [captured[i][1] for i in layers],
+                                                    entry_index, None, self.config.backend, lengths)
+            kwargs["position_ids"] = torch.arange(L, device=dev)[None] + n
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         elif kind == "prompt":
             prompts, pmask = self.method.prompts()

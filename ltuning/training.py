@@ -16,7 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import collate, length_grouped_batches
-from .inference import autocast, predict_scores
+import torch.nn.functional as F
+
+from .inference import autocast, pooled_features, predict_scores
 from .metrics import classification_metrics
 
 
@@ -45,6 +47,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_batch_size: int = 64
     max_steps: Optional[int] = None
+    cache_features: bool = True
 
     def __post_init__(self):
         if self.select_metric not in SELECT_METRICS:
@@ -99,6 +102,17 @@ def evaluate(model, ids: list, labels: list, batch_size: int = 64, dtype: str = 
     return classification_metrics(pred, labels, len(model.label_names))
 
 
+def head_only(model) -> bool:
+    """True when training changes nothing but the head of a frozen, deterministic encoder (the linear probe): an
+    ``LTuningModel`` (not a wrapper) whose method adds nothing (``kind == "none"``, not label-conditioned), with
+    only ``head.*`` parameters trainable. The base keeps its dropout off in train mode (``LTuningModel.train``), so
+    its pooled features are the same at every step and :func:`fit` computes them once (``cache_features``)."""
+    method = getattr(model, "method", None)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
+    return (bool(trainable) and all(n.startswith("head.") for n in trainable) and method is not None
+            and method.kind == "none" and not method.label_conditioned)
+
+
 def _save_checkpoint(path: str, model, opt, sched, state: dict) -> None:
     """Write ``path`` atomically: a fresh directory renamed over the old one."""
     tmp = path + ".tmp"
@@ -147,6 +161,13 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
         torch.set_rng_state(blob["torch_rng"])
         best_state = state.pop("best_state", None)
     gen = torch.Generator().manual_seed(cfg.seed + state["step"])
+    features = val_features = None
+    if cfg.cache_features and head_only(model):  # linear probe: one pass of the frozen encoder, then head steps
+        t0 = time.perf_counter()
+        features = pooled_features(model, train_ids, cfg.eval_batch_size, cfg.dtype)
+        state["train_seconds"] += time.perf_counter() - t0  # the features' cost counts as training time
+        val_features = pooled_features(model, val_ids, cfg.eval_batch_size, cfg.dtype)
+        model.train()
     bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress, dynamic_ncols=True)
     stop = False
     while state["step"] < total and not stop:
@@ -154,9 +175,13 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
         batches = length_grouped_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
         for b in batches[skip:]:
             t0 = time.perf_counter()
-            ids, mask, lab = collate([train_ids[i] for i in b], pad, [train_labels[i] for i in b])
-            with autocast(cfg.dtype):
-                loss, _ = model.loss(ids.to(device), mask.to(device), lab.to(device), generator=gen)
+            if features is not None:
+                lab = torch.tensor([train_labels[i] for i in b], device=device)
+                loss = F.cross_entropy(model._head(features[b].to(device)), lab)
+            else:
+                ids, mask, lab = collate([train_ids[i] for i in b], pad, [train_labels[i] for i in b])
+                with autocast(cfg.dtype):
+                    loss, _ = model.loss(ids.to(device), mask.to(device), lab.to(device), generator=gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm:
@@ -169,7 +194,12 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             if state["step"] % eval_every == 0 or state["step"] == total:
-                m = evaluate(model, val_ids, val_labels, cfg.eval_batch_size, cfg.dtype)
+                if val_features is not None:
+                    with torch.no_grad():
+                        pred = model._head(val_features.to(device)).argmax(-1).tolist()
+                    m = classification_metrics(pred, val_labels, len(model.label_names))
+                else:
+                    m = evaluate(model, val_ids, val_labels, cfg.eval_batch_size, cfg.dtype)
                 model.train()
                 m["step"] = state["step"]
                 state["evals"].append(m)

@@ -239,3 +239,77 @@ def test_fit_seed_fixes_the_initialisation(minilm, sst2_dir):
     assert states[0].keys() == states[1].keys() and len(states[0]) > 0
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # same seed, other global RNG
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])  # another seed
+
+
+def test_sorted_batches_split_is_optimal_and_covers_every_input():
+    """sorted_batches with overhead_tokens: every index once, at most batch_size rows, lengths sorted, and its cost
+    (padded tokens + overhead per batch) equals the brute-force optimum over all splits of the sorted order."""
+    import itertools
+
+    from ltuning.data import sorted_batches
+
+    rng = random.Random()
+    for _ in range(30):
+        n, bs, ovh = rng.randint(1, 9), rng.randint(1, 5), rng.choice([0, 3, 20, 200])
+        lengths = [rng.randint(1, 60) for _ in range(n)]
+        batches = sorted_batches(lengths, bs, ovh)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(n)) and all(1 <= len(b) <= bs for b in batches)
+        assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+        cost = sum(len(b) * lengths[b[0]] + ovh for b in batches)
+        ls = sorted(lengths, reverse=True)
+        best = min(sum((e - s) * ls[s] + ovh for s, e in zip((0,) + cut, cut + (n,)))
+                   for k in range(n) for cut in itertools.combinations(range(1, n), k)
+                   if all(e - s <= bs for s, e in zip((0,) + cut, cut + (n,))))
+        assert cost == best
+    lengths = [rng.randint(1, 60) for _ in range(50)]
+    assert sorted_batches(lengths, 16) == sorted_batches(lengths, 16, None)  # plain chunks without overhead_tokens
+    assert [len(b) for b in sorted_batches(lengths, 16)] == [16, 16, 16, 2]
+
+
+def test_predict_scores_batching_does_not_change_scores(minilm, sst2_dir):
+    """The padding-minimising split and plain chunks give the same scores, in input order."""
+    import torch
+
+    from ltuning import Classifier, unpatch
+    from ltuning.inference import predict_scores
+
+    model, tok = minilm
+    recs = random.Random().sample(load_split(sst2_dir, "dev"), 40)
+    clf = Classifier("minilm-l6", "lt-prefix", base=model, tokenizer=tok)
+    clf.build(["negative", "positive"])
+    ids = clf.encode(recs).input_ids
+    a = predict_scores(clf.model, ids, 16, overhead_tokens=None)
+    b = predict_scores(clf.model, ids, 16, overhead_tokens=8)
+    one = torch.cat([predict_scores(clf.model, [x], 1) for x in ids])
+    unpatch(clf.model)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5) and torch.allclose(a, one, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_probe_caches_features_with_the_same_result(minilm, sst2_dir):
+    """A linear probe trains its head on features computed once (cache_features): the same evaluations, best step
+    and head as recomputing the frozen encoder at every step; other methods never take that path."""
+    import torch
+
+    from ltuning import Classifier, unpatch
+    from ltuning.training import head_only
+
+    model, tok = minilm
+    train = random.Random(0).sample(load_split(sst2_dir, "train"), 80)
+    runs = []
+    for cache in (True, False):
+        clf = Classifier("minilm-l6", "linear-probe", base=model, tokenizer=tok, max_length=48)
+        assert head_only(clf.model) if clf.model is not None else True
+        h = clf.fit(train, progress=False, epochs=2, batch_size=16, lr=1e-2, seed=1, select_metric="accuracy",
+                    cache_features=cache)
+        assert head_only(clf.model)
+        runs.append((h, {k: v.clone() for k, v in clf.model.head.state_dict().items()}))
+        unpatch(clf.model)
+    (h1, w1), (h2, w2) = runs
+    assert [e["accuracy"] for e in h1["evals"]] == [e["accuracy"] for e in h2["evals"]]
+    assert h1["best_step"] == h2["best_step"] and len(h1["evals"]) >= 3
+    assert all(torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5) for k in w1)
+    clf = Classifier("minilm-l6", "lt-prefix", base=model, tokenizer=tok)
+    clf.build(["negative", "positive"])
+    assert not head_only(clf.model)
+    unpatch(clf.model)
