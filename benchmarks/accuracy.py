@@ -13,6 +13,10 @@ the JSON (atomically), so an interrupted table resumes where it stopped.
     python benchmarks/accuracy.py --jobs 2             # the same, as 2 single-thread workers on a 2-core CPU
     python benchmarks/accuracy.py --quick              # CI smoke test: 1 seed, 300 examples, 1 task, MiniLM
     python benchmarks/accuracy.py --plan --fresh       # train nothing: the runs from scratch and their estimated time
+    python benchmarks/accuracy.py --jobs 2 --stop-after 60   # start no run after 60 min; rerun (no --fresh) resumes
+
+A table made in several invocations records each one (``training_invocations``: command, machine, code
+commit, runs, elapsed) and the report gives their total elapsed time.
 """
 from __future__ import annotations
 
@@ -303,20 +307,33 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
     return "\n".join(out) + "\n"
 
 
-def wall_note(runs: list, rows: list, invocation: dict | None = None) -> str:
+def wall_note(runs: list, rows: list, invocation: dict | None = None, invocations: list | None = None) -> str:
     """One line for the report: the summed wall time of the runs averaged into ``rows``, and of every run in the
     JSON (sweep grids and other lrs too; a run reused from another, ``copied_from``, is counted once there); and
-    the elapsed time of the last ``invocation`` that trained runs (``state["last_training_invocation"]``)."""
+    the elapsed time of the last ``invocation`` that trained runs (``state["last_training_invocation"]``), or,
+    when several did (``state["training_invocations"]``: a table stopped with ``--stop-after`` and resumed),
+    each one's and their total, with the code each ran."""
     keys = {(x["model"], x["task"], x["method"]) for x in rows}
     in_rows = [r for r in row_runs(runs) if "wall_seconds" in r and (r["model"], r["task"], r["method"]) in keys]
     own = [r for r in runs if "wall_seconds" in r and "copied_from" not in r]
     hours = lambda rs: sum(r["wall_seconds"] for r in rs) / 3600  # noqa: E731
-    return (f"\nWall time (summed over runs, as recorded in the JSON): the {len(in_rows)} runs averaged into these "
-            f"rows took {hours(in_rows):.1f} h; all {len(own)} runs in the JSON (sweep grids, other learning rates "
-            f"and rows not shown too) {hours(own):.1f} h.\n" + (
-                f"The last invocation that trained runs, `{invocation['command']}` ({invocation['date']}, "
+    out = (f"\nWall time (summed over runs, as recorded in the JSON): the {len(in_rows)} runs averaged into these "
+           f"rows took {hours(in_rows):.1f} h; all {len(own)} runs in the JSON (sweep grids, other learning rates "
+           f"and rows not shown too) {hours(own):.1f} h.\n")
+    if invocations and len(invocations) > 1:
+        codes = {i.get("code") for i in invocations}
+        same = (f"all with the code of commit {codes.pop()}" if len(codes) == 1 and None not in codes
+                else "NOT all with the same code: " + ", ".join(str(i.get("code")) for i in invocations))
+        parts = "; ".join(f"`{i['command']}` ({i['date']}, {i['machine']}): {i['runs_trained']} runs in "
+                          f"{i['elapsed_seconds'] / 3600:.2f} h" for i in invocations)
+        return out + (f"{len(invocations)} invocations trained these runs, one after another, "
+                      f"**{sum(i['elapsed_seconds'] for i in invocations) / 3600:.2f} h elapsed in total**, {same}: "
+                      f"{parts}; {invocations[-1].get('runs_left', '?')} runs left.\n")
+    if invocation:
+        out += (f"The last invocation that trained runs, `{invocation['command']}` ({invocation['date']}, "
                 f"{invocation['machine']}), trained {invocation['runs_trained']} runs in "
-                f"**{invocation['elapsed_seconds'] / 3600:.2f} h elapsed**.\n" if invocation else ""))
+                f"**{invocation['elapsed_seconds'] / 3600:.2f} h elapsed**.\n")
+    return out
 
 
 def compare_markdown(runs: list, other: list, name: str) -> str:
@@ -381,17 +398,38 @@ def plot(rows: list, methods: list, tasks: list, models: list, path: str) -> Non
     fig.savefig(path, dpi=110)
 
 
-def claim(folder, *unit) -> bool:
+def claim(folder, *unit, deadline: float | None = None) -> bool:
     """A worker of ``--jobs`` takes a unit of work (one run; one swept row) if no other worker has: the first
-    to create the unit's claim file wins. Without a queue folder every unit is this process's."""
+    to create the unit's claim file wins. Without a queue folder every unit is this process's. Nothing is taken
+    once ``deadline`` (``--stop-after``) has passed or the queue folder holds a file ``STOP``."""
+    if deadline is not None and time.time() >= deadline:
+        return False
     if folder is None:
         return True
+    if os.path.exists(os.path.join(folder, "STOP")):
+        return False
     name = "_".join(str(u) for u in unit).replace("/", "%").replace("|", "%")[:200]
     try:
         os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
     except FileExistsError:
         return False
+
+
+def code_version() -> str | None:
+    """The git commit of this checkout (``+dirty`` with uncommitted changes under ltuning/, csrc/ or benchmarks/),
+    or None outside a git checkout: recorded per invocation, so a table resumed with other code says so."""
+    import subprocess
+
+    root = os.path.dirname(HERE)
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ltuning", "csrc", "benchmarks/accuracy.py"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def run_workers(a, argv: list) -> list:
@@ -403,7 +441,7 @@ def run_workers(a, argv: list) -> list:
     queue = a.out + ".queue"
     shutil.rmtree(queue, ignore_errors=True)  # claims of an interrupted invocation: their runs are not in a.out
     os.makedirs(queue)
-    drop = {"--jobs", "--out", "--include", "--fresh"}
+    drop = {"--jobs", "--out", "--include", "--fresh", "--stop-after"}
     rest, skip = [], False
     for x in argv:
         if skip:
@@ -416,7 +454,8 @@ def run_workers(a, argv: list) -> list:
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // a.jobs)))
     paths = [f"{os.path.splitext(a.out)[0]}.worker{i}.json" for i in range(a.jobs)]
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *rest, "--out", p, "--fresh",
-                               "--include", a.out, "--claims", queue], env=env) for p in paths]
+                               "--include", a.out, "--claims", queue]
+                              + (["--deadline", repr(a.deadline)] if a.deadline else []), env=env) for p in paths]
     codes = [p.wait() for p in procs]
     shutil.rmtree(queue, ignore_errors=True)
     if any(codes):
@@ -469,7 +508,12 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", default="",
                     help="a JSON of the same budget (e.g. the committed table): the report adds each row next to "
                          "the same row there, and on how many seeds the dev score is identical")
+    ap.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                    help="start no run after MINUTES minutes (the runs in progress finish, the table is made from "
+                         "what is done); the same command without --fresh resumes. With --jobs, creating the file "
+                         "STOP in OUT.queue/ drains the workers the same way at any time")
     ap.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # a worker of --jobs: the queue's folder
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # a worker: --stop-after's end
     a = ap.parse_args(argv)
     if a.quick:
         a.models, a.tasks, a.seeds, a.max_train, a.max_dev = "minilm-l6", "sst2", "0", 300, 300
@@ -514,6 +558,8 @@ def main(argv=None) -> int:
         print(plan_text(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, timed), a.jobs))
         return 0
     t_start = time.time()
+    if a.stop_after is not None and a.deadline is None:
+        a.deadline = t_start + 60 * a.stop_after
     own = lambda: sum("copied_from" not in r for r in state["runs"])  # noqa: E731  (runs trained, not copies)
     own_before = own()
     if a.jobs > 1 and not a.report_only:
@@ -535,7 +581,7 @@ def main(argv=None) -> int:
         for task in tasks:
             for method in methods:
                 lr = default_lr(method) if a.sweep else row_lr(state["runs"], model, task, method)
-                if a.sweep and not claim(a.claims, model, task, method):
+                if a.sweep and not claim(a.claims, model, task, method, deadline=a.deadline):
                     continue
                 if a.sweep:
                     grid = LR_GRID.get(parse_method(method)[0], LR_GRID_DEFAULT)
@@ -551,7 +597,7 @@ def main(argv=None) -> int:
                 for seed in seeds:
                     if (model, task, method, seed, False, lr) in done:
                         continue
-                    if not a.sweep and not claim(a.claims, model, task, method, seed):
+                    if not a.sweep and not claim(a.claims, model, task, method, seed, deadline=a.deadline):
                         continue
                     r = same_run(state["runs"], (model, task, method, seed, True, lr), sweep=False) if a.sweep else None
                     r = r or run_one(bases, model, task, method, seed, lr, a)
@@ -566,13 +612,17 @@ def main(argv=None) -> int:
     state["table"] = rows
     state["wall_seconds_this_invocation"] = time.time() - t_start
     if own() > own_before:  # this invocation trained runs (itself or by its --jobs workers): its elapsed time
-        state["last_training_invocation"] = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M"),
-                                             "machine": machine(), "runs_trained": own() - own_before,
-                                             "elapsed_seconds": state["wall_seconds_this_invocation"]}
+        left = len(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed))
+        inv = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "code": code_version(),
+               "runs_trained": own() - own_before, "elapsed_seconds": state["wall_seconds_this_invocation"],
+               "runs_left": left}
+        state["last_training_invocation"] = inv
+        state.setdefault("training_invocations", []).append(inv)
     state["date"] = time.strftime("%Y-%m-%d")
     atomic_json(a.out, state)
     shown = [x for x in rows if x["model"] in models and x["task"] in tasks and x["method"] in methods]
-    md = markdown(rows, methods, tasks, models) + wall_note(state["runs"], shown, state.get("last_training_invocation")) + sweep_markdown(state["runs"])
+    md = markdown(rows, methods, tasks, models) + wall_note(state["runs"], shown, state.get("last_training_invocation"),
+                                                                   state.get("training_invocations")) + sweep_markdown(state["runs"])
     if a.compare:
         with open(a.compare) as f:
             other = json.load(f)

@@ -117,7 +117,32 @@ def test_accuracy_jobs_share_one_queue(tmp_path, minilm, sst2_dir):
     runs = json.loads(out.read_text())["runs"]
     assert sorted(r["seed"] for r in runs) == [0, 1, 2]
     assert {r["seed"]: r["wall_seconds"] for r in runs if r["seed"] < 2} == first  # not rerun
-    assert "| linear-probe | " in (tmp_path / "jobs.md").read_text()
+    md = (tmp_path / "jobs.md").read_text()
+    assert "| linear-probe | " in md
+    invs = json.loads(out.read_text())["training_invocations"]
+    assert [i["runs_trained"] for i in invs] == [2, 1] and [i["runs_left"] for i in invs] == [0, 0]
+    total = sum(i["elapsed_seconds"] for i in invs) / 3600
+    assert f"2 invocations trained these runs, one after another, **{total:.2f} h elapsed in total**" in md
+    assert acc.main(base + ["--seeds", "0,1,2,3", "--stop-after", "0"]) == 0  # drained before the first run
+    state = json.loads(out.read_text())
+    assert len(state["runs"]) == 3 and len(state["training_invocations"]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["jobs.json", "jobs.md", "jobs.png"]
+
+
+def test_claim_stops_at_the_deadline_or_a_stop_file(tmp_path):
+    """--stop-after / OUT.queue/STOP: no unit is taken after the deadline or once the STOP file exists; before
+    that each unit goes to exactly one caller."""
+    import time
+
+    acc = _load("accuracy")
+    q = str(tmp_path)
+    assert acc.claim(q, "m", "t", "x", 0, deadline=time.time() + 60)
+    assert not acc.claim(q, "m", "t", "x", 0)  # taken
+    assert not acc.claim(q, "m", "t", "x", 1, deadline=time.time() - 1)
+    assert not acc.claim(None, "m", "t", "x", 1, deadline=time.time() - 1)  # one process, no queue: same rule
+    assert acc.claim(None, "m", "t", "x", 1)
+    (tmp_path / "STOP").touch()
+    assert not acc.claim(q, "m", "t", "x", 2)
 
 
 def test_accuracy_sweep_reuses_runs_and_reports_the_pick(tmp_path, minilm, sst2_dir):
