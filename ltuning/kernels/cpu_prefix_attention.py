@@ -34,23 +34,24 @@ _ISA_FLAGS = {
 _STATE: dict = {}
 
 
-def _build():
+def _build(src: Path = _SRC, prefix: str = "ltuning_prefix_attention"):
+    """Compile and load the extension of ``src`` (shared by the other CPU kernels, e.g. ``cpu_fused_ops``)."""
     from torch.utils.cpp_extension import load
 
-    if not _SRC.is_file():
-        raise RuntimeError(f"kernel source {_SRC} not found")
+    if not src.is_file():
+        raise RuntimeError(f"kernel source {src} not found")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     cap = torch.backends.cpu.get_cpu_capability()
     cflags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}"]
     if cap in _ISA_FLAGS:
         cflags += [f"-DCPU_CAPABILITY_{cap}"] + _ISA_FLAGS[cap]
-    tag = hashlib.sha1(_SRC.read_bytes() + " ".join(cflags + [torch.__version__]).encode()).hexdigest()[:12]
-    name = f"ltuning_prefix_attention_{tag}"
+    tag = hashlib.sha1(src.read_bytes() + " ".join(cflags + [torch.__version__]).encode()).hexdigest()[:12]
+    name = f"{prefix}_{tag}"
     root = Path(os.environ.get("LTUNING_BUILD_DIR") or Path.home() / ".cache" / "ltuning")
     build_dir = root / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(_SRC)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+    return load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir), verbose=False)
 
 

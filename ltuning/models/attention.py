@@ -9,6 +9,7 @@ Without it the function computes ordinary attention (same kernels, P = 0).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -87,15 +88,24 @@ def register() -> None:
 
 
 def enable(model) -> None:
-    """Switch ``model`` (and its sub-models) to the ltuning attention; remembers the previous implementation."""
+    """Switch ``model`` (and its sub-models) to the ltuning attention; remembers the previous implementation.
+    A Llama-family model on the CPU also gets the fused RMSNorm / SwiGLU / rotary kernels
+    (:func:`ltuning.models.fused_ops.enable_fused_ops`) unless ``LTUNING_FUSED_OPS=0``."""
     register()
     if getattr(model, "_ltuning_prev_attn", None) is None:
         model._ltuning_prev_attn = model.config._attn_implementation
     model.set_attn_implementation(IMPL_NAME)
+    from .families import DECODER_TYPES
+    if (os.environ.get("LTUNING_FUSED_OPS", "1") != "0" and getattr(model.config, "model_type", None) in DECODER_TYPES
+            and next(model.parameters()).device.type == "cpu"):
+        from .fused_ops import enable_fused_ops
+        enable_fused_ops(model)
 
 
 def disable(model) -> None:
-    """Restore the attention implementation ``model`` had before :func:`enable`."""
+    """Restore the attention implementation ``model`` had before :func:`enable` (and undo the fused kernels)."""
+    from .fused_ops import disable_fused_ops
+    disable_fused_ops(model)
     prev = getattr(model, "_ltuning_prev_attn", None)
     if prev is not None:
         model.set_attn_implementation(prev)

@@ -1,0 +1,233 @@
+"""Fused elementwise ops of Llama-family blocks on CPU: the C++ kernels of ``csrc/fused_llama_ops.cpp``.
+
+* :func:`rms_norm` ``(x, weight, eps)``: ``weight * (x * rsqrt(mean(x^2, -1) + eps))`` in one pass per row; the
+  backward reuses the saved per-row ``rstd`` and computes the weight gradient only when the weight needs one.
+* :func:`swiglu` ``(gate, up)``: ``silu(gate) * up``; the backward recomputes the sigmoid.
+* :func:`rotary` ``(q, k, cos, sin)``: transformers' Llama ``apply_rotary_pos_emb`` (rotate_half convention)
+  for q (B, Hq, L, D), k (B, Hkv, L, D), cos/sin (B or 1, L, D), both tensors in one call, any row strides
+  (the transposed views transformers passes are not copied; the results keep their layout).
+
+Each is a ``torch.library`` custom op (``ltuning::fused_*``) with a registered autograd formula and fake
+implementation. float32, bfloat16 (float32 arithmetic, one rounding) and float64 run natively. The plain-PyTorch
+``*_reference`` functions are the test oracle. The extension is built like the prefix-attention kernel
+(:func:`ltuning.kernels.cpu_prefix_attention._build`, cached in ``~/.cache/ltuning``); without a working
+compiler the functions fall back to the references with one warning.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .cpu_prefix_attention import _build
+
+_SRC = Path(__file__).resolve().parents[2] / "csrc" / "fused_llama_ops.cpp"
+_STATE: dict = {}
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def is_available() -> bool:
+    """Build (once per process, cached on disk) and load the extension; False with one warning on failure."""
+    if "ok" not in _STATE:
+        try:
+            _STATE["ext"] = _build(_SRC, "ltuning_fused_llama_ops")
+            _STATE["ok"] = True
+        except Exception as e:  # compiler missing, build or load failure
+            _STATE["ok"] = False
+            warnings.warn(f"ltuning C++ fused Llama ops unavailable ({type(e).__name__}: {e}); "
+                          "falling back to the reference implementations", RuntimeWarning, stacklevel=2)
+    return _STATE["ok"]
+
+
+def _ext():
+    if not is_available():
+        raise RuntimeError("the ltuning C++ fused-ops extension failed to build")
+    return _STATE["ext"]
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _opt(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+# ------------------------------------------------------------------------------------------------------------
+# References (the oracle): plain PyTorch, any dtype; the tests run them in float64.
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.to(_acc_dtype(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.to(y.dtype) * y).to(x.dtype)
+
+
+def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Custom ops
+
+@torch.library.custom_op("ltuning::fused_rms_norm_fwd", mutates_args=(), device_types="cpu")
+def _rms_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    y, rstd = _ext().rms_norm_fwd(x, weight, eps)
+    return y, rstd
+
+
+@_rms_fwd.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("ltuning::fused_rms_norm_bwd", mutates_args=(), device_types="cpu")
+def _rms_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, need_dx: bool, need_dw: bool
+             ) -> tuple[Tensor, Tensor]:
+    dx, dw = _ext().rms_norm_bwd(dy, x, weight, rstd, need_dx, need_dw)
+    return dx, dw
+
+
+@_rms_bwd.register_fake
+def _(dy, x, weight, rstd, need_dx, need_dw):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            x.new_empty(x.shape[-1:]) if need_dw else x.new_empty(0))
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight, output[1])  # not y
+
+
+def _rms_backward(ctx, dy, drstd):
+    x, weight, rstd = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if dy is None or not (need_dx or need_dw):
+        return None, None, None
+    dx, dw = _rms_bwd(dy, x, weight, rstd, need_dx, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None), None
+
+
+_rms_fwd.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+@torch.library.custom_op("ltuning::fused_swiglu_fwd", mutates_args=(), device_types="cpu")
+def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    return _ext().swiglu_fwd(gate, up)
+
+
+@_swiglu_fwd.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("ltuning::fused_swiglu_bwd", mutates_args=(), device_types="cpu")
+def _swiglu_bwd(dout: Tensor, gate: Tensor, up: Tensor, need_dg: bool, need_du: bool) -> tuple[Tensor, Tensor]:
+    dg, du = _ext().swiglu_bwd(dout, gate, up, need_dg, need_du)
+    return dg, du
+
+
+@_swiglu_bwd.register_fake
+def _(dout, gate, up, need_dg, need_du):
+    return (gate.new_empty(gate.shape) if need_dg else gate.new_empty(0),
+            gate.new_empty(gate.shape) if need_du else gate.new_empty(0))
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    need_dg, need_du = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if dout is None or not (need_dg or need_du):
+        return None, None
+    dg, du = _swiglu_bwd(dout, gate, up, need_dg, need_du)
+    return (dg if need_dg else None), (du if need_du else None)
+
+
+_swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+@torch.library.custom_op("ltuning::fused_rotary", mutates_args=(), device_types="cpu")
+def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tuple[Tensor, Tensor]:
+    qo, ko = _ext().rope(q, k, cos, sin, backward)
+    return qo, ko
+
+
+@_rope.register_fake
+def _(q, k, cos, sin, backward):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _rope_setup(ctx, inputs, output):
+    q, k, cos, sin, backward = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backward_ = backward
+
+
+def _rope_backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    if dq is None and dk is None:
+        return None, None, None, None, None
+    # the wrapper only calls the op with last-dim contiguous q, k, so grads keep those layouts
+    dq = torch.zeros(ctx.q_shape, dtype=cos.dtype) if dq is None else dq
+    dk = torch.zeros(ctx.k_shape, dtype=cos.dtype) if dk is None else dk
+    dq, dk = (t if t.stride(-1) == 1 else t.contiguous() for t in (dq, dk))
+    gq, gk = _rope(dq, dk, cos, sin, not ctx.backward_)
+    return gq, gk, None, None, None
+
+
+def _rope_setup_shapes(ctx, inputs, output):
+    _rope_setup(ctx, inputs, output)
+    ctx.q_shape, ctx.k_shape = inputs[0].shape, inputs[1].shape
+
+
+_rope.register_autograd(_rope_backward, setup_context=_rope_setup_shapes)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public functions
+
+def _native(*ts: Tensor) -> bool:
+    d = ts[0].dtype
+    return d in NATIVE_DTYPES and all(t.device.type == "cpu" and t.dtype == d for t in ts) and is_available()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * (x * rsqrt(mean(x^2, -1) + eps))`` over the last dim; x and weight of one dtype."""
+    if not _native(x, weight) or weight.shape != x.shape[-1:]:
+        return rms_norm_reference(x, weight, eps)
+    return _rms_fwd(x, weight, float(eps))[0]
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` for gate and up of one shape and dtype."""
+    if not _native(gate, up) or gate.shape != up.shape:
+        return swiglu_reference(gate, up)
+    return _swiglu_fwd(gate, up)
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` of transformers' Llama (unsqueeze_dim=1); cos/sin get no gradient
+    from the kernel, so they must not require one (the reference runs then)."""
+    ok = (_native(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
+          and q.shape[-1] % 2 == 0 and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:]
+          and cos.shape[0] in (1, q.shape[0]) and cos.shape[1:] == q.shape[2:]
+          and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)))
+    if not ok:
+        return rotary_reference(q, k, cos, sin)
+    q_, k_ = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    return _rope(q_, k_, cos, sin, False)
