@@ -2,7 +2,8 @@
 
 Prints (1) the median time of a training step of METHOD on a batch of 16 TASK examples around the median length
 (one thread, as the accuracy table runs; for a prompt method on a decoder, first the step with the prompt
-concatenated vs run once as a shared prefix, alternately), (2) the torch profiler's ops by self CPU time, (3) the fp32 and bf16
+concatenated vs run once as a shared prefix, and on a Llama-family model the step without vs with the fused
+RMSNorm / SwiGLU / rotary kernels, alternately), (2) the torch profiler's ops by self CPU time, (3) the fp32 and bf16
 rates of a product of the model's MLP shape (16 x 80 tokens, 576 -> 1536), (4) the fixed cost of one
 forward pass in tokens, (5) the padding of the evaluation batches (the validation split of 50 examples and the dev
 set: sorted chunks of 64 and of 16 rows, and ``predict_scores``' split) and the time of ``predict_scores`` on the
@@ -72,6 +73,16 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
         shared = statistics.median(t for f, t in pairs if f)
         print(f"prompt concatenated [p ; x]: step {concat:.2f} s; run once as a shared prefix: {shared:.2f} s "
               f"({concat / shared:.2f}x)")
+    from ltuning.models.fused_ops import disable_fused_ops, enable_fused_ops, fused_ops_enabled
+    if fused_ops_enabled(m.base):  # the same step without the fused RMSNorm / SwiGLU / rotary kernels, alternately
+        pairs = []
+        for _ in range(2):
+            for on in (False, True):
+                (enable_fused_ops if on else disable_fused_ops)(m.base)
+                pairs.append((on, median_step()))
+        off = statistics.median(t for f, t in pairs if not f)
+        on = statistics.median(t for f, t in pairs if f)
+        print(f"fused RMSNorm / SwiGLU / rotary kernels off: step {off:.2f} s; on: {on:.2f} s ({off / on:.2f}x)")
     print(f"{model} {task} {method}: batch {tuple(ids.shape)}, step median {median_step():.2f} s")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
