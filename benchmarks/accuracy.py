@@ -339,23 +339,43 @@ def wall_note(runs: list, rows: list, invocation: dict | None = None, invocation
 def compare_markdown(runs: list, other: list, name: str) -> str:
     """Each row of ``runs`` next to the same row (model, task, method, lr) of ``other`` (e.g. the committed
     table, when this JSON regenerated it from scratch): the means, and on how many seeds the dev score is the same
-    (same data sample, seed and config: a difference is the code or the machine's arithmetic, not chance)."""
-    mine, theirs = {}, {}
-    for dst, src in ((mine, runs), (theirs, other)):
+    (same data sample, seed and config: a difference is the code or the machine's arithmetic, not chance); and
+    the median wall time of the runs both trained themselves (not ``copied_from``), with the total over them."""
+    mine, theirs, wall_mine, wall_theirs = {}, {}, {}, {}
+    for dst, wall, src in ((mine, wall_mine, runs), (theirs, wall_theirs, other)):
         for r in row_runs(src):
-            dst.setdefault((r["model"], r["task"], r["method"], r["lr"]), {})[r["seed"]] = 100 * r["score"]
+            k = (r["model"], r["task"], r["method"], r["lr"])
+            dst.setdefault(k, {})[r["seed"]] = 100 * r["score"]
+            if "wall_seconds" in r and "copied_from" not in r:
+                wall.setdefault(k, {})[r["seed"]] = r["wall_seconds"]
     shared = sorted(k for k in mine if k in theirs and set(mine[k]) & set(theirs[k]))
     if not shared:
         return ""
-    out = [f"\n**Against {name}** (the same rows at the same lr; score x100, mean over the seeds both have)\n",
-           "| model | task | method | here | there | here - there | seeds with the same score |", "|---" * 7 + "|"]
+    out = [f"\n**Against {name}** (the same rows at the same lr; score x100, mean over the seeds both have; wall time: "
+           "median minutes per run over the seeds both trained)\n",
+           "| model | task | method | here | there | here - there | seeds with the same score | wall here / there "
+           "| there / here |", "|---" * 9 + "|"]
+    total = [0.0, 0.0, 0]
     for k in shared:
         seeds = sorted(set(mine[k]) & set(theirs[k]))
         a = statistics.mean(mine[k][s] for s in seeds)
         b = statistics.mean(theirs[k][s] for s in seeds)
         same = sum(abs(mine[k][s] - theirs[k][s]) < 1e-9 for s in seeds)
+        timed = sorted(set(wall_mine.get(k, {})) & set(wall_theirs.get(k, {})))
+        wall = ratio = "–"
+        if timed:
+            wa = statistics.median(wall_mine[k][s] for s in timed) / 60
+            wb = statistics.median(wall_theirs[k][s] for s in timed) / 60
+            wall, ratio = f"{wa:.1f} / {wb:.1f}", f"{wb / wa:.2f}x"
+            total[0] += sum(wall_mine[k][s] for s in timed)
+            total[1] += sum(wall_theirs[k][s] for s in timed)
+            total[2] += len(timed)
         label = k[2].replace("|", "\\|")
-        out.append(f"| {k[0]} | {k[1]} | {label} | {a:.1f} | {b:.1f} | {a - b:+.1f} | {same} of {len(seeds)} |")
+        out.append(f"| {k[0]} | {k[1]} | {label} | {a:.1f} | {b:.1f} | {a - b:+.1f} | {same} of {len(seeds)} | {wall} "
+                   f"| {ratio} |")
+    if total[2]:
+        out.append(f"\nThe {total[2]} run{'s' if total[2] != 1 else ''} both trained took {total[0] / 3600:.2f} h here and {total[1] / 3600:.2f} h "
+                   f"there (summed wall time): {total[1] / total[0]:.2f}x.")
     return "\n".join(out) + "\n"
 
 

@@ -43,6 +43,12 @@ def sst2_dir():
     return d
 
 
+def max_rel(a, r):
+    """Largest elementwise error relative to the largest reference element."""
+    a, r = a.double(), r.double()
+    return ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

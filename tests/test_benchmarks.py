@@ -305,14 +305,17 @@ def test_compare_lists_each_row_next_to_the_same_row_elsewhere():
     of seeds whose dev score is identical; rows at another lr or only on one side are left out."""
     acc = _load("accuracy")
 
-    def run(method, lr, seed, score):
-        return {"model": "m", "task": "rte", "method": method, "seed": seed, "lr": lr, "score": score}
+    def run(method, lr, seed, score, wall=None, **kw):
+        r = {"model": "m", "task": "rte", "method": method, "seed": seed, "lr": lr, "score": score, **kw}
+        return dict(r, wall_seconds=wall) if wall else r
 
-    here = [run("prefix", 1e-3, 0, 0.50), run("prefix", 1e-3, 1, 0.60), run("prefix", 1e-3, 2, 0.70),
-            run("lora", 1e-3, 0, 0.55)]
-    there = [run("prefix", 1e-3, 0, 0.50), run("prefix", 1e-3, 1, 0.50), run("lora", 3e-3, 0, 0.55)]
+    here = [run("prefix", 1e-3, 0, 0.50, 60, copied_from="sweep in x"), run("prefix", 1e-3, 1, 0.60, 120),
+            run("prefix", 1e-3, 2, 0.70, 600), run("lora", 1e-3, 0, 0.55)]
+    there = [run("prefix", 1e-3, 0, 0.50, 600), run("prefix", 1e-3, 1, 0.50, 240), run("lora", 3e-3, 0, 0.55)]
     md = acc.compare_markdown(here, there, "committed.json")
-    assert "| m | rte | prefix | 55.0 | 50.0 | +5.0 | 1 of 2 |" in md, md
+    # seed 0 is a copy here: scored, not timed; seed 2 is not there
+    assert "| m | rte | prefix | 55.0 | 50.0 | +5.0 | 1 of 2 | 2.0 / 4.0 | 2.00x |" in md, md
+    assert "The 1 run both trained took 0.03 h here and 0.07 h there (summed wall time): 2.00x." in md, md
     assert "lora" not in md and "Against committed.json" in md
     assert acc.compare_markdown(here, [], "x") == ""
 

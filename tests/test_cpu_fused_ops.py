@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ltuning.kernels import cpu_fused_ops as fo
+from conftest import max_rel, rel_err
 
 pytestmark = pytest.mark.skipif(not fo.is_available(), reason="C++ fused-ops extension did not build")
 
@@ -22,16 +23,6 @@ def gen():
     return torch.Generator().manual_seed(SEED)
 
 
-def max_rel(a, r):
-    a, r = a.double(), r.double()
-    return ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-
-
-def norm_rel(a, r):
-    a, r = a.double(), r.double()
-    return ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
-
-
 def assert_close(a, r, dtype, what):
     assert a is not None, f"{what}: missing"
     assert a.shape == r.shape, f"{what}: shape {tuple(a.shape)} != {tuple(r.shape)}"
@@ -40,7 +31,7 @@ def assert_close(a, r, dtype, what):
         return
     assert not torch.isnan(a).any(), f"{what}: NaN (unwritten element?) seed={SEED}"
     if dtype == torch.bfloat16:
-        err, tol = norm_rel(a, r), 1e-2
+        err, tol = rel_err(a, r), 1e-2
     else:
         err, tol = max_rel(a, r), 1e-5 if dtype == torch.float32 else 1e-12
     assert err < tol, f"{what}: rel. error {err:.2e} >= {tol:.0e} (seed={SEED})"
@@ -309,7 +300,7 @@ def test_patch_scoped_to_enabled_model_and_bf16():
         out16 = m16(inputs_embeds=emb.bfloat16()).last_hidden_state
         out32 = m32(inputs_embeds=emb).last_hidden_state
     disable_fused_ops(m16)
-    assert out16.dtype == torch.bfloat16 and norm_rel(out16, out32) < 3e-2
+    assert out16.dtype == torch.bfloat16 and rel_err(out16, out32) < 3e-2
 
 
 def test_bert_left_unpatched():

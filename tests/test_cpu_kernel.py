@@ -11,18 +11,9 @@ import torch
 
 from ltuning.kernels import cpu_prefix_attention as cpa
 from ltuning.kernels.reference import prefix_attention_reference, prefix_attention_varlen_reference
+from conftest import max_rel, rel_err
 
 pytestmark = pytest.mark.skipif(not cpa.is_available(), reason="C++ prefix-attention extension did not build")
-
-
-def max_rel(a, r):
-    a, r = a.double(), r.double()
-    return ((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-
-
-def norm_rel(a, r):
-    a, r = a.double(), r.double()
-    return ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
 
 
 def assert_close(a, r, dtype, what):
@@ -31,7 +22,7 @@ def assert_close(a, r, dtype, what):
         return
     assert not torch.isnan(a).any(), f"{what}: NaN"
     if dtype == torch.bfloat16:
-        err, tol = norm_rel(a, r), 1e-2
+        err, tol = rel_err(a, r), 1e-2
     else:
         err, tol = max_rel(a, r), 1e-5 if dtype == torch.float32 else 1e-10
     assert err < tol, f"{what}: rel. error {err:.2e} >= {tol:.0e}"
