@@ -18,8 +18,8 @@ def autocast(dtype: str):
 
 # The fixed cost of one forward pass in tokens (reading every weight once), by device type: the batches of
 # ``predict_scores`` trade padding against it. CPU: SmolLM2-135M on one Xeon core, fp32, a batch of 1 x 8 tokens took
-# 130 ms and 8 x 128 tokens 2.34 ms per token, i.e. ~47 tokens of overhead (benchmarks/profile_step.py prints the
-# padding). GPUs: unmeasured here, so plain chunks of ``batch_size`` rows (None).
+# 182 ms and 8 x 128 tokens 3.55 ms per token, i.e. ~43 tokens of overhead (``OMP_NUM_THREADS=1 python
+# benchmarks/profile_step.py lt-prompt rte`` prints it). GPUs: unmeasured here, so plain chunks of ``batch_size`` rows (None).
 OVERHEAD_TOKENS = {"cpu": 48}
 
 
