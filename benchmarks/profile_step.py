@@ -23,16 +23,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
-def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
+def training_step(method="lt-prefix", task="rte", model="smollm2-135m"):
+    """The table's set-up of ``method`` on ``task`` (200 training examples, seed 0) and a batch of the 16 examples
+    around the median length. Returns ``(clf, enc, (ids, mask, labels), step, median_step)``: ``step()`` runs one
+    forward + backward, ``median_step()`` the median of 5 timed steps after 2 warm-up steps."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     import ltuning
-    from ltuning.data import collate, label_names_of, load_split, sorted_batches
-    from ltuning.inference import OVERHEAD_TOKENS, predict_scores
+    from ltuning.data import collate, label_names_of, load_split
     sys.path.insert(0, HERE)
     from accuracy import DATA
-    from bench_train_step import product_rate
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     train = random.Random(0).sample(load_split(os.path.join(DATA, task), "train"), 200)
@@ -62,6 +62,22 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
             step()
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
+
+    return clf, enc, (ids, mask, lab), step, median_step
+
+
+def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ltuning.data import load_split, sorted_batches
+    from ltuning.inference import OVERHEAD_TOKENS, predict_scores
+    sys.path.insert(0, HERE)
+    from accuracy import DATA
+    from bench_train_step import product_rate
+
+    clf, enc, (ids, mask, lab), step, median_step = training_step(method, task, model)
+    m = clf.model
 
     if m.method.kind == "prompt" and m.prompt_as_prefix:  # the same step with the prompt concatenated, alternately
         pairs = []

@@ -54,6 +54,24 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def checkpointing_grads(base, m, loss_fn):
+    """The trainable gradients of ``loss_fn()`` (returns a scalar loss) on the patched ``m`` in train mode, without
+    and with non-reentrant gradient checkpointing of ``base``."""
+    grads = []
+    try:
+        for ckpt in (False, True):
+            if ckpt:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.train()
+            m.zero_grad()
+            loss_fn().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in m.trainable_parameters()]))
+    finally:
+        base.gradient_checkpointing_disable()
+        m.eval()
+    return grads
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))

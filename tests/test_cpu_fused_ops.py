@@ -202,7 +202,7 @@ def test_custom_ops_opcheck():
 
 
 def test_fallback_when_unavailable(monkeypatch):
-    monkeypatch.setitem(fo._STATE, "ok", False)
+    monkeypatch.setattr(fo._EXT, "ok", False)
     x, w = torch.randn(3, 8), torch.rand(8)
     assert torch.equal(fo.rms_norm(x, w, 1e-6), fo.rms_norm_reference(x, w, 1e-6))
     from ltuning.models.fused_ops import enable_fused_ops

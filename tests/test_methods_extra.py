@@ -14,7 +14,7 @@ from ltuning.cli import main
 from ltuning.methods.apt import plot_gates
 from ltuning.modeling import LTuningModel
 from ltuning.models import PrefixInputs
-from conftest import rel_err
+from conftest import checkpointing_grads, rel_err
 
 LABELS = ["negative", "positive"]
 NEW = ["sk-prefix", "sk-prompt", "apt", "fl", "lora", "cgc-lora"]
@@ -153,19 +153,8 @@ def test_gradient_checkpointing_same_gradients(minilm, method):
         randomize(m)
         e = enc(tok)
         kw = {"task_ids": torch.tensor([0, 1, 1])} if method == "cgc-lora" else {}
-        grads = []
-        try:
-            for ckpt in (False, True):
-                if ckpt:
-                    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                m.train()
-                m.zero_grad()
-                loss, _ = m.loss(e["input_ids"], e["attention_mask"], torch.tensor([1, 0, 0]), **kw)
-                loss.backward()
-                grads.append(torch.cat([p.grad.flatten() for p in m.trainable_parameters()]))
-        finally:
-            base.gradient_checkpointing_disable()
-            m.eval()
+        grads = checkpointing_grads(base, m, lambda: m.loss(e["input_ids"], e["attention_mask"],
+                                                            torch.tensor([1, 0, 0]), **kw)[0])
     assert grads[0].abs().sum() > 0 and rel_err(grads[1], grads[0]) < 1e-5
 
 

@@ -10,50 +10,29 @@
 Each is a ``torch.library`` custom op (``ltuning::fused_*``) with a registered autograd formula and fake
 implementation. float32, bfloat16 (float32 arithmetic, one rounding) and float64 run natively. The plain-PyTorch
 ``*_reference`` functions are the test oracle. The extension is built like the prefix-attention kernel
-(:func:`ltuning.kernels.cpu_prefix_attention._build`, cached in ``~/.cache/ltuning``); without a working
+(:mod:`ltuning.kernels.cpu_extension`, cached in ``~/.cache/ltuning``); without a working
 compiler the functions fall back to the references with one warning.
 """
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .cpu_prefix_attention import _build
+from .cpu_extension import CppExtension, acc_dtype as _acc_dtype
 
-_SRC = Path(__file__).resolve().parents[2] / "csrc" / "fused_llama_ops.cpp"
-_STATE: dict = {}
+_EXT = CppExtension("fused_llama_ops.cpp", "ltuning_fused_llama_ops", "fused Llama ops",
+                    "the reference implementations")
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 def is_available() -> bool:
     """Build (once per process, cached on disk) and load the extension; False with one warning on failure."""
-    if "ok" not in _STATE:
-        try:
-            _STATE["ext"] = _build(_SRC, "ltuning_fused_llama_ops")
-            _STATE["ok"] = True
-        except Exception as e:  # compiler missing, build or load failure
-            _STATE["ok"] = False
-            warnings.warn(f"ltuning C++ fused Llama ops unavailable ({type(e).__name__}: {e}); "
-                          "falling back to the reference implementations", RuntimeWarning, stacklevel=2)
-    return _STATE["ok"]
+    return _EXT.is_available()
 
 
 def _ext():
-    if not is_available():
-        raise RuntimeError("the ltuning C++ fused-ops extension failed to build")
-    return _STATE["ext"]
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _opt(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 and t.dim() == 1 else t
+    return _EXT.get()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Same semantics and return value as :func:`ltuning.kernels.reference.prefix_atten
 
     o, lse = softmax(scale * q [s * bank_k[idx] ; k]^T) [s * bank_v[idx] ; v],  o (B, Hq, Lq, D), lse (B, Hq, Lq)
 
-The extension is compiled at first use with ``torch.utils.cpp_extension.load`` into ``$LTUNING_BUILD_DIR`` or
+The extension is compiled at first use (:mod:`ltuning.kernels.cpu_extension`) into ``$LTUNING_BUILD_DIR`` or
 ``~/.cache/ltuning/`` (rebuilt when the source, flags or torch change). The forward and backward are
 ``torch.library`` custom ops (``ltuning::prefix_attention_cpu_fwd`` / ``_bwd``) with a registered autograd
 formula and fake implementation, so autograd and ``torch.compile`` see one opaque op. float32, bfloat16 and
@@ -13,73 +13,25 @@ the functions fall back to the reference with one warning.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import shutil
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .cpu_extension import CppExtension, acc_dtype as _acc_dtype, none_if_empty as _none_if_empty
 from .reference import _check, check_prefix_lengths, prefix_attention_reference, prefix_attention_varlen_reference
 
-_SRC = Path(__file__).resolve().parents[2] / "csrc" / "prefix_attention.cpp"
-_ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-}
-_STATE: dict = {}
-
-
-def _build(src: Path = _SRC, prefix: str = "ltuning_prefix_attention"):
-    """Compile and load the extension of ``src`` (shared by the other CPU kernels, e.g. ``cpu_fused_ops``)."""
-    from torch.utils.cpp_extension import load
-
-    if not src.is_file():
-        raise RuntimeError(f"kernel source {src} not found")
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    cap = torch.backends.cpu.get_cpu_capability()
-    cflags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}"]
-    if cap in _ISA_FLAGS:
-        cflags += [f"-DCPU_CAPABILITY_{cap}"] + _ISA_FLAGS[cap]
-    tag = hashlib.sha1(src.read_bytes() + " ".join(cflags + [torch.__version__]).encode()).hexdigest()[:12]
-    name = f"{prefix}_{tag}"
-    root = Path(os.environ.get("LTUNING_BUILD_DIR") or Path.home() / ".cache" / "ltuning")
-    build_dir = root / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir), verbose=False)
+_EXT = CppExtension("prefix_attention.cpp", "ltuning_prefix_attention", "prefix-attention kernel")
 
 
 def is_available() -> bool:
     """Build (once per process, cached on disk) and load the extension; False with one warning on failure."""
-    if "ok" not in _STATE:
-        try:
-            _STATE["ext"] = _build()
-            _STATE["ok"] = True
-        except Exception as e:  # compiler missing, build or load failure
-            _STATE["ok"] = False
-            warnings.warn(f"ltuning C++ prefix-attention kernel unavailable ({type(e).__name__}: {e}); "
-                          "falling back to the reference implementation", RuntimeWarning, stacklevel=2)
-    return _STATE["ok"]
+    return _EXT.is_available()
 
 
 def _ext():
-    if not is_available():
-        raise RuntimeError("the ltuning C++ prefix-attention kernel failed to build")
-    return _STATE["ext"]
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _none_if_empty(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 and t.dim() == 1 else t
+    return _EXT.get()
 
 
 def _layout_like(g: Tensor, t: Tensor) -> Tensor:
