@@ -15,7 +15,6 @@ compiler the functions fall back to the references with one warning.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
