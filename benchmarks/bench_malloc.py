@@ -41,7 +41,6 @@ def child(setting: str, method: str, task: str, model: str) -> dict:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         assert libc.mallopt(-3, 32 << 20) == 1 and libc.mallopt(-1, (1 << 31) - 1) == 1  # M_MMAP_/M_TRIM_THRESHOLD
-    sys.path.insert(0, HERE)
     from profile_step import training_step
 
     _, _, _, step, median_step = training_step(method, task, model)
