@@ -17,7 +17,11 @@ A figure is *recorded* when a number of a JSON named in the same section (the te
 a JSON is named by a path ending in ``results/NAME.json``) shows it with the rounding shown: ``85.2`` matches
 0.8523 or 85.23, ``1.22x`` matches 1.2214, ``3733 ms`` matches 3.733 (s) or 3733. A ratio (``5.97x``) is also
 recorded when it is the quotient of two recorded figures shown on the same line (a table row's two times). A section with figures must name
-its JSON: that is the "command printed next to it" rule. Module docstrings are one section each.
+its JSON: that is the "command printed next to it" rule. Module docstrings are one section each. A report block
+(``<!-- report: results/X.md -->``, see ``sync_results.py``) is the output of the script that wrote
+``results/X.json`` from that JSON (a test keeps the copy equal to the file): its figures are not re-checked, the
+section counts as naming ``results/X.json``, and prose may quote the block's figures; a link to ``results/X.md``
+(next to ``results/X.json``) counts the same way.
 
 Limits: presence, not correspondence. In a large JSON (the accuracy table holds thousands of scores) a wrong
 1-decimal percentage can be found by coincidence; ``±`` pairs need both numbers, which makes that rarer.
@@ -54,11 +58,14 @@ UNITS = {
     "ex/s": (1,),
     "": (1, 100, 1000, 1e-9),  # a bare table cell: a fraction as %, seconds as ms, FLOPs / bytes as GFLOP / GB
 }
-UNIT_RE = r"(?P<unit>%|x(?![\w])|×|ms\b|s\b|min\b|h\b|MB\b|GB\b|GFLOP/s|ex/s)"
+UNIT_RE = r"(?P<unit>%|x(?![\w])|×(?![\w])|ms\b|s\b|min\b|h\b|MB\b|GB\b|GFLOP/s|ex/s)"
 WITH_UNIT = re.compile(rf"(?<![\w.\-/=])(?P<a>{NUM})(?:\s?[-–]\s?(?P<b>{NUM}))?\s?{UNIT_RE}")
 PLUS_MINUS = re.compile(rf"(?<![\w.])(?P<a>{NUM})\s*(?:±|\+-)\s*(?P<b>{NUM})(?:\s?(?P<unit>%|x\b))?")
 CELL = re.compile(rf"^\**(?P<a>{NUM})(?:\s?(?P<unit>%|x|ms|s|MB|GB))?\**$")
 JSON_REF = re.compile(r"results/[\w.\-]+\.json")
+MD_REF = re.compile(r"results/[\w.\-]+\.md")
+REPORT = re.compile(r"<!-- report: (?P<src>\S+) -->\n(?P<body>.*?)<!-- /report -->", re.S)
+ANY_NUM = re.compile(rf"(?<![\w.])(?P<a>{NUM})")
 
 # Unit-bearing numbers that are not measurements, by class (regexes over the figure's line, matched at the figure).
 ALLOW = [
@@ -215,23 +222,42 @@ def check(root: str = ROOT) -> list:
     results = os.path.join(root, "benchmarks", "results")
     cache = {}
     problems = []
+
+    def pool(path):
+        if path not in cache:
+            cache[path] = json_numbers(path)
+        return cache[path]
+
     for name, text in docs(root):
         for first, body in sections(text):
+            refs, report_nums = set(JSON_REF.findall(body)), []
+
+            def embedded(m):  # a report the script wrote from results/X.json: its JSON is this section's record
+                rec = os.path.splitext(os.path.basename(m["src"]))[0] + ".json"
+                if not os.path.isfile(os.path.join(results, rec)):
+                    return m[0]  # not a JSON's report: its figures are checked like any others
+                refs.add("results/" + rec)
+                report_nums.extend(_value(x["a"]) for x in ANY_NUM.finditer(m["body"]))
+                return "\n" * m[0].count("\n")  # keep the line numbers
+
+            body = REPORT.sub(embedded, body)
+            for md in set(MD_REF.findall(body)):  # a linked report of results/X.json counts like an embedded one
+                stem = os.path.join(results, os.path.splitext(os.path.basename(md))[0])
+                if os.path.isfile(stem + ".json") and os.path.isfile(stem + ".md"):
+                    refs.add("results/" + os.path.basename(stem) + ".json")
+                    with open(stem + ".md", encoding="utf-8") as f:
+                        report_nums.extend(_value(x["a"]) for x in ANY_NUM.finditer(f.read()))
             figs = figures(body)
             if not figs:
                 continue
-            refs = sorted(set(JSON_REF.findall(body)))
-            pools, missing = [], []
+            refs = sorted(refs)
+            pools = [sorted(report_nums)] if report_nums else []
             for ref in refs:
                 path = os.path.join(results, os.path.basename(ref))
-                if not os.path.isfile(path):
-                    missing.append(ref)
-                    continue
-                if path not in cache:
-                    cache[path] = json_numbers(path)
-                pools.append(cache[path])
-            for ref in missing:
-                problems.append(f"{name}:{first}: the section names {ref}, which does not exist")
+                if os.path.isfile(path):
+                    pools.append(pool(path))
+                else:
+                    problems.append(f"{name}:{first}: the section names {ref}, which does not exist")
             for line, shown, value, dec, unit, on_line in figs:
                 where = f"{name}:{first + line - 1}"
                 if not refs:
