@@ -102,7 +102,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main(method="lt-prefix", task="rte", model="smollm2-135m", json_path=None, note="") -> dict:
+def main(method="lt-prefix", task="rte", model="smollm2-135m", json_path=None, note="", rounds=2) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -120,29 +120,42 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m", json_path=None, n
     m = clf.model
     rec["batch"] = list(ids.shape)
 
-    if m.method.kind == "prompt" and m.prompt_as_prefix:  # the same step with the prompt concatenated, alternately
-        pairs = []
+    def timed():
+        """Medians of 5 steps after 2 warm-up steps: (wall s, process CPU s). With one thread the CPU time is far
+        less sensitive to other jobs on a shared machine than the wall time."""
         for _ in range(2):
+            step()
+        wall, cpu = [], []
+        for _ in range(5):
+            t, c = time.perf_counter(), time.process_time()
+            step()
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        return statistics.median(wall), statistics.median(cpu)
+
+    def alternate(name, switch, labels):
+        """``rounds`` x (off, on) alternately; medians of each side, wall and CPU; the ratio off / on."""
+        pairs = []
+        for _ in range(rounds):
             for flag in (False, True):
-                m.prompt_as_prefix = flag
-                pairs.append((flag, median_step()))
-        concat = statistics.median(t for f, t in pairs if not f)
-        shared = statistics.median(t for f, t in pairs if f)
-        print(f"prompt concatenated [p ; x]: step {concat:.2f} s; run once as a shared prefix: {shared:.2f} s "
-              f"({concat / shared:.2f}x)")
-        rec["prompt_as_prefix"] = {"pairs": pairs, "concatenated_s": concat, "shared_prefix_s": shared,
-                                   "speedup": concat / shared}
+                switch(flag)
+                pairs.append((flag, *timed()))
+        res = {"pairs [flag, wall_s, cpu_s]": pairs}
+        for i, kind in ((1, "wall"), (2, "cpu")):
+            off = statistics.median(p[i] for p in pairs if not p[0])
+            on = statistics.median(p[i] for p in pairs if p[0])
+            res[f"{labels[0]}_{kind}_s"], res[f"{labels[1]}_{kind}_s"], res[f"speedup_{kind}"] = off, on, off / on
+        print(f"{name}: {labels[0]} {res[labels[0] + '_wall_s']:.2f} s, {labels[1]} {res[labels[1] + '_wall_s']:.2f} s "
+              f"wall ({res['speedup_wall']:.2f}x); CPU time {res['speedup_cpu']:.2f}x")
+        return res
+
+    if m.method.kind == "prompt" and m.prompt_as_prefix:  # the same step with the prompt concatenated, alternately
+        rec["prompt_as_prefix"] = alternate("prompt concatenated [p ; x] vs run once as a shared prefix",
+                                            lambda f: setattr(m, "prompt_as_prefix", f), ("concatenated", "shared_prefix"))
     from ltuning.models.fused_ops import disable_fused_ops, enable_fused_ops, fused_ops_enabled
     if fused_ops_enabled(m.base):  # the same step without the fused RMSNorm / SwiGLU / rotary kernels, alternately
-        pairs = []
-        for _ in range(2):
-            for on in (False, True):
-                (enable_fused_ops if on else disable_fused_ops)(m.base)
-                pairs.append((on, median_step()))
-        off = statistics.median(t for f, t in pairs if not f)
-        on = statistics.median(t for f, t in pairs if f)
-        print(f"fused RMSNorm / SwiGLU / rotary kernels off: step {off:.2f} s; on: {on:.2f} s ({off / on:.2f}x)")
-        rec["fused_ops"] = {"pairs": pairs, "off_s": off, "on_s": on, "speedup": off / on}
+        rec["fused_ops"] = alternate("fused RMSNorm / SwiGLU / rotary kernels",
+                                     lambda f: (enable_fused_ops if f else disable_fused_ops)(m.base), ("off", "on"))
     rec["step_median_s"] = median_step()
     print(f"{model} {task} {method}: batch {tuple(ids.shape)}, step median {rec['step_median_s']:.2f} s")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -226,5 +239,6 @@ if __name__ == "__main__":
     ap.add_argument("model", nargs="?", default="smollm2-135m")
     ap.add_argument("--json", help="write the figures and where they were measured to this JSON file")
     ap.add_argument("--note", default="", help="recorded in the JSON, e.g. 'machine shared with other jobs'")
+    ap.add_argument("--rounds", type=int, default=2, help="(off, on) rounds of each alternated comparison")
     a = ap.parse_args()
-    main(a.method, a.task, a.model, a.json, a.note)
+    main(a.method, a.task, a.model, a.json, a.note, a.rounds)
