@@ -67,6 +67,8 @@ def _run(request, projection, live, offset):
     pm = _peft_model(base, seed, projection)
     try:
         src = pm
+        if live:  # PEFT keeps its encoder in fp32 beside a float64 model: compute its MLP in float64 on both sides
+            pm.prompt_encoder.to(torch.float64)
         if not live:  # what a user loads: the saved adapter, and PEFT's own forward of it as the reference
             src = str(request.getfixturevalue("tmp_path") / "peft_adapter")
             pm.save_pretrained(src)
