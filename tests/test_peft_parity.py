@@ -80,6 +80,8 @@ def _run(request, projection, live, offset):
         base = pm.get_base_model()
     over = {} if offset is None else {"position_offset": offset}
     model = from_peft(base, tok, src, ["negative", "positive"], live=live, **over)
+    if live:  # ltuning builds the method's parameters in fp32: the same float64 MLP as PEFT's above
+        model.method.to(torch.float64)
     try:
         assert model.config.prefix_projection == (live and projection)
         h, pooled = _ours(model, enc)
