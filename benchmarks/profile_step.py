@@ -151,7 +151,8 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m", json_path=None, n
 
     if m.method.kind == "prompt" and m.prompt_as_prefix:  # the same step with the prompt concatenated, alternately
         rec["prompt_as_prefix"] = alternate("prompt concatenated [p ; x] vs run once as a shared prefix",
-                                            lambda f: setattr(m, "prompt_as_prefix", f), ("concatenated", "shared_prefix"))
+                                            lambda f: setattr(m, "prompt_as_prefix", f),
+                                            ("concatenated", "shared_prefix"))
     from ltuning.models.fused_ops import disable_fused_ops, enable_fused_ops, fused_ops_enabled
     if fused_ops_enabled(m.base):  # the same step without the fused RMSNorm / SwiGLU / rotary kernels, alternately
         rec["fused_ops"] = alternate("fused RMSNorm / SwiGLU / rotary kernels",
