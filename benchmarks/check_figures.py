@@ -17,11 +17,11 @@ A figure is *recorded* when a number of a JSON named in the same section (the te
 a JSON is named by a path ending in ``results/NAME.json``) shows it with the rounding shown: ``85.2`` matches
 0.8523 or 85.23, ``1.22x`` matches 1.2214, ``3733 ms`` matches 3.733 (s) or 3733. A ratio (``5.97x``) is also
 recorded when it is the quotient of two recorded figures shown on the same line (a table row's two times).
-A section with figures must name its JSON: that is the "command printed next to it" rule. Module docstrings are
-one section each. A report block (``<!-- report: results/X.md -->``, see ``sync_results.py``) is the output of
-the script that wrote ``results/X.json`` from that JSON (a test keeps the copy equal to the file): its figures are not re-checked, the
-section counts as naming ``results/X.json``, and prose may quote the block's figures; a link to ``results/X.md``
-(next to ``results/X.json``) counts the same way.
+A section with figures must name its JSON: that is the "command printed next to it" rule. Module docstrings are one
+section each. A report block (``<!-- report: results/X.md -->``, see ``sync_results.py``) is the output of the
+script that wrote ``results/X.json`` from that JSON (a test keeps the copy equal to the file): its figures are not
+re-checked, the section counts as naming ``results/X.json``, and prose may quote the block's figures; a link to
+``results/X.md`` (next to ``results/X.json``) counts the same way.
 
 Limits: presence, not correspondence. In a large JSON (the accuracy table holds thousands of scores) a wrong
 1-decimal percentage can be found by coincidence; ``±`` pairs need both numbers, which makes that rarer.
