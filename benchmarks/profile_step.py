@@ -9,12 +9,21 @@ forward pass in tokens, (5) the padding of the evaluation batches (the validatio
 set: sorted chunks of 64 and of 16 rows, and ``predict_scores``' split) and the time of ``predict_scores`` on the
 validation split with each.
 
-    OMP_NUM_THREADS=1 python benchmarks/profile_step.py lt-prefix rte
+    OMP_NUM_THREADS=1 python benchmarks/profile_step.py lt-prefix rte --json benchmarks/results/profile_step_lt-prefix_rte.json
+
+``--json`` writes every figure printed (step times and ratios, the profile's shares, rates, overhead, padding) with
+the machine (CPU model, AMX / AVX512-BF16 flags, threads), date, git commit and command: the record that the
+figures quoted in ``benchmarks/RESULTS.md`` come from.
 """
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
+import platform
 import random
+import subprocess
 import sys
 import statistics
 import time
@@ -66,7 +75,34 @@ def training_step(method="lt-prefix", task="rte", model="smollm2-135m"):
     return clf, enc, (ids, mask, lab), step, median_step
 
 
-def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
+def machine_record() -> dict:
+    """Where a figure was measured: CPU model name, whether AMX-BF16 / AVX512-BF16 are present, cores, threads."""
+    import torch
+
+    name, flags = platform.processor() or "cpu", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    name = ln.split(":", 1)[1].strip()
+                elif ln.startswith("flags"):
+                    flags = set(ln.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": name, "arch": platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(HERE), capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(method="lt-prefix", task="rte", model="smollm2-135m", json_path=None, note="", rounds=2) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -76,37 +112,71 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
     from accuracy import DATA
     from bench_train_step import product_rate
 
+    rec = {"command": "OMP_NUM_THREADS=%s python benchmarks/profile_step.py %s" % (
+               os.environ.get("OMP_NUM_THREADS", "(unset)"), " ".join(sys.argv[1:])),
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
+           "machine": machine_record(), "note": note, "method": method, "task": task, "model": model}
     clf, enc, (ids, mask, lab), step, median_step = training_step(method, task, model)
     m = clf.model
+    rec["batch"] = list(ids.shape)
+
+    def timed():
+        """Medians of 5 steps after 2 warm-up steps: (wall s, process CPU s). With one thread the CPU time is far
+        less sensitive to other jobs on a shared machine than the wall time."""
+        for _ in range(2):
+            step()
+        wall, cpu = [], []
+        for _ in range(5):
+            t, c = time.perf_counter(), time.process_time()
+            step()
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        return statistics.median(wall), statistics.median(cpu)
+
+    def alternate(name, switch, labels):
+        """``rounds`` x (off, on) alternately; medians of each side, wall and CPU; the ratio off / on."""
+        pairs = []
+        for _ in range(rounds):
+            for flag in (False, True):
+                switch(flag)
+                pairs.append((flag, *timed()))
+        res = {"pairs [flag, wall_s, cpu_s]": pairs}
+        for i, kind in ((1, "wall"), (2, "cpu")):
+            off = statistics.median(p[i] for p in pairs if not p[0])
+            on = statistics.median(p[i] for p in pairs if p[0])
+            res[f"{labels[0]}_{kind}_s"], res[f"{labels[1]}_{kind}_s"], res[f"speedup_{kind}"] = off, on, off / on
+        print(f"{name}: {labels[0]} {res[labels[0] + '_wall_s']:.2f} s, {labels[1]} {res[labels[1] + '_wall_s']:.2f} s "
+              f"wall ({res['speedup_wall']:.2f}x); CPU time {res['speedup_cpu']:.2f}x")
+        return res
 
     if m.method.kind == "prompt" and m.prompt_as_prefix:  # the same step with the prompt concatenated, alternately
-        pairs = []
-        for _ in range(2):
-            for flag in (False, True):
-                m.prompt_as_prefix = flag
-                pairs.append((flag, median_step()))
-        concat = statistics.median(t for f, t in pairs if not f)
-        shared = statistics.median(t for f, t in pairs if f)
-        print(f"prompt concatenated [p ; x]: step {concat:.2f} s; run once as a shared prefix: {shared:.2f} s "
-              f"({concat / shared:.2f}x)")
+        rec["prompt_as_prefix"] = alternate("prompt concatenated [p ; x] vs run once as a shared prefix",
+                                            lambda f: setattr(m, "prompt_as_prefix", f),
+                                            ("concatenated", "shared_prefix"))
     from ltuning.models.fused_ops import disable_fused_ops, enable_fused_ops, fused_ops_enabled
     if fused_ops_enabled(m.base):  # the same step without the fused RMSNorm / SwiGLU / rotary kernels, alternately
-        pairs = []
-        for _ in range(2):
-            for on in (False, True):
-                (enable_fused_ops if on else disable_fused_ops)(m.base)
-                pairs.append((on, median_step()))
-        off = statistics.median(t for f, t in pairs if not f)
-        on = statistics.median(t for f, t in pairs if f)
-        print(f"fused RMSNorm / SwiGLU / rotary kernels off: step {off:.2f} s; on: {on:.2f} s ({off / on:.2f}x)")
-    print(f"{model} {task} {method}: batch {tuple(ids.shape)}, step median {median_step():.2f} s")
+        rec["fused_ops"] = alternate("fused RMSNorm / SwiGLU / rotary kernels",
+                                     lambda f: (enable_fused_ops if f else disable_fused_ops)(m.base), ("off", "on"))
+    rec["step_median_s"] = median_step()
+    print(f"{model} {task} {method}: batch {tuple(ids.shape)}, step median {rec['step_median_s']:.2f} s")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    avg = prof.key_averages()
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=20))
+    total = sum(e.self_cpu_time_total for e in avg) or 1.0
+    shares = sorted(((e.key, e.self_cpu_time_total / total) for e in avg), key=lambda kv: -kv[1])
+    rec["profile_self_cpu_share"] = dict(shares[:20])
+    rec["matrix_product_share"] = sum(v for k, v in shares if k in ("aten::mm", "aten::addmm", "aten::bmm",
+                                                                     "aten::matmul", "aten::linear"))
     fp32, bf16 = (1000 * product_rate(16 * 80, 576, 1536, dt, 20) for dt in (torch.float32, torch.bfloat16))
     print(f"matrix rate at 1280x576x1536: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
-    print(f"one forward pass, eval mode: {overhead_line(m, ids)}")
+    rec["matrix_rate_gflops"] = {"fp32": fp32, "bf16": bf16, "shape": [16 * 80, 576, 1536]}
+    small, per_token = overhead_times(m, ids)
+    rec["forward_overhead"] = {"ms_1x8": 1000 * small, "ms_per_token_8x128": 1000 * per_token,
+                               "overhead_tokens": (small - 8 * per_token) / per_token}
+    print(f"one forward pass, eval mode: {overhead_line(small, per_token)}")
+    rec["evaluation_batches"] = []
     val_ids = enc.input_ids[:50]
     dev_ids = clf.encode(load_split(os.path.join(DATA, task), "dev")).input_ids
     for name, x in (("validation (50)", val_ids), ("dev", dev_ids)):
@@ -116,15 +186,26 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m") -> None:
             padded = sum(len(b) * max(ls[i] for i in b) for b in batches)
             how = f"batches of {bs}" if ovh is None else f"<= {bs} rows, overhead_tokens={ovh}"
             line = f"{name}, {how}: {len(batches)} batches, computes {padded / sum(ls):.2f}x its real tokens"
+            row = {"split": name, "batch_size": bs, "overhead_tokens": ovh, "batches": len(batches),
+                   "padded_over_real": padded / sum(ls)}
             if name.startswith("validation"):
                 t = time.perf_counter()
                 predict_scores(m, x, bs, overhead_tokens=ovh)
-                line += f", predict_scores {time.perf_counter() - t:.1f} s"
+                row["predict_scores_s"] = time.perf_counter() - t
+                line += f", predict_scores {row['predict_scores_s']:.1f} s"
+            rec["evaluation_batches"].append(row)
             print(line)
+    if json_path:
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(tmp, json_path)
+        print(f"wrote {json_path}")
+    return rec
 
 
-def overhead_line(model, ids) -> str:
-    """The fixed cost of a forward pass in tokens: medians of 1 x 8 and 8 x 128 token batches."""
+def overhead_times(model, ids) -> tuple:
+    """Medians of a 1 x 8 token forward (s) and of an 8 x 128 token forward per token (s)."""
     import torch
 
     def t(B, L):
@@ -142,9 +223,23 @@ def overhead_line(model, ids) -> str:
 
     model.eval()
     small, big = t(1, 8), t(8, 128)
-    per_token = big / (8 * 128)
+    return small, big / (8 * 128)
+
+
+def overhead_line(small, per_token) -> str:
+    """The fixed cost of a forward pass in tokens, from :func:`overhead_times`."""
     return (f"1 x 8 tokens {1000 * small:.0f} ms, 8 x 128 tokens {1000 * per_token:.2f} ms per token: "
             f"overhead ~{(small - 8 * per_token) / per_token:.0f} tokens")
 
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("method", nargs="?", default="lt-prefix")
+    ap.add_argument("task", nargs="?", default="rte")
+    ap.add_argument("model", nargs="?", default="smollm2-135m")
+    ap.add_argument("--json", help="write the figures and where they were measured to this JSON file")
+    ap.add_argument("--note", default="", help="recorded in the JSON, e.g. 'machine shared with other jobs'")
+    ap.add_argument("--rounds", type=int, default=2, help="(off, on) rounds of each alternated comparison")
+    a = ap.parse_args()
+    main(a.method, a.task, a.model, a.json, a.note, a.rounds)

@@ -10,7 +10,8 @@ A RESULTS file embeds a report (a markdown file under ``results/``) between two 
 updates the documentation with it; a test runs :func:`stale` so a hand-edited or forgotten copy fails CI.
 
     python benchmarks/sync_results.py           # rewrite every embedded report from its file
-    python benchmarks/sync_results.py --check   # exit 1 and name the stale blocks
+    python benchmarks/sync_results.py --check   # exit 1 and name the stale blocks and the figures without a record
+                                                # (benchmarks/check_figures.py)
 """
 from __future__ import annotations
 
@@ -78,7 +79,14 @@ def main(argv=None) -> int:
     pairs = stale() if a.check else sync()
     for doc, src in pairs:
         print(f"{doc}: {src} {'is stale' if a.check else 'updated'}")
-    return 1 if (a.check and pairs) else 0
+    problems = []
+    if a.check:
+        sys.path.insert(0, HERE)
+        from check_figures import check
+        problems = check()
+        print("\n".join(problems + [f"{len(problems)} figure(s) without a record"]) if problems else
+              "every figure has a record")
+    return 1 if (a.check and (pairs or problems)) else 0
 
 
 if __name__ == "__main__":

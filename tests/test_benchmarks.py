@@ -327,3 +327,39 @@ def test_sweep_list_says_when_its_sweeps_are_copied_from_another_table():
     assert "the sweeps of accuracy.json, copied, not re-run" in acc.sweep_markdown(runs)
     runs[0] = dict(runs[0], copied_from="table run")  # a sweep of this JSON (its seed-0 run reused): no such note
     assert "copied, not re-run" not in acc.sweep_markdown(runs) and "*0.003: 70.0 / 50.0" in acc.sweep_markdown(runs)
+
+
+def test_every_published_figure_has_a_record():
+    """Issue 18: every measured figure in README.md, benchmarks/RESULTS*.md and ltuning's module docstrings is found
+    in a JSON record under benchmarks/results/ named in its section (benchmarks/check_figures.py)."""
+    problems = _load("check_figures").check()
+    assert not problems, "figures without a record:\n" + "\n".join(problems)
+
+
+def test_figure_checker_fails_on_an_invented_figure(tmp_path):
+    """The checker accepts recorded figures at the rounding shown, ignores numbers that are not measurements and
+    code, and names every figure it cannot find: an invented ratio, a figure whose section names no record, a
+    figure in a module docstring."""
+    chk = _load("check_figures")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "ltuning").mkdir()
+    (tmp_path / "benchmarks" / "results" / "x.json").write_text(json.dumps(
+        {"speedup": 1.2214, "acc": 0.8523, "std": 0.0052, "step_s": 3.733, "ms": [2.87, 17.14]}))
+    (tmp_path / "ltuning" / "m.py").write_text('"""A method: 30 layers, lr 1e-3, r=8, shapes 16 x 16."""\n')
+    good = ("# R\n\n## Speed\n\nRecord: [x](results/x.json). A step is 1.22x faster, 3733 ms, at 85.2 ± 0.5 %;\n"
+            "SmolLM2-135M (30 layers, 9 query / 3 KV heads), lr 1e-3, r=8, issue 18, 500 examples, target >= 5x.\n\n"
+            "| shape | ours ms | SDPA ms | SDPA/ours |\n|---|---:|---:|---:|\n| (8, 128, 20) | 2.87 | 17.14 | 5.97x |\n\n"
+            "```bash\npython bench.py --speedup 9.99x\n```\n")
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text(good)
+    (tmp_path / "README.md").write_text("# ltuning\n\nNo figures here: 135M parameters, 2 cores.\n")
+    assert chk.check(str(tmp_path)) == []
+    (tmp_path / "benchmarks" / "RESULTS.md").write_text(
+        good.replace("1.22x faster", "1.23x faster") + "\n## Other\n\nIt took 12.5 min.\n")
+    (tmp_path / "ltuning" / "m.py").write_text('"""A method that reaches 91.3 % on SST-2."""\n')
+    problems = chk.check(str(tmp_path))
+    assert len(problems) == 3, problems
+    invented, unsourced, docstring = problems
+    assert "'1.23x'" in invented and "is in none of results/x.json" in invented
+    assert "'12.5 min'" in unsourced and "names no results" in unsourced
+    assert "m.py (module docstring)" in docstring and "'91.3 %'" in docstring
+    assert chk.main(["--root", str(tmp_path)]) == 1

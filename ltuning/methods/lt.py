@@ -19,9 +19,9 @@ h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter text
   so training starts from what the model computes on "[y_k ; x]" (use ``position_offset="prefix"``).
   F_theta/Z_psi collapse to the frozen layers' K/V maps; padding positions of shorter label texts are masked
   and the input's positions start right after its own label text, so scoring x against y_k is exactly the
-  frozen model on "[y_k ; x]" at initialisation, whatever the label lengths (tested). Motivation: on SmolLM2 an MLP-generated prefix moves K/V far
-  from the model's own statistics (a linear probe on lt-prefix features drops to 57 % on SST-2 vs 74 %
-  without a prefix, ``benchmarks/feature_probe.py``), while the model's own K/V of a text keep them (75 %).
+  frozen model on "[y_k ; x]" at initialisation, whatever the label lengths (tested). Motivation: on a decoder an
+  MLP-generated prefix moves K/V far from the model's own statistics, while the model's own K/V of a text keep
+  them (``benchmarks/feature_probe.py``; figures in ``benchmarks/RESULTS.md``).
   ``variant="published"`` follows the released code instead: every token squashed to one scalar
   s_t = h_{k,t} w, then Linear(l, l * layers * 2 * kv_dim) on the vector s.
 ``lt-prompt`` -- e(y_k) = G_omega(h_k) in R^{l x d} prepended to E(x). Our reading:
@@ -30,27 +30,21 @@ h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter text
   drops the E(y_k) term: plain G = MLP). Padding positions of the label texts are masked out.
   ``scale_to_embeddings=True`` (default) multiplies the MLP's output by s = rms(E(y_k)) over real tokens, so
   a learning rate moves the prompt by the same fraction of the embedding scale on every model. Without it
-  the MLP's absolute steps swamp a decoder's small embeddings (SmolLM2: rms 0.136) within a few steps and
-  lt-prompt stayed at chance on SmolLM2 at lr 1e-3 (50.6 %, seed 0) while lr 1e-4 reached 85.0 %; with the
-  scale, the default lr 1e-3 reaches 82.2 +- 2.6 % (3 seeds; RESULTS.md section 3). BERT hides the problem because
-  its embedding LayerNorm renormalises the prompt.
+  the MLP's absolute steps swamp a decoder's small token embeddings within a few steps (lt-prompt then stays at
+  chance on SmolLM2 at the default lr); BERT hides the problem because its embedding LayerNorm renormalises the
+  prompt.
 
 Both are label-conditioned: the head C_phi = Linear(d, 1) scores "is y_k the label of x" for every pair;
 the prediction is the argmax over the K scores (the paper's inference rule, A.4).
 
-Defaults, as measured (``benchmarks/accuracy.py``, MiniLM, SST-2, 500 training examples, 3 seeds, GLUE dev;
-benchmarks/RESULTS.md section 3): ``objective="listwise"`` (cross-entropy over the K label-conditioned
-scores) vs the paper's ``"pairwise"`` (binary matched/unmatched, one sampled negative): lt-prefix 75.7 +- 2.5
-vs 76.8 +- 1.4, lt-prompt (before scale_to_embeddings) 76.4 +- 2.0 vs 70.3 +- 9.9 (one pairwise seed
-collapsed to 58.8); listwise is kept
-as the default (never collapsed, equal within noise otherwise). ``variant="pooling"`` (our reading) vs
-``"published"``: 75.7 +- 2.5 vs 68.2 +- 14.2 (one published seed collapsed to 51.9); pooling is kept.
-``variant`` defaults by family, as measured (SmolLM2-135M, SST-2, same budget, GLUE dev; RESULTS.md section 3):
-``"kv"`` 85.2 +- 0.5 (3 seeds) vs ``"pooling"`` 48.3 +- 0.6 (chance; 3 seeds); the pooling prefix erases
-the label information a shared head could read (a probe on h(x|y_1) - h(x|y_0) at initialisation: 50.0 %
-for pooling vs 77.0 % for kv, ``benchmarks/feature_probe.py``). On MiniLM ``"kv"`` gives 72.1 +- 2.6 vs
-75.7 +- 2.5 for ``"pooling"`` (3 seeds), so encoders keep ``"pooling"``. Label semantics matter on SmolLM2:
-with the texts "The text is in class A/B." instead of the sentiment texts, ``"kv"`` reaches 77.5 +- 1.8 (2 seeds).
+Defaults and how they were chosen (the figures: ``benchmarks/RESULTS.md``, accuracy table). ``objective="listwise"``
+(cross-entropy over the K label-conditioned scores) rather than the paper's ``"pairwise"`` (binary
+matched/unmatched, sampled negatives): equal within noise, and pairwise collapsed on a seed. ``variant`` by family:
+``"kv"`` on decoders, ``"pooling"`` (our reading of the paper's F/Z, the paper's own construction) on encoders;
+``"published"`` collapsed on a seed. ``scale_to_embeddings=True``. These were chosen by GLUE dev scores (SST-2,
+500 training examples, 3 seeds), not by a validation split carved from train: a known weakness, to be redone by
+validation selection (issue 20). Label semantics matter on decoders: meaningless label texts ("The text is in
+class A/B.") lower the ``"kv"`` scores.
 """
 from __future__ import annotations
 

@@ -2,12 +2,15 @@
 
 Per-layer keys/values for P virtual tokens:
 ``Embedding(P, d) -> Linear(d, r) -> tanh -> Linear(r, layers * 2 * kv_dim)`` (``prefix_projection=True``),
-or a plain ``Embedding(P, layers * 2 * kv_dim)``. Keys carry no RoPE. One bank entry shared by every row;
+or a plain ``Embedding(P, layers * 2 * kv_dim)``. Keys carry no RoPE. ``embedding_dim`` (None: d) sets the width of the
+projected embedding; PEFT's ``PrefixEncoder`` uses the model's KV width (Hkv * D, below d on GQA models), so
+``ltuning.peft_compat`` sets it to load PEFT's own encoder weights. One bank entry shared by every row;
 an ordinary K-way linear head reads the pooled output.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -20,6 +23,7 @@ class PrefixConfig(MethodConfig):
     num_virtual_tokens: int = 20
     prefix_projection: bool = True
     encoder_hidden_size: int = 512
+    embedding_dim: Optional[int] = None  # None: the model's hidden size (PEFT's encoder: the KV width Hkv * D)
 
 
 def split_layers(z: torch.Tensor, info):
@@ -39,8 +43,9 @@ class PrefixTuning(Method):
         out = info.num_layers * 2 * info.kv_dim
         P = config.num_virtual_tokens
         if config.prefix_projection:
-            self.embedding = nn.Embedding(P, info.hidden_size)
-            self.transform = nn.Sequential(nn.Linear(info.hidden_size, config.encoder_hidden_size), nn.Tanh(),
+            width = config.embedding_dim or info.hidden_size
+            self.embedding = nn.Embedding(P, width)
+            self.transform = nn.Sequential(nn.Linear(width, config.encoder_hidden_size), nn.Tanh(),
                                            nn.Linear(config.encoder_hidden_size, out))
         else:
             self.embedding = nn.Embedding(P, out)

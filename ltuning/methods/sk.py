@@ -16,11 +16,11 @@
 ``sk-prompt`` -- trainable embeddings initialised from the text's token embeddings E(text) (T, d) (no special
   tokens: the prompt goes in front of the input's own), passed through an optional Linear(d, d) initialised
   to the identity (``projection=True``: e + e dW + b, dW and b zero-initialised), prepended to E(x).
-  ``projection`` is off by default, as measured (``benchmarks/accuracy.py``, 500 SST-2 training examples,
-  3 seeds, GLUE dev; RESULTS.md section 3): on SmolLM2 with the projection 2 of 3 seeds collapsed to chance
-  (81.4, 55.2, 52.3) and without it none did (78.2 +- 1.3); on MiniLM the two are equal within noise
-  (76.0 +- 1.4 with, 76.4 +- 1.9 without). The d x d map's Adam steps add up over d inputs and soon
-  outgrow a decoder's small embeddings (SmolLM2: rms 0.136), the same scale problem as lt-prompt's.
+  ``projection`` is off by default, chosen by GLUE dev scores (SST-2, 500 training examples, 3 seeds; figures in
+  ``benchmarks/RESULTS.md``; to be redone by validation selection, issue 20): on SmolLM2 the projection collapsed
+  to chance on 2 of 3 seeds and no run without it did; on MiniLM the two are equal within noise. The d x d map's
+  Adam steps add up over d inputs and soon outgrow a decoder's small embeddings, the same scale problem as
+  lt-prompt's.
 Both have an ordinary K-way classification head (not label-conditioned).
 """
 from __future__ import annotations

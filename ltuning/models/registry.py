@@ -43,8 +43,8 @@ def cpu_flags() -> set:
 
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX). Without them PyTorch emulates
-    bf16/fp16 products at about 1 GFLOP/s (measured on an AVX2 EPYC: 1.3 GFLOP/s vs 162-173 GFLOP/s for fp32,
-    ``benchmarks/bench_train_step.py``)."""
+    bf16/fp16 products about two orders of magnitude slower than fp32 (measured on an AVX2 EPYC with
+    ``benchmarks/bench_train_step.py``; figures in ``benchmarks/RESULTS.md``)."""
     flags = cpu_flags()
     if flags:
         return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -52,7 +52,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def warn_if_slow_half(dtype: str, device: str = "cpu") -> None:
-    """One warning when a half dtype is asked for on a CPU that emulates it (it would be ~80x slower)."""
+    """One warning when a half dtype is asked for on a CPU that emulates it (two orders of magnitude slower)."""
     if dtype in ("bf16", "fp16") and device == "cpu" and not cpu_has_fast_bf16():
         import warnings
         warnings.warn(f"--dtype {dtype}: this CPU has no AVX512-BF16/AMX, so half-precision matrix products are "
