@@ -124,8 +124,8 @@ def test_interrupted_training_resumes_to_the_same_adapter(minilm, tmp_path, monk
     full = run(tmp_path / "full")
     real_save = training._save_checkpoint
 
-    def save_then_die(path, model_, opt, sched, state):
-        real_save(path, model_, opt, sched, state)
+    def save_then_die(path, model_, opt, sched, state, *rest):
+        real_save(path, model_, opt, sched, state, *rest)
         if state["step"] == 6:
             raise KeyboardInterrupt
 
