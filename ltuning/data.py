@@ -90,8 +90,9 @@ def _decoded_lines(path: str) -> list:
         except UnicodeDecodeError as e:
             raise UserError(f"invalid UTF-8 (byte 0x{b[e.start]:02x} at column {e.start + 1}); expected UTF-8 "
                             "text", path, i) from None
-        if len(text) > MAX_LINE_CHARS:
-            raise UserError(f"line of {len(text):,d} characters; expected at most {MAX_LINE_CHARS:,d} per record "
+        n = len(text.rstrip("\r\n"))
+        if n > MAX_LINE_CHARS:
+            raise UserError(f"line of {n:,d} characters; expected at most {MAX_LINE_CHARS:,d} per record "
                             "(inputs are truncated to --max-length tokens anyway)", path, i)
         lines.append(text)
     return lines
