@@ -77,7 +77,8 @@ def atomic_write_files(files: dict) -> None:
                 pass
         if not isinstance(e, OSError):
             raise
-        raise UserError(f"could not write it ({e.strerror or e}); no output file was written or changed",
-                        path) from None
+        err = UserError(f"could not write it ({e.strerror or e}); no output file was written or changed", path)
+        err.reason = e.strerror or str(e)
+        raise err from None
     for path, t in tmps.items():
         os.replace(t, path)

@@ -134,8 +134,9 @@ def _save_checkpoint(path: str, model, opt, sched, state: dict, gen=None) -> Non
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OSError, UserError)):
-            raise UserError(f"could not write the checkpoint ({getattr(e, 'strerror', None) or e}); the previous "
-                            "checkpoint is kept, so --resume continues from it", path) from None
+            why = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+            raise UserError(f"could not write the checkpoint ({why}); the previous checkpoint, if any, is "
+                            "kept, and --resume continues from it", path) from None
         raise
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)

@@ -354,11 +354,29 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, capsys
     monkeypatch.setattr(training, "_save_checkpoint", save)
     rc = train(d, out, tiny[0], "lt-prefix", "--max-steps", "4", "--eval-every", "1", "--batch-size", "4")
     line = one_line_last(capsys, rc)
-    assert f"{out}/checkpoint: could not write the checkpoint" in line and "--resume continues from it" in line
+    assert f"{out}/checkpoint: could not write the checkpoint (No space left on device)" in line
+    assert "--resume continues from it" in line
     ckpt = out / "checkpoint"
     assert sorted(os.listdir(out)) == ["checkpoint"] and (ckpt / "trainer_state.pt").exists()
     import torch
     assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["state"]["step"] == 1
+
+
+def test_disk_full_on_a_real_tiny_tmpfs(adapter, tmp_path, capsys):
+    """A real full disk where one can be mounted (root): a 64 KiB tmpfs, classify writes ~150 KB."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root); the failing-writer tests above cover this row")
+    try:
+        out, _ = adapter
+        inp = tmp_path / "in.jsonl"
+        inp.write_text("".join(json.dumps({"text": "good film was nice " * 4, "id": i}) + "\n" for i in range(1000)))
+        rc = main(["classify", "--adapter", out, "--input", str(inp), "--output", str(mnt / "pred.jsonl")])
+        assert f"{mnt}/pred.jsonl: could not write it (No space left on device)" in one_line_last(capsys, rc)
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
