@@ -216,6 +216,15 @@ def test_adapter_on_a_different_base_model(adapter, tiny, capsys):
     capsys.readouterr()
 
 
+def test_base_identity_ignores_the_load_dtype_but_not_the_weights(tiny):
+    """An adapter trained in fp32 loads onto the same base loaded in bf16; another base (other weights, same
+    config) has another identity."""
+    from ltuning.models import load_base
+    from ltuning.models.registry import base_identity
+    a32, a16, b32 = load_base(tiny[0])[0], load_base(tiny[0], "bf16")[0], load_base(tiny[1])[0]
+    assert base_identity(a32) == base_identity(a16) != base_identity(b32)
+
+
 def one_line_last(capsys, rc):
     """Like one_line, for commands that load a model first (its loading bar may precede the error line)."""
     err = capsys.readouterr().err
