@@ -372,7 +372,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, capsys
 
 
 def test_disk_full_on_a_real_tiny_tmpfs(adapter, tmp_path, capsys):
-    """A real full disk where one can be mounted (root): a 64 KiB tmpfs, classify writes ~150 KB."""
+    """A real full disk where one can be mounted (root): a 64 KiB tmpfs, classify writes ~150 KB (500 records)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
@@ -380,7 +380,7 @@ def test_disk_full_on_a_real_tiny_tmpfs(adapter, tmp_path, capsys):
     try:
         out, _ = adapter
         inp = tmp_path / "in.jsonl"
-        inp.write_text("".join(json.dumps({"text": "good film was nice " * 4, "id": i}) + "\n" for i in range(1000)))
+        inp.write_text("".join(json.dumps({"text": "good film was nice " * 8, "id": i}) + "\n" for i in range(500)))
         rc = main(["classify", "--adapter", out, "--input", str(inp), "--output", str(mnt / "pred.jsonl")])
         assert f"{mnt}/pred.jsonl: could not write it (No space left on device)" in one_line_last(capsys, rc)
         assert os.listdir(mnt) == []
