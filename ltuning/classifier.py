@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from typing import Optional
@@ -13,7 +12,7 @@ from .data import default_label_text, encode, label_names_of
 from .inference import predict_scores
 from .methods import make_config
 from .metrics import classification_metrics
-from .modeling import LTuningModel, atomic_write_bytes, read_adapter_config
+from .modeling import LTuningModel, read_adapter_config
 from .models import load_base
 from .training import TrainConfig, fit
 
@@ -133,9 +132,8 @@ class Classifier:
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str, metrics: Optional[dict] = None) -> None:
         extra = {"classifier": {"model": self.model_name, "dtype": self.dtype, "max_length": self.max_length}}
-        self.model.save_pretrained(directory, extra=extra)
-        if metrics is not None:
-            atomic_write_bytes(os.path.join(directory, "metrics.json"), json.dumps(metrics, indent=2).encode())
+        files = None if metrics is None else {"metrics.json": json.dumps(metrics, indent=2).encode()}
+        self.model.save_pretrained(directory, extra=extra, files=files)  # all files or none
 
     @classmethod
     def from_pretrained(cls, directory: str, base=None, tokenizer=None, dtype: Optional[str] = None) -> "Classifier":

@@ -39,6 +39,25 @@ METHOD_SWITCHES = {  # boolean config fields: --name / --no-name (default: the m
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in ONE line (``ltuning train: error: ...``), exit status 2; ``--help`` shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _method_name(name: str) -> str:
+    """``--method``: a known method, else one line with the list and the closest name."""
+    import difflib
+
+    from .methods import METHODS
+    if name in METHODS:
+        return name
+    close = difflib.get_close_matches(name, list(METHODS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise argparse.ArgumentTypeError(f"unknown method {name!r}; {hint}expected one of {', '.join(sorted(METHODS))}")
+
+
 def _add_model_args(p):
     p.add_argument("--model", default="minilm-l6",
                    help="base model: smollm2-135m, minilm-l6 (offline, from PyPI packages) or a hub id / path")
@@ -51,13 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     from .training import DEFAULT_HEAD_LR, SELECT_METRICS
 
-    ap = argparse.ArgumentParser(prog="ltuning", description=__doc__)
+    ap = _Parser(prog="ltuning", description=__doc__,
+                 epilog="--debug (or LTUNING_DEBUG=1) shows the traceback of an error instead of one line")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train an adapter and evaluate it on the dev split",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(t)
-    t.add_argument("--method", required=True, choices=sorted(METHODS), help="tuning method")
+    t.add_argument("--method", required=True, type=_method_name, metavar="METHOD",
+                   help=f"tuning method: {', '.join(sorted(METHODS))}")
     t.add_argument("--data", required=True,
                    help="directory with train.jsonl and dev.jsonl (or .csv/.tsv), or a Hugging Face dataset name; "
                         "DIR1,DIR2,... trains one multi-task model (see ltuning.multitask)")
@@ -120,7 +141,7 @@ def cmd_train(a) -> dict:
     import random
 
     from .classifier import Classifier
-    from .data import load_split, parse_label_texts
+    from .data import parse_label_texts
     from .methods import method_class
 
     fields = set(method_class(a.method).config_class.__dataclass_fields__)
@@ -129,17 +150,20 @@ def cmd_train(a) -> dict:
     if bad:
         raise ValueError(f"--{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
     lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 1e-3)
+    from .preflight import check_train_inputs
     if "," in a.data:
         from .multitask import cmd_train as train_tasks
+        check_train_inputs(a)  # output and model, before any data or model is loaded
         return train_tasks(a, opts, lr)
-    train = load_split(a.data, "train")
-    dev = load_split(a.data, "dev")
+    # every check on the inputs runs before the model loads and training starts; the label set is that of the
+    # WHOLE training file, so a class that a subsample misses is still scored
+    train, dev, label_names = check_train_inputs(a)
     if a.max_train_examples and len(train) > a.max_train_examples:
         train = random.Random(a.seed).sample(train, a.max_train_examples)
     if a.max_dev_examples and len(dev) > a.max_dev_examples:
         dev = random.Random(a.seed).sample(dev, a.max_dev_examples)
-    clf = Classifier(a.model, a.method, label_texts=parse_label_texts(a.label_text), dtype=a.dtype,
-                     max_length=a.max_length, **opts)
+    clf = Classifier(a.model, a.method, label_names=label_names, label_texts=parse_label_texts(a.label_text),
+                     dtype=a.dtype, max_length=a.max_length, **opts)
     hist = clf.fit(train, out_dir=a.out, resume=a.resume, val_fraction=a.val_fraction,
                    stratify_validation=a.stratify_validation, progress=not a.quiet,
                    epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr, weight_decay=a.weight_decay,
@@ -182,6 +206,8 @@ def _multitask(a):
 
 def cmd_eval(a) -> dict:
     from .data import load_split
+    from .preflight import check_eval_inputs
+    check_eval_inputs(a)
     mt = _multitask(a)
     if mt is not None:
         from .multitask import cmd_eval as eval_tasks
@@ -196,6 +222,8 @@ def cmd_eval(a) -> dict:
 def cmd_classify(a) -> dict:
     from .data import read_records
     from .modeling import atomic_write_bytes
+    from .preflight import check_classify_inputs
+    check_classify_inputs(a)
     recs = read_records(a.input, require_label=False)
     mt = _multitask(a)
     if mt is not None:
@@ -218,12 +246,16 @@ def cmd_classify(a) -> dict:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        result = {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify}[a.cmd](a)
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
-        print(f"ltuning {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    """Bad input (a file, a line, an argument) -> one line ``ltuning: <file>:<line>: <what was expected>`` on
+    stderr and status 2, no traceback (``--debug`` or ``LTUNING_DEBUG=1`` shows it); see :mod:`ltuning.errors`."""
+    from .errors import debug_requested, run_command
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    a = build_parser().parse_args([x for x in argv if x != "--debug"])
+    status, result = run_command(lambda: {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify}[a.cmd](a),
+                                 debug)
+    if status:
+        return status
     print(json.dumps(result, default=str))
     return 0
 

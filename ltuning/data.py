@@ -8,10 +8,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import io
 import random
 from dataclasses import dataclass
 
 import torch
+
+from .errors import UserError
 
 # Default label texts, by label name (the SST-2 / RTE / CoLA / MRPC / NLI label names in ../shared/data).
 LABEL_TEXTS = {
@@ -43,42 +46,102 @@ def parse_label_texts(items) -> dict:
     return out
 
 
-def _check_record(rec, where):
+# A record's line may hold at most this many characters: inputs are truncated to --max-length tokens (128 by
+# default, about 1 KB of text) anyway, so a longer line is a broken file (a missing newline, a binary blob).
+MAX_LINE_CHARS = 100_000
+
+
+def _nonempty_str(rec, key, path, line):
+    v = rec.get(key)
+    if not isinstance(v, str) or not v.strip():
+        got = "an empty string" if isinstance(v, str) else "null" if v is None else type(v).__name__
+        raise UserError(f"field {key!r} is {got}; expected non-empty text", path, line)
+
+
+def _check_record(rec, path, line, require_label=True):
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if "text" not in rec and not ("premise" in rec and "hypothesis" in rec):
-        raise ValueError(f"{where}: expected a 'text' field or 'premise' and 'hypothesis' fields; "
-                         f"got fields {sorted(rec)}")
+        raise UserError(f"expected a JSON object, got {type(rec).__name__}", path, line)
+    if "text" in rec:
+        _nonempty_str(rec, "text", path, line)
+    elif "premise" in rec and "hypothesis" in rec:
+        _nonempty_str(rec, "premise", path, line)
+        _nonempty_str(rec, "hypothesis", path, line)
+    else:
+        raise UserError(f"expected a 'text' field or 'premise' and 'hypothesis' fields; got fields {sorted(rec)}",
+                        path, line)
+    lab = rec.get("label")
+    if require_label and (lab is None or lab == ""):
+        raise UserError("expected a 'label' field with the class name", path, line)
+    if lab is not None and (isinstance(lab, bool) or not isinstance(lab, (str, int))):
+        raise UserError(f"label {lab!r} is a {type(lab).__name__}; expected a class name (a string)", path, line)
     return rec
 
 
-def read_records(path: str, require_label: bool = True) -> list:
-    """Read a .jsonl / .json / .csv / .tsv file of records."""
-    if not os.path.isfile(path):
+def _decoded_lines(path: str) -> list:
+    """The file's lines as text, each checked for UTF-8 and length (a UTF-8 BOM at the start is dropped)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines = []
+    for i, b in enumerate(raw.splitlines(keepends=True), start=1):
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"invalid UTF-8 (byte 0x{b[e.start]:02x} at column {e.start + 1}); expected UTF-8 "
+                            "text", path, i) from None
+        n = len(text.rstrip("\r\n"))
+        if n > MAX_LINE_CHARS:
+            raise UserError(f"line of {n:,d} characters; expected at most {MAX_LINE_CHARS:,d} per record "
+                            "(inputs are truncated to --max-length tokens anyway)", path, i)
+        lines.append(text)
+    return lines
+
+
+def read_records(path: str, require_label: bool = True, with_lines: bool = False):
+    """Read a .jsonl / .json / .csv / .tsv file of records; ``with_lines``: also their 1-based line numbers.
+    Every problem raises :class:`~ltuning.errors.UserError` naming the file and line."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError("is a directory; expected a .jsonl, .csv or .tsv file of records", path)
     ext = os.path.splitext(path)[1].lower()
-    records = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if ext in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-            for i, row in enumerate(reader, start=2):
-                records.append((_check_record(row, f"{path}:{i}"), f"{path}:{i}"))
-        else:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-                records.append((_check_record(rec, f"{path}:{i}"), f"{path}:{i}"))
-    if require_label:
-        for rec, where in records:
-            if rec.get("label") in (None, ""):
-                raise ValueError(f"{where}: expected a 'label' field with the class name")
+    lines = _decoded_lines(path)
+    records, where = [], []
+    if ext in (".csv", ".tsv"):
+        if not any(ln.strip() for ln in lines):
+            raise UserError("empty file; expected a header line and one record per line", path)
+        reader = csv.DictReader(io.StringIO("".join(lines), newline=""), delimiter="\t" if ext == ".tsv" else ",")
+        try:
+            header = reader.fieldnames or []
+            ok = "text" in header or ("premise" in header and "hypothesis" in header)
+            if not ok or (require_label and "label" not in header):
+                raise UserError(f"header has columns {header}; expected 'text' (or 'premise' and 'hypothesis')"
+                                + (" and 'label'" if require_label else ""), path, 1)
+            for row in reader:
+                i = reader.line_num
+                if None in row or None in row.values():
+                    n = len(header) + len(row.get(None, [])) - sum(v is None for v in row.values())
+                    raise UserError(f"{n} fields; expected {len(header)} as in the header", path, i)
+                records.append(_check_record(row, path, i, require_label))
+                where.append(i)
+        except csv.Error as e:
+            raise UserError(f"malformed {ext[1:].upper()} ({e})", path, reader.line_num) from None
+    else:
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line",
+                                path, i) from None
+            records.append(_check_record(rec, path, i, require_label))
+            where.append(i)
     if not records:
-        raise ValueError(f"{path}: no records")
-    return [r for r, _ in records]
+        raise UserError("no records; expected " + ("a header line and one record per line" if ext in (".csv", ".tsv")
+                                                   else "one JSON object per line"), path)
+    return (records, where) if with_lines else records
 
 
 def find_split(directory: str, split: str) -> str | None:
@@ -89,16 +152,41 @@ def find_split(directory: str, split: str) -> str | None:
     return None
 
 
-def load_split(data: str, split: str) -> list:
-    """Records of ``split`` ("train", "dev") from a directory, or from a Hugging Face dataset name if online."""
+def split_file(data: str, split: str) -> str | None:
+    """The file of ``split`` in ``data`` (a directory, or a file for every split), None for a dataset name."""
     if os.path.isdir(data):
         p = find_split(data, split) or (find_split(data, "validation") if split == "dev" else None)
         if p is None:
             raise FileNotFoundError(f"{data}: expected {split}.jsonl (or .csv / .tsv)")
-        return read_records(p)
+        return p
     if os.path.isfile(data):
-        return read_records(data)
-    return _load_hf_dataset(data, split)
+        return data
+    return None
+
+
+def load_split(data: str, split: str) -> list:
+    """Records of ``split`` ("train", "dev") from a directory, or from a Hugging Face dataset name if online."""
+    p = split_file(data, split)
+    return read_records(p) if p is not None else _load_hf_dataset(data, split)
+
+
+def check_labels(train: list, dev: list, train_file: str | None = None, dev_file: str | None = None,
+                 dev_lines: list | None = None) -> list:
+    """The label set of ``train`` (the WHOLE training file: a subsample may miss a class, which is still scored);
+    raises :class:`UserError` if it has one class only, or if a ``dev`` record has a label ``train`` never has
+    (naming the dev file and line). Runs before any model is loaded."""
+    names = label_names_of(train)
+    if len(names) < 2:
+        raise UserError(f"every record has the label {names[0]!r}; expected at least two classes",
+                        train_file or "training data")
+    known = set(names)
+    for j, r in enumerate(dev):
+        if str(r["label"]) not in known:
+            shown = ", ".join(map(repr, names[:8])) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            raise UserError(f"label {r['label']!r} never occurs in {train_file or 'the training data'}; expected "
+                            f"one of its labels: {shown}", dev_file or "dev data",
+                            dev_lines[j] if dev_lines else None)
+    return names
 
 
 def _load_hf_dataset(name: str, split: str) -> list:

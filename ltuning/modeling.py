@@ -16,17 +16,22 @@ tokens instead of B x (n + L). Encoders (bidirectional: the prompt sees the inpu
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .methods import config_from_dict, method_class
+from .errors import UserError
+from .methods import METHODS, config_from_dict, method_class
 from .models import PrefixInputs, disable, enable, fingerprint, load_base, model_info
+from .models.registry import base_identity
+from .outputs import atomic_write_files
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -34,12 +39,8 @@ FORMAT_VERSION = 1
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``path`` atomically (see :func:`ltuning.outputs.atomic_write_files`)."""
+    atomic_write_files({path: data})
 
 
 class LTuningModel(nn.Module):
@@ -199,64 +200,132 @@ class LTuningModel(nn.Module):
     def adapter_state_dict(self) -> dict:
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith("base.")}
 
-    def save_pretrained(self, directory: str, extra: dict | None = None) -> None:
-        """Write ``adapter.safetensors`` + ``adapter_config.json`` (atomically)."""
+    def save_pretrained(self, directory: str, extra: dict | None = None, files: dict | None = None) -> None:
+        """Write ``adapter.safetensors`` + ``adapter_config.json`` (and ``files``: {name: bytes}) all or nothing:
+        complete temporaries renamed over the targets (:func:`ltuning.outputs.atomic_write_files`). The config
+        records the weights' sha256 and the base model's identity, both checked by :meth:`from_pretrained`."""
         os.makedirs(directory, exist_ok=True)
+        weights = save_safetensors(self.adapter_state_dict())
         meta = {
             "format_version": FORMAT_VERSION,
             "base_model": getattr(self.base, "name_or_path", None) or self.base.config._name_or_path,
             "base_fingerprint": fingerprint(self.base),
+            "base_identity": base_identity(self.base),
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "method_config": self.config.to_dict(),
             "cache_keys": [f"method.{k}" for k in self.method.cache_keys()],
             **(extra or {}),
         }
-        tmp = os.path.join(directory, f".{WEIGHTS_NAME}.tmp{os.getpid()}")
-        save_file(self.adapter_state_dict(), tmp)
-        os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
-        atomic_write_bytes(os.path.join(directory, CONFIG_NAME), json.dumps(meta, indent=2).encode())
+        out = {os.path.join(directory, WEIGHTS_NAME): weights,
+               os.path.join(directory, CONFIG_NAME): json.dumps(meta, indent=2).encode()}
+        out.update({os.path.join(directory, k): v for k, v in (files or {}).items()})
+        atomic_write_files(out)
 
     @classmethod
-    def from_pretrained(cls, base, directory: str, tokenizer=None, dtype: str = "fp32", **overrides):
-        """Restore an adapter on ``base`` (a loaded backbone, or None / a name to load the recorded one)."""
+    def from_pretrained(cls, base, directory: str, tokenizer=None, dtype: str = "fp32", check_base: bool = True,
+                        **overrides):
+        """Restore an adapter on ``base`` (a loaded backbone, or None / a name to load the recorded one).
+
+        ``check_base``: refuse (:class:`UserError`) a base model other than the one the adapter was trained on
+        (its identity: config + a sample of the embedding weights, rounded to bf16 so that the dtype it is loaded
+        in does not matter). A corrupted or truncated weights file is refused too."""
         meta = read_adapter_config(directory)
+        wpath = os.path.join(directory, WEIGHTS_NAME)
+        state = read_adapter_weights(directory, meta)
         if base is None or isinstance(base, str):
             base, tokenizer = load_base(base or meta["base_model"], dtype)
         elif tokenizer is None:
             raise ValueError("pass the tokenizer together with a loaded base model")
+        ident = meta.get("base_identity")
+        if check_base and ident is not None and base_identity(base) != ident:
+            got = getattr(base, "name_or_path", None) or base.config._name_or_path
+            raise UserError(f"the adapter was trained on base model {meta['base_model']!r}, not on {got!r} (their "
+                            "config or weights differ); expected the same base model (--model)",
+                            os.path.join(directory, CONFIG_NAME))
         cfg_dict = dict(meta["method_config"])
         cfg_dict.update(overrides)
         config = config_from_dict(cfg_dict, saved=True)
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
         cache = None
         cache_keys = meta.get("cache_keys", [])
         same_base = fingerprint(base) == meta.get("base_fingerprint")
         fields = getattr(method_class(config.method), "cache_fields", ("label_texts",))
         same_texts = all(getattr(config, f) == meta["method_config"].get(f) for f in fields)
-        if cache_keys and same_base and same_texts:
+        if cache_keys and same_base and same_texts and all(k in state for k in cache_keys):
             cache = {k[len("method."):]: state[k] for k in cache_keys}
         elif cache_keys:
             if not same_base:
                 warnings.warn("base model differs from the one the adapter was trained on; re-encoding label texts")
             for k in cache_keys:
-                state.pop(k)
+                state.pop(k, None)
         model = cls(base, tokenizer, config, cache=cache)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # size mismatch
+            raise UserError(f"the weights do not fit {config.method} on this base model "
+                            f"({' '.join(str(e).split())[:300]}); expected weights of the same method and base",
+                            wpath) from None
         missing = [k for k in missing if not k.startswith("base.") and k not in cache_keys]
         if missing or unexpected:
-            raise ValueError(f"adapter in {directory} does not match {config.method}: missing {missing}, "
-                             f"unexpected {unexpected}")
+            raise UserError(f"the weights do not match {config.method}: missing {missing[:5]}, unexpected "
+                            f"{unexpected[:5]}; expected the weights written with {CONFIG_NAME}", wpath)
         return model
 
 
+def read_adapter_weights(directory: str, meta: dict | None = None) -> dict:
+    """The adapter's tensors, checked against the sha256 its config records (a truncated or corrupted
+    ``adapter.safetensors`` raises :class:`UserError` naming the file)."""
+    meta = read_adapter_config(directory) if meta is None else meta
+    wpath = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(wpath):
+        raise UserError(f"no such file; expected the adapter weights beside {CONFIG_NAME}", wpath)
+    with open(wpath, "rb") as f:
+        raw = f.read()
+    want = meta.get("weights_sha256")
+    if want is not None and hashlib.sha256(raw).hexdigest() != want:
+        raise UserError(f"checksum differs from the one in {CONFIG_NAME}: the file is truncated or corrupted; "
+                        "expected the weights written with that config (retrain or restore the file)", wpath)
+    try:
+        return load_safetensors(raw)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a broken header
+        raise UserError(f"not a readable safetensors file ({' '.join(str(e).split())}); expected the adapter "
+                        "weights written by ltuning", wpath) from None
+
+
+REQUIRED_KEYS = {"base_model": str, "method_config": dict}
+
+
 def read_adapter_config(directory: str) -> dict:
+    """The adapter's ``adapter_config.json``, checked: valid JSON, the required keys, a known method and label
+    names. Problems raise :class:`UserError` naming the file (and line, for invalid JSON)."""
     path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory; expected an adapter directory written by "
+                                "'ltuning train'")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no adapter here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON ({e.msg})", path, e.lineno) from None
+    except UnicodeDecodeError:
+        raise UserError("invalid UTF-8; expected a JSON file", path) from None
+    if not isinstance(meta, dict):
+        raise UserError(f"expected a JSON object, got {type(meta).__name__}", path)
+    for key, typ in REQUIRED_KEYS.items():
+        if not isinstance(meta.get(key), typ):
+            raise UserError(f"missing key {key!r}; expected a {typ.__name__} (a config written by ltuning)"
+                            if key not in meta else f"key {key!r} is a {type(meta[key]).__name__}; expected a "
+                            f"{typ.__name__}", path)
+    mc = meta["method_config"]
+    if mc.get("method") not in METHODS:
+        what = "missing key 'method_config.method'" if "method" not in mc else f"unknown method {mc['method']!r}"
+        raise UserError(f"{what}; expected one of {', '.join(sorted(METHODS))}", path)
+    names = mc.get("label_names")
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
+        raise UserError("missing or invalid key 'method_config.label_names'; expected a list of at least two "
+                        "class names", path)
+    return meta
 
 
 def patch(model, config, tokenizer, cache=None) -> LTuningModel:

@@ -4,6 +4,7 @@ split carved from train (never on the reported dev set), early stopping, atomic 
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -16,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import collate, length_grouped_batches
+from .errors import UserError
+from .outputs import atomic_write_files
 import torch.nn.functional as F
 
 from .inference import autocast, pooled_features, predict_scores
@@ -113,19 +116,41 @@ def head_only(model) -> bool:
             and method.kind == "none" and not method.label_conditioned)
 
 
-def _save_checkpoint(path: str, model, opt, sched, state: dict) -> None:
-    """Write ``path`` atomically: a fresh directory renamed over the old one."""
+def _save_checkpoint(path: str, model, opt, sched, state: dict, gen=None) -> None:
+    """Write ``path`` atomically: a fresh directory renamed over the old one. A failure (a full disk) removes the
+    partial directory and keeps the previous checkpoint; a kill between the two renames leaves ``path.old``, which
+    :func:`_checkpoint_dir` takes back."""
     tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
-                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
     old = path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        model.save_pretrained(tmp)
+        blob = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
+                "torch_rng": torch.get_rng_state(), "generator": None if gen is None else gen.get_state()}
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        atomic_write_files({os.path.join(tmp, "trainer_state.pt"): buf.getvalue()})
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, UserError)):
+            why = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+            raise UserError(f"could not write the checkpoint ({why}); the previous checkpoint, if any, is "
+                            "kept, and --resume continues from it", path) from None
+        raise
     if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_dir(path: str):
+    """The checkpoint to resume from: ``path``, or ``path.old`` when a kill came between the renames of
+    :func:`_save_checkpoint` (it is moved back); None when there is none."""
+    if not os.path.isdir(path) and os.path.isfile(os.path.join(path + ".old", "trainer_state.pt")):
+        os.replace(path + ".old", path)
+    return path if os.path.isfile(os.path.join(path, "trainer_state.pt")) else None
 
 
 def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: list, cfg: TrainConfig,
@@ -150,7 +175,8 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
              "train_seconds": 0.0}
     best_state = None
     ckpt = os.path.join(checkpoint_dir, "checkpoint") if checkpoint_dir else None
-    if resume and ckpt and os.path.isdir(ckpt):
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if resume and ckpt and _checkpoint_dir(ckpt):
         from .modeling import WEIGHTS_NAME
         from safetensors.torch import load_file
         model.load_state_dict(load_file(os.path.join(ckpt, WEIGHTS_NAME)), strict=False)
@@ -159,8 +185,11 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
         sched.load_state_dict(blob["scheduler"])
         state = blob["state"]
         torch.set_rng_state(blob["torch_rng"])
+        if blob.get("generator") is not None:  # the pairwise objective's negatives continue where they were
+            gen.set_state(blob["generator"])
+        else:  # a checkpoint of an earlier version
+            gen.manual_seed(cfg.seed + state["step"])
         best_state = state.pop("best_state", None)
-    gen = torch.Generator().manual_seed(cfg.seed + state["step"])
     features = val_features = None
     if cfg.cache_features and head_only(model):  # linear probe: one pass of the frozen encoder, then head steps
         t0 = time.perf_counter()
@@ -213,7 +242,7 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
                     bar.write(f"step {state['step']}: val {cfg.select_metric} {score:.4f} (best {state['best']:.4f} "
                                f"@ {state['best_step']})")
                 if ckpt:
-                    _save_checkpoint(ckpt, model, opt, sched, {**state, "best_state": best_state})
+                    _save_checkpoint(ckpt, model, opt, sched, {**state, "best_state": best_state}, gen)
                 if cfg.patience is not None and state["bad_evals"] > cfg.patience:
                     stop = True
             if state["step"] >= total or stop:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
+import zlib
 
 import pytest
 import torch
@@ -35,12 +37,20 @@ def real_model(request):
     return request.getfixturevalue(request.param)
 
 
+def shared_data(name: str) -> str:
+    """``../shared/data/<name>``; skipped when missing, but under ``CI=true`` a missing dataset FAILS the test."""
+    d = os.path.join(DATA, name)
+    if not os.path.isdir(d):
+        msg = f"{d} not found (the shared datasets live beside the repository)"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(msg + "; CI=true: tests that need it must run, not skip")
+        pytest.skip(msg)
+    return d
+
+
 @pytest.fixture(scope="session")
 def sst2_dir():
-    d = os.path.join(DATA, "sst2")
-    if not os.path.isdir(d):
-        pytest.skip(f"{d} not found (the shared datasets live beside the repository)")
-    return d
+    return shared_data("sst2")
 
 
 def max_rel(a, r):
@@ -72,6 +82,28 @@ def checkpointing_grads(base, m, loss_fn):
     return grads
 
 
+def seed_of(nodeid: str) -> int:
+    """The seed of a test: crc32 of its node id (the same on every run and machine)."""
+    return zlib.crc32(nodeid.encode())
+
+
 @pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+def _seed(request):
+    """Seeds torch and ``random`` from the test id; the seed is printed in the report of a failing test."""
+    s = request.node._ltuning_seed = seed_of(request.node.nodeid)
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+@pytest.fixture
+def seed(request, _seed) -> int:
+    """The test's seed (crc32 of its node id), for the test's own generators: ``random.Random(seed)``."""
+    return request.node._ltuning_seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = (yield).get_result()
+    if rep.failed and hasattr(item, "_ltuning_seed"):
+        rep.sections.append(("seed", f"seed {item._ltuning_seed} = crc32({item.nodeid!r}); reproduce: "
+                                     f"python -m pytest -q '{item.nodeid}'"))

@@ -322,7 +322,8 @@ def test_cli_train_every_method(fresh_minilm, sst2_dir, tmp_path, method, flags)
                "--max-length", "32", "--quiet"] + flags)
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["method"] == method and 0 <= metrics["accuracy"] <= 1 and metrics["trainable_parameters"] > 0
+    assert metrics["method"] == method and metrics["dev_examples"] == 8 and metrics["trainable_parameters"] > 0
+    assert metrics["accuracy"] * 8 == round(metrics["accuracy"] * 8)  # a share of the 8 dev examples
     cfg = json.loads((out / "adapter_config.json").read_text())["method_config"]
     if method == "cgc-lora":
         assert cfg["target_modules"] == ["query", "key", "value"]

@@ -46,14 +46,16 @@ def test_cli_train_eval_classify(minilm, sst2_dir, tmp_path, capsys):
     (data / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
     assert main(["eval", "--adapter", str(out), "--data", str(data)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["n"] == 20 and 0 <= last["accuracy"] <= 1
     inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("".join(json.dumps({"text": r["text"], "id": i}) + "\n" for i, r in enumerate(dev[:5])))
+    inp.write_text("".join(json.dumps({"text": r["text"], "id": i, "gold": r["label"]}) + "\n"
+                           for i, r in enumerate(dev)))
     assert main(["classify", "--adapter", str(out), "--input", str(inp), "--output", str(outp)]) == 0
     rows = [json.loads(x) for x in outp.read_text().splitlines()]
-    assert [r["id"] for r in rows] == list(range(5))
-    assert all(r["prediction"] in ("negative", "positive") and set(r["scores"]) == {"negative", "positive"}
+    assert [r["id"] for r in rows] == list(range(20))
+    assert all(r["prediction"] == max(r["scores"], key=r["scores"].get) and set(r["scores"]) == {"negative", "positive"}
                for r in rows)
+    # eval's accuracy is the share of classify's predictions that match the labels, on the same 20 records
+    assert last["n"] == 20 and last["accuracy"] == sum(r["prediction"] == r["gold"] for r in rows) / 20
 
 
 def test_cli_clear_error_for_missing_data(tmp_path, capsys):
@@ -121,11 +123,23 @@ def test_interrupted_training_resumes_to_the_same_adapter(minilm, tmp_path, monk
         ltuning.unpatch(clf.model)
         return state
 
+    # bitwise only with a fixed thread count: with 2 intra-op threads the resumed adapter differs by ~1e-6 (seen on
+    # main too); one thread here, restored after
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _interrupt_and_resume(run, tmp_path, monkeypatch, training)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _interrupt_and_resume(run, tmp_path, monkeypatch, training):
+    import torch
     full = run(tmp_path / "full")
     real_save = training._save_checkpoint
 
-    def save_then_die(path, model_, opt, sched, state):
-        real_save(path, model_, opt, sched, state)
+    def save_then_die(path, model_, opt, sched, state, *rest):
+        real_save(path, model_, opt, sched, state, *rest)
         if state["step"] == 6:
             raise KeyboardInterrupt
 
@@ -140,8 +154,8 @@ def test_interrupted_training_resumes_to_the_same_adapter(minilm, tmp_path, monk
     resumed = run(tmp_path / "resumed", resume=True)
     assert len(batches) == 10 - 6  # 39 training examples / 8 = 5 steps per epoch, 2 epochs; 6 were done
     assert full.keys() == resumed.keys()
-    for k in full:
-        assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+    differ = [k for k in full if not torch.equal(full[k], resumed[k])]
+    assert not differ, differ
 
 
 def test_param_groups_head_lr_and_weight_decay():
@@ -182,14 +196,14 @@ def test_param_groups_never_decay_stacked_biases():
             ltuning.unpatch(model)
 
 
-def test_validation_split_plain_and_stratified():
+def test_validation_split_plain_and_stratified(seed):
     """split_validation: a seeded partition of the records (at least 50 held out); with ``stratify`` each label
     keeps its share of the data (largest remainder), also with three labels whose quotas are fractional."""
     from collections import Counter
 
     from ltuning.classifier import split_validation
 
-    rng = random.Random()
+    rng = random.Random(seed)
     recs = [{"text": f"t{i}", "label": "a" if i < 210 else "b"} for i in range(300)]  # 70 % / 30 %
     rng.shuffle(recs)
     seed = rng.randrange(10**6)
@@ -241,14 +255,14 @@ def test_fit_seed_fixes_the_initialisation(minilm, sst2_dir):
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])  # another seed
 
 
-def test_sorted_batches_split_is_optimal_and_covers_every_input():
+def test_sorted_batches_split_is_optimal_and_covers_every_input(seed):
     """sorted_batches with overhead_tokens: every index once, at most batch_size rows, lengths sorted, and its cost
     (padded tokens + overhead per batch) equals the brute-force optimum over all splits of the sorted order."""
     import itertools
 
     from ltuning.data import sorted_batches
 
-    rng = random.Random()
+    rng = random.Random(seed)
     for _ in range(30):
         n, bs, ovh = rng.randint(1, 9), rng.randint(1, 5), rng.choice([0, 3, 20, 200])
         lengths = [rng.randint(1, 60) for _ in range(n)]
@@ -267,7 +281,7 @@ def test_sorted_batches_split_is_optimal_and_covers_every_input():
     assert [len(b) for b in sorted_batches(lengths, 16)] == [16, 16, 16, 2]
 
 
-def test_predict_scores_batching_does_not_change_scores(minilm, sst2_dir):
+def test_predict_scores_batching_does_not_change_scores(minilm, sst2_dir, seed):
     """The padding-minimising split and plain chunks give the same scores, in input order."""
     import torch
 
@@ -275,7 +289,7 @@ def test_predict_scores_batching_does_not_change_scores(minilm, sst2_dir):
     from ltuning.inference import predict_scores
 
     model, tok = minilm
-    recs = random.Random().sample(load_split(sst2_dir, "dev"), 40)
+    recs = random.Random(seed).sample(load_split(sst2_dir, "dev"), 40)
     clf = Classifier("minilm-l6", "lt-prefix", base=model, tokenizer=tok)
     clf.build(["negative", "positive"])
     ids = clf.encode(recs).input_ids
@@ -299,7 +313,9 @@ def test_linear_probe_caches_features_with_the_same_result(minilm, sst2_dir):
     runs = []
     for cache in (True, False):
         clf = Classifier("minilm-l6", "linear-probe", base=model, tokenizer=tok, max_length=48)
-        assert head_only(clf.model) if clf.model is not None else True
+        torch.manual_seed(1)  # the same head initialisation in both runs
+        clf.build(["negative", "positive"])
+        assert head_only(clf.model)
         h = clf.fit(train, progress=False, epochs=2, batch_size=16, lr=1e-2, seed=1, select_metric="accuracy",
                     cache_features=cache)
         assert head_only(clf.model)

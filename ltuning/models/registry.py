@@ -1,10 +1,13 @@
 """Loading base models by name: the offline real models shipped in PyPI packages, or any hub id / local path."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
+import re
+import socket
 
 import torch
 
@@ -31,6 +34,75 @@ def resolve_model(name: str) -> tuple[str, str | None]:
         return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
     return name, None
 
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",
+                                                                                   "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """True when a TCP connection to the Hugging Face hub opens within ``timeout`` seconds (name lookup included:
+    it runs in a daemon thread, so a hanging resolver cannot hold the caller longer)."""
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    ok = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout + 0.2)
+    return bool(ok)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an unusable cache is a cache without the model
+        return False
+
+
+def check_model(name: str) -> None:
+    """Fail fast (well under 2 s, no download, no retries) on a ``--model`` that cannot load: not a built-in name,
+    not an existing path, and not a hub id that is cached or reachable. Raises :class:`UserError` in one line that
+    lists the built-in names (and the closest one)."""
+    from ..errors import UserError
+
+    builtin = ", ".join(NAMED_MODELS)
+    if name in NAMED_MODELS:
+        try:
+            resolve_model(name)
+        except FileNotFoundError as e:
+            raise UserError(str(e), "--model") from None
+        return
+    close = difflib.get_close_matches(name, list(NAMED_MODELS), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if os.path.exists(name):
+        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"{name} is a directory without config.json; expected a Hugging Face model directory, "
+                            f"a .gguf file or a built-in model ({builtin})", "--model")
+        return
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise UserError(f"{name!r} is not a built-in model ({builtin}), an existing path or a hub id{hint}",
+                        "--model")
+    if _in_hub_cache(name):
+        return
+    if _offline_env() or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if _offline_env() else "the Hugging Face hub is unreachable"
+        raise UserError(f"{name!r} is not a built-in model ({builtin}), not a local path and not in the Hugging "
+                        f"Face cache, and {why}{hint}", "--model")
 
 def cpu_flags() -> set:
     """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. not Linux)."""
@@ -68,8 +140,18 @@ def load_base(name: str, dtype: str = "fp32"):
     warn_if_slow_half(dtype)
     path, gguf = resolve_model(name)
     kw = {"gguf_file": gguf} if gguf else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], **kw)
+    if name not in NAMED_MODELS and not os.path.exists(name):  # a hub id: fail fast, never retry offline
+        check_model(name)
+        if _offline_env() or not hub_reachable():
+            kw["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], **kw)
+    except OSError as e:  # transformers: not a model directory / not a valid model identifier / no weights
+        from ..errors import UserError
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise UserError(f"cannot load {name!r} ({first.strip()}); expected a built-in model "
+                        f"({', '.join(NAMED_MODELS)}), a Hugging Face model directory or hub id", "--model") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -90,4 +172,19 @@ def fingerprint(model) -> str:
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     emb = model.get_input_embeddings().weight
     h.update(emb.detach()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def base_identity(model) -> str:
+    """Which base model this is, whatever dtype it was loaded in: a hash of its config (dtype and path removed) and
+    the first 64 rows of its input embeddings rounded to bf16. An adapter records it; loading the adapter onto a
+    model with another identity is refused (``LTuningModel.from_pretrained``)."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
+              "_attn_implementation_autoset"):
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    emb = model.get_input_embeddings().weight.detach()[:64]
+    h.update(emb.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

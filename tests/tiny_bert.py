@@ -1,0 +1,46 @@
+"""A tiny random BERT (2 layers, width 32, a ~100-token word-piece vocabulary) saved as a Hugging Face model
+directory: loads in milliseconds, so CLI tests and subprocess tests do not pay for a real model."""
+from __future__ import annotations
+
+import os
+
+WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "terrible", "film", "movie", "the", "a", "was"]
+
+
+def make_tiny_bert(directory: str, seed: int = 0) -> str:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    os.makedirs(directory, exist_ok=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + list(".,!?'-") + ["##" + c for c in chars] + WORDS
+    path = os.path.join(directory, "vocab.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=path, do_lower_case=True)
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)
+        BertModel(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def write_data(directory: str, n_train: int = 120, n_dev: int = 30, labels=("negative", "positive"), seed: int = 0):
+    """train.jsonl / dev.jsonl of short word sequences whose label follows the words (learnable)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    pos, neg = ["good", "fine", "great", "nice"], ["bad", "awful", "poor", "terrible"]
+    os.makedirs(directory, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        with open(os.path.join(directory, f"{split}.jsonl"), "w") as f:
+            for i in range(n):
+                k = i % len(labels)
+                vocab = pos if k % 2 else neg
+                text = " ".join(rng.choice(vocab + ["the", "film", "was"]) for _ in range(rng.randint(3, 9)))
+                f.write(json.dumps({"text": text, "label": labels[k]}) + "\n")
+    return directory
