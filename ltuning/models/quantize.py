@@ -18,7 +18,7 @@ Two loading paths, same modules: a hub id or local safetensors checkpoint goes t
 ``BitsAndBytesConfig`` (weights quantized while they are loaded); a GGUF checkpoint (transformers refuses
 quantization with GGUF, e.g. ``smollm2-135m``) is loaded in the load dtype and its Linears are converted in place
 by :func:`quantize_linears` (one layer at a time, so the peak is the model plus one full-precision layer).
-bitsandbytes >= 0.48 runs both on the CPU (``pip install "ltuning[quant]"``).
+bitsandbytes 0.50 runs both on the CPU (``pip install "ltuning[quant]"``).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _bnb():
     try:
         import bitsandbytes as bnb  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ValueError("--quantize needs bitsandbytes: pip install 'ltuning[quant]' (bitsandbytes>=0.48)") from e
+        raise ValueError("--quantize needs bitsandbytes: pip install 'ltuning[quant]' (bitsandbytes 0.50)") from e
     # bitsandbytes warns on every int8 call that fp32 inputs are cast to fp16 (expected: LLM.int8 runs in 16 bits)
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     return bnb
