@@ -101,10 +101,15 @@ def main(argv=None) -> int:
 
     import ltuning
     from bench_quantized import machine_info
-    from ltuning.models import load_base
     from ltuning.models.quantize import frozen_weight_bytes
 
-    _, tok = load_base("smollm2-135m")  # tokenizer only (the small base is freed right away)
+    from transformers import AutoTokenizer
+
+    from ltuning.models.registry import resolve_model
+    path, gguf = resolve_model("smollm2-135m")  # its tokenizer only
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    tok.padding_side = "right"
     t0 = time.perf_counter()
     base, cfg = build_7b_nf4(len(tok))
     build_s = time.perf_counter() - t0

@@ -22,8 +22,8 @@ bitsandbytes 0.50 runs both on the CPU (``pip install "ltuning[quant]"``).
 """
 from __future__ import annotations
 
+import logging
 import sys
-import warnings
 
 import torch
 from torch import nn
@@ -46,8 +46,9 @@ def _bnb():
         import bitsandbytes as bnb  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ValueError("--quantize needs bitsandbytes: pip install 'ltuning[quant]' (bitsandbytes 0.50)") from e
-    # bitsandbytes warns on every int8 call that fp32 inputs are cast to fp16 (expected: LLM.int8 runs in 16 bits)
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    # bitsandbytes logs on every int8 call that fp32 inputs are cast to fp16 (expected: LLM.int8 runs in 16 bits)
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+        lambda r: not str(r.msg).startswith("MatMul8bitLt: inputs will be cast"))
     return bnb
 
 
