@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from conftest import rel_err
