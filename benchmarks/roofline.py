@@ -135,12 +135,96 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Whole 7B step MODEL (``--whole-step``): projections + MLP + elementwise ops + attention, bf16 or NF4 weights.
+D_MODEL, FFN = HEADS * HEAD_DIM, 11008
+LAYER_PARAMS = 4 * D_MODEL * D_MODEL + 3 * D_MODEL * FFN  # q, k, v, o + gate, up, down (Llama-2-7B)
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit block absmax (double quant) + its scale
+WHOLE_STEP = {  # scenario -> (inputs B, labels K, sequence S, label-text prefix P, passes over the weights)
+    "train (B=8, K=2, S=128, P=16; checkpointing)": (8, 2, 128, 16, 3),
+    "classify (B=64, K=2, S=128, P=16)": (64, 2, 128, 16, 1),
+}
+
+
+def dense_kernels(T, weights, passes):
+    """[(name, FLOPs, bytes)] of one layer's frozen Linears and elementwise ops over ``passes`` passes of T rows.
+
+    Assumptions: a frozen weight gets no gradient, so each pass (forward, checkpoint recompute, backward's
+    grad-input) is one product of 2 T N FLOPs; bf16 weights are read once per pass (2 N bytes); NF4 weights as
+    bitsandbytes runs them in training (and on the CPU here): a dequantize kernel reads the 4-bit codes and block
+    statistics and writes a bf16 copy, which the product reads (0.52 N + 2 N + 2 N bytes); activations are read
+    and written once per product; RMSNorm x2, rotary (q, k) and SwiGLU each read and write their tensors once."""
+    d, f = D_MODEL, FFN
+    act = T * (4 * d + 4 * d + 3 * d + 3 * f) * E  # in/out of q,k,v,o and gate,up,down (inputs shared)
+    if weights == "bf16":
+        w = [("weights + products", 2 * T * LAYER_PARAMS, LAYER_PARAMS * E + act)]
+    else:
+        w = [("dequantize NF4 -> bf16", 0, LAYER_PARAMS * (NF4_BYTES_PER_WEIGHT + E)),
+             ("products (bf16 copy)", 2 * T * LAYER_PARAMS, LAYER_PARAMS * E + act)]
+    elementwise = ("norms, rotary, SwiGLU", 0, T * E * (2 * 2 * d + 2 * 2 * d + 3 * f))
+    return [(n, fl * passes, by * passes) for n, fl, by in w + [elementwise]]
+
+
+def attention_kernels(path, B, S, P, N, train):
+    """The attention kernels above; classification (no grad) keeps only the forward ones; a checkpointed
+    training step runs the forward twice."""
+    ks = peft_kernels(B, S, P, N) if path == "sdpa-cat" else fused_kernels(B, S, P, N)
+    fwd = {"expand prefix", "cat K/V", "FA2 forward", "forward"}
+    if not train:
+        return [k for k in ks if k[0] in fwd]
+    return ks + [k for k in ks if k[0] in fwd]  # recompute under checkpointing
+
+
+def whole_step_table():
+    rows = []
+    for name, (B, K, S, P, passes) in WHOLE_STEP.items():
+        train = passes > 1
+        for weights in ("bf16", "nf4"):
+            for path in ("sdpa-cat", "ltuning"):
+                dense = step(dense_kernels(B * K * S, weights, passes))
+                attn = step(attention_kernels(path, B * K, S, P, K, train))
+                total = dense["floor_s"] + attn["floor_s"]
+                rows.append(dict(scenario=name, weights=weights, attention=path, dense_floor_s=dense["floor_s"],
+                                 attention_floor_s=attn["floor_s"], floor_s=total,
+                                 attention_share=attn["floor_s"] / total))
+    for r in rows:
+        ref = next(x for x in rows if x["scenario"] == r["scenario"] and x["weights"] == r["weights"]
+                   and x["attention"] == "sdpa-cat")
+        r["sdpa_cat_over_this"] = ref["floor_s"] / r["floor_s"]
+    return rows
+
+
+def render_whole(rows) -> str:
+    lines = ["| scenario | weights | attention | dense floor ms | attention floor ms | step floor ms | attention share "
+             "| SDPA-cat / this |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['scenario']} | {r['weights']} | {r['attention']} | {r['dense_floor_s'] * 1e3:.1f} "
+                     f"| {r['attention_floor_s'] * 1e3:.2f} | {r['floor_s'] * 1e3:.1f} | {100 * r['attention_share']:.1f} % "
+                     f"| {r['sdpa_cat_over_this']:.3f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", type=int, default=1, help="bank entries in use (tasks in the batch)")
     ap.add_argument("--json", help="write the rows (and per-kernel counts) here")
     ap.add_argument("--png", help="write the plot here")
+    ap.add_argument("--whole-step", action="store_true",
+                    help="model a whole 7B training step and classification batch (bf16 and NF4 weights) instead")
     args = ap.parse_args(argv)
+    if args.whole_step:
+        rows = whole_step_table()
+        print("MODEL (roofline floors, not measurements): a whole Llama-2-7B LT-prefix step on an H100 SXM, "
+              "ltuning's kernels vs SDPA over cat(expand(prefix), K)")
+        print(render_whole(rows))
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(dict(model="roofline floors, not measurements", gpu="H100 SXM", peak_flops=PEAK_FLOPS,
+                               hbm_bytes_per_s=HBM_BW, layers=LAYERS, d_model=D_MODEL, ffn=FFN,
+                               nf4_bytes_per_weight=NF4_BYTES_PER_WEIGHT, scenarios=WHOLE_STEP, rows=rows,
+                               assumptions=dense_kernels.__doc__ + attention_kernels.__doc__), f, indent=1)
+        return
     rows = table(args.entries)
     print("MODEL (roofline floors, not measurements): Llama-2-7B attention, fwd+bwd, 32 layers, H100 SXM bf16, "
           f"{args.entries} bank entr{'y' if args.entries == 1 else 'ies'} in use")

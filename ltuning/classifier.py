@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .data import default_label_text, encode, label_names_of
+from .distributed import map_sharded
 from .inference import predict_scores
 from .methods import make_config
 from .metrics import classification_metrics
@@ -54,12 +55,13 @@ class Classifier:
 
     def __init__(self, model: str = "minilm-l6", method: str = "lt-prefix", label_names: Optional[list] = None,
                  label_texts: Optional[dict] = None, dtype: str = "fp32", max_length: int = 128, base=None,
-                 tokenizer=None, **method_options):
+                 tokenizer=None, quantize: Optional[str] = None, **method_options):
         self.model_name = model
         self.method = method
         self.label_names = label_names
         self.label_text_overrides = dict(label_texts or {})
         self.dtype = dtype
+        self.quantize = quantize  # None, "nf4" or "int8": the frozen base through bitsandbytes
         self.max_length = max_length
         self.method_options = method_options
         self._base, self._tokenizer = base, tokenizer
@@ -69,7 +71,7 @@ class Classifier:
     # ------------------------------------------------------------------ building
     def _load_base(self):
         if self._base is None:
-            self._base, self._tokenizer = load_base(self.model_name, self.dtype)
+            self._base, self._tokenizer = load_base(self.model_name, self.dtype, self.quantize)
         return self._base, self._tokenizer
 
     def build(self, label_names: list) -> LTuningModel:
@@ -115,7 +117,8 @@ class Classifier:
     def predict_scores(self, records: list, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         records = [{"text": r} if isinstance(r, str) else r for r in records]
         enc = self.encode(records, with_labels=False)
-        return predict_scores(self.model, enc.input_ids, batch_size, self.dtype, progress)
+        return map_sharded(lambda ids: predict_scores(self.model, ids, batch_size, self.dtype, progress),
+                           enc.input_ids)
 
     def predict(self, records: list, batch_size: int = 64) -> list:
         return [self.label_names[i] for i in self.predict_scores(records, batch_size).argmax(-1).tolist()]
@@ -123,7 +126,8 @@ class Classifier:
     def evaluate(self, records: list, batch_size: int = 64, progress: bool = False) -> dict:
         enc = self.encode(records)
         t0 = time.perf_counter()
-        scores = predict_scores(self.model, enc.input_ids, batch_size, self.dtype, progress)
+        scores = map_sharded(lambda ids: predict_scores(self.model, ids, batch_size, self.dtype, progress),
+                             enc.input_ids)  # torchrun: inputs sharded over ranks, scores gathered in order
         dt = time.perf_counter() - t0
         m = classification_metrics(scores.argmax(-1).tolist(), enc.labels, len(self.label_names))
         m["eval_examples_per_s"] = len(records) / dt
@@ -131,18 +135,24 @@ class Classifier:
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str, metrics: Optional[dict] = None) -> None:
-        extra = {"classifier": {"model": self.model_name, "dtype": self.dtype, "max_length": self.max_length}}
+        extra = {"classifier": {"model": self.model_name, "dtype": self.dtype, "max_length": self.max_length,
+                                "quantize": self.quantize}}
         files = None if metrics is None else {"metrics.json": json.dumps(metrics, indent=2).encode()}
         self.model.save_pretrained(directory, extra=extra, files=files)  # all files or none
 
     @classmethod
-    def from_pretrained(cls, directory: str, base=None, tokenizer=None, dtype: Optional[str] = None) -> "Classifier":
+    def from_pretrained(cls, directory: str, base=None, tokenizer=None, dtype: Optional[str] = None,
+                        quantize: Optional[str] = "recorded") -> "Classifier":
+        """``quantize``: "recorded" (the adapter's own base precision), None / "none", "nf4" or "int8"; a base of
+        another precision than the adapter was trained on loads with a warning."""
         meta = read_adapter_config(directory)
         info = meta.get("classifier", {})
         dtype = dtype or info.get("dtype", "fp32")
+        quantize = info.get("quantize") if quantize == "recorded" else quantize
         cfg = meta["method_config"]
         clf = cls(info.get("model", meta["base_model"]), cfg["method"], cfg["label_names"], dtype=dtype,
-                  max_length=info.get("max_length", 128), base=base, tokenizer=tokenizer)
+                  max_length=info.get("max_length", 128), base=base, tokenizer=tokenizer,
+                  quantize=None if quantize == "none" else quantize)
         b, tok = clf._load_base()
         clf.model = LTuningModel.from_pretrained(b, directory, tok)
         return clf

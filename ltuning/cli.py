@@ -58,12 +58,21 @@ def _method_name(name: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown method {name!r}; {hint}expected one of {', '.join(sorted(METHODS))}")
 
 
+def _is_main() -> bool:
+    """False on the ranks other than 0 under torchrun (they neither print nor write files)."""
+    from .distributed import is_main
+    return is_main()
+
+
 def _add_model_args(p):
     p.add_argument("--model", default="minilm-l6",
                    help="base model: smollm2-135m, minilm-l6 (offline, from PyPI packages) or a hub id / path")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="frozen-weight dtype; bf16 also runs the forward under bf16 autocast (fp32 trainables)")
     p.add_argument("--batch-size", type=int, default=16, help="training / inference batch size")
+    p.add_argument("--quantize", default="none", choices=["nf4", "int8", "none"],
+                   help="frozen base through bitsandbytes: nf4 (4-bit NormalFloat, double quant, bf16 compute) or "
+                        "int8 (LLM.int8); the trainable parts stay fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="override the base model recorded in the adapter")
     e.add_argument("--task", default=None, help="multi-task adapters: the task of --data (default: its directory "
                                                 "name; --data DIR1,DIR2,... evaluates several tasks)")
+    e.add_argument("--quantize", default=None, choices=["nf4", "int8", "none"],
+                   help="precision of the frozen base (default: the one the adapter was trained on; another one "
+                        "loads with a warning)")
 
     c = sub.add_parser("classify", help="classify records; each output line = input record + prediction + scores")
     c.add_argument("--adapter", required=True, help="directory written by 'ltuning train'")
@@ -134,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     c.add_argument("--model", default=None, help="override the base model recorded in the adapter")
     c.add_argument("--task", default=None, help="multi-task adapters: the task of records without a 'task' field")
+    c.add_argument("--quantize", default=None, choices=["nf4", "int8", "none"],
+                   help="precision of the frozen base (default: the one the adapter was trained on; another one "
+                        "loads with a warning)")
     return ap
 
 
@@ -152,6 +167,8 @@ def cmd_train(a) -> dict:
     lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 1e-3)
     from .preflight import check_train_inputs
     if "," in a.data:
+        if a.quantize != "none":
+            raise ValueError("--quantize is not supported for multi-task training (--data DIR1,DIR2,...) yet")
         from .multitask import cmd_train as train_tasks
         check_train_inputs(a)  # output and model, before any data or model is loaded
         return train_tasks(a, opts, lr)
@@ -163,7 +180,8 @@ def cmd_train(a) -> dict:
     if a.max_dev_examples and len(dev) > a.max_dev_examples:
         dev = random.Random(a.seed).sample(dev, a.max_dev_examples)
     clf = Classifier(a.model, a.method, label_names=label_names, label_texts=parse_label_texts(a.label_text),
-                     dtype=a.dtype, max_length=a.max_length, **opts)
+                     dtype=a.dtype, max_length=a.max_length,
+                     quantize=None if a.quantize == "none" else a.quantize, **opts)
     hist = clf.fit(train, out_dir=a.out, resume=a.resume, val_fraction=a.val_fraction,
                    stratify_validation=a.stratify_validation, progress=not a.quiet,
                    epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr, weight_decay=a.weight_decay,
@@ -178,19 +196,23 @@ def cmd_train(a) -> dict:
                "eval_examples_per_s": m["eval_examples_per_s"], "trainable_parameters": trainable,
                "total_parameters": total, "best_val": hist["best_val"], "best_step": hist["best_step"],
                "steps": hist["steps"], "wall_seconds": hist["wall_seconds"], "train_config": hist["train_config"]}
-    clf.save_pretrained(a.out, metrics)
+    if _is_main():  # torchrun: rank 0 writes the adapter
+        clf.save_pretrained(a.out, metrics)
     return metrics
 
 
 def _load_classifier(a):
     from .classifier import Classifier
     base = None
+    quantize = getattr(a, "quantize", None) or "recorded"
     if a.model:
         from .modeling import read_adapter_config
         from .models import load_base
-        base = load_base(a.model, read_adapter_config(a.adapter).get("classifier", {}).get("dtype", "fp32"))
+        info = read_adapter_config(a.adapter).get("classifier", {})
+        q = info.get("quantize") if quantize == "recorded" else quantize
+        base = load_base(a.model, info.get("dtype", "fp32"), None if q == "none" else q)
         return Classifier.from_pretrained(a.adapter, base[0], base[1])
-    return Classifier.from_pretrained(a.adapter)
+    return Classifier.from_pretrained(a.adapter, quantize=quantize)
 
 
 def _multitask(a):
@@ -241,22 +263,27 @@ def cmd_classify(a) -> dict:
         out["prediction"] = max(s, key=s.__getitem__)
         out["scores"] = s
         lines.append(json.dumps(out, ensure_ascii=False))
-    atomic_write_bytes(a.output, ("\n".join(lines) + "\n").encode())
+    if _is_main():  # torchrun: the inputs were sharded over ranks, rank 0 writes the merged output
+        atomic_write_bytes(a.output, ("\n".join(lines) + "\n").encode())
     return {"classified": len(recs), "output": os.path.abspath(a.output)}
 
 
 def main(argv=None) -> int:
-    """Bad input (a file, a line, an argument) -> one line ``ltuning: <file>:<line>: <what was expected>`` on
-    stderr and status 2, no traceback (``--debug`` or ``LTUNING_DEBUG=1`` shows it); see :mod:`ltuning.errors`."""
+    from .distributed import init_from_env, shutdown
     from .errors import debug_requested, run_command
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     a = build_parser().parse_args([x for x in argv if x != "--debug"])
+    distributed = init_from_env()  # under torchrun: join the process group (gloo on the CPU, nccl on GPUs)
     status, result = run_command(lambda: {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify}[a.cmd](a),
                                  debug)
     if status:
         return status
-    print(json.dumps(result, default=str))
+    main_rank = _is_main()
+    if distributed:
+        shutdown()
+    if main_rank:  # torchrun: rank 0 alone prints the result
+        print(json.dumps(result, default=str))
     return 0
 
 

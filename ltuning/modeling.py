@@ -32,6 +32,7 @@ from .methods import METHODS, config_from_dict, method_class
 from .models import PrefixInputs, disable, enable, fingerprint, load_base, model_info
 from .models.registry import base_identity
 from .outputs import atomic_write_files
+from .models.quantize import keep_trainable_layout
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -49,6 +50,7 @@ class LTuningModel(nn.Module):
     def __init__(self, base, tokenizer, config, cache=None):
         super().__init__()
         self.info = model_info(base)
+        keep_trainable_layout(base)  # a bitsandbytes 4-bit base: gradients must flow through its Linears
         enable(base)
         self.base = base
         self.tokenizer = tokenizer
@@ -223,17 +225,19 @@ class LTuningModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base, directory: str, tokenizer=None, dtype: str = "fp32", check_base: bool = True,
-                        **overrides):
-        """Restore an adapter on ``base`` (a loaded backbone, or None / a name to load the recorded one).
+                        quantize: str | None = None, **overrides):
+        """Restore an adapter on ``base`` (a loaded backbone, or None / a name to load the recorded one, in
+        ``dtype``, quantized if ``quantize`` is "nf4" / "int8").
 
         ``check_base``: refuse (:class:`UserError`) a base model other than the one the adapter was trained on
         (its identity: config + a sample of the embedding weights, rounded to bf16 so that the dtype it is loaded
-        in does not matter). A corrupted or truncated weights file is refused too."""
+        in does not matter; the quantization is not part of it). A corrupted or truncated weights file is refused
+        too."""
         meta = read_adapter_config(directory)
         wpath = os.path.join(directory, WEIGHTS_NAME)
         state = read_adapter_weights(directory, meta)
         if base is None or isinstance(base, str):
-            base, tokenizer = load_base(base or meta["base_model"], dtype)
+            base, tokenizer = load_base(base or meta["base_model"], dtype, quantize)
         elif tokenizer is None:
             raise ValueError("pass the tokenizer together with a loaded base model")
         ident = meta.get("base_identity")
@@ -248,12 +252,13 @@ class LTuningModel(nn.Module):
         cache = None
         cache_keys = meta.get("cache_keys", [])
         same_base = fingerprint(base) == meta.get("base_fingerprint")
+        other_precision = _warn_if_other_precision(meta.get("base_fingerprint"), fingerprint(base))
         fields = getattr(method_class(config.method), "cache_fields", ("label_texts",))
         same_texts = all(getattr(config, f) == meta["method_config"].get(f) for f in fields)
         if cache_keys and same_base and same_texts and all(k in state for k in cache_keys):
             cache = {k[len("method."):]: state[k] for k in cache_keys}
         elif cache_keys:
-            if not same_base:
+            if not same_base and not other_precision:
                 warnings.warn("base model differs from the one the adapter was trained on; re-encoding label texts")
             for k in cache_keys:
                 state.pop(k, None)
@@ -292,6 +297,20 @@ def read_adapter_weights(directory: str, meta: dict | None = None) -> dict:
 
 
 REQUIRED_KEYS = {"base_model": str, "method_config": dict}
+
+
+def _warn_if_other_precision(saved: str | None, current: str) -> bool:
+    """Warn when an adapter trained on a quantized base is loaded on a full-precision one or the reverse (the
+    fingerprint's suffix names the quantization, see :func:`ltuning.models.fingerprint`)."""
+    if not saved:
+        return False
+    (h0, _, q0), (h1, _, q1) = saved.partition("-"), current.partition("-")
+    if h0 == h1 and q0 != q1:
+        warnings.warn(f"adapter trained on a {q0 or 'full-precision'} base, loaded on a {q1 or 'full-precision'} "
+                      "one: scores will differ slightly (base-derived buffers are re-encoded)", UserWarning,
+                      stacklevel=3)
+        return True
+    return False
 
 
 def read_adapter_config(directory: str) -> dict:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import collate, length_grouped_batches
 from .errors import UserError
 from .outputs import atomic_write_files
@@ -100,7 +101,7 @@ def lr_lambda(total: int, warmup: int, schedule: str):
 
 
 def evaluate(model, ids: list, labels: list, batch_size: int = 64, dtype: str = "fp32", progress=False) -> dict:
-    scores = predict_scores(model, ids, batch_size, dtype, progress)
+    scores = distributed.map_sharded(lambda x: predict_scores(model, x, batch_size, dtype, progress), ids)
     pred = scores.argmax(-1).tolist()
     return classification_metrics(pred, labels, len(model.label_names))
 
@@ -197,6 +198,8 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
         state["train_seconds"] += time.perf_counter() - t0  # the features' cost counts as training time
         val_features = pooled_features(model, val_ids, cfg.eval_batch_size, cfg.dtype)
         model.train()
+    ddp = distributed.wrap_trainables(model)  # torchrun: DDP over the trainables only (see ltuning.distributed)
+    progress = progress and distributed.is_main()
     bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress, dynamic_ncols=True)
     stop = False
     while state["step"] < total and not stop:
@@ -204,13 +207,19 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
         batches = length_grouped_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + epoch))
         for b in batches[skip:]:
             t0 = time.perf_counter()
-            if features is not None:
-                lab = torch.tensor([train_labels[i] for i in b], device=device)
-                loss = F.cross_entropy(model._head(features[b].to(device)), lab)
-            else:
-                ids, mask, lab = collate([train_ids[i] for i in b], pad, [train_labels[i] for i in b])
-                with autocast(cfg.dtype):
-                    loss, _ = model.loss(ids.to(device), mask.to(device), lab.to(device), generator=gen)
+            local, weight = distributed.local_slice(b) if ddp is not None else (b, 1.0)
+
+            def batch_loss(local=local, weight=weight):
+                if features is not None:
+                    lab = torch.tensor([train_labels[i] for i in local], device=device)
+                    loss = F.cross_entropy(model._head(features[local].to(device)), lab)
+                else:
+                    ids, mask, lab = collate([train_ids[i] for i in local], pad, [train_labels[i] for i in local])
+                    with autocast(cfg.dtype):
+                        loss, _ = model.loss(ids.to(device), mask.to(device), lab.to(device), generator=gen)
+                return loss if weight == 1.0 else loss * weight
+
+            loss = ddp(batch_loss) if ddp is not None else batch_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm:
@@ -241,7 +250,7 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
                 if progress:
                     bar.write(f"step {state['step']}: val {cfg.select_metric} {score:.4f} (best {state['best']:.4f} "
                                f"@ {state['best_step']})")
-                if ckpt:
+                if ckpt and distributed.is_main():
                     _save_checkpoint(ckpt, model, opt, sched, {**state, "best_state": best_state}, gen)
                 if cfg.patience is not None and state["bad_evals"] > cfg.patience:
                     stop = True

@@ -131,12 +131,17 @@ def warn_if_slow_half(dtype: str, device: str = "cpu") -> None:
                       "emulated and far slower than fp32; use --dtype fp32 here", RuntimeWarning, stacklevel=3)
 
 
-def load_base(name: str, dtype: str = "fp32"):
-    """Load ``(backbone, tokenizer)``: the bare transformer (no LM / MLM head), frozen, in eval mode."""
+def load_base(name: str, dtype: str = "fp32", quantize: str | None = None):
+    """Load ``(backbone, tokenizer)``: the bare transformer (no LM / MLM head), frozen, in eval mode.
+    ``quantize``: None (full precision), "nf4" or "int8": its Linears through bitsandbytes
+    (:mod:`ltuning.models.quantize`); the other weights stay in ``dtype``."""
     from transformers import AutoModel, AutoTokenizer
+
+    from .quantize import bnb_config, check_quantize, keep_trainable_layout, quantize_linears
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    quantize = check_quantize(quantize)
     warn_if_slow_half(dtype)
     path, gguf = resolve_model(name)
     kw = {"gguf_file": gguf} if gguf else {}
@@ -146,12 +151,18 @@ def load_base(name: str, dtype: str = "fp32"):
             kw["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        if quantize and not gguf:  # transformers quantizes while loading (GGUF files it refuses to quantize)
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            kw.update(quantization_config=bnb_config(quantize), device_map={"": dev})
         model = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], **kw)
     except OSError as e:  # transformers: not a model directory / not a valid model identifier / no weights
         from ..errors import UserError
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise UserError(f"cannot load {name!r} ({first.strip()}); expected a built-in model "
                         f"({', '.join(NAMED_MODELS)}), a Hugging Face model directory or hub id", "--model") from None
+    if quantize and gguf:
+        quantize_linears(model, quantize)
+    keep_trainable_layout(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -163,16 +174,21 @@ def load_base(name: str, dtype: str = "fp32"):
 
 
 def fingerprint(model) -> str:
-    """A short hash of the base model's config and a sample of its weights (detects a changed base)."""
+    """A short hash of the base model's config and a sample of its weights (detects a changed base); a quantized
+    base gets its quantization as a suffix (``"<hash>-nf4"``, ``"<hash>-int8"``), the hash being that of the
+    same base in full precision."""
+    from .quantize import quantization_of
+
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
-              "_attn_implementation_autoset"):
+              "_attn_implementation_autoset", "quantization_config", "_pre_quantization_dtype"):
         cfg.pop(k, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     emb = model.get_input_embeddings().weight
     h.update(emb.detach()[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    q = quantization_of(model)
+    return h.hexdigest()[:16] + (f"-{q}" if q else "")
 
 
 def base_identity(model) -> str:
@@ -182,7 +198,7 @@ def base_identity(model) -> str:
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
-              "_attn_implementation_autoset"):
+              "_attn_implementation_autoset", "quantization_config", "_pre_quantization_dtype"):
         cfg.pop(k, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     emb = model.get_input_embeddings().weight.detach()[:64]
