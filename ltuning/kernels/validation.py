@@ -158,9 +158,9 @@ def check_inputs(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padd
         if not prefix_scale.is_floating_point():
             _fail(where, f"prefix_scale must be floating point; got {prefix_scale.dtype}")
     if prefix_lengths is not None:
-        if prefix_lengths.dim() != 1 or prefix_lengths.shape[0] != N:
-            _fail(where, f"prefix_lengths must be an (N={N},) integer tensor; got shape {_shape(prefix_lengths)}")
-        _index_dtype(where, "prefix_lengths", prefix_lengths)
+        if prefix_lengths.dim() != 1 or prefix_lengths.shape[0] != N or prefix_lengths.dtype not in INDEX_DTYPES:
+            _fail(where, f"prefix_lengths must be an (N={N},) integer tensor (int32 or int64); got shape "
+                         f"{_shape(prefix_lengths)}, {prefix_lengths.dtype}")
     if softmax_scale is not None:
         if isinstance(softmax_scale, Tensor) or not isinstance(softmax_scale, (int, float)) \
                 or isinstance(softmax_scale, bool) or not math.isfinite(softmax_scale):
