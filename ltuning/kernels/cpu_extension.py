@@ -3,9 +3,9 @@
 Each kernel module holds one :class:`CppExtension` for its source in ``ltuning/kernels/csrc/`` (package data: a
 wheel install carries the sources and builds them at first use like a checkout). The first call of
 :meth:`CppExtension.is_available` compiles the source with ``torch.utils.cpp_extension.load`` into
-``$LTUNING_BUILD_DIR`` or ``~/.cache/ltuning/<prefix>_<hash>/`` (the hash covers the source, the flags and the torch
-version, so an edit rebuilds) and loads it; on any failure it warns once and returns False, and the kernel module
-falls back to its plain-PyTorch reference.
+``$LTUNING_BUILD_DIR`` or ``~/.cache/ltuning/<prefix>_<hash>/`` (the hash covers the source, its path, the flags and
+the torch version, so an edit rebuilds and two checkouts never rebuild each other's folder) and loads it; on any
+failure it warns once and returns False, and the kernel module falls back to its plain-PyTorch reference.
 
 Stale build locks: ``cpp_extension`` guards a build with a ``lock`` file in the build folder and waits, without a
 time limit, while it exists. A build killed part-way (Ctrl-C during a first run) leaves the file behind and every
@@ -118,7 +118,10 @@ def build_spec(src: Path, prefix: str) -> tuple[str, Path, list[str]]:
     if asan:
         cflags += ASAN_FLAGS
         prefix = f"{prefix}_asan"
-    tag = hashlib.sha1(src.read_bytes() + " ".join(cflags + [torch.__version__]).encode()).hexdigest()[:12]
+    # the source's path too: torch writes it into the folder's build.ninja, so two checkouts (or a checkout and a
+    # wheel install) sharing one folder would make ninja rebuild on every switch between them
+    key = " ".join(cflags + [torch.__version__, str(src.resolve())]).encode()
+    tag = hashlib.sha1(src.read_bytes() + key).hexdigest()[:12]
     name = f"{prefix}_{tag}"
     root = Path(os.environ.get("LTUNING_BUILD_DIR") or Path.home() / ".cache" / "ltuning")
     return name, root / name, cflags
