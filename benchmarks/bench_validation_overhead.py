@@ -8,8 +8,13 @@ from its tree; the driver alternates the trees for ``--rounds`` rounds (same pro
 median over rounds of each worker's median. In this tree it also times the Python checks alone
 (``check_inputs`` as the CPU entry point calls it) and the O(B) value scan (``check_values``).
 
+``--inprocess-so`` runs the more precise A/B instead: both versions in ONE process, interleaved per repetition
+(the before tree's Python check and its compiled C++ op against this tree's), see :func:`inprocess`.
+
     git archive <commit> | tar -x -C /tmp/before
     python benchmarks/bench_validation_overhead.py --before /tmp/before --json benchmarks/results/validation_overhead.json
+    python benchmarks/bench_validation_overhead.py --before /tmp/before --inprocess-so BUILD/<name>.so --reps 200 \
+        --json benchmarks/results/validation_overhead.json
 """
 from __future__ import annotations
 
@@ -80,6 +85,83 @@ def worker(reps: int, threads: int) -> dict:
     return out
 
 
+def inprocess(before: Path, before_so: Path, reps: int, threads: int) -> dict:
+    """Both versions in ONE process, interleaved per repetition: the before tree's Python check (``_check`` of its
+    reference module) + its C++ op (the built ``.so`` of its source) against this tree's ``check_inputs`` + C++ op,
+    same inputs, same kernel code (only the argument checks differ). Forward (check + op) and backward (op)."""
+    import importlib.machinery
+    import importlib.util
+    import math
+
+    import torch
+    torch.set_num_threads(threads)
+    from ltuning.kernels import cpu_prefix_attention as cpa
+    from ltuning.kernels.validation import check_inputs
+    spec = importlib.util.spec_from_file_location("before_reference", before / "ltuning/kernels/reference.py")
+    ref_before = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_before)
+    name = before_so.stem
+    ext_before = importlib.machinery.ExtensionFileLoader(name, str(before_so)).load_module()
+    ext_after = cpa._EXT.get()
+    s = SHAPE
+    scale = 1.0 / math.sqrt(s["D"])
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+
+        def hf(H):
+            return torch.randn(s["B"], s["L"], H, s["D"], generator=g).to(dtype).transpose(1, 2)
+
+        q, k, v = hf(s["Hq"]), hf(s["Hkv"]), hf(s["Hkv"])
+        bk = torch.randn(s["N"], s["Hkv"], s["P"], s["D"], generator=g).to(dtype)
+        bv = torch.randn(s["N"], s["Hkv"], s["P"], s["D"], generator=g).to(dtype)
+        idx = torch.randint(0, s["N"], (s["B"],), generator=g)
+        go = torch.randn(s["B"], s["Hq"], s["L"], s["D"], generator=g).to(dtype)
+
+        def fwd_before():
+            ref_before._check(q, k, v, bk, bv, idx, None, None, None)
+            return ext_before.forward(q, k, v, bk, bv, idx.long(), None, None, None, True, scale, None)
+
+        def fwd_after():
+            check_inputs(q, k, v, bk, bv, idx, dtypes=cpa.DTYPES, device_type="cpu", values=False,
+                         where="prefix_attention_cpu")
+            return ext_after.forward(q, k, v, bk, bv, idx.long(), None, None, None, True, scale, None)
+
+        o, lse = fwd_after()
+        o2, _ = fwd_before()
+        assert torch.equal(o, o2), "the two builds disagree"
+
+        def bwd(ext):
+            return lambda: ext.backward(go, None, q, k, v, bk, bv, idx.long(), None, None, None, lse, True, scale,
+                                        None)
+
+        fns = {"fwd before": fwd_before, "fwd after": fwd_after, "bwd before": bwd(ext_before),
+               "bwd after": bwd(ext_after)}
+        times = {key: [] for key in fns}
+        for fn in fns.values():
+            fn()
+        keys = list(fns)
+        for r in range(reps):
+            for key in (keys if r % 2 == 0 else keys[::-1]):
+                t0 = time.perf_counter()
+                fns[key]()
+                times[key].append(time.perf_counter() - t0)
+        dn = str(dtype).replace("torch.", "")
+        for pas in ("fwd", "bwd"):
+            b, a = (statistics.median(times[f"{pas} {w}"]) * 1e3 for w in ("before", "after"))
+            out[f"{dn} {pas}"] = dict(before_ms=round(b, 4), after_ms=round(a, 4), after_over_before=round(a / b, 4))
+        for label, fn in (("python check before (reference._check)", lambda: ref_before._check(
+                q, k, v, bk, bv, idx, None, None, None)),
+                          ("python check after (check_inputs, values in C++)", lambda: check_inputs(
+                              q, k, v, bk, bv, idx, dtypes=cpa.DTYPES, device_type="cpu", values=False))):
+            n = 3000
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out[f"{dn} {label} us"] = round((time.perf_counter() - t0) / n * 1e6, 3)
+    return out
+
+
 def git_commit(path: Path) -> str:
     try:
         return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -109,9 +191,26 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--inprocess-so", default=None,
+                    help="the before tree's built prefix-attention .so: run the one-process A/B instead and add it "
+                         "to --json under 'inprocess'")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.reps, a.threads)))
+        return
+    if a.inprocess_so:
+        res = inprocess(Path(a.before).resolve(), Path(a.inprocess_so).resolve(), a.reps, a.threads)
+        for key, val in res.items():
+            print(f"{key:<55} {val}")
+        if a.json:
+            path = Path(a.json)
+            rec = json.loads(path.read_text()) if path.exists() else {}
+            rec["inprocess"] = dict(results=res, reps=a.reps, before_so=str(a.inprocess_so),
+                                    before_commit=a.before_commit, after_commit=git_commit(HERE.parent),
+                                    machine=machine(a.threads), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                    command="python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"]
+                                                                 + sys.argv[1:]))
+            path.write_text(json.dumps(rec, indent=1) + "\n")
         return
     trees = {"before": Path(a.before).resolve(), "after": HERE.parent}
     runs = {k: [] for k in trees}

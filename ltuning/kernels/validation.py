@@ -81,12 +81,14 @@ def check_inputs(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padd
     (None: any). ``values=False`` skips the value scans (the caller's C++ op does them). ``where`` prefixes the
     message (the entry point's name).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _tensor(where, name, t, optional=False)
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _tensor(where, name, t, optional=False)
     for name, t in (("bank_k", bank_k), ("bank_v", bank_v), ("prefix_idx", prefix_idx),
                     ("key_padding_mask", key_padding_mask), ("prefix_scale", prefix_scale),
                     ("prefix_lengths", prefix_lengths), ("cu_seqlens", cu_seqlens)):
-        _tensor(where, name, t)
+        if t is not None and not isinstance(t, Tensor):
+            _tensor(where, name, t)
     # ranks and sizes of q, k, v
     rank = 3 if varlen else 4
     form = "(T, {}, D)" if varlen else "(B, {}, L, D)"
@@ -173,14 +175,15 @@ def check_inputs(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padd
         if not ok:
             _fail(where, f"max_seqlen must be a non-negative int or None; got {max_seqlen!r}")
         max_seqlen = operator.index(max_seqlen)
-    # devices
+    # devices (the CPU case, the hot one, compares a flag instead of building device objects)
     dev = q.device
     if device_type is not None and dev.type != device_type:
         _fail(where, f"q must be on a {device_type} device for this backend; got {dev}")
+    on_cpu = dev.type == "cpu"
     for name, t in (("k", k), ("v", v), ("bank_k", bank_k), ("bank_v", bank_v), ("prefix_idx", prefix_idx),
                     ("key_padding_mask", key_padding_mask), ("prefix_scale", prefix_scale),
                     ("prefix_lengths", prefix_lengths), ("cu_seqlens", cu_seqlens)):
-        if t is not None and t.device != dev:
+        if t is not None and (not t.is_cpu if on_cpu else t.device != dev):
             _fail(where, f"{name} must be on q's device {dev}; got {t.device}")
     if values:
         check_values(prefix_idx if bank_k is not None else None, N, prefix_lengths, P,
