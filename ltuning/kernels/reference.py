@@ -13,8 +13,8 @@ Semantics (shared by the C++ kernel, the Triton kernels and the SDPA fallback)::
                                      the prefix is always visible
     prefix_scale (B, P) float        optional per-(sequence, prefix-token) scale s (APT gates): prefix
                                      token j enters as key s_j * K_j and value s_j * V_j
-    prefix_lengths (N,) int          optional real length of each bank entry (right-padded banks, e.g. label
-                                     texts of unequal token counts): sequence b sees prefix tokens
+    prefix_lengths (N,) int          optional real length (in [0, P]) of each bank entry (right-padded banks,
+                                     e.g. label texts of unequal token counts): sequence b sees prefix tokens
                                      j < prefix_lengths[idx[b]] only; the rest get no probability and no gradient
     softmax_scale float              default 1 / sqrt(D)
 
@@ -22,8 +22,9 @@ Semantics (shared by the C++ kernel, the Triton kernels and the SDPA fallback)::
     lse = logsumexp(S, -1)                                       (B, Hq, Lq) float32
     o   = softmax(S) @ [s * bank_v[idx[b]] ; v_b]                (B, Hq, Lq, D), dtype of q
 
-A query row that sees no key at all (P = 0 and every key padded / causally hidden) gives o = 0 and
-lse = -inf. The reference materialises the concatenation per row; it is slow on purpose.
+Every entry point validates these shapes, dtypes, devices and index values first
+(:func:`ltuning.kernels.validation.check_inputs`). A query row that sees no key at all (P = 0 and every key
+padded / causally hidden) gives o = 0 and lse = -inf. The reference materialises the concatenation per row; it is slow on purpose.
 """
 from __future__ import annotations
 
