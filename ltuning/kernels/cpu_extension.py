@@ -1,10 +1,11 @@
 """Build-once, load-lazily helper shared by the C++ CPU kernels (``cpu_prefix_attention``, ``cpu_fused_ops``).
 
-Each kernel module holds one :class:`CppExtension` for its ``csrc/*.cpp`` source. The first call of
+Each kernel module holds one :class:`CppExtension` for its source in ``ltuning/kernels/csrc/`` (package data: a
+wheel install carries the sources and builds them at first use like a checkout). The first call of
 :meth:`CppExtension.is_available` compiles the source with ``torch.utils.cpp_extension.load`` into
-``$LTUNING_BUILD_DIR`` or ``~/.cache/ltuning/<prefix>_<hash>/`` (the hash covers the source, the flags and the torch
-version, so an edit rebuilds) and loads it; on any failure it warns once and returns False, and the kernel module
-falls back to its plain-PyTorch reference.
+``$LTUNING_BUILD_DIR`` or ``~/.cache/ltuning/<prefix>_<hash>/`` (the hash covers the source, its path, the flags and
+the torch version, so an edit rebuilds and two checkouts never rebuild each other's folder) and loads it; on any
+failure it warns once and returns False, and the kernel module falls back to its plain-PyTorch reference.
 
 Stale build locks: ``cpp_extension`` guards a build with a ``lock`` file in the build folder and waits, without a
 time limit, while it exists. A build killed part-way (Ctrl-C during a first run) leaves the file behind and every
@@ -12,6 +13,10 @@ later process would hang. :func:`clear_stale_lock` removes such a lock, with a w
 on Linux, when no process works in the build folder (``ninja`` and the compiler run there) and the lock is older
 than ``grace`` seconds; elsewhere, when the lock is older than ``max_age`` seconds
 (``$LTUNING_BUILD_LOCK_TIMEOUT``, default 600).
+
+AddressSanitizer: ``LTUNING_SANITIZE=1`` builds with ``-fsanitize=address -fno-omit-frame-pointer -O1 -g`` into
+separate ``<prefix>_asan_<hash>`` folders. The Python process must preload the runtime, e.g.
+``LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 LTUNING_SANITIZE=1 python -m pytest ...``.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parent / "csrc"
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -97,13 +103,25 @@ def clear_stale_lock(build_dir: Path, grace: float = 60.0, max_age: Optional[flo
         time.sleep(poll)
 
 
+def sanitize() -> bool:
+    """``LTUNING_SANITIZE=1``: build the kernels with AddressSanitizer (into separate folders)."""
+    return os.environ.get("LTUNING_SANITIZE", "0") not in ("", "0")
+
+
 def build_spec(src: Path, prefix: str) -> tuple[str, Path, list[str]]:
     """The extension's module name, build folder and compiler flags for this CPU and torch."""
     cap = torch.backends.cpu.get_cpu_capability()
-    cflags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}"]
+    asan = sanitize()
+    cflags = ["-O1" if asan else "-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}"]
     if cap in _ISA_FLAGS:
         cflags += [f"-DCPU_CAPABILITY_{cap}"] + _ISA_FLAGS[cap]
-    tag = hashlib.sha1(src.read_bytes() + " ".join(cflags + [torch.__version__]).encode()).hexdigest()[:12]
+    if asan:
+        cflags += ASAN_FLAGS
+        prefix = f"{prefix}_asan"
+    # the source's path too: torch writes it into the folder's build.ninja, so two checkouts (or a checkout and a
+    # wheel install) sharing one folder would make ninja rebuild on every switch between them
+    key = " ".join(cflags + [torch.__version__, str(src.resolve())]).encode()
+    tag = hashlib.sha1(src.read_bytes() + key).hexdigest()[:12]
     name = f"{prefix}_{tag}"
     root = Path(os.environ.get("LTUNING_BUILD_DIR") or Path.home() / ".cache" / "ltuning")
     return name, root / name, cflags
@@ -120,12 +138,13 @@ def build(src: Path, prefix: str):
     name, build_dir, cflags = build_spec(src, prefix)
     build_dir.mkdir(parents=True, exist_ok=True)
     clear_stale_lock(build_dir)
-    return load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+    ldflags = ["-fopenmp"] + (["-fsanitize=address"] if sanitize() else [])
+    return load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=ldflags,
                 build_directory=str(build_dir), verbose=False)
 
 
 class CppExtension:
-    """One ``csrc/`` source, built and loaded at first use. ``what`` names it in the fallback warning."""
+    """One ``ltuning/kernels/csrc/`` source, built and loaded at first use. ``what`` names it in the fallback warning."""
 
     def __init__(self, source: str, prefix: str, what: str, fallback: str = "the reference implementation"):
         self.src, self.prefix, self.what, self.fallback = CSRC / source, prefix, what, fallback

@@ -1,4 +1,4 @@
-"""Fused elementwise ops of Llama-family blocks on CPU: the C++ kernels of ``csrc/fused_llama_ops.cpp``.
+"""Fused elementwise ops of Llama-family blocks on CPU: the C++ kernels of ``csrc/fused_llama_ops.cpp`` (here).
 
 * :func:`rms_norm` ``(x, weight, eps)``: ``weight * (x * rsqrt(mean(x^2, -1) + eps))`` in one pass per row; the
   backward reuses the saved per-row ``rstd`` and computes the weight gradient only when the weight needs one.
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .cpu_extension import CppExtension, acc_dtype as _acc_dtype
+from .validation import KernelInputError
 
 _EXT = CppExtension("fused_llama_ops.cpp", "ltuning_fused_llama_ops", "fused Llama ops",
                     "the reference implementations")
@@ -58,6 +59,57 @@ def rotary_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Te
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Argument checks (public functions and fake kernels)
+
+def _fail(where: str, msg: str):
+    raise KernelInputError(f"{where}: {msg}")
+
+
+def _tensors(where: str, **ts) -> None:
+    for name, t in ts.items():
+        if not isinstance(t, Tensor):
+            _fail(where, f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            _fail(where, f"{name} must be floating point; got {t.dtype}")
+    devs = {t.device for t in ts.values()}
+    if len(devs) > 1:
+        _fail(where, "all tensors must be on one device; got " + ", ".join(f"{n} on {t.device}" for n, t in ts.items()))
+
+
+def check_rms_norm(x: Tensor, weight: Tensor, eps: float) -> None:
+    """x (..., d) with at least one dim, weight (d,), both floating on one device; eps a finite number >= 0."""
+    _tensors("rms_norm", x=x, weight=weight)
+    if x.dim() < 1 or weight.shape != x.shape[-1:]:
+        _fail("rms_norm", f"weight must be (d,) with d = x.shape[-1]; got x {tuple(x.shape)}, weight "
+                          f"{tuple(weight.shape)}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps >= 0 and eps < float("inf")):
+        _fail("rms_norm", f"eps must be a finite number >= 0; got {eps!r}")
+
+
+def check_swiglu(gate: Tensor, up: Tensor) -> None:
+    """gate and up of one shape, floating, on one device."""
+    _tensors("swiglu", gate=gate, up=up)
+    if gate.shape != up.shape:
+        _fail("swiglu", f"up must have gate's shape {tuple(gate.shape)}; got {tuple(up.shape)}")
+
+
+def check_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """q (B, Hq, L, D), k (B, Hkv, L, D), D even; cos = sin shape (B or 1, L, D); floating, one device."""
+    _tensors("rotary", q=q, k=k, cos=cos, sin=sin)
+    if q.dim() != 4:
+        _fail("rotary", f"q must be 4-D (B, Hq, L, D); got shape {tuple(q.shape)}")
+    B, _, L, D = q.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (L, D):
+        _fail("rotary", f"k must be (B={B}, Hkv, L={L}, D={D}); got shape {tuple(k.shape)}")
+    if D % 2:
+        _fail("rotary", f"q's head dim must be even (rotate_half); got D={D}")
+    if cos.dim() != 3 or cos.shape[0] not in (1, B) or cos.shape[1:] != (L, D):
+        _fail("rotary", f"cos must be (B={B} or 1, L={L}, D={D}); got shape {tuple(cos.shape)}")
+    if sin.shape != cos.shape:
+        _fail("rotary", f"sin must have cos's shape {tuple(cos.shape)}; got {tuple(sin.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Custom ops
 
 @torch.library.custom_op("ltuning::fused_rms_norm_fwd", mutates_args=(), device_types="cpu")
@@ -66,8 +118,23 @@ def _rms_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return y, rstd
 
 
+def _check_op(where: str, **ts) -> None:
+    """The raw ops take one native dtype for every tensor argument (the fake kernels check it, see below)."""
+    d = next(iter(ts.values())).dtype
+    if d not in NATIVE_DTYPES:
+        _fail(where, f"{next(iter(ts))} must be float32, bfloat16 or float64; got {d}")
+    for name, t in ts.items():
+        if t.dtype != d:
+            _fail(where, f"{name} must have the dtype {d} of {next(iter(ts))}; got {t.dtype}")
+
+
+# The fake (meta) kernels check the arguments as the C++ ops do: a call with a tensor off the CPU (the dispatcher
+# then picks the fake kernel) or a traced call fails like the real op.
+
 @_rms_fwd.register_fake
 def _(x, weight, eps):
+    check_rms_norm(x, weight, eps)
+    _check_op("fused_rms_norm_fwd", x=x, weight=weight)
     return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
 
 
@@ -80,6 +147,12 @@ def _rms_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, need_dx: bool,
 
 @_rms_bwd.register_fake
 def _(dy, x, weight, rstd, need_dx, need_dw):
+    check_rms_norm(x, weight, 0.0)
+    _check_op("fused_rms_norm_bwd", x=x, weight=weight)
+    _tensors("fused_rms_norm_bwd", x=x, dy=dy, rstd=rstd)
+    if dy.shape != x.shape or rstd.shape != x.shape[:-1]:
+        _fail("fused_rms_norm_bwd", f"dy must be {tuple(x.shape)} and rstd {tuple(x.shape[:-1])}; got "
+                                    f"{tuple(dy.shape)}, {tuple(rstd.shape)}")
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             x.new_empty(x.shape[-1:]) if need_dw else x.new_empty(0))
 
@@ -108,6 +181,8 @@ def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
 
 @_swiglu_fwd.register_fake
 def _(gate, up):
+    check_swiglu(gate, up)
+    _check_op("fused_swiglu_fwd", gate=gate, up=up)
     return gate.new_empty(gate.shape)
 
 
@@ -119,6 +194,11 @@ def _swiglu_bwd(dout: Tensor, gate: Tensor, up: Tensor, need_dg: bool, need_du: 
 
 @_swiglu_bwd.register_fake
 def _(dout, gate, up, need_dg, need_du):
+    check_swiglu(gate, up)
+    _check_op("fused_swiglu_bwd", gate=gate, up=up)
+    _tensors("fused_swiglu_bwd", gate=gate, dout=dout)
+    if dout.shape != gate.shape:
+        _fail("fused_swiglu_bwd", f"dout must have gate's shape {tuple(gate.shape)}; got {tuple(dout.shape)}")
     return (gate.new_empty(gate.shape) if need_dg else gate.new_empty(0),
             gate.new_empty(gate.shape) if need_du else gate.new_empty(0))
 
@@ -147,6 +227,8 @@ def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> tup
 
 @_rope.register_fake
 def _(q, k, cos, sin, backward):
+    check_rotary(q, k, cos, sin)
+    _check_op("fused_rotary", q=q, k=k, cos=cos, sin=sin)
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -185,15 +267,20 @@ def _native(*ts: Tensor) -> bool:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """``weight * (x * rsqrt(mean(x^2, -1) + eps))`` over the last dim; x and weight of one dtype."""
-    if not _native(x, weight) or weight.shape != x.shape[-1:]:
+    """``weight * (x * rsqrt(mean(x^2, -1) + eps))`` over the last dim; x and weight of one dtype.
+
+    Malformed arguments raise :class:`~ltuning.kernels.validation.KernelInputError` (:func:`check_rms_norm`);
+    well-formed ones the kernel does not take (other dtypes or devices, mixed dtypes) run the reference."""
+    check_rms_norm(x, weight, eps)
+    if not _native(x, weight):
         return rms_norm_reference(x, weight, eps)
     return _rms_fwd(x, weight, float(eps))[0]
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    """``silu(gate) * up`` for gate and up of one shape and dtype."""
-    if not _native(gate, up) or gate.shape != up.shape:
+    """``silu(gate) * up`` for gate and up of one shape and dtype (else the reference runs)."""
+    check_swiglu(gate, up)
+    if not _native(gate, up):
         return swiglu_reference(gate, up)
     return _swiglu_fwd(gate, up)
 
@@ -201,10 +288,8 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """``apply_rotary_pos_emb(q, k, cos, sin)`` of transformers' Llama (unsqueeze_dim=1); cos/sin get no gradient
     from the kernel, so they must not require one (the reference runs then)."""
-    ok = (_native(q, k, cos, sin) and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
-          and q.shape[-1] % 2 == 0 and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:]
-          and cos.shape[0] in (1, q.shape[0]) and cos.shape[1:] == q.shape[2:]
-          and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)))
+    check_rotary(q, k, cos, sin)
+    ok = _native(q, k, cos, sin) and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
     if not ok:
         return rotary_reference(q, k, cos, sin)
     q_, k_ = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))

@@ -1,4 +1,4 @@
-"""Fused shared-prefix attention on CPU: the C++ kernel of ``csrc/prefix_attention.cpp``.
+"""Fused shared-prefix attention on CPU: the C++ kernel of ``ltuning/kernels/csrc/prefix_attention.cpp``.
 
 Same semantics and return value as :func:`ltuning.kernels.reference.prefix_attention_reference`::
 
@@ -20,7 +20,11 @@ import torch
 from torch import Tensor
 
 from .cpu_extension import CppExtension, acc_dtype as _acc_dtype, none_if_empty as _none_if_empty
-from .reference import _check, check_prefix_lengths, prefix_attention_reference, prefix_attention_varlen_reference
+from .reference import prefix_attention_reference, prefix_attention_varlen_reference
+from .validation import KernelInputError, check_inputs
+
+# q/k/v dtypes the entry points take (float16 runs in float32); the raw ops take float32, bfloat16, float64
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _EXT = CppExtension("prefix_attention.cpp", "ltuning_prefix_attention", "prefix-attention kernel")
 
@@ -53,9 +57,26 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, bank_k: Optional[Tensor], bank_v: Opti
     return _layout_like(o, q), lse
 
 
+OP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def check_op_args(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, softmax_scale,
+                  prefix_lengths, where="prefix_attention_cpu"):
+    """The C++ op's shape / dtype / device rules, in Python: run by the fake (meta) kernels, so a call whose
+    tensors are not all on the CPU (the dispatcher then picks the fake kernel) or a traced call fails as the real
+    op would. Index values are not looked at (fake tensors have none); the C++ op scans them."""
+    check_inputs(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask, prefix_scale=prefix_scale,
+                 prefix_lengths=prefix_lengths, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+                 varlen=cu_seqlens is not None, dtypes=OP_DTYPES, values=False, where=where)
+    if bank_k is not None and bank_k.dtype != q.dtype:
+        raise KernelInputError(f"{where}: bank_k must have q's dtype {q.dtype}; got {bank_k.dtype}")
+
+
 @_fwd.register_fake
 def _(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, causal, softmax_scale,
       prefix_lengths=None):
+    check_op_args(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, softmax_scale,
+                  prefix_lengths)
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
 
 
@@ -74,6 +95,13 @@ def _bwd(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Te
 @_bwd.register_fake
 def _(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, lse,
       causal, softmax_scale, prefix_lengths=None):
+    check_op_args(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, softmax_scale,
+                  prefix_lengths)
+    rows = tuple(q.shape[:-1])
+    for name, t, want in (("grad_o", grad_o, tuple(q.shape)), ("lse", lse, rows), ("grad_lse", grad_lse, rows)):
+        if t is not None and (tuple(t.shape) != want or t.device != q.device or not t.is_floating_point()):
+            raise KernelInputError(f"prefix_attention_cpu: {name} must be a floating {want} tensor on {q.device}; "
+                                   f"got {tuple(t.shape)} {t.dtype} on {t.device}")
     has_bank = bank_k is not None and bank_k.shape[2] > 0
     like = [q, k, v, bank_k if has_bank else None, bank_v if has_bank else None,
             prefix_scale if has_bank else None]
@@ -118,8 +146,12 @@ def prefix_attention_cpu(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, 
 
     Differentiable w.r.t. q, k, v, bank_k, bank_v and prefix_scale; shapes as in the reference.
     """
-    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
-                                      prefix_lengths)
+    # shapes, dtypes, devices here; the O(B) index-range scans run in the C++ op (or in the reference fallback),
+    # except for a bank with P = 0, which the op is not given
+    B, Hq, Lq, D, Hkv, Lk, P, _ = check_inputs(
+        q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask, prefix_scale=prefix_scale,
+        prefix_lengths=prefix_lengths, softmax_scale=softmax_scale, dtypes=DTYPES, device_type="cpu",
+        values=bank_k is not None and bank_k.shape[2:3] == (0,), where="prefix_attention_cpu")
     if not is_available():
         return prefix_attention_reference(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask,
                                           causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale,
@@ -142,17 +174,12 @@ def prefix_attention_varlen_cpu(q, k, v, cu_seqlens, bank_k=None, bank_v=None, p
     Sequence b owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``. ``max_seqlen`` is accepted for API parity with the
     GPU kernels; the lengths are read from ``cu_seqlens``.
     """
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"varlen q must be (T, Hq, D) and k, v (T, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
-    B, D = cu_seqlens.numel() - 1, q.shape[2]
-    P = bank_k.shape[2] if bank_k is not None else 0
-    if P and (prefix_idx is None or prefix_idx.shape != (B,)):
-        raise ValueError(f"prefix_idx must be a (B={B},) integer tensor")
-    if prefix_scale is not None and prefix_scale.shape != (B, P):
-        raise ValueError(f"prefix_scale must be (B={B}, P={P}); got {tuple(prefix_scale.shape)}")
-    check_prefix_lengths(prefix_lengths, bank_k)
+    # shapes, dtypes, devices here; index values in the C++ op (here too when max_seqlen is given, or P = 0)
+    B, Hq, T, D, Hkv, _, P, _ = check_inputs(
+        q, k, v, bank_k, bank_v, prefix_idx, prefix_scale=prefix_scale, prefix_lengths=prefix_lengths,
+        softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, varlen=True, dtypes=DTYPES,
+        device_type="cpu", values=max_seqlen is not None or (bank_k is not None and bank_k.shape[2:3] == (0,)),
+        where="prefix_attention_varlen_cpu")
     if not is_available():
         return prefix_attention_varlen_reference(q, k, v, cu_seqlens, bank_k, bank_v, prefix_idx, causal=causal,
                                                  prefix_scale=prefix_scale, softmax_scale=softmax_scale,

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .reference import prefix_attention_reference, prefix_attention_varlen_reference
 from .sdpa import prefix_attention_sdpa
+from .validation import KernelInputError
 
 BACKENDS = ("auto", "cpu", "triton", "sdpa", "reference")
 
@@ -47,15 +50,22 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return "sdpa"
 
 
+def _device_type(q, where: str) -> str:
+    if not isinstance(q, torch.Tensor):
+        raise KernelInputError(f"{where}: q must be a torch.Tensor; got {type(q).__name__}")
+    return q.device.type
+
+
 def prefix_attention(
     q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
     prefix_scale=None, softmax_scale=None, prefix_lengths=None, backend="auto", return_lse=False,
 ):
     """Attention of q over ``[bank[prefix_idx] ; k]`` (see :mod:`ltuning.kernels.reference` for shapes).
 
-    Returns ``o`` (B, Hq, Lq, D), or ``(o, lse)`` with ``return_lse=True``.
+    Returns ``o`` (B, Hq, Lq, D), or ``(o, lse)`` with ``return_lse=True``. Every backend validates its arguments
+    (:func:`ltuning.kernels.validation.check_inputs`) and raises :class:`KernelInputError` naming a bad one.
     """
-    name = resolve_backend(backend, q.device.type)
+    name = resolve_backend(backend, _device_type(q, "prefix_attention"))
     kw = dict(key_padding_mask=key_padding_mask, causal=causal, prefix_scale=prefix_scale,
               softmax_scale=softmax_scale)
     if prefix_lengths is not None:  # only passed when given, so every backend keeps its plain signature too
@@ -79,7 +89,7 @@ def prefix_attention_varlen(
     softmax_scale=None, max_seqlen=None, prefix_lengths=None, backend="auto", return_lse=False,
 ):
     """Packed variable-length form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,) int32."""
-    name = resolve_backend(backend, q.device.type)
+    name = resolve_backend(backend, _device_type(q, "prefix_attention_varlen"))
     kw = dict(causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale)
     if prefix_lengths is not None:
         kw["prefix_lengths"] = prefix_lengths

@@ -13,8 +13,8 @@ Semantics (shared by the C++ kernel, the Triton kernels and the SDPA fallback)::
                                      the prefix is always visible
     prefix_scale (B, P) float        optional per-(sequence, prefix-token) scale s (APT gates): prefix
                                      token j enters as key s_j * K_j and value s_j * V_j
-    prefix_lengths (N,) int          optional real length of each bank entry (right-padded banks, e.g. label
-                                     texts of unequal token counts): sequence b sees prefix tokens
+    prefix_lengths (N,) int          optional real length (in [0, P]) of each bank entry (right-padded banks,
+                                     e.g. label texts of unequal token counts): sequence b sees prefix tokens
                                      j < prefix_lengths[idx[b]] only; the rest get no probability and no gradient
     softmax_scale float              default 1 / sqrt(D)
 
@@ -22,8 +22,9 @@ Semantics (shared by the C++ kernel, the Triton kernels and the SDPA fallback)::
     lse = logsumexp(S, -1)                                       (B, Hq, Lq) float32
     o   = softmax(S) @ [s * bank_v[idx[b]] ; v_b]                (B, Hq, Lq, D), dtype of q
 
-A query row that sees no key at all (P = 0 and every key padded / causally hidden) gives o = 0 and
-lse = -inf. The reference materialises the concatenation per row; it is slow on purpose.
+Every entry point validates these shapes, dtypes, devices and index values first
+(:func:`ltuning.kernels.validation.check_inputs`). A query row that sees no key at all (P = 0 and every key
+padded / causally hidden) gives o = 0 and lse = -inf. The reference materialises the concatenation per row; it is slow on purpose.
 """
 from __future__ import annotations
 
@@ -31,41 +32,26 @@ import math
 
 import torch
 
+from .validation import KernelInputError, check_inputs
 
-def _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale, prefix_lengths=None):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, Hq, Lq, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    if Bk != B or v.shape != k.shape or Dk != D:
-        raise ValueError(f"k and v must be (B={B}, Hkv, Lk, D={D}); got {tuple(k.shape)}, {tuple(v.shape)}")
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    P = 0
-    if bank_k is not None:
-        if bank_v is None or bank_k.shape != bank_v.shape or bank_k.dim() != 4:
-            raise ValueError("bank_k and bank_v must both be (N, Hkv, P, D)")
-        if bank_k.shape[1] != Hkv or bank_k.shape[3] != D:
-            raise ValueError(f"bank must be (N, Hkv={Hkv}, P, D={D}); got {tuple(bank_k.shape)}")
-        if prefix_idx is None or prefix_idx.shape != (B,):
-            raise ValueError(f"prefix_idx must be a (B={B},) integer tensor")
-        P = bank_k.shape[2]
-    if key_padding_mask is not None and key_padding_mask.shape != (B, Lk):
-        raise ValueError(f"key_padding_mask must be (B={B}, Lk={Lk}); got {tuple(key_padding_mask.shape)}")
-    if prefix_scale is not None and prefix_scale.shape != (B, P):
-        raise ValueError(f"prefix_scale must be (B={B}, P={P}); got {tuple(prefix_scale.shape)}")
-    check_prefix_lengths(prefix_lengths, bank_k)
-    return B, Hq, Lq, D, Hkv, Lk, P
+
+def _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale, prefix_lengths=None, *,
+           softmax_scale=None, where="prefix_attention_reference"):
+    """Dense-form validation (:func:`ltuning.kernels.validation.check_inputs`); returns (B, Hq, Lq, D, Hkv, Lk, P)."""
+    d = check_inputs(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask,
+                     prefix_scale=prefix_scale, prefix_lengths=prefix_lengths, softmax_scale=softmax_scale,
+                     where=where)
+    return d.B, d.Hq, d.Lq, d.D, d.Hkv, d.Lk, d.P
 
 
 def check_prefix_lengths(prefix_lengths, bank_k) -> None:
-    """``prefix_lengths`` is None or an (N,) integer tensor, N = bank entries (0 without a bank)."""
+    """``prefix_lengths`` is None or an (N,) int32/int64 tensor, N = bank entries (0 without a bank)."""
     if prefix_lengths is None:
         return
     N = bank_k.shape[0] if bank_k is not None else 0
-    if prefix_lengths.shape != (N,) or prefix_lengths.is_floating_point():
-        raise ValueError(f"prefix_lengths must be an (N={N},) integer tensor; got {tuple(prefix_lengths.shape)} "
-                         f"{prefix_lengths.dtype}")
+    if prefix_lengths.shape != (N,) or prefix_lengths.dtype not in (torch.int32, torch.int64):
+        raise KernelInputError(f"prefix_lengths must be an (N={N},) integer tensor; got {tuple(prefix_lengths.shape)} "
+                               f"{prefix_lengths.dtype}")
 
 
 def visible_mask(B, Lq, Lk, P, key_padding_mask=None, causal=False, device=None, row_prefix_lengths=None):
@@ -101,7 +87,9 @@ def prefix_attention_reference(
     ``compute_dtype`` (e.g. torch.float64) runs the math in that dtype; the output is cast back to q's dtype.
     """
     B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
-                                      prefix_lengths)
+                                      prefix_lengths, softmax_scale=softmax_scale)
+    if compute_dtype is not None and not compute_dtype.is_floating_point:
+        raise KernelInputError(f"prefix_attention_reference: compute_dtype must be floating; got {compute_dtype}")
     out_dtype = q.dtype
     cd = compute_dtype or (torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -138,6 +126,9 @@ def prefix_attention_varlen_reference(
     Sequence b owns rows cu_seqlens[b]:cu_seqlens[b+1] (no padding anywhere). Returns o (T, Hq, D) and
     lse (T, Hq) float32. Each sequence is attended exactly as the dense reference with B = 1.
     """
+    check_inputs(q, k, v, bank_k, bank_v, prefix_idx, prefix_scale=prefix_scale, prefix_lengths=prefix_lengths,
+                 softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, varlen=True,
+                 where="prefix_attention_varlen_reference")
     outs, lses = [], []
     cu = [int(x) for x in cu_seqlens.tolist()]
     for b in range(len(cu) - 1):

@@ -20,7 +20,7 @@ def prefix_attention_sdpa(
 ):
     """SDPA over the materialised ``[bank[idx] ; K]``. Returns ``(o, lse)``; lse is recomputed cheaply."""
     B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
-                                      prefix_lengths)
+                                      prefix_lengths, softmax_scale=softmax_scale, where="prefix_attention_sdpa")
     mask = None
     rows = row_prefix_lengths(prefix_lengths, prefix_idx, P)
     if causal or key_padding_mask is not None or rows is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import _check
+from .validation import check_inputs, check_values
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -195,16 +195,6 @@ class _PrefixAttention(torch.autograd.Function):
         return (*_backward(ctx, do, dlse), None, None, None, None, None)
 
 
-def _check_common(q, k, v, bank_k, bank_v, prefix_lengths=None):
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if prefix_lengths is not None and prefix_lengths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"prefix_lengths must be int32 or int64; got {prefix_lengths.dtype}")
-    devs = {t.device for t in (q, k, v, bank_k, bank_v, prefix_lengths) if t is not None}
-    if len(devs) != 1:
-        raise ValueError(f"all tensors must be on one device; got {devs}")
-
-
 def _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, prefix_lengths, P):
     """Bank, int64 index, scale and int32 lengths (None when not given) when the prefix is non-empty, else Nones.
 
@@ -222,9 +212,10 @@ def prefix_attention_triton(
     """Dense shared-prefix attention; returns ``(o (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) float32)``.
 
     ``prefix_lengths`` (N,) int32/int64: real length of each (right-padded) bank entry; None = all P tokens."""
-    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
-                                      prefix_lengths)
-    _check_common(q, k, v, bank_k, bank_v, prefix_lengths)
+    # everything, index values included (on a GPU: one small reduction and one sync), before any launch
+    B, Hq, Lq, D, Hkv, Lk, P, _ = check_inputs(
+        q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask, prefix_scale=prefix_scale,
+        prefix_lengths=prefix_lengths, softmax_scale=softmax_scale, dtypes=_DTYPES, where="prefix_attention_triton")
     sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if B * Hq * Lq == 0:
         return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
@@ -243,22 +234,16 @@ def prefix_attention_varlen_triton(
     ``prefix_lengths`` (N,): as in :func:`prefix_attention_triton`.
     ``max_seqlen`` sizes the grid; when omitted it is read from ``cu_seqlens`` (one device-to-host sync).
     """
-    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"expected q (T, Hq, D), k/v (T, Hkv, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    T, Hq, D = q.shape
-    Hkv = k.shape[1]
-    B = cu_seqlens.numel() - 1
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    # the dense checker validates bank / prefix_idx / prefix_scale / prefix_lengths against (B, Hkv, D)
-    P = _check(q.new_empty(B, Hq, 0, D), k.new_empty(B, Hkv, 0, D), v.new_empty(B, Hkv, 0, D), bank_k, bank_v,
-               prefix_idx, None, prefix_scale, prefix_lengths)[-1]
-    _check_common(q, k, v, bank_k, bank_v, prefix_lengths)
+    B, Hq, T, D, Hkv, _, P, _ = check_inputs(
+        q, k, v, bank_k, bank_v, prefix_idx, prefix_scale=prefix_scale, prefix_lengths=prefix_lengths,
+        softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, varlen=True, dtypes=_DTYPES,
+        values=False, where="prefix_attention_varlen_triton")
+    # index values and the longest sequence: one small reduction and one host transfer (one sync on a GPU)
+    longest = check_values(prefix_idx if bank_k is not None else None, bank_k.shape[0] if bank_k is not None else 0,
+                           prefix_lengths, P, cu_seqlens, T, max_seqlen, where="prefix_attention_varlen_triton")
+    max_seqlen = longest if max_seqlen is None else max_seqlen
     sm_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    if max_seqlen is None:
-        max_seqlen = int((cu[1:] - cu[:-1]).max()) if B > 0 else 0
+    cu = cu_seqlens.to(dtype=torch.int32).contiguous()
     if T * Hq == 0 or B == 0:
         return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
     bank_k, bank_v, idx, scale, plen = _prefix_inputs(bank_k, bank_v, prefix_idx, prefix_scale, prefix_lengths, P)

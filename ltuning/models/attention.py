@@ -62,6 +62,8 @@ def ltuning_attention_forward(module, query, key, value, attention_mask, scaling
         lengths = ltuning_prefix.lengths
         if bank_k is not None and bank_k.dtype != query.dtype:
             bank_k, bank_v = bank_k.to(query.dtype), bank_v.to(query.dtype)
+    if key.dtype != query.dtype or value.dtype != query.dtype:  # autocast: rotary promotes q, k but not v
+        key, value = key.to(query.dtype), value.to(query.dtype)  # (the kernels take one q/k/v dtype)
     out = prefix_attention(query, key, value, bank_k, bank_v, idx, key_padding_mask=attention_mask, causal=causal,
                            prefix_scale=scale, softmax_scale=scaling, prefix_lengths=lengths, backend=backend)
     return out.transpose(1, 2), None

@@ -29,6 +29,7 @@
 #include <memory>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -809,49 +810,151 @@ struct Inputs {
 
 at::Tensor last_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// Argument checks: every shape, dtype, device and index value the kernels rely on is checked here, before any
+// kernel touches memory, with one error naming the argument (TORCH_CHECK_VALUE: a Python ValueError). Index
+// ranges are an O(B + N) scan of the (converted, contiguous) index tensors.
+#define PA_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "prefix_attention_cpu: ", __VA_ARGS__)
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  PA_CHECK(t.defined(), name, " is undefined");
+  PA_CHECK(t.device().is_cpu(), name, " must be a CPU tensor; got ", t.device());
+}
+
+bool is_index_dtype(const at::Tensor& t) { return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong; }
+
+// int64, contiguous copy (or view) of an int32/int64 index tensor of `n` elements.
+at::Tensor index_tensor(const at::Tensor& t, const char* name, int64_t n, const char* expect) {
+  check_cpu(t, name);
+  PA_CHECK(is_index_dtype(t), name, " must be int32 or int64; got ", t.scalar_type());
+  PA_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be ", expect, "; got shape ", t.sizes());
+  return t.to(at::kLong).contiguous();
+}
+
+// [lo, hi] of an int64 tensor (0 elements: {0, 0}).
+std::pair<int64_t, int64_t> min_max(const at::Tensor& t) {
+  const int64_t* p = t.data_ptr<int64_t>();
+  const int64_t n = t.numel();
+  if (n == 0) return {0, 0};
+  int64_t lo = p[0], hi = p[0];
+  for (int64_t i = 1; i < n; ++i) lo = std::min(lo, p[i]), hi = std::max(hi, p[i]);
+  return {lo, hi};
+}
+
 Inputs normalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& bank_k,
                  const c10::optional<at::Tensor>& bank_v, const c10::optional<at::Tensor>& idx,
                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cu,
                  const c10::optional<at::Tensor>& ps, bool causal, double scale,
                  const c10::optional<at::Tensor>& plen) {
-  Inputs in{last_contiguous(q), last_contiguous(k), last_contiguous(v)};
+  check_cpu(q, "q");
+  check_cpu(k, "k");
+  check_cpu(v, "v");
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble, "prefix_attention_cpu: dtype ", dt,
-              " not supported (float32, bfloat16, float64)");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "prefix_attention_cpu: CPU tensors only");
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "prefix_attention_cpu: q, k, v dtypes differ");
+  PA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble, "q must be float32, bfloat16 or float64; got ",
+           dt);
+  PA_CHECK(k.scalar_type() == dt, "k must have q's dtype ", dt, "; got ", k.scalar_type());
+  PA_CHECK(v.scalar_type() == dt, "v must have q's dtype ", dt, "; got ", v.scalar_type());
   const bool varlen = cu.has_value();
-  TORCH_CHECK(q.dim() == (varlen ? 3 : 4) && k.dim() == q.dim() && v.sizes() == k.sizes(), "prefix_attention_cpu: bad q/k/v rank");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "prefix_attention_cpu: Hq must be a multiple of Hkv");
-  if (bank_k.has_value() && bank_k->size(2) > 0) {
-    TORCH_CHECK(bank_v.has_value() && bank_v->sizes() == bank_k->sizes() && bank_k->scalar_type() == dt &&
-                    bank_v->scalar_type() == dt && idx.has_value(),
-                "prefix_attention_cpu: bank_k/bank_v must match (N, Hkv, P, D) in q's dtype, with prefix_idx");
-    in.bank_k = bank_k->contiguous();
-    in.bank_v = bank_v->contiguous();
-    in.idx = idx->to(at::kLong).contiguous();
-    const int64_t N = in.bank_k.size(0);
-    TORCH_CHECK(in.idx.numel() == 0 || (in.idx.min().item<int64_t>() >= 0 && in.idx.max().item<int64_t>() < N),
-                "prefix_attention_cpu: prefix_idx out of range [0, ", N, ")");
-    if (ps.has_value()) in.ps = ps->to(dt == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-    if (plen.has_value()) {
-      in.plen = plen->to(at::kLong).contiguous();
-      TORCH_CHECK(in.plen.dim() == 1 && in.plen.numel() == N && in.plen.min().item<int64_t>() >= 0 &&
-                      in.plen.max().item<int64_t>() <= in.bank_k.size(2),
-                  "prefix_attention_cpu: prefix_lengths must be (N=", N, ",) with values in [0, P=", in.bank_k.size(2), "]");
+  const int64_t rank = varlen ? 3 : 4;
+  PA_CHECK(q.dim() == rank, "q must be ", rank, "-D ", varlen ? "(T, Hq, D)" : "(B, Hq, Lq, D)", "; got shape ",
+           q.sizes());
+  PA_CHECK(k.dim() == rank, "k must be ", rank, "-D ", varlen ? "(T, Hkv, D)" : "(B, Hkv, Lk, D)", "; got shape ",
+           k.sizes());
+  PA_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), "; got ", v.sizes());
+  const int64_t D = q.size(-1), Hq = q.size(1), Hkv = k.size(1);
+  PA_CHECK(k.size(0) == q.size(0) && k.size(-1) == D, "k must be ", varlen ? "(T=" : "(B=", q.size(0),
+           varlen ? ", Hkv, D=" : ", Hkv, Lk, D=", D, "); got shape ", k.sizes());
+  PA_CHECK(Hq >= 1 && Hkv >= 1 && D >= 1, "head counts and head dim must be >= 1; got Hq=", Hq, ", Hkv=", Hkv,
+           ", D=", D);
+  PA_CHECK(Hq % Hkv == 0, "q's head count Hq=", Hq, " must be a multiple of k's head count Hkv=", Hkv);
+  PA_CHECK(std::isfinite(scale), "softmax_scale must be finite; got ", scale);
+  Inputs in{last_contiguous(q), last_contiguous(k), last_contiguous(v)};
+  int64_t B = q.size(0);
+  const int64_t Lk = varlen ? 0 : k.size(2);
+  if (varlen) {
+    const at::Tensor& c = *cu;
+    check_cpu(c, "cu_seqlens");
+    PA_CHECK(is_index_dtype(c), "cu_seqlens must be int32 or int64; got ", c.scalar_type());
+    PA_CHECK(c.dim() == 1 && c.numel() >= 1, "cu_seqlens must be a 1-D (B+1,) tensor; got shape ", c.sizes());
+    PA_CHECK(!mask.has_value(), "key_padding_mask is not taken by the packed form (cu_seqlens delimits sequences)");
+    in.cu = c.to(at::kLong).contiguous();
+    const int64_t* p = in.cu.data_ptr<int64_t>();
+    const int64_t n = in.cu.numel();
+    bool monotone = true;
+    for (int64_t i = 1; i < n; ++i) monotone = monotone && p[i] >= p[i - 1];
+    PA_CHECK(p[0] == 0 && p[n - 1] == q.size(0) && monotone, "cu_seqlens must start at 0, never decrease and end at T=",
+             q.size(0), "; got first ", p[0], ", last ", p[n - 1], monotone ? "" : ", decreasing");
+    B = n - 1;
+  }
+  PA_CHECK(!bank_v.has_value() || bank_k.has_value(), "bank_v given without bank_k");
+  int64_t N = 0, P = 0;
+  if (bank_k.has_value()) {
+    const at::Tensor& bk = *bank_k;
+    check_cpu(bk, "bank_k");
+    PA_CHECK(bank_v.has_value(), "bank_k given without bank_v");
+    const at::Tensor& bv = *bank_v;
+    check_cpu(bv, "bank_v");
+    PA_CHECK(bk.dim() == 4 && bk.size(1) == Hkv && bk.size(3) == D, "bank_k must be (N, Hkv=", Hkv, ", P, D=", D,
+             "); got shape ", bk.sizes());
+    PA_CHECK(bv.sizes() == bk.sizes(), "bank_v must have bank_k's shape ", bk.sizes(), "; got ", bv.sizes());
+    PA_CHECK(bk.scalar_type() == dt, "bank_k must have q's dtype ", dt, "; got ", bk.scalar_type());
+    PA_CHECK(bv.scalar_type() == dt, "bank_v must have q's dtype ", dt, "; got ", bv.scalar_type());
+    N = bk.size(0);
+    P = bk.size(2);
+    PA_CHECK(idx.has_value(), "prefix_idx is required with a bank (a (B=", B, ",) int32/int64 tensor)");
+    const at::Tensor ix = index_tensor(*idx, "prefix_idx", B, "a (B,) tensor with B = the number of sequences");
+    const auto [lo, hi] = min_max(ix);
+    PA_CHECK(B == 0 || (lo >= 0 && hi < N), "prefix_idx values must be in [0, N=", N, ") (bank entries); got min ", lo,
+             ", max ", hi);
+    if (P > 0) {
+      in.bank_k = bk.contiguous();
+      in.bank_v = bv.contiguous();
+      in.idx = ix;
     }
   }
-  if (mask.has_value()) in.mask = mask->to(at::kBool).contiguous();
-  if (varlen) {
-    in.cu = cu->to(at::kLong).contiguous();
-    const auto c = in.cu;
-    TORCH_CHECK(c.dim() == 1 && c.numel() >= 1 && c[0].item<int64_t>() == 0 && c[-1].item<int64_t>() == q.size(0) &&
-                    (c.numel() == 1 || (c.diff() >= 0).all().item<bool>()),
-                "prefix_attention_cpu: cu_seqlens must start at 0, be non-decreasing and end at T = ", q.size(0));
+  if (plen.has_value()) {
+    const at::Tensor pl = index_tensor(*plen, "prefix_lengths", N, "(N,) with N = the bank entries");
+    const auto [lo, hi] = min_max(pl);
+    PA_CHECK(N == 0 || (lo >= 0 && hi <= P), "prefix_lengths values must be in [0, P=", P, "] (bank tokens); got min ",
+             lo, ", max ", hi);
+    if (P > 0) in.plen = pl;
+  }
+  if (ps.has_value()) {
+    const at::Tensor& s = *ps;
+    check_cpu(s, "prefix_scale");
+    PA_CHECK(s.is_floating_point(), "prefix_scale must be floating point; got ", s.scalar_type());
+    PA_CHECK(s.dim() == 2 && s.size(0) == B && s.size(1) == P, "prefix_scale must be (B=", B, ", P=", P,
+             "); got shape ", s.sizes());
+    if (P > 0) in.ps = s.to(dt == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  }
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    check_cpu(m, "key_padding_mask");
+    PA_CHECK(m.scalar_type() == at::kBool || at::isIntegralType(m.scalar_type(), false),
+             "key_padding_mask must be bool (True = real key) or integer; got ", m.scalar_type());
+    PA_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == Lk, "key_padding_mask must be (B=", B, ", Lk=", Lk,
+             "); got shape ", m.sizes());
+    in.mask = m.to(at::kBool).contiguous();
   }
   in.causal = causal;
   in.scale = scale;
   return in;
+}
+
+// Backward-only arguments: the output gradient and the forward's lse (and its gradient) in q's geometry.
+void check_backward(const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q,
+                    const at::Tensor& lse) {
+  check_cpu(dout, "grad_o");
+  PA_CHECK(dout.is_floating_point(), "grad_o must be floating point; got ", dout.scalar_type());
+  PA_CHECK(dout.sizes() == q.sizes(), "grad_o must have q's shape ", q.sizes(), "; got ", dout.sizes());
+  const auto rows = q.sizes().slice(0, q.dim() - 1);
+  check_cpu(lse, "lse");
+  PA_CHECK(lse.is_floating_point(), "lse must be floating point; got ", lse.scalar_type());
+  PA_CHECK(lse.sizes() == rows, "lse must be ", rows, " (q's shape without D); got ", lse.sizes());
+  if (dlse.has_value()) {
+    check_cpu(*dlse, "grad_lse");
+    PA_CHECK(dlse->is_floating_point(), "grad_lse must be floating point; got ", dlse->scalar_type());
+    PA_CHECK(dlse->sizes() == rows, "grad_lse must be ", rows, " (q's shape without D); got ", dlse->sizes());
+  }
 }
 
 template <typename T>
@@ -916,6 +1019,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
                                  const c10::optional<at::Tensor>& ps, const at::Tensor& lse, bool causal,
                                  double scale, const c10::optional<at::Tensor>& plen) {
   const Inputs in = normalize(q, k, v, bank_k, bank_v, idx, mask, cu, ps, causal, scale, plen);
+  check_backward(dout, dlse, q, lse);
   const at::Tensor do_ = last_contiguous(dout.to(q.scalar_type()));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor lse_ = lse.to(acc).contiguous();

@@ -79,11 +79,35 @@ inline void for_vec(int64_t n, F&& f) {
 
 at::Tensor contig(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
-void check_float(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor");
+// Argument checks (before any kernel touches memory): one error naming the argument, a Python ValueError.
+#define FO_CHECK(cond, op, ...) TORCH_CHECK_VALUE(cond, op, ": ", __VA_ARGS__)
+
+void check_cpu(const at::Tensor& t, const char* op, const char* what) {
+  FO_CHECK(t.defined(), op, what, " is undefined");
+  FO_CHECK(t.device().is_cpu(), op, what, " must be a CPU tensor; got ", t.device());
+}
+
+void check_float(const at::Tensor& t, const char* op, const char* what) {
+  check_cpu(t, op, what);
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kDouble, what,
-              " must be float32, bfloat16 or float64; got ", st);
+  FO_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kDouble, op, what,
+           " must be float32, bfloat16 or float64; got ", st);
+}
+
+// `t` is a CPU tensor of `like`'s dtype and of shape `sizes`.
+void check_like(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef sizes, const char* op, const char* what,
+                const char* like_name) {
+  check_cpu(t, op, what);
+  FO_CHECK(t.scalar_type() == like.scalar_type(), op, what, " must have ", like_name, "'s dtype ", like.scalar_type(),
+           "; got ", t.scalar_type());
+  FO_CHECK(t.sizes() == sizes, op, what, " must be ", sizes, "; got shape ", t.sizes());
+}
+
+// A gradient input: a floating CPU tensor of shape `sizes` (converted to the op's dtype by the caller).
+void check_grad(const at::Tensor& t, at::IntArrayRef sizes, const char* op, const char* what) {
+  check_cpu(t, op, what);
+  FO_CHECK(t.is_floating_point(), op, what, " must be floating point; got ", t.scalar_type());
+  FO_CHECK(t.sizes() == sizes, op, what, " must be ", sizes, "; got shape ", t.sizes());
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -234,10 +258,12 @@ void rms_bwd_impl(const T* dy, const T* x, const T* w, const acc_t<T>* rstd, T* 
 }
 
 std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x_, const at::Tensor& w_, double eps) {
-  check_float(x_, "x");
-  TORCH_CHECK(w_.scalar_type() == x_.scalar_type(), "weight dtype must match x");
+  constexpr const char* op = "fused_rms_norm_fwd";
+  check_float(x_, op, "x");
+  FO_CHECK(x_.dim() >= 1, op, "x must have at least 1 dim; got a scalar");
+  FO_CHECK(std::isfinite(eps) && eps >= 0, op, "eps must be finite and >= 0; got ", eps);
   const int64_t d = x_.size(-1);
-  TORCH_CHECK(w_.dim() == 1 && w_.size(0) == d, "weight must be (", d, ",)");
+  check_like(w_, x_, {d}, op, "weight", "x");
   const at::Tensor x = contig(x_), w = contig(w_);
   const int64_t N = d ? x.numel() / d : 0;
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -252,9 +278,13 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x_, const at::Tensor& w_,
 
 std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_,
                                      const at::Tensor& rstd_, bool need_dx, bool need_dw) {
-  check_float(x_, "x");
+  constexpr const char* op = "fused_rms_norm_bwd";
+  check_float(x_, op, "x");
+  FO_CHECK(x_.dim() >= 1, op, "x must have at least 1 dim; got a scalar");
+  check_grad(dy_, x_.sizes(), op, "dy");
+  check_like(w_, x_, {x_.size(-1)}, op, "weight", "x");
+  check_grad(rstd_, x_.sizes().slice(0, x_.dim() - 1), op, "rstd");
   const at::Tensor x = contig(x_), w = contig(w_), dy = contig(dy_.to(x_.scalar_type()));
-  TORCH_CHECK(dy.sizes() == x.sizes(), "grad shape must match x");
   const int64_t d = x.size(-1);
   const int64_t N = d ? x.numel() / d : 0;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -325,8 +355,9 @@ void swiglu_bwd_impl(const T* dout, const T* g, const T* u, T* dg, T* du, int64_
 }
 
 at::Tensor swiglu_fwd(const at::Tensor& g_, const at::Tensor& u_) {
-  check_float(g_, "gate");
-  TORCH_CHECK(u_.scalar_type() == g_.scalar_type() && u_.sizes() == g_.sizes(), "gate and up must match");
+  constexpr const char* op = "fused_swiglu_fwd";
+  check_float(g_, op, "gate");
+  check_like(u_, g_, g_.sizes(), op, "up", "gate");
   const at::Tensor g = contig(g_), u = contig(u_);
   at::Tensor o = at::empty(g.sizes(), g.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "swiglu_fwd", [&] {
@@ -337,9 +368,11 @@ at::Tensor swiglu_fwd(const at::Tensor& g_, const at::Tensor& u_) {
 
 std::vector<at::Tensor> swiglu_bwd(const at::Tensor& dout_, const at::Tensor& g_, const at::Tensor& u_,
                                    bool need_dg, bool need_du) {
-  check_float(g_, "gate");
+  constexpr const char* op = "fused_swiglu_bwd";
+  check_float(g_, op, "gate");
+  check_like(u_, g_, g_.sizes(), op, "up", "gate");
+  check_grad(dout_, g_.sizes(), op, "dout");
   const at::Tensor g = contig(g_), u = contig(u_), dout = contig(dout_.to(g_.scalar_type()));
-  TORCH_CHECK(dout.sizes() == g.sizes() && u.sizes() == g.sizes(), "shapes must match");
   at::Tensor dg = need_dg ? at::empty(g.sizes(), g.options()) : at::empty({0}, g.options());
   at::Tensor du = need_du ? at::empty(g.sizes(), g.options()) : at::empty({0}, g.options());
   if (!need_dg && !need_du) return {dg, du};
@@ -415,15 +448,22 @@ at::Tensor last_contig(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.c
 // inputs (empty_like), so the transposed views transformers passes stay views of (B, L, H, D) memory.
 std::vector<at::Tensor> rope(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& cos_, const at::Tensor& sin_,
                              bool backward) {
-  check_float(q_, "q");
-  TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4, "q and k must be (B, H, L, D)");
-  TORCH_CHECK(k_.scalar_type() == q_.scalar_type() && cos_.scalar_type() == q_.scalar_type() &&
-                  sin_.scalar_type() == q_.scalar_type(), "q, k, cos, sin must share a dtype");
+  constexpr const char* op = "fused_rotary";
+  check_float(q_, op, "q");
+  FO_CHECK(q_.dim() == 4, op, "q must be 4-D (B, Hq, L, D); got shape ", q_.sizes());
+  check_cpu(k_, op, "k");
+  FO_CHECK(k_.scalar_type() == q_.scalar_type(), op, "k must have q's dtype ", q_.scalar_type(), "; got ",
+           k_.scalar_type());
   const int64_t B = q_.size(0), L = q_.size(2), D = q_.size(3);
-  TORCH_CHECK(D % 2 == 0, "head_dim must be even");
-  TORCH_CHECK(k_.size(0) == B && k_.size(2) == L && k_.size(3) == D, "k shape mismatch");
-  TORCH_CHECK(cos_.dim() == 3 && cos_.size(1) == L && cos_.size(2) == D && (cos_.size(0) == B || cos_.size(0) == 1) &&
-                  sin_.sizes() == cos_.sizes(), "cos/sin must be (B or 1, L, D)");
+  FO_CHECK(k_.dim() == 4 && k_.size(0) == B && k_.size(2) == L && k_.size(3) == D, op, "k must be (B=", B,
+           ", Hkv, L=", L, ", D=", D, "); got shape ", k_.sizes());
+  FO_CHECK(D % 2 == 0, op, "q's head dim must be even; got D=", D);
+  check_cpu(cos_, op, "cos");
+  FO_CHECK(cos_.scalar_type() == q_.scalar_type(), op, "cos must have q's dtype ", q_.scalar_type(), "; got ",
+           cos_.scalar_type());
+  FO_CHECK(cos_.dim() == 3 && cos_.size(1) == L && cos_.size(2) == D && (cos_.size(0) == B || cos_.size(0) == 1), op,
+           "cos must be (B=", B, " or 1, L=", L, ", D=", D, "); got shape ", cos_.sizes());
+  check_like(sin_, cos_, cos_.sizes(), op, "sin", "cos");
   const at::Tensor q = last_contig(q_), k = last_contig(k_), c = last_contig(cos_), s = last_contig(sin_);
   at::Tensor qo = at::empty_like(q), ko = at::empty_like(k);
   const int64_t cb = c.size(0) == 1 ? 0 : c.stride(0), sb = s.size(0) == 1 ? 0 : s.stride(0);
