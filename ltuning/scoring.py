@@ -101,6 +101,11 @@ def make_head(config, info, n_out: int) -> nn.Module:
     return nn.Linear(info.hidden_size, n_out)
 
 
+def _fp32_at_least(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or float64 if it is float64 (scores and losses never run in a half type)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def pool_rows(h, mask, pooling: str) -> torch.Tensor:
     """Pooled (R, d) of hidden states h (R, n, d) over right-padded rows with real-token mask (R, n)."""
     if pooling == "last":
@@ -114,7 +119,7 @@ def pool_rows(h, mask, pooling: str) -> torch.Tensor:
 def label_vectors(model) -> torch.Tensor:
     """u (K, d) fp32: the frozen model's pooled encoding of each label text (label cache)."""
     m = model.method
-    return pool_rows(m.label_hidden.float(), m.label_mask, model.pooling)
+    return pool_rows(_fp32_at_least(m.label_hidden), m.label_mask, model.pooling)
 
 
 def pack_blocks(keys, values, lengths):
@@ -169,9 +174,9 @@ def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
     if start is not None:
         kwargs["position_ids"] = torch.arange(L, device=dev)[None].expand(B, L) + start
     h = model.base(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
-    pooled = pool_rows(h, mask, model.pooling).float()
+    pooled = _fp32_at_least(pool_rows(h, mask, model.pooling))
     with torch.autocast(dev.type, enabled=False):
-        return model.head(pooled, label_vectors(model).to(dev))
+        return model.head(pooled, label_vectors(model).to(device=dev, dtype=pooled.dtype))
 
 
 def input_kv(model, input_ids, mask):
@@ -193,7 +198,7 @@ def shared_input_scores(model, input_ids, attention_mask) -> torch.Tensor:
     m.begin_forward(input_ids, mask)
     keys, values = input_kv(model, input_ids, mask)
     if m.kind == "prefix":  # lt-prefix: label-side maps on the input's K/V, the frozen label text as suffix
-        keys, values = apply_kv_maps(m, keys.float(), values.float())
+        keys, values = apply_kv_maps(m, _fp32_at_least(keys), _fp32_at_least(values))
         suffix = m.label_embeds
     else:  # lt-prompt: the trainable label prompt as suffix
         suffix, _ = m.prompts()
@@ -208,8 +213,9 @@ def shared_input_scores(model, input_ids, attention_mask) -> torch.Tensor:
     rmask = smask.repeat(B, 1)
     h = model.base(inputs_embeds=emb, attention_mask=rmask, position_ids=positions, use_cache=False,
                    ltuning_prefix=prefix).last_hidden_state
-    pooled = pool_rows(h, rmask, model.pooling).float()
-    return model._head(pooled).view(B, K)
+    pooled = _fp32_at_least(pool_rows(h, rmask, model.pooling))
+    with torch.autocast(dev.type, enabled=False):
+        return model.head(pooled).view(B, K)
 
 
 def scores(model, input_ids, attention_mask, **batch) -> torch.Tensor:
