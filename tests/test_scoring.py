@@ -229,7 +229,7 @@ def test_bank_packing_validates_lengths():
     with pytest.raises(ValueError, match="listwise"):
         check_scoring(ltuning.make_config("lt-prefix", label_names=NAMES3, scoring="onepass", objective="pairwise"))
     with pytest.raises(ValueError, match="h must be"):
-        BilinearLabelHead(4, 2)(torch.zeros(2, 3), torch.zeros(2, 4))
+        BilinearLabelHead(4)(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
 @pytest.mark.parametrize("scoring", ["kpass", "onepass", "shared-input"])
