@@ -149,6 +149,43 @@ def plot(rows: list, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def report(path: str) -> str:
+    """Markdown: the table of ``path`` and the issue's targets, each marked met / not met."""
+    d = json.load(open(path))
+    rows = d["rows"]
+    get = {(r["model"], r["K"], r["config"]): r for r in rows}
+    lines = ["| model | K (task) | scoring | train ex/s | x kpass | x LoRA | classify ex/s | x kpass | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kp, lo = get.get((r["model"], r["K"], "kpass")), get.get((r["model"], r["K"], "lora"))
+        f = lambda a, b, key: f"{a[key] / b[key]:.2f}" if a and b else "-"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['K']} ({r['task']}) | {r['config']} | {r['train_examples_per_s']:.2f} | "
+                     f"{f(r, kp, 'train_examples_per_s')} | {f(r, lo, 'train_examples_per_s')} | "
+                     f"{r['classify_examples_per_s']:.2f} | {f(r, kp, 'classify_examples_per_s')} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    lines += ["", "Targets (issue 20), per model:", ""]
+    for m in sorted({r["model"] for r in rows}):
+        kp77, lo77 = get.get((m, 77, "kpass")), get.get((m, 77, "lora"))
+        lt77 = [get[(m, 77, c)] for c in ("onepass", "shared-input") if (m, 77, c) in get]
+        if kp77 and lo77 and lt77:
+            best = max(lt77, key=lambda r: r["train_examples_per_s"])
+            tr = best["train_examples_per_s"] / lo77["train_examples_per_s"]
+            cl = best["classify_examples_per_s"] / kp77["classify_examples_per_s"]
+            lines.append(f"- {m}, K=77, best LT reading ({best['config']}): train {tr:.2f}x LoRA (target >= 0.7: "
+                         f"{'met' if tr >= 0.7 else 'NOT met'}); classify {cl:.1f}x kpass (target >= 30: "
+                         f"{'met' if cl >= 30 else 'NOT met'})")
+        kp2 = get.get((m, 2, "kpass"))
+        for c in ("onepass", "shared-input"):
+            r = get.get((m, 2, c))
+            if kp2 and r:
+                tr = r["train_examples_per_s"] / kp2["train_examples_per_s"]
+                cl = r["classify_examples_per_s"] / kp2["classify_examples_per_s"]
+                ok = tr >= 1.6 and cl >= 1.6
+                lines.append(f"- {m}, K=2, {c}: train {tr:.2f}x, classify {cl:.2f}x kpass (target >= 1.6 both: "
+                             f"{'met' if ok else 'NOT met'})")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m,minilm-l6")
@@ -159,7 +196,11 @@ def main() -> None:
     ap.add_argument("--classify", type=int, default=64)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "scoring_speed.json"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL:K:CONFIG in this process
+    ap.add_argument("--report", action="store_true", help="print the markdown table of --json and exit")
     a = ap.parse_args()
+    if a.report:
+        print(report(a.json))
+        return
     if a.one:
         m, k, c = a.one.split(":")
         k = int(k)
