@@ -151,8 +151,7 @@ def plot(rows: list, path: str) -> None:
 
 def report(path: str) -> str:
     """Markdown: the table of ``path`` and the issue's targets, each marked met / not met."""
-    d = json.load(open(path))
-    rows = d["rows"]
+    rows = [r for p in path.split(",") for r in json.load(open(p))["rows"]]
     get = {(r["model"], r["K"], r["config"]): r for r in rows}
     lines = ["| model | K (task) | scoring | train ex/s | x kpass | x LoRA | classify ex/s | x kpass | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -196,6 +195,7 @@ def main() -> None:
     ap.add_argument("--classify", type=int, default=64)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "scoring_speed.json"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL:K:CONFIG in this process
+    ap.add_argument("--skip", default="", help="K:CONFIG pairs not to run, e.g. 77:kpass,77:shared-input")
     ap.add_argument("--report", action="store_true", help="print the markdown table of --json and exit")
     a = ap.parse_args()
     if a.report:
@@ -210,11 +210,15 @@ def main() -> None:
         print("RESULT " + json.dumps(res))
         return
     rows = []
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cmd = "OMP_NUM_THREADS={} python benchmarks/bench_scoring.py {}".format(
         os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:]))
+    skip = set(filter(None, a.skip.split(",")))
     for m in a.models.split(","):
         for k in [int(x) for x in a.ks.split(",")]:
             for c in a.configs.split(","):
+                if f"{k}:{c}" in skip:
+                    continue
                 t0 = time.time()
                 p = subprocess.run([sys.executable, __file__, "--one", f"{m}:{k}:{c}", "--batch-size", str(a.batch_size),
                                     "--steps", str(a.steps), "--classify", str(a.classify)],
@@ -228,15 +232,20 @@ def main() -> None:
                 print(f"{m:13s} K={k:<3d} {c:13s} train {r['train_examples_per_s']:8.2f} ex/s  classify "
                       f"{r['classify_examples_per_s']:8.2f} ex/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
                       f"({time.time() - t0:.0f} s)", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+                write(a.json, cmd, commit, rows)  # after every configuration: an interrupted run keeps its rows
+    plot(rows, os.path.splitext(a.json)[0] + ".png")
+    print(f"wrote {a.json}")
+
+
+def write(path, cmd, commit, rows) -> None:
     out = {"command": cmd, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "git_commit": commit, "machine": machine(), "dtype": "fp32", "method": "lt-prefix (default variant per "
            "family) vs lora r=8 q,v", "rows": rows}
-    os.makedirs(os.path.dirname(a.json), exist_ok=True)
-    with open(a.json, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(out, f, indent=1)
-    plot(rows, os.path.splitext(a.json)[0] + ".png")
-    print(f"wrote {a.json}")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
