@@ -35,7 +35,8 @@ sys.path.insert(0, HERE)
 import sync_results  # noqa: E402  (beside this script)
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
-TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "cola": "mcc", "mrpc": "accuracy"}
+TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "cola": "mcc", "mrpc": "accuracy", "snli": "accuracy",
+               "banking77": "accuracy"}  # snli: train/dev carved from its dev file (bench_scoring.carve_snli)
 DEFAULT_METHODS = ["linear-probe", "lora", "prompt", "prefix", "lt-prompt", "lt-prefix"]  # the table of issue 4
 RELATED_METHODS = ["sk-prefix", "sk-prompt", "apt", "fl"]  # issue 5, by --methods (cgc-lora is multi-task:
 # RESULTS_methods.md)
@@ -97,8 +98,12 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
     from ltuning.data import load_split
 
     base, tok = bases.get(model)
-    train = load_split(os.path.join(a.data, task), "train")
-    dev = load_split(os.path.join(a.data, task), "dev")
+    if task == "snli":  # only a dev file: a fixed seeded disjoint split of it (the same for every run)
+        from bench_scoring import carve_snli
+        train, dev = carve_snli(0)
+    else:
+        train = load_split(os.path.join(a.data, task), "train")
+        dev = load_split(os.path.join(a.data, task), "dev")
     if len(train) > a.max_train:
         train = random.Random(seed).sample(train, a.max_train)
     if a.max_dev and len(dev) > a.max_dev:

@@ -133,6 +133,11 @@ class Classifier:
         m["eval_examples_per_s"] = len(records) / dt
         return m
 
+    def add_labels(self, names: list, texts: Optional[list] = None) -> None:
+        """Add classes at inference without retraining (label-conditioned methods; see ``ltuning.scoring``)."""
+        self.model.add_labels(names, texts)
+        self.label_names = list(self.model.label_names)
+
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str, metrics: Optional[dict] = None) -> None:
         extra = {"classifier": {"model": self.model_name, "dtype": self.dtype, "max_length": self.max_length,

@@ -17,6 +17,8 @@ METHOD_FLAGS = {
     "num_negatives": "sampled wrong labels per example for the pairwise objective",
     "variant": "lt-prefix reading: kv (the label texts' own K/V; default on decoders), pooling (default on encoders) or "
                "published (the released code's)",
+    "scoring": "lt-prefix / lt-prompt: kpass (one pass per label, default), onepass (all labels in one prefix, the "
+               "input once) or shared-input (the input once, the label texts as suffixes); see ltuning.scoring",
     "init": "prompt initialisation: vocab or text",
     "init_text": "text to initialise the prompt from (--init text)",
     "pooling": "pooling of the output: last, mean or cls (default: last for decoders, mean for encoders)",
@@ -164,6 +166,9 @@ def cmd_train(a) -> dict:
     bad = set(opts) - fields
     if bad:
         raise ValueError(f"--{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
+    from .scoring import SCORINGS
+    if opts.get("scoring", "kpass") not in SCORINGS:
+        raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, not {opts['scoring']!r}")
     lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 1e-3)
     from .preflight import check_train_inputs
     if "," in a.data:

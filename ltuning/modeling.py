@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from . import scoring
 from .errors import UserError
 from .methods import METHODS, config_from_dict, method_class
 from .models import PrefixInputs, disable, enable, fingerprint, load_base, model_info
@@ -59,7 +60,7 @@ class LTuningModel(nn.Module):
             raise ValueError("config.label_names must name at least two classes")
         self.method = method_class(config.method)(config, self.info, base, tokenizer, cache)
         n_out = 1 if self.method.label_conditioned else len(config.label_names)
-        self.head = nn.Linear(self.info.hidden_size, n_out)
+        self.head = scoring.make_head(config, self.info, n_out)  # Linear(d, n_out), bilinear for onepass
         self.pooling = config.pooling or ("last" if self.info.causal else "mean")
         if self.pooling not in ("last", "mean", "cls"):
             raise ValueError(f"pooling must be 'last', 'mean' or 'cls', not {self.pooling!r}")
@@ -171,6 +172,8 @@ class LTuningModel(nn.Module):
         B = input_ids.shape[0]
         if not self.method.label_conditioned:
             return self._head(self.encode(input_ids, attention_mask, **batch))
+        if getattr(self.config, "scoring", "kpass") != "kpass":  # input once (ltuning.scoring)
+            return scoring.scores(self, input_ids, attention_mask, **batch)
         K = len(self.config.label_names)
         ids = input_ids.repeat_interleave(K, 0)
         mask = attention_mask.repeat_interleave(K, 0)
@@ -197,6 +200,11 @@ class LTuningModel(nn.Module):
         rep = {k: v.repeat_interleave(n + 1, 0) for k, v in batch.items()}
         s = self.pair_scores(ids, mask, pair_labels, **rep)
         return F.binary_cross_entropy_with_logits(s, target.view(-1)), None
+
+    def add_labels(self, names: list, texts: list | None = None) -> None:
+        """Add classes at inference (label-conditioned methods): their texts are encoded by the frozen model and
+        join the label cache; nothing is retrained (see :func:`ltuning.scoring.add_labels`)."""
+        scoring.add_labels(self, names, texts)
 
     # ---------------------------------------------------------------- save / load
     def adapter_state_dict(self) -> dict:

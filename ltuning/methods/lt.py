@@ -58,13 +58,18 @@ from .base import Method, MethodConfig, register_method
 from .label_cache import encode_texts
 from .prefix import split_layers
 from .sk import add_kv_maps, apply_kv_maps
+from ..scoring import check_scoring
 
 
 @dataclass
 class LTConfig(MethodConfig):
+    """``scoring``: "kpass" (one row per (input, label) pair, the paper's protocol), "onepass" (all K label
+    blocks in one prefix, the input once, a bilinear label head) or "shared-input" (the input once, the label
+    texts as suffixes attending to its K/V): see :mod:`ltuning.scoring`. Adapters without the key are kpass."""
     encoder_hidden_size: int = 512
     objective: str = "listwise"
     num_negatives: int = 1
+    scoring: str = "kpass"
 
 
 @dataclass
@@ -101,6 +106,7 @@ class LabelConditioned(Method):
         super().__init__(config, info, base, tokenizer, cache)
         if config.objective not in ("listwise", "pairwise"):
             raise ValueError(f"objective must be 'listwise' or 'pairwise', not {config.objective!r}")
+        check_scoring(config)
         if cache is not None:
             self.set_cache(cache)
         else:
@@ -126,10 +132,14 @@ class LTPrefix(LabelConditioned):
             config.variant = "kv" if info.causal else "pooling"
         if config.position_offset is None:
             config.position_offset = "prefix" if config.variant == "kv" else "zero"
-        self.uses_label_kv = config.variant == "kv"
+        shared_input = getattr(config, "scoring", "kpass") == "shared-input"
+        self.uses_label_kv = config.variant == "kv" and not shared_input
         super().__init__(config, info, base, tokenizer, cache)
         d, r, out = info.hidden_size, config.encoder_hidden_size, info.num_layers * 2 * info.kv_dim
         l = self.label_hidden.shape[1]
+        if shared_input:  # label-side maps on the input's K/V (ltuning.scoring); no label prefix is generated
+            add_kv_maps(self, info.num_layers, info.head_dim)
+            return
         if config.variant != "kv":
             self.pool = nn.Linear(d, 1, bias=False)  # a bias is a constant shift: softmax and Z's bias absorb it
             nn.init.zeros_(self.pool.weight)

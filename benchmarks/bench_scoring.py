@@ -1,0 +1,269 @@
+"""Speed of the three label scorings (issue 20): training and classification examples/s and peak RSS of lt-prefix
+with ``scoring`` kpass / onepass / shared-input at K = 2 (SST-2), 3 (SNLI, carved) and 77 (BANKING77), against
+LoRA (r=8 on q, v; one pass per example by construction), on SmolLM2-135M and MiniLM-L6, fp32.
+
+Every (model, K, configuration) runs in its own fresh subprocess (so ``ru_maxrss`` is that configuration's peak
+RSS; the base model's load is part of it and reported separately as ``rss_after_load_mb``). In it: the same
+seeded batch of ``--batch-size`` training examples (the task's train split; SNLI has only a dev file: it is
+carved, see :func:`carve_snli`), one warm-up optimizer step (AdamW, the model's own ``loss``), then ``--steps``
+timed steps, median step time -> train examples/s; then classification of the same ``--classify`` seeded
+examples (``ltuning.inference.predict_scores``, batch 16), one warm-up batch, timed pass -> classify examples/s.
+kpass at K = 77 is the slowest configuration by far and gets fewer timed steps / classified examples
+(``KPASS77``), recorded in the JSON. Configurations run in the order model -> K -> configuration, so the variants
+of one (model, K) run back to back. The machine was shared with other jobs during the recorded run: ratios
+between neighbouring rows are more reliable than absolute figures.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_scoring.py [--models smollm2-135m,minilm-l6] [--ks 2,3,77]
+        [--json benchmarks/results/scoring_speed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+TASKS = {2: "sst2", 3: "snli", 77: "banking77"}
+CONFIGS = ["kpass", "onepass", "shared-input", "lora"]
+KPASS77 = {"steps": 1, "classify": 16}
+
+
+def carve_snli(seed: int = 0, dev_fraction: float = 0.5):
+    """SNLI has only its dev file here: a seeded, disjoint (train, dev) split of it (``dev_fraction`` to dev)."""
+    recs = [json.loads(x) for x in open(os.path.join(DATA, "snli", "dev.jsonl"))]
+    idx = list(range(len(recs)))
+    random.Random(seed).shuffle(idx)
+    n_dev = int(len(recs) * dev_fraction)
+    return [recs[i] for i in idx[n_dev:]], [recs[i] for i in idx[:n_dev]]
+
+
+def load_task(K: int, split: str = "train"):
+    if TASKS[K] == "snli":
+        tr, dv = carve_snli()
+        return tr if split == "train" else dv
+    return [json.loads(x) for x in open(os.path.join(DATA, TASKS[K], f"{split}.jsonl"))]
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n_classify: int) -> dict:
+    import torch
+
+    import ltuning
+    from ltuning.data import collate, default_label_text, encode, label_names_of
+    from ltuning.inference import predict_scores
+    from ltuning.models import load_base
+
+    base, tok = load_base(model_name)
+    rss_load = rss_mb()
+    recs = load_task(K)
+    names = label_names_of(recs)
+    assert len(names) == K, (len(names), K)
+    texts = [default_label_text(n) for n in names]
+    torch.manual_seed(0)
+    if config == "lora":
+        cfg = ltuning.make_config("lora", label_names=names)
+    else:
+        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring=config)
+    model = ltuning.patch(base, cfg, tok)
+    rng = random.Random(0)
+    sample = rng.sample(recs, batch_size + n_classify)
+    enc = encode(sample, tok, names, 128, model.info.causal)
+    ids, mask, lab = collate(enc.input_ids[:batch_size], tok.pad_token_id, enc.labels[:batch_size])
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    model.train()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss, _ = model.loss(ids, mask, lab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    cls_ids = enc.input_ids[batch_size:]
+    predict_scores(model, cls_ids[:16], batch_size=16)  # warm-up
+    t0 = time.perf_counter()
+    predict_scores(model, cls_ids, batch_size=16)
+    cls_s = time.perf_counter() - t0
+    return {"model": model_name, "K": K, "task": TASKS[K], "config": config, "batch_size": batch_size,
+            "timed_steps": steps, "step_times_s": times, "train_examples_per_s": batch_size / step,
+            "classify_examples": len(cls_ids), "classify_seconds": cls_s,
+            "classify_examples_per_s": len(cls_ids) / cls_s, "mean_input_tokens": float(mask.sum(1).float().mean()),
+            "rss_after_load_mb": rss_load, "peak_rss_mb": rss_mb(),
+            "label_tokens": None if config == "lora" else int(model.method.label_mask.sum()),
+            "threads": torch.get_num_threads()}
+
+
+def machine() -> dict:
+    flags, name = "", platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("Flags:"):
+                flags = line
+    except OSError:
+        pass
+    return {"cpu": name, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "cores": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "shared_machine": "yes: other jobs ran on the same 2 cores during the run"}
+
+
+def plot(rows: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
+    for i, mname in enumerate(models):
+        for j, key in enumerate(("train_examples_per_s", "classify_examples_per_s")):
+            ax = axes[i][j]
+            ks = sorted({r["K"] for r in rows if r["model"] == mname})
+            w = 0.2
+            for c, cfg in enumerate(CONFIGS):
+                vals = [next((r[key] for r in rows if r["model"] == mname and r["K"] == k and r["config"] == cfg), 0)
+                        for k in ks]
+                ax.bar([x + (c - 1.5) * w for x in range(len(ks))], vals, w, label=cfg)
+            ax.set_xticks(range(len(ks)), [f"K={k}" for k in ks])
+            ax.set_yscale("log")
+            ax.set_title(f"{mname}: {key.replace('_', ' ')}")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(path: str) -> str:
+    """Markdown: the table of ``path`` and the issue's targets, each marked met / not met."""
+    rows = [r for p in path.split(",") for r in json.load(open(p))["rows"]]
+    get = {(r["model"], r["K"], r["config"]): r for r in rows}
+    lines = ["| model | K (task) | scoring | train ex/s | x kpass | x LoRA | classify ex/s | x kpass | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kp, lo = get.get((r["model"], r["K"], "kpass")), get.get((r["model"], r["K"], "lora"))
+        f = lambda a, b, key: f"{a[key] / b[key]:.2f}" if a and b else "-"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['K']} ({r['task']}) | {r['config']} | {r['train_examples_per_s']:.2f} | "
+                     f"{f(r, kp, 'train_examples_per_s')} | {f(r, lo, 'train_examples_per_s')} | "
+                     f"{r['classify_examples_per_s']:.2f} | {f(r, kp, 'classify_examples_per_s')} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    lines += ["", "Targets (issue 20), per model:", ""]
+    for m in sorted({r["model"] for r in rows}):
+        kp77, lo77 = get.get((m, 77, "kpass")), get.get((m, 77, "lora"))
+        lt77 = [get[(m, 77, c)] for c in ("onepass", "shared-input") if (m, 77, c) in get]
+        if kp77 and lo77 and lt77:
+            best = max(lt77, key=lambda r: r["train_examples_per_s"])
+            tr = best["train_examples_per_s"] / lo77["train_examples_per_s"]
+            cl = best["classify_examples_per_s"] / kp77["classify_examples_per_s"]
+            lines.append(f"- {m}, K=77, best LT reading ({best['config']}): train {tr:.2f}x LoRA (target >= 0.7: "
+                         f"{'met' if tr >= 0.7 else 'NOT met'}); classify {cl:.1f}x kpass (target >= 30: "
+                         f"{'met' if cl >= 30 else 'NOT met'})")
+        kp2 = get.get((m, 2, "kpass"))
+        for c in ("onepass", "shared-input"):
+            r = get.get((m, 2, c))
+            if kp2 and r:
+                tr = r["train_examples_per_s"] / kp2["train_examples_per_s"]
+                cl = r["classify_examples_per_s"] / kp2["classify_examples_per_s"]
+                ok = tr >= 1.6 and cl >= 1.6
+                lines.append(f"- {m}, K=2, {c}: train {tr:.2f}x, classify {cl:.2f}x kpass (target >= 1.6 both: "
+                             f"{'met' if ok else 'NOT met'})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m,minilm-l6")
+    ap.add_argument("--ks", default="2,3,77")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--classify", type=int, default=64)
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "scoring_speed.json"))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL:K:CONFIG in this process
+    ap.add_argument("--skip", default="", help="K:CONFIG pairs not to run, e.g. 77:kpass,77:shared-input")
+    ap.add_argument("--report", action="store_true", help="print the markdown table of --json and exit")
+    ap.add_argument("--report-out", default=None,
+                    help="with --report: also write PREFIX.md (the table) and PREFIX.json (the rows of every --json)")
+    a = ap.parse_args()
+    if a.report:
+        text = report(a.json)
+        print(text)
+        if a.report_out:
+            write_report(a.report_out, a.json, text)
+        return
+    if a.one:
+        m, k, c = a.one.split(":")
+        k = int(k)
+        slow = c == "kpass" and k == 77
+        res = run_one(m, k, c, a.batch_size, KPASS77["steps"] if slow else a.steps,
+                      KPASS77["classify"] if slow else a.classify)
+        print("RESULT " + json.dumps(res))
+        return
+    rows = []
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    cmd = "OMP_NUM_THREADS={} python benchmarks/bench_scoring.py {}".format(
+        os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:]))
+    skip = set(filter(None, a.skip.split(",")))
+    for m in a.models.split(","):
+        for k in [int(x) for x in a.ks.split(",")]:
+            for c in a.configs.split(","):
+                if f"{k}:{c}" in skip:
+                    continue
+                t0 = time.time()
+                p = subprocess.run([sys.executable, __file__, "--one", f"{m}:{k}:{c}", "--batch-size", str(a.batch_size),
+                                    "--steps", str(a.steps), "--classify", str(a.classify)],
+                                   capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                if p.returncode or not line:
+                    print(f"{m} K={k} {c}: FAILED\n{p.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                r = json.loads(line[0][7:])
+                rows.append(r)
+                print(f"{m:13s} K={k:<3d} {c:13s} train {r['train_examples_per_s']:8.2f} ex/s  classify "
+                      f"{r['classify_examples_per_s']:8.2f} ex/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+                write(a.json, cmd, commit, rows)  # after every configuration: an interrupted run keeps its rows
+    plot(rows, os.path.splitext(a.json)[0] + ".png")
+    print(f"wrote {a.json}")
+
+
+def write_report(prefix: str, sources: str, text: str) -> None:
+    """``prefix.md``: the report (embedded in RESULTS_scoring.md by sync_results); ``prefix.json``: the records it
+    was made from (every row and the run metadata of each source JSON), so each figure of the table has a record."""
+    runs = [json.load(open(p)) for p in sources.split(",")]
+    out = {"command": "python benchmarks/bench_scoring.py " + " ".join(sys.argv[1:]), "sources": sources.split(","),
+           "runs": runs}
+    for path, data in ((prefix + ".json", json.dumps(out, indent=1)), (prefix + ".md", text + "\n")):
+        with open(path + ".tmp", "w") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+
+
+def write(path, cmd, commit, rows) -> None:
+    out = {"command": cmd, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "git_commit": commit, "machine": machine(), "dtype": "fp32", "method": "lt-prefix (default variant per "
+           "family) vs lora r=8 q,v", "rows": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Issue 20: ``scoring="onepass"`` and ``"shared-input"`` (ltuning/scoring.py) pinned in float64 against materialised
+references, forward and backward; save/load; the CLI; a label added at inference."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+import ltuning
+from ltuning.kernels.reference import prefix_attention_reference
+from ltuning.models import PrefixInputs
+from ltuning.scoring import BilinearLabelHead
+
+from conftest import DATA, rel_err
+
+TEXTS3 = ["The sentiment is negative.", "The sentiment of the text is clearly positive.", "Neutral."]
+NAMES3 = ["negative", "positive", "neutral"]
+XS = ["a gripping film", "dull and far too long for what it is", "ok"]
+
+
+def seed_of(request) -> int:
+    s = zlib.crc32(request.node.nodeid.encode())
+    print(f"seed {s} ({request.node.nodeid})")
+    return s
+
+
+def tiny_base(family, tok):
+    """A float64 tiny random model of the family with the real tokenizer's vocabulary (fast, exact references)."""
+    torch.manual_seed(0)
+    if family == "decoder":
+        from transformers import LlamaConfig, LlamaModel
+        cfg = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                          num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
+        return LlamaModel(cfg).eval().double()
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=len(tok), max_position_embeddings=256)
+    return BertModel(cfg, add_pooling_layer=False).eval().double()
+
+
+@pytest.fixture(params=["decoder", "encoder"])
+def tiny(request):
+    if request.param == "decoder":
+        tok = request.getfixturevalue("smollm")[1]
+    else:
+        tok = request.getfixturevalue("minilm")[1]
+    return tiny_base(request.param, tok), tok
+
+
+def build(base, tok, method, scoring, seed, **kw):
+    m = ltuning.patch(base, ltuning.make_config(method, label_names=NAMES3, label_texts=TEXTS3, scoring=scoring,
+                                                encoder_hidden_size=16, **kw), tok)
+    m.double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every trainable away from its (often zero / identity) initialisation
+        for p in m.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return m
+
+
+def grads(m, s, w):
+    m.zero_grad()
+    (s * w).sum().backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in m.trainable_parameters()]
+
+
+def inputs(tok):
+    x = tok(XS, padding=True, return_tensors="pt")
+    return x["input_ids"], x["attention_mask"]
+
+
+@pytest.mark.parametrize("method", ["lt-prefix", "lt-prompt"])
+def test_onepass_equals_reference_on_materialised_label_blocks(tiny, method, request):
+    """One pass of the input over ONE bank entry [p_1[:n_1]; ...; p_K[:n_K]] (packed in-kernel path) equals the
+    float64 reference attention on that concatenation built label by label (each lt-prompt block prefilled on
+    its own, unpadded), then the bilinear head on u_k; scores and every trainable's gradient."""
+    base, tok = tiny
+    seed = seed_of(request)
+    m = build(base, tok, method, "onepass", seed)
+    try:
+        ids, mask = inputs(tok)
+        s = m(ids, mask)
+        w = torch.randn(s.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=s.dtype)
+        g = grads(m, s, w)
+        meth, lens = m.method, m.method.label_mask.sum(-1).tolist()
+        assert len(set(lens)) > 1  # unequal label lengths: padding must be dropped from the bank
+        if method == "lt-prefix":
+            keys, values = meth.prefix()
+            blocks = [([k[i, :, :n] for k in keys], [v[i, :, :n] for v in values]) for i, n in enumerate(lens)]
+            start = max(lens) if m.config.position_offset == "prefix" else 0
+        else:
+            e, _ = meth.prompts()
+            blocks = []
+            for i, n in enumerate(lens):
+                cap = {}
+                base(inputs_embeds=e[i:i + 1, :n], use_cache=False, ltuning_capture=cap)
+                blocks.append(([cap[j][0][0] for j in sorted(cap)], [cap[j][1][0] for j in sorted(cap)]))
+            start = e.shape[1]
+        L = len(blocks[0][0])
+        bank_k = [torch.cat([b[0][j] for b in blocks], 1)[None] for j in range(L)]
+        bank_v = [torch.cat([b[1][j] for b in blocks], 1)[None] for j in range(L)]
+        assert bank_k[0].shape[2] == sum(lens)
+        B, T = ids.shape
+        pos = torch.arange(T)[None].expand(B, T) + start
+        out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                   ltuning_prefix=PrefixInputs(bank_k, bank_v, torch.zeros(B, dtype=torch.long), None, "reference"))
+        h = out.last_hidden_state
+        if m.pooling == "last":
+            pooled = h[torch.arange(B), mask.sum(-1) - 1]
+        else:
+            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        hid = meth.label_hidden
+        u = torch.stack([hid[i, n - 1] if m.pooling == "last" else hid[i, :n].mean(0) for i, n in enumerate(lens)])
+        ref = m.head(pooled, u)
+        g_ref = grads(m, ref, w)
+        assert s.dtype == torch.float64
+        assert rel_err(s, ref) < 1e-10, rel_err(s, ref)
+        for a, b in zip(g, g_ref):
+            assert rel_err(a, b) < 1e-9
+        assert any(a.abs().sum() > 0 for a in g[:-3])  # the label-side generator gets a gradient too
+    finally:
+        ltuning.unpatch(m)
+
+
+def pair_reference(base, m, ids, mask, suffix, causal):
+    """Per (input b, label k): the base on the materialised sequence [x_b real tokens ; y_k real tokens] (encoders:
+    a 4-D mask keeps the input from seeing the label, the one-directional cascade) -> pooled suffix -> head."""
+    emb = base.get_input_embeddings()
+    lens = m.method.label_mask.sum(-1).tolist()
+    out = []
+    for b in range(ids.shape[0]):
+        nb = int(mask[b].sum())
+        row = []
+        for k, nk in enumerate(lens):
+            e = torch.cat([emb(ids[b:b + 1, :nb]), suffix[k:k + 1, :nk]], 1)
+            kw = {}
+            if not causal:
+                T = nb + nk
+                vis = torch.ones(T, T, dtype=torch.bool)
+                vis[:nb, nb:] = False
+                kw["attention_mask"] = vis[None, None]
+            h = base(inputs_embeds=e, use_cache=False, **kw).last_hidden_state[0, nb:]
+            pooled = h[-1] if m.pooling == "last" else h.mean(0)
+            row.append(m.head(pooled[None])[0, 0])
+        out.append(torch.stack(row))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("method", ["lt-prompt", "lt-prefix"])
+def test_shared_input_equals_base_on_materialised_input_then_label(tiny, method, request):
+    """Shared-input (the input's K/V as a never-expanded bank, the label suffixes at positions n_b..) equals the
+    float64 base on each materialised [x_b ; y_k]: lt-prompt with a random trainable label prompt, scores and
+    gradients; lt-prefix with its label-side K/V maps at the identity (the maps are a change of the bank only the
+    suffix reads: their gradient is tested against an expanded per-row bank below)."""
+    base, tok = tiny
+    causal = m_causal = tiny[0].config.model_type == "llama"
+    seed = seed_of(request)
+    m = build(base, tok, method, "shared-input", seed)
+    try:
+        if method == "lt-prefix":
+            with torch.no_grad():
+                for n in ("key_delta", "key_bias", "value_delta", "value_bias"):
+                    getattr(m.method, n).zero_()
+        ids, mask = inputs(tok)
+        s = m(ids, mask)
+        w = torch.randn(s.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=s.dtype)
+        g = grads(m, s, w)
+        suffix = m.method.prompts()[0] if method == "lt-prompt" else m.method.label_embeds
+        ref = pair_reference(base, m, ids, mask, suffix, m_causal)
+        g_ref = grads(m, ref, w)
+        assert rel_err(s, ref) < 1e-10, rel_err(s, ref)
+        if method == "lt-prefix":  # the reference has no maps: compare the head's gradient
+            g, g_ref = g[-2:], g_ref[-2:]
+        for a, b in zip(g, g_ref):
+            assert rel_err(a, b) < 1e-9
+        assert causal == m.info.causal
+    finally:
+        ltuning.unpatch(m)
+
+
+def test_shared_input_label_side_maps_backward_matches_expanded_bank(tiny, request):
+    """lt-prefix shared-input with random label-side K/V maps: the in-kernel reduction of the bank gradient over the
+    K rows of each input equals autograd through a per-row EXPANDED copy of the bank in the float64 reference."""
+    import ltuning.scoring as sc
+    base, tok = tiny
+    seed = seed_of(request)
+    m = build(base, tok, "lt-prefix", "shared-input", seed)
+    try:
+        ids, mask = inputs(tok)
+        w = torch.randn(len(XS), 3, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        s = m(ids, mask)
+        g = grads(m, s, w)
+        orig = sc.PrefixInputs
+
+        def expanded(keys, values, index, scales, backend, lengths):
+            return orig([k[index] for k in keys], [v[index] for v in values], torch.arange(len(index)), scales,
+                        "reference", None if lengths is None else lengths[index])
+
+        sc.PrefixInputs = expanded
+        try:
+            ref = m(ids, mask)
+        finally:
+            sc.PrefixInputs = orig
+        g_ref = grads(m, ref, w)
+        assert rel_err(s, ref) < 1e-10
+        for a, b in zip(g, g_ref):
+            assert rel_err(a, b) < 1e-9
+        assert m.method.key_delta.grad.abs().sum() > 0
+    finally:
+        ltuning.unpatch(m)
+
+
+def test_bank_packing_validates_lengths():
+    from ltuning.scoring import pack_blocks
+    k = [torch.randn(2, 1, 3, 4)]
+    with pytest.raises(ValueError, match="lengths"):
+        pack_blocks(k, k, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="lengths"):
+        pack_blocks(k, k, torch.tensor([4, 3]))
+    pk, _ = pack_blocks(k, k, torch.tensor([1, 3]))
+    assert torch.equal(pk[0][0], torch.cat([k[0][0, :, :1], k[0][1]], 1))
+    from ltuning.scoring import check_scoring
+    with pytest.raises(ValueError, match="scoring"):
+        check_scoring(ltuning.make_config("lt-prefix", label_names=NAMES3, scoring="twopass"))
+    with pytest.raises(ValueError, match="listwise"):
+        check_scoring(ltuning.make_config("lt-prefix", label_names=NAMES3, scoring="onepass", objective="pairwise"))
+    with pytest.raises(ValueError, match="h must be"):
+        BilinearLabelHead(4)(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("scoring", ["kpass", "onepass", "shared-input"])
+def test_save_load_round_trip(minilm, scoring, tmp_path):
+    base, tok = minilm
+    m = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=NAMES3, label_texts=TEXTS3,
+                                                scoring=scoring), tok)
+    try:
+        with torch.no_grad():
+            for p in m.trainable_parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        ids, mask = inputs(tok)
+        with torch.no_grad():
+            s = m(ids, mask)
+        m.save_pretrained(str(tmp_path))
+    finally:
+        ltuning.unpatch(m)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["method_config"]["scoring"] == scoring
+    r = ltuning.LTuningModel.from_pretrained(base, str(tmp_path), tok)
+    try:
+        assert r.config.scoring == scoring
+        with torch.no_grad():
+            assert torch.equal(r(ids, mask), s)
+    finally:
+        ltuning.unpatch(r)
+    if scoring == "kpass":  # an adapter saved before the option existed has no key: it loads as kpass
+        del meta["method_config"]["scoring"]
+        (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+        r = ltuning.LTuningModel.from_pretrained(base, str(tmp_path), tok)
+        try:
+            assert r.config.scoring == "kpass"
+            with torch.no_grad():
+                assert torch.equal(r(ids, mask), s)
+        finally:
+            ltuning.unpatch(r)
+
+
+def test_cli_train_eval_classify_with_scoring(tmp_path, sst2_dir, minilm):
+    from ltuning.cli import main
+    out = tmp_path / "run"
+    small = tmp_path / "dev.jsonl"
+    small.write_text("".join(open(os.path.join(sst2_dir, "dev.jsonl")).readlines()[:12]))
+    for scoring in ("onepass", "shared-input"):
+        d = str(out) + scoring
+        assert main(["train", "--model", "minilm-l6", "--method", "lt-prompt", "--scoring", scoring, "--data", sst2_dir,
+                     "--out", d, "--max-train-examples", "60", "--max-dev-examples", "16", "--max-steps", "2",
+                     "--batch-size", "8", "--quiet"]) == 0
+        assert json.load(open(os.path.join(d, "adapter_config.json")))["method_config"]["scoring"] == scoring
+        assert main(["eval", "--adapter", d, "--data", str(small)]) == 0
+        inp = tmp_path / "in.jsonl"
+        inp.write_text('{"text": "a gripping film"}\n{"text": "dull"}\n')
+        assert main(["classify", "--adapter", d, "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]) == 0
+        assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 2
+
+
+def test_cli_bad_scoring_is_one_line_exit_2(tmp_path, sst2_dir, capsys, minilm):
+    from ltuning.cli import main
+    rc = main(["train", "--model", "minilm-l6", "--method", "lt-prefix", "--scoring", "twopass", "--data", sst2_dir,
+               "--out", str(tmp_path / "x"), "--max-train-examples", "20", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "scoring" in err[0] and "twopass" in err[0], err
+    assert not os.path.exists(tmp_path / "x" / "adapter_config.json")
+    rc = main(["train", "--model", "minilm-l6", "--method", "lora", "--scoring", "onepass", "--data", sst2_dir,
+               "--out", str(tmp_path / "y"), "--quiet"])
+    assert rc == 2
+
+
+BANK_CLASSES = ["card_arrival", "exchange_rate", "lost_or_stolen_phone", "age_limit", "top_up_failed"]
+
+
+def test_onepass_label_added_at_inference_scores_above_chance(minilm):
+    """Train one-pass lt-prefix on 4 BANKING77 intents, then add a 5th (held back from training) by encoding its
+    text only: on that intent's dev examples the new label is the top-1 of the 5 well above chance (1/5)."""
+    path = os.path.join(DATA, "banking77")
+    if not os.path.isdir(path):
+        pytest.skip(f"{path} not found")
+    recs = {s: [json.loads(x) for x in open(os.path.join(path, f"{s}.jsonl"))] for s in ("train", "dev")}
+    held = BANK_CLASSES[-1]
+    rng = random.Random(0)
+    train = [r for c in BANK_CLASSES[:-1] for r in rng.sample([r for r in recs["train"] if r["label"] == c], 24)]
+    base, tok = minilm
+    torch.manual_seed(0)
+    clf = ltuning.Classifier("minilm-l6", "lt-prefix", label_names=BANK_CLASSES[:-1], base=base, tokenizer=tok,
+                             scoring="onepass")
+    try:
+        clf.fit(train, val=train[::6], epochs=4, batch_size=16, lr=1e-3, head_lr=1e-2, progress=False, seed=0)
+        dev_held = [r for r in recs["dev"] if r["label"] == held]
+        dev_seen = [r for r in recs["dev"] if r["label"] in BANK_CLASSES[:-1]][::2]
+        clf.add_labels([held])
+        assert clf.label_names[-1] == held and clf.model.config.label_texts[-1].endswith("top up failed.")
+        top1_held = sum(p == held for p in clf.predict(dev_held)) / len(dev_held)
+        acc_seen = sum(p == r["label"] for p, r in zip(clf.predict(dev_seen), dev_seen)) / len(dev_seen)
+        print(f"held-back intent top-1 {top1_held:.3f}, seen intents accuracy {acc_seen:.3f} (5 labels)")
+        assert top1_held > 0.5, top1_held
+        assert acc_seen > 0.6, acc_seen
+    finally:
+        ltuning.unpatch(clf.model)
