@@ -72,6 +72,7 @@ def run_classify(a) -> dict:
     if a.task:
         raise ValueError("--task applies to multi-task adapters")
     engine = _engine(a)
+    engine.warmup()  # kernel builds and label-side caches before the clock starts
     summary = classify_file(engine, a.input, a.output, resume=a.resume, chunk_size=a.chunk_size,
                             progress=not a.quiet, default_adapter=a.default_adapter)
     summary.update(dtype=engine.dtype, quantize=engine.quantize, adapters=list(engine.adapters))

@@ -90,5 +90,5 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         raise ValueError(f"--quantize int8 needs an fp32 model on the CPU, got {p.dtype} on {p.device}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice (moving to torchao)
-        from torch.ao.quantization import quantize_dynamic
-        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

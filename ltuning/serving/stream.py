@@ -98,8 +98,25 @@ def classify_file(engine, input_path: str, output_path: str, resume: bool = Fals
     if done > total:
         raise ValueError(f"--resume: {partial} has {done} rows but {input_path} only {total} records")
     mode = "ab" if done else "wb"
-    rows = 0
     t0 = time.perf_counter()
+    try:
+        rows = _run(engine, input_path, partial, mode, done, total, chunk_size, progress, default_adapter)
+    except BaseException:
+        if os.path.isfile(partial) and os.path.getsize(partial) == 0:
+            os.remove(partial)  # nothing written: leave no trace
+        raise
+    seconds = time.perf_counter() - t0
+    if done + rows == 0:
+        os.remove(partial)
+        raise ValueError(f"{input_path}: no records")
+    os.replace(partial, output_path)
+    return {"rows": done + rows, "classified": rows, "resumed_rows": done, "seconds": round(seconds, 3),
+            "examples_per_s": round(rows / seconds, 2) if seconds > 0 else None,
+            "output": os.path.abspath(output_path)}
+
+
+def _run(engine, input_path, partial, mode, done, total, chunk_size, progress, default_adapter) -> int:
+    rows = 0
     with open(partial, mode) as out, tqdm(total=total, initial=done, unit="ex", desc="classify",
                                           disable=not progress, smoothing=0.1) as bar:
         chunk = []
@@ -115,14 +132,7 @@ def classify_file(engine, input_path: str, output_path: str, resume: bool = Fals
         if chunk:
             rows += _flush(engine, chunk, out, default_adapter)
             bar.update(len(chunk))
-    seconds = time.perf_counter() - t0
-    if done + rows == 0:
-        os.remove(partial)
-        raise ValueError(f"{input_path}: no records")
-    os.replace(partial, output_path)
-    return {"rows": done + rows, "classified": rows, "resumed_rows": done, "seconds": round(seconds, 3),
-            "examples_per_s": round(rows / seconds, 2) if seconds > 0 else None,
-            "output": os.path.abspath(output_path)}
+    return rows
 
 
 def _flush(engine, chunk: list, out, default_adapter) -> int:
