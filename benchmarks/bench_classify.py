@@ -173,7 +173,7 @@ def main(argv=None):
         with open(a.out, "w") as f:
             json.dump(rec, f, indent=1)
 
-    for model_name in a.models.split(","):
+    for model_name in [m for m in a.models.split(",") if m]:
         base, _ = load_base(model_name)
         n_params = nonembed_params(base)
         d = base.config.hidden_size

@@ -23,6 +23,7 @@ queue), then the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import threading
@@ -89,6 +90,7 @@ class App:
                              lifespan=self.lifespan)
 
     # ---------------------------------------------------------------- lifecycle
+    @contextlib.asynccontextmanager
     async def lifespan(self, app):
         threading.Thread(target=self._load, name="ltuning-load", daemon=True).start()
         yield
@@ -243,6 +245,11 @@ def serve(a, load_engine) -> None:
               f"{state.engine.dtype}{', int8' if state.engine.quantize else ''})", file=sys.stderr, flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
+    # uvicorn handles SIGTERM / SIGINT while it runs (graceful shutdown) and re-raises the signal to the handler
+    # that was there before once it is done: a no-op here, so a drained shutdown exits 0 rather than dying by it
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if state.load_error is not None:
         e = state.load_error
