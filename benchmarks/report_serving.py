@@ -3,7 +3,7 @@
 ``results/serving_classify.png``.
 
     python benchmarks/report_serving.py --classify benchmarks/results/serving_classify.json \
-        --serve benchmarks/results/serving_server.json
+        --serve benchmarks/results/serving_server.json --accuracy benchmarks/results/serving_int8_accuracy.json
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--classify", required=True)
     ap.add_argument("--serve", default=None)
+    ap.add_argument("--accuracy", default=None, help="JSON of a bench_classify --accuracy-adapter run")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "serving.md"))
     a = ap.parse_args(argv)
     c = json.load(open(a.classify))
@@ -51,10 +52,13 @@ def main(argv=None):
         lines += ["", f"Streamed `classify_file` vs in-memory ({r['model']}, {r['dataset']}, {r['examples']} "
                       f"examples, medians of alternated runs): {r['stream_seconds_median']:.2f} s vs "
                       f"{r['in_memory_seconds_median']:.2f} s, a loss of {100 * r['stream_loss']:.1f} %."]
-    if c.get("accuracy"):
-        lines += ["", "Accuracy of one quick trained adapter (SST-2 dev), by inference dtype:", "",
+    acc = json.load(open(a.accuracy)) if a.accuracy else c
+    if acc.get("accuracy"):
+        lines += ["", f"Accuracy of one quick trained adapter on SST-2 dev, by inference dtype (`{acc['command']}`; "
+                      f"commit {acc['commit']}, {acc['date']}; JSON `{os.path.relpath(a.accuracy or a.classify, HERE)}`):",
+                  "",
                   "| adapter | dtype | examples | accuracy | ex/s |", "|---|---|---|---|---|"]
-        for r in c["accuracy"]:
+        for r in acc["accuracy"]:
             lines.append(f"| `{os.path.basename(r['adapter'])}` | {r['dtype']} | {r['examples']} | "
                          f"{100 * r['accuracy']:.1f} % | {_f(r['examples_per_s'])} |")
     if a.serve:
