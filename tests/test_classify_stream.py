@@ -84,6 +84,10 @@ def test_int8_engine_runs_and_stays_close(adapters):
     assert (s - refs["lora"]).abs().max() < 0.5  # int8 error, not garbage
     q = e.base.encoder.layer[0].attention.self.query
     assert "quantized" in type(q).__module__ and q.weight().qscheme() == torch.per_channel_affine
+    e = Engine({"a": str(tmp / "lt-prefix")}, dtype="bf16")  # bf16 base + autocast, fp32 scores
+    assert next(e.base.parameters()).dtype == torch.bfloat16
+    s = torch.tensor([[v for v in d.values()] for _, d in e.classify(TEXTS)])
+    assert (s - refs["lt-prefix"]).abs().max() < 0.25
 
 
 def test_stream_classify_jsonl_csv_resume_and_multi_adapter(adapters, tmp_path, capsys):
