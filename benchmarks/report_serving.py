@@ -36,26 +36,31 @@ def classify_table(rec) -> list:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--classify", required=True)
+    ap.add_argument("--classify", required=True, action="append", help="JSON of bench_classify (repeatable)")
     ap.add_argument("--serve", default=None)
     ap.add_argument("--accuracy", default=None, help="JSON of a bench_classify --accuracy-adapter run")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "serving.md"))
     a = ap.parse_args(argv)
-    c = json.load(open(a.classify))
-    m = c["machine"]
-    lines = [f"Offline (`{c['command']}`; commit {c['commit']}, {c['date']}; {m['cpu']}, amx_bf16={m['amx_bf16']}, "
-             f"avx512_bf16={m['avx512_bf16']}, avx512_vnni={m['avx512_vnni']}, {m['torch_threads']} thread(s); "
-             f"{c['note']}; JSON `{os.path.relpath(a.classify, HERE)}`):", ""]
-    lines += classify_table(c)
+    lines, allrows = [], []
+    for path in a.classify:
+        c = json.load(open(path))
+        m = c["machine"]
+        lines += [f"Offline (`{c['command']}`; commit {c['commit']}, {c['date']}; {m['cpu']}, amx_bf16={m['amx_bf16']}, "
+                  f"avx512_bf16={m['avx512_bf16']}, avx512_vnni={m['avx512_vnni']}, {m['torch_threads']} thread(s); "
+                  f"{c['note']}; JSON `{os.path.relpath(path, HERE)}`):", ""]
+        lines += classify_table(c) + [""]
+        allrows += c["rows"]
+    lines.pop()
+    c = {"rows": allrows}
     streams = [r for r in c["rows"] if "stream_loss" in r]
     for r in streams:
         lines += ["", f"Streamed `classify_file` vs in-memory ({r['model']}, {r['dataset']}, {r['examples']} "
                       f"examples, medians of alternated runs): {r['stream_seconds_median']:.2f} s vs "
                       f"{r['in_memory_seconds_median']:.2f} s, a loss of {100 * r['stream_loss']:.1f} %."]
-    acc = json.load(open(a.accuracy)) if a.accuracy else c
+    acc = json.load(open(a.accuracy)) if a.accuracy else {}
     if acc.get("accuracy"):
         lines += ["", f"Accuracy of one quick trained adapter on SST-2 dev, by inference dtype (`{acc['command']}`; "
-                      f"commit {acc['commit']}, {acc['date']}; JSON `{os.path.relpath(a.accuracy or a.classify, HERE)}`):",
+                      f"commit {acc['commit']}, {acc['date']}; JSON `{os.path.relpath(a.accuracy, HERE)}`):",
                   "",
                   "| adapter | dtype | examples | accuracy | ex/s |", "|---|---|---|---|---|"]
         for r in acc["accuracy"]:
