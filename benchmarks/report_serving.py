@@ -45,7 +45,8 @@ def main(argv=None):
     for path in a.classify:
         c = json.load(open(path))
         m = c["machine"]
-        lines += [f"Offline (`{c['command']}`; commit {c['commit']}, {c['date']}; {m['cpu']}, amx_bf16={m['amx_bf16']}, "
+        lines += [f"Offline (`{c['command']}`; commit {c['commit']}, {c['date']}; {m['cpu']}, "
+                  f"amx_bf16={m['amx_bf16']}, "
                   f"avx512_bf16={m['avx512_bf16']}, avx512_vnni={m['avx512_vnni']}, {m['torch_threads']} thread(s); "
                   f"{c['note']}; JSON `{os.path.relpath(path, HERE)}`):", ""]
         lines += classify_table(c) + [""]
@@ -71,10 +72,12 @@ def main(argv=None):
         lines += ["", f"Server (`{s['command']}`; commit {s['commit']}, {s['date']}; {s['model']} {s['method']} "
                       f"{s['dtype']}, {s['threads']} thread(s), `--max-wait-ms {s['max_wait_ms']}`; {s['note']}; "
                       f"JSON `{os.path.relpath(a.serve, HERE)}`). Offline classify in the same run: "
-                      f"{s['offline_examples_per_s']:.1f} ex/s; single-request forward {s['single_request_forward_ms']:.1f}"
+                      f"{s['offline_examples_per_s']:.1f} ex/s; single-request forward "
+                      f"{s['single_request_forward_ms']:.1f}"
                       f" ms, so the 1-client p99 target is {s['p99_target_ms_1_client']:.1f} ms; server exit code "
                       f"after SIGTERM: {s['server_exit_code']}.", "",
-                  "| clients | answered | errors | ex/s | p50 ms | p99 ms | of offline |", "|---|---|---|---|---|---|---|"]
+                  "| clients | answered | errors | ex/s | p50 ms | p99 ms | of offline |",
+                  "|---|---|---|---|---|---|---|"]
         for r in s["levels"]:
             lines.append(f"| {r['clients']} | {r['answered']} | {r['errors']} | {_f(r['examples_per_s'])} | "
                          f"{_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(100 * r['fraction_of_offline'], 0)} % |")

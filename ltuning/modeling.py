@@ -76,6 +76,7 @@ class LTuningModel(nn.Module):
         """Train mode for the method and head; the frozen base keeps its dropout off (train flag on only so
         that gradient checkpointing, which transformers applies in training mode, works)."""
         super().train(mode)
+        self.__dict__.pop("_inference_cache", None)  # see inference_cached
         for m in self.base.modules():
             if isinstance(m, nn.Dropout):
                 m.eval()
@@ -151,7 +152,8 @@ class LTuningModel(nn.Module):
         """``fn()`` (label-side work that does not depend on the input, e.g. the prefix bank's K/V after its
         transforms), computed once and reused while inferring (eval mode, grad off): the key is the method's
         parameters and buffers (storage and in-place version counter) and the autocast state, so an optimizer
-        step, ``load_state_dict`` or a dtype change recomputes it. Training or grad on: ``fn()`` every call."""
+        step, ``load_state_dict`` or a dtype change recomputes it (writes through ``.data`` bypass the version counter:
+        ``train()`` / ``eval()`` also clear the cache). Training or grad on: ``fn()`` every call."""
         if self.training or torch.is_grad_enabled():
             return fn()
         dev = self.head.weight.device.type
