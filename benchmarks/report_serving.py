@@ -82,6 +82,10 @@ def main(argv=None):
             lines.append(f"| {r['clients']} | {r['answered']} | {r['errors']} | {_f(r['examples_per_s'])} | "
                          f"{_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(100 * r['fraction_of_offline'], 0)} % |")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(os.path.splitext(a.out)[0] + ".json", "w") as f:  # the record of this report's figures
+        json.dump({"sources": a.classify + [a.serve, a.accuracy], "rows": allrows,
+                   "serve": json.load(open(a.serve)) if a.serve else None, "accuracy": acc.get("accuracy")}, f,
+                  indent=1)
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     try:

@@ -3,7 +3,7 @@
 * :func:`native_bf16`: the CPU multiplies bf16 in hardware (``amx_bf16`` or ``avx512_bf16`` in /proc/cpuinfo);
   elsewhere bf16 is emulated and far slower than fp32.
 * :func:`preferred_dtype`: ``"bf16"`` only when it is native AND a probe GEMM at a transformer's shape is faster
-  in bf16 than in fp32 on this machine, now (measured once per process, ~0.3 s); else ``"fp32"``.
+  in bf16 than in fp32 on this machine, now (measured once per process, a fraction of a second); else ``"fp32"``.
 * :func:`gemm_gflops`: the matrix rate, median of timed ``(m, k) @ (k, n)`` products, 2mkn flops each.
 * :func:`quantize_int8`: every ``nn.Linear`` of a frozen model becomes a PyTorch dynamic int8 Linear (weights int8
   per output channel, activations quantized per batch at run time; VNNI / AMX-INT8 kernels through oneDNN/FBGEMM).
