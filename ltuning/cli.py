@@ -245,8 +245,13 @@ def cmd_classify(a) -> dict:
     from .modeling import atomic_write_bytes, read_adapter_config
     if a.quantize not in ("nf4", "none") and (len(a.adapter) > 1
                                               or "multitask" not in read_adapter_config(a.adapter[0])):
+        import argparse
+        from .preflight import check_adapter_and_output
         from .serving.commands import run_classify
-        return run_classify(a)  # the streamed engine (ltuning.serving); checks its inputs without reading them whole
+        from .serving.engine import parse_adapter_args
+        for d in parse_adapter_args(a.adapter).values():  # the checks of main's preflight, input not read whole
+            check_adapter_and_output(argparse.Namespace(**{**vars(a), "adapter": d}))
+        return run_classify(a)  # the streamed engine (ltuning.serving)
     a.adapter = a.adapter[0]
     from .preflight import check_classify_inputs
     check_classify_inputs(a)

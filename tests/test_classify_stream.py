@@ -148,4 +148,4 @@ def test_stream_classify_bad_inputs_one_line_exit_2(adapters, tmp_path, capsys):
         assert not out.exists()
     assert main(["classify", "--adapter", str(tmp_path / "nowhere"), "--input", str(inp), "--output",
                  str(out)]) == 2
-    assert "adapter_config.json" in capsys.readouterr().err
+    assert "nowhere" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def iter_records(path: str):
                 where = f"{path}:{reader.line_num}"
                 if None in row:
                     raise ValueError(f"{where}: more fields than the header's {len(reader.fieldnames)}")
-                yield _check_record(row, where), where
+                yield _check_record(row, path, reader.line_num, False), where
             return
         for i, line in enumerate(f, start=1):
             if not line.strip():
@@ -53,7 +53,7 @@ def iter_records(path: str):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-            yield _check_record(rec, f"{path}:{i}"), f"{path}:{i}"
+            yield _check_record(rec, path, i, False), f"{path}:{i}"
 
 
 def count_records(path: str) -> int:
