@@ -100,10 +100,18 @@ def classify_file(engine, input_path: str, output_path: str, resume: bool = Fals
     mode = "ab" if done else "wb"
     t0 = time.perf_counter()
     try:
-        rows = _run(engine, input_path, partial, mode, done, total, chunk_size, progress, default_adapter)
-    except BaseException:
-        if os.path.isfile(partial) and os.path.getsize(partial) == 0:
+        if mode == "wb":
+            from .. import outputs
+            outputs._write(partial, b"")  # create it (fsync'd) through the library's one file writer
+        rows = _run(engine, input_path, partial, "ab", done, total, chunk_size, progress, default_adapter)
+    except BaseException as e:
+        if os.path.isfile(partial) and (os.path.getsize(partial) == 0 or not done and isinstance(e, OSError)
+                                        and _complete_lines(partial) == 0):
             os.remove(partial)  # nothing written: leave no trace
+        if isinstance(e, OSError):
+            from ..errors import UserError
+            raise UserError(f"could not write it ({e.strerror}); the rows written so far, if any, are in "
+                            f"{os.path.basename(partial)} (--resume continues from them)", output_path) from None
         raise
     seconds = time.perf_counter() - t0
     if done + rows == 0:
