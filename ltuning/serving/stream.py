@@ -105,13 +105,11 @@ def classify_file(engine, input_path: str, output_path: str, resume: bool = Fals
             outputs._write(partial, b"")  # create it (fsync'd) through the library's one file writer
         rows = _run(engine, input_path, partial, "ab", done, total, chunk_size, progress, default_adapter)
     except BaseException as e:
-        if os.path.isfile(partial) and (os.path.getsize(partial) == 0 or not done and isinstance(e, OSError)
-                                        and _complete_lines(partial) == 0):
-            os.remove(partial)  # nothing written: leave no trace
+        if os.path.isfile(partial) and (os.path.getsize(partial) == 0 or not done and isinstance(e, OSError)):
+            os.remove(partial)  # nothing written, or a write failed (disk full) in a fresh run: leave no trace
         if isinstance(e, OSError):
             from ..errors import UserError
-            raise UserError(f"could not write it ({e.strerror}); the rows written so far, if any, are in "
-                            f"{os.path.basename(partial)} (--resume continues from them)", output_path) from None
+            raise UserError(f"could not write it ({e.strerror}); no output file was written", output_path) from None
         raise
     seconds = time.perf_counter() - t0
     if done + rows == 0:
