@@ -141,16 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of the frozen base (default: the one the adapter was trained on; another one "
                         "loads with a warning)")
 
-    c = sub.add_parser("classify", help="classify records; each output line = input record + prediction + scores")
-    c.add_argument("--adapter", required=True, help="directory written by 'ltuning train'")
-    c.add_argument("--input", required=True, help="JSONL/CSV/TSV with 'text' (or 'premise'+'hypothesis')")
-    c.add_argument("--output", required=True, help="JSONL to write (atomically)")
-    c.add_argument("--batch-size", type=int, default=64, help="inference batch size")
-    c.add_argument("--model", default=None, help="override the base model recorded in the adapter")
-    c.add_argument("--task", default=None, help="multi-task adapters: the task of records without a 'task' field")
-    c.add_argument("--quantize", default=None, choices=["nf4", "int8", "none"],
-                   help="precision of the frozen base (default: the one the adapter was trained on; another one "
-                        "loads with a warning)")
+    from .serving.commands import add_classify_args, add_serve_args
+    add_classify_args(sub.add_parser("classify", help="classify records, streamed; each output line = input record + "
+                                                      "prediction + scores; a closing JSON line with examples/s"))
+    add_serve_args(sub.add_parser("serve", help="HTTP server: POST /v1/classify with dynamic micro-batching"))
     return ap
 
 
@@ -248,7 +242,17 @@ def cmd_eval(a) -> dict:
 
 def cmd_classify(a) -> dict:
     from .data import read_records
-    from .modeling import atomic_write_bytes
+    from .modeling import atomic_write_bytes, read_adapter_config
+    if a.quantize not in ("nf4", "none") and (len(a.adapter) > 1
+                                              or "multitask" not in read_adapter_config(a.adapter[0])):
+        import argparse
+        from .preflight import check_adapter_and_output
+        from .serving.commands import run_classify
+        from .serving.engine import parse_adapter_args
+        for d in parse_adapter_args(a.adapter).values():  # the checks of main's preflight, input not read whole
+            check_adapter_and_output(argparse.Namespace(**{**vars(a), "adapter": d}))
+        return run_classify(a)  # the streamed engine (ltuning.serving)
+    a.adapter = a.adapter[0]
     from .preflight import check_classify_inputs
     check_classify_inputs(a)
     recs = read_records(a.input, require_label=False)
@@ -273,6 +277,11 @@ def cmd_classify(a) -> dict:
     return {"classified": len(recs), "output": os.path.abspath(a.output)}
 
 
+def cmd_serve(a) -> dict:
+    from .serving.commands import run_serve
+    return run_serve(a)
+
+
 def main(argv=None) -> int:
     from .distributed import init_from_env, shutdown
     from .errors import debug_requested, run_command
@@ -280,7 +289,8 @@ def main(argv=None) -> int:
     debug = debug_requested(argv)
     a = build_parser().parse_args([x for x in argv if x != "--debug"])
     distributed = init_from_env()  # under torchrun: join the process group (gloo on the CPU, nccl on GPUs)
-    status, result = run_command(lambda: {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify}[a.cmd](a),
+    status, result = run_command(lambda: {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify,
+                                                 "serve": cmd_serve}[a.cmd](a),
                                  debug)
     if status:
         return status

@@ -76,6 +76,7 @@ class LTuningModel(nn.Module):
         """Train mode for the method and head; the frozen base keeps its dropout off (train flag on only so
         that gradient checkpointing, which transformers applies in training mode, works)."""
         super().train(mode)
+        self.__dict__.pop("_inference_cache", None)  # see inference_cached
         for m in self.base.modules():
             if isinstance(m, nn.Dropout):
                 m.eval()
@@ -112,7 +113,7 @@ class LTuningModel(nn.Module):
         input_mask = attention_mask
         offset = 0
         if kind == "prefix":
-            keys, values = self.method.prefix()
+            keys, values = self.inference_cached("prefix", self.method.prefix)
             P = keys[0].shape[2]
             scales = self.method.prefix_scales()
             lengths = self.method.prefix_lengths()
@@ -146,6 +147,23 @@ class LTuningModel(nn.Module):
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         h = out.last_hidden_state
         return self._pool(h, attention_mask, input_mask, offset).float()
+
+    def inference_cached(self, name: str, fn):
+        """``fn()`` (label-side work that does not depend on the input, e.g. the prefix bank's K/V after its
+        transforms), computed once and reused while inferring (eval mode, grad off): the key is the method's
+        parameters and buffers (storage and in-place version counter) and the autocast state, so an optimizer
+        step, ``load_state_dict`` or a dtype change recomputes it (writes through ``.data`` bypass the version counter:
+        ``train()`` / ``eval()`` also clear the cache). Training or grad on: ``fn()`` every call."""
+        if self.training or torch.is_grad_enabled():
+            return fn()
+        dev = self.head.weight.device.type
+        key = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
+               tuple((t.data_ptr(), t._version) for t in (*self.method.parameters(), *self.method.buffers())))
+        cache = self.__dict__.setdefault("_inference_cache", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = cache[name] = (key, fn())
+        return hit[1]
 
     def _pool(self, h, full_mask, input_mask, offset):
         if self.pooling == "last":

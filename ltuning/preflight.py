@@ -79,6 +79,16 @@ def check_eval_inputs(a) -> None:
                             f"{sorted(known)[:8]}", path or a.data, lines[j] if lines else None)
 
 
+def check_adapter_and_output(a) -> None:
+    """``ltuning classify`` (streamed): the checks of :func:`check_classify_inputs` except reading the input."""
+    _positive(a, ("batch_size",))
+    _check_adapter(a)
+    if os.path.abspath(a.output) == os.path.abspath(a.input):
+        raise UserError("is the input file; expected another path (the input is read while the output is written)",
+                        "--output")
+    check_output_file(a.output, "--output")
+
+
 def check_classify_inputs(a) -> None:
     """``ltuning classify``: the adapter, the model override, the output file's directory and the input file."""
     _positive(a, ("batch_size",))

@@ -1,0 +1,117 @@
+"""Dynamic micro-batching: requests queue up (bounded), one worker thread runs them through the engine in groups.
+
+A request is a job of N tokenised inputs for one adapter. The worker takes the oldest job, then waits until the
+queued jobs of the same adapter hold ``max_batch_tokens`` scored tokens (real tokens x rows per input) or the
+oldest job has waited ``max_wait_ms``, whichever first; it takes those jobs (FIFO, whole jobs, at least one), runs
+them as one :meth:`Engine.score_ids` call (which plans its own token-budget forwards) and answers each job with
+its own rows, in its own order. Jobs of other adapters stay queued for the next round.
+
+Bounded: ``submit`` raises :class:`QueueFull` when the examples waiting would exceed ``max_queue_examples`` (the
+server answers 503 with Retry-After), so memory stays bounded under overload. ``stop()`` lets the worker finish
+every queued job, then joins it (graceful shutdown).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    adapter: object          # engine Adapter
+    ids: list                # token id lists
+    callback: object         # callback(scores (N, K) tensor or None, error or None), called on the worker thread
+    tokens: int
+    t_enqueue: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, engine, max_batch_tokens: int = 4096, max_wait_ms: float = 5.0,
+                 max_queue_examples: int = 4096, on_batch=None):
+        self.engine = engine
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue_examples = max_queue_examples
+        self.on_batch = on_batch  # on_batch(examples, tokens, seconds) for metrics
+        self.queue: collections.deque = collections.deque()
+        self.pending = 0  # examples queued, not yet taken by the worker
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="ltuning-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, adapter, ids: list, callback) -> None:
+        job = Job(adapter, ids, callback, sum(len(x) for x in ids) * adapter.rows_per_input)
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("shutting down")
+            if self.pending + len(ids) > self.max_queue_examples:
+                raise QueueFull(f"{self.pending} examples queued (limit {self.max_queue_examples})")
+            self.queue.append(job)
+            self.pending += len(ids)
+            self.cond.notify()
+
+    def depth(self) -> int:
+        return self.pending
+
+    def _take(self) -> list | None:
+        with self.cond:
+            while not self.queue:
+                if self.stopping:
+                    return None
+                self.cond.wait()
+            first = self.queue[0]
+            deadline = first.t_enqueue + self.max_wait
+            while True:
+                same = [j for j in self.queue if j.adapter is first.adapter]
+                if sum(j.tokens for j in same) >= self.max_batch_tokens or self.stopping:
+                    break
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            taken, tokens = [], 0
+            for j in list(self.queue):
+                if j.adapter is not first.adapter:
+                    continue
+                if taken and tokens + j.tokens > self.max_batch_tokens:
+                    break
+                taken.append(j)
+                tokens += j.tokens
+            for j in taken:
+                self.queue.remove(j)
+                self.pending -= len(j.ids)
+            return taken
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            ids = [x for j in jobs for x in j.ids]
+            t0 = time.perf_counter()
+            try:
+                scores = self.engine.score_ids(jobs[0].adapter, ids)
+            except Exception as e:  # answered as a 500 per request; the worker keeps serving
+                for j in jobs:
+                    j.callback(None, e)
+                continue
+            if self.on_batch:
+                self.on_batch(len(ids), sum(j.tokens for j in jobs), time.perf_counter() - t0)
+            start = 0
+            for j in jobs:
+                j.callback(scores[start:start + len(j.ids)], None)
+                start += len(j.ids)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Answer every queued job, then stop the worker."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join(timeout)

@@ -1,0 +1,101 @@
+"""``ltuning classify`` (single-task adapters) and ``ltuning serve``: their flags and what they run.
+``ltuning.cli`` only parses and calls these."""
+from __future__ import annotations
+
+import sys
+
+
+def add_engine_args(p, batch_rows_default: int = 64) -> None:
+    p.add_argument("--adapter", required=True, action="append", metavar="[NAME=]DIR",
+                   help="directory written by 'ltuning train' (repeatable: several adapters on one base; named by "
+                        "the directory's last component or NAME=)")
+    p.add_argument("--model", default=None, help="override the base model recorded in the adapter(s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="inference dtype of the frozen base: auto = bf16 where the CPU multiplies bf16 natively "
+                        "(AMX / AVX512-BF16) and a probe GEMM is faster in bf16 here, fp32 otherwise")
+    p.add_argument("--quantize", default=None, choices=["int8", "nf4", "none"],
+                   help="int8: PyTorch dynamic int8 Linears in the frozen base (CPU inference, the streamed engine); "
+                        "classify only: nf4 / none load the base as 'ltuning train --quantize' does (bitsandbytes; "
+                        "one adapter, in memory)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096,
+                   help="token budget of one forward: padded tokens x scored rows (K rows per input for "
+                        "label-conditioned methods)")
+    p.add_argument("--batch-size", "--max-batch-rows", dest="batch_size", type=int, default=batch_rows_default,
+                   help="at most this many scored rows per forward")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+def add_classify_args(c) -> None:
+    add_engine_args(c)
+    c.add_argument("--input", required=True,
+                   help="JSONL/CSV/TSV with 'text' (or 'premise'+'hypothesis'); with several adapters an optional "
+                        "'adapter' field per record")
+    c.add_argument("--output", required=True,
+                   help="JSONL to write: written chunk by chunk to OUTPUT.partial, renamed to OUTPUT when complete")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.partial")
+    c.add_argument("--chunk-size", type=int, default=1024, help="records read ahead and written per chunk")
+    c.add_argument("--default-adapter", default=None,
+                   help="adapter of records without an 'adapter' field when several are loaded")
+    c.add_argument("--task", default=None, help="multi-task adapters: the task of records without a 'task' field")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_serve_args(s) -> None:
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    s.add_argument("--port", type=int, default=8080, help="TCP port")
+    s.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the batcher waits for more requests before running a batch")
+    s.add_argument("--max-queue-examples", type=int, default=4096,
+                   help="examples waiting at most; beyond it requests get 503 with Retry-After")
+    s.add_argument("--max-inputs", type=int, default=256, help="inputs per request at most (else 413)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size at most (else 413)")
+
+
+def _engine(a):
+    from .engine import Engine, parse_adapter_args
+    if a.threads is not None and a.threads < 1:
+        raise ValueError("--threads must be >= 1")
+    return Engine(parse_adapter_args(a.adapter), model=a.model, dtype=a.dtype, quantize=a.quantize,
+                  max_batch_tokens=a.max_batch_tokens, max_batch_rows=a.batch_size, threads=a.threads)
+
+
+def run_classify(a) -> dict:
+    """Single-task adapters: the streamed engine. Returns the closing summary (printed as the last JSON line)."""
+    import os
+    from .stream import classify_file
+    if not os.path.isfile(a.input):
+        raise FileNotFoundError(f"--input {a.input}: no such file")
+    out_dir = os.path.dirname(os.path.abspath(a.output))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"--output {a.output}: directory {out_dir} does not exist")
+    if a.task:
+        raise ValueError("--task applies to multi-task adapters")
+    engine = _engine(a)
+    engine.warmup()  # kernel builds and label-side caches before the clock starts
+    summary = classify_file(engine, a.input, a.output, resume=a.resume, chunk_size=a.chunk_size,
+                            progress=not a.quiet, default_adapter=a.default_adapter)
+    summary.update(dtype=engine.dtype, quantize=engine.quantize, adapters=list(engine.adapters))
+    return summary
+
+
+def run_serve(a) -> dict:
+    from .server import serve
+    for flag in ("max_queue_examples", "max_inputs", "max_body_bytes", "max_batch_tokens", "batch_size"):
+        if getattr(a, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    if a.max_wait_ms < 0:
+        raise ValueError("--max-wait-ms must be >= 0")
+    if not 0 < a.port < 65536:
+        raise ValueError(f"--port {a.port}: expected 1..65535")
+    from .engine import parse_adapter_args
+    parse_adapter_args(a.adapter)  # bad directories fail before the server starts
+    import socket
+    try:
+        with socket.create_server((a.host, a.port)):
+            pass
+    except OSError as e:
+        raise ValueError(f"--host {a.host} --port {a.port}: cannot listen there ({e.strerror})") from None
+    serve(a, lambda: _engine(a))
+    print("ltuning serve: stopped", file=sys.stderr)
+    return {"served": True}

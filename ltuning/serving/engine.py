@@ -1,0 +1,256 @@
+"""The inference engine behind ``ltuning classify`` and ``ltuning serve``: one frozen base, one or more adapters.
+
+Loaded once: the base (fp32, bf16 or dynamic-int8 Linears, see :mod:`ltuning.serving.cpu`), every adapter on it,
+and everything label-side (the label cache is restored with the adapter; the prefix bank's K/V after its transforms
+is cached by :meth:`ltuning.modeling.LTuningModel.inference_cached` at the first batch and reused). Per call:
+
+* tokenisation with a stated truncation policy (:meth:`Engine.tokenize`): each input is cut to the adapter's
+  ``max_length`` tokens (default 128), keeping its start; a premise/hypothesis pair is truncated longest-first on
+  encoders, and joined by a newline then cut from the end on decoders (as in training);
+* token-budget batches (:func:`plan_batches`): inputs sorted by length and split so that a batch's padded tokens,
+  counted per scored row (label-conditioned methods score all K labels of an input: K rows), stay within
+  ``max_batch_tokens`` and its rows within ``max_batch_rows``, minimising padding plus a fixed cost per forward;
+* ``torch.inference_mode`` and bf16 autocast when the base runs in bf16; all K labels of an input are scored by
+  the model's own forward (``model(input_ids, attention_mask)`` -> (B, K)), so a cheaper scoring the model
+  implements is used as is.
+
+Several adapters: each adapter is an ``LTuningModel`` sharing the same base module (no copy of the weights).
+Adapters whose method hooks the base's layers (LoRA, FL, APT, CGC-LoRA) have their hooks detached from the base
+and attached only while a batch of that adapter runs (:class:`_HookSwitch`); batches never mix adapters (one batch
+per adapter). A single LoRA adapter is merged into the frozen weights at load (no hook cost; before any
+quantization).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data import encode
+from ..inference import autocast
+from ..modeling import LTuningModel, read_adapter_config
+from ..models import enable, fingerprint, load_base
+from . import cpu
+
+# fixed cost of one forward pass counted in tokens (see ltuning.inference.OVERHEAD_TOKENS)
+OVERHEAD_TOKENS = 48
+
+
+def plan_batches(lengths: list, rows_per_input: int = 1, max_batch_tokens: int = 4096, max_batch_rows: int = 64,
+                 overhead_tokens: int = OVERHEAD_TOKENS) -> list:
+    """Batches of input indices (lists), longest first; callers restore the input order.
+
+    Inputs sorted by length (descending); a batch of inputs i..j-1 costs ``(j - i) * lengths[i] * rows_per_input``
+    padded tokens plus ``overhead_tokens``; the split minimising the total (exact dynamic programme, O(n *
+    max_batch_rows)) subject to ``(j - i) * rows_per_input <= max_batch_rows`` (at least one input per batch) and
+    padded tokens ``<= max_batch_tokens`` (an input longer than the budget alone gets its own batch)."""
+    if rows_per_input < 1 or max_batch_tokens < 1 or max_batch_rows < 1:
+        raise ValueError("rows_per_input, max_batch_tokens and max_batch_rows must be >= 1")
+    idx = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(idx)
+    ls = [max(1, lengths[i]) for i in idx]
+    max_inputs = max(1, max_batch_rows // rows_per_input)
+    best = [0.0] + [math.inf] * n
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, max(0, j - max_inputs) - 1, -1):  # last batch = sorted rows i..j-1, padded to ls[i]
+            tokens = (j - i) * ls[i] * rows_per_input
+            if tokens > max_batch_tokens and i < j - 1:
+                break  # longer batches (smaller i) only get more tokens
+            c = best[i] + tokens + overhead_tokens
+            if c < best[j]:
+                best[j], start[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(idx[start[j]:j])
+        j = start[j]
+    return out[::-1]
+
+
+class _HookSwitch:
+    """Forward (pre-)hooks an adapter installed on the shared base: detached, re-attached while it runs."""
+    DICTS = ("_forward_hooks", "_forward_pre_hooks")
+
+    def __init__(self):
+        self.entries = {}  # adapter name -> [(module, dict name, key, fn)]
+
+    @classmethod
+    def hook_ids(cls, base) -> set:
+        return {id(fn) for m in base.modules() for d in cls.DICTS for fn in getattr(m, d).values()}
+
+    def detach(self, base, owned: dict) -> None:
+        """``owned``: adapter name -> set of ids of the hook functions it installed."""
+        for m in base.modules():
+            for d in self.DICTS:
+                hooks = getattr(m, d)
+                for key, fn in list(hooks.items()):
+                    for name, ids in owned.items():
+                        if id(fn) in ids:
+                            self.entries.setdefault(name, []).append((m, d, key, fn))
+                            del hooks[key]
+
+    def attach(self, name: str) -> None:
+        for m, d, key, fn in self.entries.get(name, []):
+            getattr(m, d)[key] = fn
+
+    def release(self, name: str) -> None:
+        for m, d, key, _ in self.entries.get(name, []):
+            getattr(m, d).pop(key, None)
+
+
+@dataclass
+class Adapter:
+    """One loaded adapter: its model (sharing the engine's base), label names and input policy."""
+    name: str
+    directory: str
+    model: LTuningModel
+    label_names: list
+    max_length: int
+    method: str
+    rows_per_input: int = 1
+    info: dict = field(default_factory=dict)
+
+
+def parse_adapter_args(items: list) -> dict:
+    """``["DIR", "name=DIR", ...]`` -> {name: DIR}; a bare DIR is named by its last path component."""
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep or os.path.isdir(it):
+            name, path = os.path.basename(os.path.normpath(it)) or "adapter", it
+        name = name.strip()
+        if not name:
+            raise ValueError(f"--adapter {it!r}: expected DIR or NAME=DIR")
+        if name in out:
+            raise ValueError(f"--adapter {it!r}: the name {name!r} is given twice (use NAME=DIR)")
+        read_adapter_config(path)  # FileNotFoundError naming the path
+        out[name] = path
+    if not out:
+        raise ValueError("--adapter: at least one adapter directory is needed")
+    return out
+
+
+class Engine:
+    """Load ``adapters`` ({name: directory}) on one base; classify tokenised or raw inputs.
+
+    ``dtype``: ``"auto"`` (bf16 where the CPU multiplies bf16 natively and a probe GEMM is faster in bf16, else
+    fp32), ``"fp32"`` or ``"bf16"``. ``quantize``: None or ``"int8"`` (PyTorch dynamic int8 Linears in the frozen
+    base, CPU only; runs in fp32). ``model``: override the base recorded in the adapters."""
+
+    def __init__(self, adapters: dict, model: str | None = None, dtype: str = "auto", quantize: str | None = None,
+                 max_batch_tokens: int = 4096, max_batch_rows: int = 64, threads: int | None = None):
+        if not adapters:
+            raise ValueError("at least one adapter is needed")
+        if quantize not in (None, "none", "int8"):
+            raise ValueError(f"--quantize: expected int8 (or none), got {quantize!r}")
+        quantize = None if quantize == "none" else quantize
+        if dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--dtype: expected auto, fp32 or bf16, got {dtype!r}")
+        if max_batch_tokens < 1 or max_batch_rows < 1:
+            raise ValueError("--max-batch-tokens and --max-batch-rows must be >= 1")
+        if threads:
+            torch.set_num_threads(threads)
+        metas = {n: read_adapter_config(d) for n, d in adapters.items()}
+        bases = {m.get("classifier", {}).get("model") or m["base_model"] for m in metas.values()}
+        if model is None and len(bases) > 1:
+            raise ValueError(f"the adapters were trained on different base models {sorted(bases)}; "
+                             f"serve them from separate processes")
+        base_name = model or bases.pop()
+        if quantize == "int8" and dtype == "bf16":
+            raise ValueError("--quantize int8 runs in fp32; do not combine it with --dtype bf16")
+        self.dtype = "fp32" if quantize else (cpu.preferred_dtype() if dtype == "auto" else dtype)
+        self.quantize = quantize
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_rows = max_batch_rows
+        self.base, self.tokenizer = load_base(base_name, "fp32")
+        self.base_name = base_name
+        enable(self.base)  # the attention patch and fused ops once, before any adapter's own hooks
+        self.adapters: dict = {}
+        owned = {}
+        for name, d in adapters.items():
+            before = _HookSwitch.hook_ids(self.base)
+            m = LTuningModel.from_pretrained(self.base, d, self.tokenizer).eval()
+            owned[name] = _HookSwitch.hook_ids(self.base) - before
+            meta = metas[name]
+            self.adapters[name] = Adapter(
+                name, d, m, list(m.label_names), int(meta.get("classifier", {}).get("max_length", 128)),
+                m.config.method, len(m.label_names) if m.method.label_conditioned else 1,
+                {"method": m.config.method, "labels": list(m.label_names), "base_model": base_name,
+                 "base_fingerprint": meta.get("base_fingerprint")})
+        self.hooks = _HookSwitch()
+        hooked = [n for n, ids in owned.items() if ids]
+        if len(self.adapters) > 1 and hooked:
+            self.hooks.detach(self.base, owned)
+        elif hooked and self.adapters[hooked[0]].method == "lora":
+            self.adapters[hooked[0]].model.method.merge()  # its hook then adds nothing
+        if self.dtype == "bf16":
+            self.base.to(torch.bfloat16)
+        if quantize == "int8":
+            cpu.quantize_int8(self.base)
+        self.fingerprint = fingerprint(self.base)
+        self.lock = threading.Lock()  # one model call at a time
+
+    # ---------------------------------------------------------------- inputs
+    def adapter(self, name: str | None) -> Adapter:
+        if name is None:
+            if len(self.adapters) == 1:
+                return next(iter(self.adapters.values()))
+            raise KeyError(f"several adapters are loaded ({', '.join(self.adapters)}): name one")
+        if name not in self.adapters:
+            raise KeyError(f"unknown adapter {name!r}; loaded: {', '.join(self.adapters)}")
+        return self.adapters[name]
+
+    def tokenize(self, records: list, adapter: Adapter) -> list:
+        """Token ids per record (``{"text"}`` or ``{"premise", "hypothesis"}``), truncated to the adapter's
+        ``max_length`` (see the module docstring)."""
+        return encode(records, self.tokenizer, None, adapter.max_length, adapter.model.info.causal).input_ids
+
+    # ---------------------------------------------------------------- scoring
+    def score_ids(self, adapter: Adapter, ids: list) -> torch.Tensor:
+        """Scores (N, K) float32 of N token-id lists, input order."""
+        out = torch.empty(len(ids), len(adapter.label_names))
+        if not ids:
+            return out
+        pad = self.tokenizer.pad_token_id
+        batches = plan_batches([len(x) for x in ids], adapter.rows_per_input, self.max_batch_tokens,
+                               self.max_batch_rows)
+        with self.lock, torch.inference_mode():
+            self.hooks.attach(adapter.name)
+            try:
+                for b in batches:
+                    L = max(len(ids[i]) for i in b)
+                    t = torch.full((len(b), L), pad, dtype=torch.long)
+                    mask = torch.zeros(len(b), L, dtype=torch.long)
+                    for r, i in enumerate(b):
+                        t[r, :len(ids[i])] = torch.tensor(ids[i])
+                        mask[r, :len(ids[i])] = 1
+                    with autocast(self.dtype):
+                        s = adapter.model(t, mask)
+                    out[torch.tensor(b)] = s.float()
+            finally:
+                self.hooks.release(adapter.name)
+        return out
+
+    def classify(self, records: list, adapter: str | None = None) -> list:
+        """``[(prediction, {label: score})]`` for raw records (str or dict), input order."""
+        a = self.adapter(adapter)
+        recs = [{"text": r} if isinstance(r, str) else r for r in records]
+        return self.format(a, self.score_ids(a, self.tokenize(recs, a)))
+
+    @staticmethod
+    def format(adapter: Adapter, scores: torch.Tensor) -> list:
+        names = adapter.label_names
+        return [(names[max(range(len(s)), key=s.__getitem__)], dict(zip(names, s))) for s in scores.tolist()]
+
+    def warmup(self) -> None:
+        """One small batch per adapter (builds kernels, fills the label-side caches)."""
+        for a in self.adapters.values():
+            self.score_ids(a, self.tokenize([{"text": "warm up"}], a))
+
+    def describe(self) -> dict:
+        return {"base_model": self.base_name, "dtype": self.dtype, "quantize": self.quantize,
+                "threads": torch.get_num_threads(),
+                "adapters": {n: {**a.info, "max_length": a.max_length} for n, a in self.adapters.items()}}
