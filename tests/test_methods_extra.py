@@ -299,7 +299,8 @@ def fresh_minilm(minilm, monkeypatch):
     """The CLI loads its own base: hand it a copy of the session MiniLM (no 2nd load, no hooks left behind)."""
     base, tok = minilm
 
-    def load(name, dtype="fp32"):
+    def load(name, dtype="fp32", quantize=None):
+        assert quantize is None, "this fixture hands out the full-precision session MiniLM only"
         return copy.deepcopy(base), tok
     monkeypatch.setattr("ltuning.classifier.load_base", load)
     monkeypatch.setattr("ltuning.multitask.load_base", load)
