@@ -43,7 +43,11 @@ def check_train_inputs(a):
     overrides = parse_label_texts(a.label_text)
     check_output_dir(a.out, "--out")
     check_model(a.model)
-    if "," in a.data:
+    if "," in a.data:  # multi-task: the same file and label checks on every task's directory
+        for d in a.data.split(","):
+            train, train_file, _ = _read(d, "train")
+            dev, dev_file, dev_lines = _read(d, "dev")
+            check_labels(train, dev, train_file, dev_file, dev_lines)
         return None
     train, train_file, _ = _read(a.data, "train")
     dev, dev_file, dev_lines = _read(a.data, "dev")

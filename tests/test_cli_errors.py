@@ -145,6 +145,17 @@ def test_dev_label_that_train_never_has_is_reported_before_the_model_loads(tmp_p
              "'negative', 'positive'")
 
 
+def test_multitask_dev_label_is_reported_before_the_model_loads(tmp_path, capsys, no_model_load):
+    """Multi-task data (``--data D1,D2``) gets the same label checks on every task's directory, before loading."""
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t2").mkdir()
+    good = data_dir(tmp_path / "t1", GOOD, GOOD[:2])
+    bad = data_dir(tmp_path / "t2", GOOD, [GOOD[0], {"text": "meh", "label": "neutral"}])
+    one_line(capsys, train(f"{good},{bad}", tmp_path / "o", "minilm-l6", "cgc-lora"),
+             f"{bad / 'dev.jsonl'}:2: label 'neutral' never occurs in {bad / 'train.jsonl'}; expected one of its "
+             "labels: 'negative', 'positive'")
+
+
 def test_label_set_comes_from_the_whole_training_file(tiny, tmp_path, capsys, seed):
     """BANKING77 found: a subsample that missed a class stopped after training. The label set is the whole
     file's: training runs, and the class with no training example is still scored."""
