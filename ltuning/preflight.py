@@ -95,10 +95,5 @@ def check_adapter_and_output(a) -> None:
 
 def check_classify_inputs(a) -> None:
     """``ltuning classify``: the adapter, the model override, the output file's directory and the input file."""
-    _positive(a, ("batch_size",))
-    _check_adapter(a)
-    if os.path.abspath(a.output) == os.path.abspath(a.input):
-        raise UserError("is the input file; expected another path (the input is read while the output is written)",
-                        "--output")
-    check_output_file(a.output, "--output")
+    check_adapter_and_output(a)
     read_records(a.input, require_label=False)

@@ -173,18 +173,25 @@ def load_base(name: str, dtype: str = "fp32", quantize: str | None = None):
     return model, tokenizer
 
 
-def fingerprint(model) -> str:
-    """A short hash of the base model's config and a sample of its weights (detects a changed base); a quantized
-    base gets its quantization as a suffix (``"<hash>-nf4"``, ``"<hash>-int8"``), the hash being that of the
-    same base in full precision."""
-    from .quantize import quantization_of
-
+def _config_hash(model):
+    """sha256 over the model's config without the keys that name where or how it was loaded (path, dtype,
+    attention implementation, quantization), so the same weights hash the same however they were loaded."""
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
               "_attn_implementation_autoset", "quantization_config", "_pre_quantization_dtype"):
         cfg.pop(k, None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    return h
+
+
+def fingerprint(model) -> str:
+    """A short hash of the base model's config and a sample of its weights (detects a changed base); a quantized
+    base gets its quantization as a suffix (``"<hash>-nf4"``, ``"<hash>-int8"``), the hash being that of the
+    same base in full precision."""
+    from .quantize import quantization_of
+
+    h = _config_hash(model)
     emb = model.get_input_embeddings().weight
     h.update(emb.detach()[:64].float().cpu().numpy().tobytes())
     q = quantization_of(model)
@@ -195,12 +202,7 @@ def base_identity(model) -> str:
     """Which base model this is, whatever dtype it was loaded in: a hash of its config (dtype and path removed) and
     the first 64 rows of its input embeddings rounded to bf16. An adapter records it; loading the adapter onto a
     model with another identity is refused (``LTuningModel.from_pretrained``)."""
-    h = hashlib.sha256()
-    cfg = model.config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation",
-              "_attn_implementation_autoset", "quantization_config", "_pre_quantization_dtype"):
-        cfg.pop(k, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h = _config_hash(model)
     emb = model.get_input_embeddings().weight.detach()[:64]
     h.update(emb.to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
