@@ -40,8 +40,9 @@ def machine_info() -> dict:
     return {"cpu": model, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
-            "note": "machine shared with 5 other jobs while measuring: absolute times are inflated, the ratios are "
-                    "taken side by side in one process"}
+            "load_average_at_start": os.getloadavg(),
+            "note": os.environ.get("LTUNING_BENCH_NOTE", "load average at start recorded; other jobs on the "
+                                   "machine are not otherwise known to this script")}
 
 
 def main(argv=None) -> int:
