@@ -243,8 +243,11 @@ def cmd_eval(a) -> dict:
 def cmd_classify(a) -> dict:
     from .data import read_records
     from .modeling import atomic_write_bytes, read_adapter_config
-    if a.quantize not in ("nf4", "none") and (len(a.adapter) > 1
-                                              or "multitask" not in read_adapter_config(a.adapter[0])):
+    from .distributed import is_distributed
+    # the streamed engine writes one output from one process; under torchrun the in-memory path shards the input
+    # over the ranks and rank 0 writes the gathered result
+    if not is_distributed() and a.quantize not in ("nf4", "none") and (
+            len(a.adapter) > 1 or "multitask" not in read_adapter_config(a.adapter[0])):
         import argparse
         from .preflight import check_adapter_and_output
         from .serving.commands import run_classify

@@ -61,9 +61,9 @@ def test_torchrun_two_processes_train_same_adapter_and_classify_in_order(minilm,
     dev = load_split(sst2_dir, "dev")[:7]
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"text": r["text"], "id": i}) + "\n" for i, r in enumerate(dev)))
-    _run(["classify", "--adapter", str(one), "--input", str(inp), "--output", str(tmp_path / "c1.jsonl")], 1,
+    _run(["classify", "--adapter", str(one), "--input", str(inp), "--output", str(tmp_path / "c1.jsonl"), "--dtype", "fp32"], 1,
          tmp_path, "c1")
-    _run(["classify", "--adapter", str(one), "--input", str(inp), "--output", str(tmp_path / "c2.jsonl")], 2,
+    _run(["classify", "--adapter", str(one), "--input", str(inp), "--output", str(tmp_path / "c2.jsonl"), "--dtype", "fp32"], 2,
          tmp_path, "c2")
     r1 = [json.loads(x) for x in (tmp_path / "c1.jsonl").read_text().splitlines()]
     r2 = [json.loads(x) for x in (tmp_path / "c2.jsonl").read_text().splitlines()]
