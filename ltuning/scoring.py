@@ -179,8 +179,10 @@ def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
     dev = input_ids.device
     mask = attention_mask.to(dev).bool()
     model.method.begin_forward(input_ids, mask)
-    keys, values, lengths, start = label_blocks(model)
-    pk, pv = pack_blocks(keys, values, lengths)
+    def bank():  # label-side only: built once per adapter state while inferring (LTuningModel.inference_cached)
+        keys, values, lengths, start = label_blocks(model)
+        return pack_blocks(keys, values, lengths), start
+    (pk, pv), start = model.inference_cached("onepass_bank", bank)
     kwargs = {"ltuning_prefix": PrefixInputs(pk, pv, torch.zeros(B, dtype=torch.long, device=dev), None,
                                              model.config.backend, None)}
     if start is not None:
