@@ -17,7 +17,9 @@ def make_tiny_bert(directory: str, seed: int = 0) -> str:
     path = os.path.join(directory, "vocab.txt")
     with open(path, "w") as f:
         f.write("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=path, do_lower_case=True)
+    # transformers 5 takes the vocabulary as ``vocab`` (``vocab_file=`` is silently ignored: every token became [UNK])
+    tok = BertTokenizerFast(vocab=path, do_lower_case=True)
+    assert tok.tokenize("good film") == ["good", "film"], tok.tokenize("good film")
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(seed)
