@@ -489,7 +489,7 @@ def run_workers(a, argv: list) -> list:
 
 
 def main(argv=None) -> int:
-    from ltuning.training import DEFAULT_HEAD_LR
+    from ltuning.train import DEFAULT_HEAD_LR
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm-l6,smollm2-135m")

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from ltuning.data import encode, load_split
     from ltuning.models import load_base
     from ltuning.models.quantize import frozen_weight_bytes
-    from ltuning.training import TrainConfig, param_groups
+    from ltuning.train import TrainConfig, param_groups
 
     recs = load_split(os.path.join(ROOT, "..", "shared", "data", "sst2"), "train")[:a.batch_size]
     names = ["negative", "positive"]

@@ -1,7 +1,7 @@
 """ltuning: label-, prompt- and prefix-based parameter-efficient fine-tuning with fused shared-prefix attention."""
 from .classifier import Classifier
 from .methods import METHODS, MethodConfig, make_config
-from .modeling import LTuningModel, patch, unpatch
+from .model import LTuningModel, patch, unpatch
 from .models import load_base
 
 __version__ = "0.1.0"

@@ -13,9 +13,10 @@ from .distributed import map_sharded
 from .inference import predict_scores
 from .methods import make_config
 from .metrics import classification_metrics
-from .modeling import LTuningModel, read_adapter_config
+from .model import LTuningModel
+from .io import read_adapter_config
 from .models import load_base
-from .training import TrainConfig, fit
+from .train import TrainConfig, fit
 
 
 def split_validation(records: list, fraction: float, seed: int, max_examples: int = 500, min_examples: int = 50,

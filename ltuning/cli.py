@@ -79,7 +79,7 @@ def _add_model_args(p):
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
-    from .training import DEFAULT_HEAD_LR, SELECT_METRICS
+    from .train import DEFAULT_HEAD_LR, SELECT_METRICS
 
     ap = _Parser(prog="ltuning", description=__doc__,
                  epilog="--debug (or LTUNING_DEBUG=1) shows the traceback of an error instead of one line")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tuning method: {', '.join(sorted(METHODS))}")
     t.add_argument("--data", required=True,
                    help="directory with train.jsonl and dev.jsonl (or .csv/.tsv), or a Hugging Face dataset name; "
-                        "DIR1,DIR2,... trains one multi-task model (see ltuning.multitask)")
+                        "DIR1,DIR2,... trains one multi-task model (see ltuning.tasks)")
     t.add_argument("--out", required=True, help="output directory (adapter, config, metrics, checkpoint)")
     t.add_argument("--max-train-examples", type=int, default=None, help="use at most N training examples (seeded)")
     t.add_argument("--max-dev-examples", type=int, default=None, help="evaluate on at most N dev examples")
@@ -168,7 +168,7 @@ def cmd_train(a) -> dict:
     if "," in a.data:
         if a.quantize != "none":
             raise ValueError("--quantize is not supported for multi-task training (--data DIR1,DIR2,...) yet")
-        from .multitask import cmd_train as train_tasks
+        from .tasks import cmd_train as train_tasks
         check_train_inputs(a)  # output and model, before any data or model is loaded
         return train_tasks(a, opts, lr)
     # every check on the inputs runs before the model loads and training starts; the label set is that of the
@@ -205,7 +205,7 @@ def _load_classifier(a):
     base = None
     quantize = getattr(a, "quantize", None) or "recorded"
     if a.model:
-        from .modeling import read_adapter_config
+        from .io import read_adapter_config
         from .models import load_base
         info = read_adapter_config(a.adapter).get("classifier", {})
         q = info.get("quantize") if quantize == "recorded" else quantize
@@ -215,12 +215,12 @@ def _load_classifier(a):
 
 
 def _multitask(a):
-    """:func:`ltuning.multitask.load`'s (router, labels, max_length, dtype) for a multi-task adapter, else None."""
-    from .modeling import read_adapter_config
+    """:func:`ltuning.tasks.load`'s (router, labels, max_length, dtype) for a multi-task adapter, else None."""
+    from .io import read_adapter_config
     if "multitask" not in read_adapter_config(a.adapter):
         return None
     from .models import load_base
-    from .multitask import load
+    from .tasks import load
     base, tok = load_base(a.model) if a.model else (None, None)
     return load(a.adapter, base, tok)
 
@@ -231,7 +231,7 @@ def cmd_eval(a) -> dict:
     check_eval_inputs(a)
     mt = _multitask(a)
     if mt is not None:
-        from .multitask import cmd_eval as eval_tasks
+        from .tasks import cmd_eval as eval_tasks
         return eval_tasks(a, mt)
     if a.task:
         raise ValueError(f"--task applies to multi-task adapters; {a.adapter} has one task")
@@ -242,7 +242,7 @@ def cmd_eval(a) -> dict:
 
 def cmd_classify(a) -> dict:
     from .data import read_records
-    from .modeling import atomic_write_bytes, read_adapter_config
+    from .io import atomic_write_bytes, read_adapter_config
     from .distributed import is_distributed
     # the streamed engine writes one output from one process; under torchrun the in-memory path shards the input
     # over the ranks and rank 0 writes the gathered result
@@ -261,7 +261,7 @@ def cmd_classify(a) -> dict:
     recs = read_records(a.input, require_label=False)
     mt = _multitask(a)
     if mt is not None:
-        from .multitask import classify
+        from .tasks import classify
         router, labels, max_length, dtype = mt
         per_label = [s for _, s in classify(router, labels, recs, a.task, max_length, a.batch_size, dtype)]
     else:

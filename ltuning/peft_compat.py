@@ -108,7 +108,7 @@ def load_peft_prefix(model, source) -> None:
 def from_peft(base, tokenizer, source, label_names: list, live: bool = False, **overrides):
     """Patch ``base`` with ltuning's ``prefix`` method holding the PEFT adapter ``source``; the head is new (PEFT's
     task heads are not read). Returns the ``LTuningModel``."""
-    from .modeling import patch
+    from .model import patch
 
     model = patch(base, prefix_config_from_peft(source, label_names, live, **overrides), tokenizer)
     load_peft_prefix(model, source)

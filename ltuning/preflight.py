@@ -35,7 +35,7 @@ def _read(data: str, split: str):
 
 def check_train_inputs(a):
     """``ltuning train``: returns ``(train, dev, label_names)`` of the whole files (None for multi-task data,
-    whose files :mod:`ltuning.multitask` reads)."""
+    whose files :mod:`ltuning.tasks` reads)."""
     _positive(a, ("epochs", "batch_size", "max_length", "max_train_examples", "max_dev_examples", "max_steps",
                   "lr", "eval_every"))
     if not 0 < a.val_fraction < 1:
@@ -60,7 +60,7 @@ def check_train_inputs(a):
 
 
 def _check_adapter(a):
-    from .modeling import read_adapter_config, read_adapter_weights
+    from .io import read_adapter_config, read_adapter_weights
     meta = read_adapter_config(a.adapter)
     read_adapter_weights(a.adapter, meta)
     if a.model:

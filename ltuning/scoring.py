@@ -26,7 +26,7 @@ d = hidden size, layers of Hkv key/value heads of size D.
   K; attention over T = sum n_k bank tokens does (B x L x T per layer, ~600 bank tokens at K = 77).
   (:class:`BilinearLabelHead`: a dual-encoder metric that starts as the correlation of the two states.)
   Trainable: the method's label-side generator (as in kpass) + A, C, tau. A label is added at inference by
-  encoding its text (:meth:`ltuning.modeling.LTuningModel.add_labels`): its block joins the bank and its u_k the
+  encoding its text (:meth:`ltuning.model.LTuningModel.add_labels`): its block joins the bank and its u_k the
   score, no retraining (nothing in the model is per-label; ``variant="published"`` excepted when l grows).
   Encoders: the input attends to all label blocks bidirectionally, the blocks do not see the input (they are a
   prefix); as in kpass lt-prefix on encoders.

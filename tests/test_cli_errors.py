@@ -13,7 +13,7 @@ import time
 import pytest
 
 import ltuning.classifier
-import ltuning.modeling
+import ltuning.model
 from ltuning import outputs
 from ltuning.cli import main
 from tiny_bert import make_tiny_bert, write_data
@@ -45,7 +45,7 @@ def no_model_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the bad input was reported")
     monkeypatch.setattr(ltuning.classifier, "load_base", boom)
-    monkeypatch.setattr(ltuning.modeling, "load_base", boom)
+    monkeypatch.setattr(ltuning.model, "load_base", boom)
 
 
 def one_line(capsys, rc, *fragments):
@@ -362,7 +362,7 @@ def test_disk_full_at_the_final_save_leaves_no_partial_adapter(tiny, tmp_path, c
 def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, capsys, monkeypatch):
     d = data_dir(tmp_path, GOOD * 16)
     out = tmp_path / "o"
-    from ltuning import training
+    from ltuning import train as training
     real = training._save_checkpoint
     saves = []
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ltuning.kernels import cpu_fused_ops as fo
-from conftest import max_rel, rel_err
+from testutil import max_rel, rel_err
 
 pytestmark = pytest.mark.skipif(not fo.is_available(), reason="C++ fused-ops extension did not build")
 

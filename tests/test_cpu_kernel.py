@@ -11,7 +11,7 @@ import torch
 
 from ltuning.kernels import cpu_prefix_attention as cpa
 from ltuning.kernels.reference import prefix_attention_reference, prefix_attention_varlen_reference
-from conftest import max_rel, rel_err
+from testutil import max_rel, rel_err
 
 pytestmark = pytest.mark.skipif(not cpa.is_available(), reason="C++ prefix-attention extension did not build")
 

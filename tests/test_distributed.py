@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from conftest import rel_err
+from testutil import rel_err
 from ltuning.data import load_split
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))

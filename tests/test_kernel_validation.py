@@ -20,7 +20,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from conftest import rel_err  # noqa: E402
+from testutil import rel_err  # noqa: E402
 from ltuning.kernels import cpu_fused_ops as fo  # noqa: E402
 from ltuning.kernels import cpu_prefix_attention as cpa  # noqa: E402
 from ltuning.kernels import prefix_attention, prefix_attention_varlen  # noqa: E402

@@ -4,8 +4,8 @@ import torch
 
 import ltuning
 from ltuning.methods import label_cache
-from ltuning.modeling import LTuningModel
-from conftest import rel_err
+from ltuning.model import LTuningModel
+from testutil import rel_err
 
 LABELS = ["negative", "positive", "neutral"]
 TEXTS = ["The sentiment is negative.", "The sentiment of the text is positive.", "It is neutral."]

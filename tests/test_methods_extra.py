@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import ltuning
 from ltuning.cli import main
 from ltuning.methods.apt import plot_gates
-from ltuning.modeling import LTuningModel
+from ltuning.model import LTuningModel
 from ltuning.models import PrefixInputs
-from conftest import checkpointing_grads, rel_err
+from testutil import checkpointing_grads, rel_err
 
 LABELS = ["negative", "positive"]
 NEW = ["sk-prefix", "sk-prompt", "apt", "fl", "lora", "cgc-lora"]
@@ -303,7 +303,7 @@ def fresh_minilm(minilm, monkeypatch):
         assert quantize is None, "this fixture hands out the full-precision session MiniLM only"
         return copy.deepcopy(base), tok
     monkeypatch.setattr("ltuning.classifier.load_base", load)
-    monkeypatch.setattr("ltuning.multitask.load_base", load)
+    monkeypatch.setattr("ltuning.tasks.load_base", load)
 
 
 @pytest.mark.parametrize("method,flags", [
@@ -400,7 +400,7 @@ def test_cli_multitask_cgc_lora(fresh_minilm, sst2_dir, tmp_path, capsys):
 
 
 def test_multitask_router_scores_only_own_labels(minilm):
-    from ltuning.multitask import build
+    from ltuning.tasks import build
     base, tok = minilm
     router = build(base, tok, "cgc-lora", {"s": ["negative", "positive"], "r": ["entailment", "not_entailment"]})
     try:

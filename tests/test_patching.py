@@ -6,7 +6,7 @@ import torch
 
 import ltuning
 from ltuning.models import PrefixInputs, disable, enable, model_info
-from conftest import checkpointing_grads, rel_err
+from testutil import checkpointing_grads, rel_err
 
 TEXTS = ["a gripping, beautifully acted film", "dull", "the plot never comes together , and the jokes fall flat"]
 

@@ -13,7 +13,7 @@ import torch
 
 import ltuning
 from ltuning.models import disable
-from conftest import rel_err
+from testutil import rel_err
 
 peft = pytest.importorskip("peft")
 from ltuning.peft_compat import from_peft, load_peft_prefix, prefix_config_from_peft  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import max_rel
+from testutil import max_rel
 
 bnb = pytest.importorskip("bitsandbytes")
 

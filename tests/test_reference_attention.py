@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ltuning.kernels import prefix_attention, prefix_attention_reference, prefix_attention_varlen_reference
-from conftest import rel_err
+from testutil import rel_err
 
 
 def naive(q, k, v, bank_k, bank_v, idx, mask, causal, scale, plen=None):

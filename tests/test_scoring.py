@@ -15,7 +15,7 @@ from ltuning.kernels.reference import prefix_attention_reference
 from ltuning.models import PrefixInputs
 from ltuning.scoring import BilinearLabelHead
 
-from conftest import DATA, rel_err
+from testutil import DATA, rel_err
 
 TEXTS3 = ["The sentiment is negative.", "The sentiment of the text is clearly positive.", "Neutral."]
 NAMES3 = ["negative", "positive", "neutral"]

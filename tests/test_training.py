@@ -85,7 +85,7 @@ def test_selection_metric_and_a_constant_majority_prediction(minilm, monkeypatch
     """Step 1 predicts the validation majority for everything (62 % accuracy, 0 MCC), step 2 is a real classifier
     at 60 % accuracy: the default metric (macro-F1) keeps step 2; accuracy keeps the constant step 1."""
     import ltuning
-    from ltuning import training
+    from ltuning import train as training
     from ltuning.metrics import classification_metrics
 
     gold = [0] * 31 + [1] * 19
@@ -108,7 +108,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(minilm, tmp_path, monk
     import torch
 
     import ltuning
-    from ltuning import training
+    from ltuning import train as training
 
     model, tok = minilm
     recs = [{"text": f"sample {i} " + ("good" if i % 2 else "bad") * (1 + i % 3), "label": ["a", "b"][i % 2]}
@@ -162,7 +162,7 @@ def test_param_groups_head_lr_and_weight_decay():
     """The head trains at head_lr next to other trainables; a head-only model (linear probe) at lr; no weight
     decay on prefixes/embeddings/biases; frozen parameters in no group."""
     import torch
-    from ltuning.training import TrainConfig, param_groups
+    from ltuning.train import TrainConfig, param_groups
 
     class M(torch.nn.Module):
         def __init__(self, with_prefix):
@@ -182,7 +182,7 @@ def test_param_groups_head_lr_and_weight_decay():
 def test_param_groups_never_decay_stacked_biases():
     """Per-layer biases stored as (layers, dim) tensors are biases: no weight decay (sk, apt, fl on BERT)."""
     import ltuning
-    from ltuning.training import TrainConfig, param_groups
+    from ltuning.train import TrainConfig, param_groups
     for method, biases in (("sk-prefix", {"key_bias", "value_bias"}), ("apt", {"gate_bias"}), ("fl", {"b_in"})):
         clf = ltuning.Classifier("minilm-l6", method, max_length=32)
         model = clf.build(["negative", "positive"])
@@ -306,7 +306,7 @@ def test_linear_probe_caches_features_with_the_same_result(minilm, sst2_dir):
     import torch
 
     from ltuning import Classifier, unpatch
-    from ltuning.training import head_only
+    from ltuning.train import head_only
 
     model, tok = minilm
     train = random.Random(0).sample(load_split(sst2_dir, "train"), 80)

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from conftest import rel_err  # noqa: E402
+from testutil import rel_err  # noqa: E402
 from ltuning.kernels import prefix_attention, triton_prefix_attention as tpa  # noqa: E402
 from ltuning.kernels.reference import prefix_attention_reference, prefix_attention_varlen_reference  # noqa: E402
 

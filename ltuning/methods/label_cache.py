@@ -3,7 +3,7 @@
 ``h_k = M_frozen(y_k)`` (K, l, d) with a (K, l) mask of real tokens, plus the texts' input embeddings E(y_k).
 With ``capture_kv`` the same forward also returns every layer's own keys/values of the texts (after RoPE),
 (layers, K, Hkv, l, D) each. It is stored with the adapter and recomputed only when the label texts or the
-base model fingerprint change (:meth:`ltuning.modeling.LTuningModel.from_pretrained`). ``ENCODE_CALLS``
+base model fingerprint change (:meth:`ltuning.model.LTuningModel.from_pretrained`). ``ENCODE_CALLS``
 counts frozen forwards (tests).
 """
 from __future__ import annotations

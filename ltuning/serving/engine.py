@@ -2,7 +2,7 @@
 
 Loaded once: the base (fp32, bf16 or dynamic-int8 Linears, see :mod:`ltuning.serving.cpu`), every adapter on it,
 and everything label-side (the label cache is restored with the adapter; the prefix bank's K/V after its transforms
-is cached by :meth:`ltuning.modeling.LTuningModel.inference_cached` at the first batch and reused). Per call:
+is cached by :meth:`ltuning.model.LTuningModel.inference_cached` at the first batch and reused). Per call:
 
 * tokenisation with a stated truncation policy (:meth:`Engine.tokenize`): each input is cut to the adapter's
   ``max_length`` tokens (default 128), keeping its start; a premise/hypothesis pair is truncated longest-first on
@@ -31,7 +31,8 @@ import torch
 
 from ..data import encode
 from ..inference import autocast
-from ..modeling import LTuningModel, read_adapter_config
+from ..model import LTuningModel
+from ..io import read_adapter_config
 from ..models import enable, fingerprint, load_base
 from . import cpu
 

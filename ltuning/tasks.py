@@ -3,7 +3,7 @@
 Labels are namespaced ``task:label``. The head Linear(d, sum_t K_t) is the T per-task heads side by side: a row
 of task t is scored only on its own K_t columns (the others are -inf), so its loss is task t's K_t-way
 cross-entropy and its prediction one of task t's labels. Training examples of all tasks are shuffled
-together (batches mix tasks) and go through :func:`ltuning.training.fit` unchanged: each example's task id
+together (batches mix tasks) and go through :func:`ltuning.train.fit` unchanged: each example's task id
 travels as a sentinel token ``-1 - t`` in front of its token ids, which :class:`TaskRouter` strips and passes
 to the model as ``task_ids``. Task-aware methods (``cgc-lora``: ``tasks`` in its config) use the ids; others
 (e.g. ``lora``: one shared LoRA) share everything but the heads.
@@ -29,9 +29,10 @@ from .data import encode, label_names_of, load_split
 from .inference import predict_scores
 from .methods import make_config, method_class
 from .metrics import classification_metrics
-from .modeling import LTuningModel, atomic_write_bytes, read_adapter_config
+from .model import LTuningModel
+from .io import atomic_write_bytes, read_adapter_config
 from .models import load_base
-from .training import TrainConfig, fit
+from .train import TrainConfig, fit
 
 
 class TaskRouter:

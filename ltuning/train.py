@@ -156,7 +156,7 @@ def _checkpoint_dir(path: str):
 
 def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: list, cfg: TrainConfig,
         checkpoint_dir: Optional[str] = None, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``model`` (an :class:`~ltuning.modeling.LTuningModel`) in place; the best adapter (on the validation
+    """Train ``model`` (an :class:`~ltuning.model.LTuningModel`) in place; the best adapter (on the validation
     split) is loaded back at the end. Returns a history dict (evaluations, best step, throughput, wall time)."""
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
@@ -178,7 +178,7 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
     ckpt = os.path.join(checkpoint_dir, "checkpoint") if checkpoint_dir else None
     gen = torch.Generator().manual_seed(cfg.seed)
     if resume and ckpt and _checkpoint_dir(ckpt):
-        from .modeling import WEIGHTS_NAME
+        from .io import WEIGHTS_NAME
         from safetensors.torch import load_file
         model.load_state_dict(load_file(os.path.join(ckpt, WEIGHTS_NAME)), strict=False)
         blob = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
