@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import sync_results  # noqa: E402  (beside this script)
+from ltuning.methods import method_class  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
 TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "cola": "mcc", "mrpc": "accuracy", "snli": "accuracy",
@@ -40,8 +41,6 @@ TASK_METRIC = {"sst2": "accuracy", "rte": "accuracy", "cola": "mcc", "mrpc": "ac
 DEFAULT_METHODS = ["linear-probe", "lora", "prompt", "prefix", "lt-prompt", "lt-prefix"]  # the table of issue 4
 RELATED_METHODS = ["sk-prefix", "sk-prompt", "apt", "fl"]  # issue 5, by --methods (cgc-lora is multi-task:
 # RESULTS_methods.md)
-LR_GRID = {"prompt": [1e-2, 3e-2, 1e-1], "linear-probe": [3e-3, 1e-2, 3e-2], "lora": [3e-4, 1e-3, 3e-3]}
-LR_GRID_DEFAULT = [3e-4, 1e-3, 3e-3]
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -68,9 +67,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 def default_lr(method: str) -> float:
     """The lr a row is trained at without ``--sweep``: the spec's ``lr=`` or the CLI's default for the method."""
-    from ltuning.cli import DEFAULT_LR
     name, opts = parse_method(method)
-    return float(opts.get("lr", DEFAULT_LR.get(name, 1e-3)))
+    return float(opts.get("lr", method_class(name).default_lr))
 
 
 def atomic_json(path: str, obj) -> None:
@@ -208,7 +206,7 @@ def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, swee
                 est = minutes(model, task, method)
                 lr = default_lr(method) if sweep else row_lr(runs, model, task, method)
                 if sweep:
-                    grid = LR_GRID.get(parse_method(method)[0], LR_GRID_DEFAULT)
+                    grid = list(method_class(parse_method(method)[0]).lr_grid)
                     left = [g for g in grid if (model, task, method, grid_seed, True, g) not in have
                             and (model, task, method, grid_seed, False, g) not in have]
                     todo += [(model, task, method, grid_seed, g, est) for g in left]
@@ -609,7 +607,7 @@ def main(argv=None) -> int:
                 if a.sweep and not claim(a.claims, model, task, method, deadline=a.deadline):
                     continue
                 if a.sweep:
-                    grid = LR_GRID.get(parse_method(method)[0], LR_GRID_DEFAULT)
+                    grid = list(method_class(parse_method(method)[0]).lr_grid)
                     for g in grid:
                         if (model, task, method, a.grid_seed, True, g) not in done:
                             r = same_run(state["runs"], (model, task, method, a.grid_seed, False, g), sweep=True)

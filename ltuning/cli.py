@@ -6,41 +6,6 @@ import json
 import os
 import sys
 
-DEFAULT_LR = {"prompt": 3e-2, "prefix": 1e-3, "lt-prefix": 1e-3, "lt-prompt": 1e-3, "linear-probe": 1e-2,
-              "sk-prefix": 1e-3, "sk-prompt": 1e-3, "apt": 1e-3, "fl": 1e-3, "lora": 1e-3, "cgc-lora": 1e-3}
-
-# flag -> method config field (passed only when given and only to methods that have the field)
-METHOD_FLAGS = {
-    "num_virtual_tokens": "number of virtual tokens P (prompt, prefix)",
-    "encoder_hidden_size": "hidden width r of the reparameterisation / label-transform MLP",
-    "objective": "label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)",
-    "num_negatives": "sampled wrong labels per example for the pairwise objective",
-    "variant": "lt-prefix reading: kv (the label texts' own K/V; default on decoders), pooling (default on encoders) or "
-               "published (the released code's)",
-    "scoring": "lt-prefix / lt-prompt: kpass (one pass per label, default), onepass (all labels in one prefix, the "
-               "input once) or shared-input (the input once, the label texts as suffixes); see ltuning.scoring",
-    "init": "prompt initialisation: vocab or text",
-    "init_text": "text to initialise the prompt from (--init text)",
-    "pooling": "pooling of the output: last, mean or cls (default: last for decoders, mean for encoders)",
-    "position_offset": "input positions start at 0 (zero) or after the prefix (prefix); default by method",
-    "backend": "attention backend: auto, cpu, triton, sdpa, reference",
-    "task_text": "task description whose K/V (sk-prefix) or embeddings (sk-prompt) start the tuning",
-    "num_units": "fl: extra hidden units m in every feed-forward network",
-    "r": "LoRA rank (lora; per expert for cgc-lora)",
-    "lora_alpha": "LoRA scale numerator: the update is (lora_alpha / r) B A x",
-    "target_modules": "comma-separated leaf names of the Linears to adapt (default: q and v projections)",
-    "num_common_experts": "cgc-lora: task-common experts E_s per adapted Linear",
-    "num_task_experts": "cgc-lora: task-specific experts E_t per task per adapted Linear",
-    "task_embedding_dim": "cgc-lora: size of the task embedding e_t that drives the gate",
-}
-METHOD_SWITCHES = {  # boolean config fields: --name / --no-name (default: the method's own)
-    "mask_label_padding": "lt-prefix: hide the padding of label texts of unequal token counts from attention",
-    "scale_to_embeddings": "lt-prompt: scale the label MLP's output to the label embeddings' rms",
-    "residual": "lt-prompt: prompt = label embeddings + MLP (else the MLP alone)",
-    "projection": "sk-prompt: a trainable Linear(d, d) on the prompt",
-}
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage errors in ONE line (``ltuning train: error: ...``), exit status 2; ``--help`` shows the usage."""
 
@@ -78,7 +43,7 @@ def _add_model_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
+    from .methods import METHODS, cli_options
     from .train import DEFAULT_HEAD_LR, SELECT_METRICS
 
     ap = _Parser(prog="ltuning", description=__doc__,
@@ -98,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-dev-examples", type=int, default=None, help="evaluate on at most N dev examples")
     t.add_argument("--epochs", type=float, default=3.0, help="passes over the training data")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default by method: {DEFAULT_LR})")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's default_lr: " + ", ".join(f"{n} {c.default_lr:g}" for n, c in sorted(METHODS.items())) + ")")
     t.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
                    help="learning rate of the classification / scoring head next to the method's other trainables "
                         "(linear-probe trains only its head, at --lr)")
@@ -121,13 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-text", action="append", default=[], metavar='NAME="TEXT"',
                    help="label text of a label (repeatable); defaults per label name")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
-    for name, help_ in METHOD_FLAGS.items():
-        kw = {"type": int} if name in ("num_virtual_tokens", "encoder_hidden_size", "num_negatives", "num_units", "r",
-                                       "lora_alpha", "num_common_experts", "num_task_experts",
-                                       "task_embedding_dim") else {}
-        t.add_argument("--" + name.replace("_", "-"), default=None, help=help_, **kw)
-    for name, help_ in METHOD_SWITCHES.items():
-        t.add_argument("--" + name.replace("_", "-"), default=None, action=argparse.BooleanOptionalAction, help=help_)
+    for name, (help_, kind) in cli_options().items():  # each method's config declares its flags (cli_help)
+        flag = "--" + name.replace("_", "-")
+        if kind == "bool":
+            t.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            t.add_argument(flag, default=None, help=help_, **({"type": int} if kind == "int" else {}))
 
     e = sub.add_parser("eval", help="evaluate a trained adapter; prints metrics as JSON on the last line")
     e.add_argument("--adapter", required=True, help="directory written by 'ltuning train'")
@@ -153,17 +117,17 @@ def cmd_train(a) -> dict:
 
     from .classifier import Classifier
     from .data import parse_label_texts
-    from .methods import method_class
+    from .methods import cli_options, method_class
 
     fields = set(method_class(a.method).config_class.__dataclass_fields__)
-    opts = {k: getattr(a, k) for k in (*METHOD_FLAGS, *METHOD_SWITCHES) if getattr(a, k) is not None}
+    opts = {k: getattr(a, k) for k in cli_options() if getattr(a, k) is not None}
     bad = set(opts) - fields
     if bad:
         raise ValueError(f"--{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
     from .scoring import SCORINGS
     if opts.get("scoring", "kpass") not in SCORINGS:
         raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, not {opts['scoring']!r}")
-    lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 1e-3)
+    lr = a.lr if a.lr is not None else method_class(a.method).default_lr
     from .preflight import check_train_inputs
     if "," in a.data:
         if a.quantize != "none":

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from ltuning.methods import method_class
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -157,7 +159,7 @@ def test_accuracy_sweep_reuses_runs_and_reports_the_pick(tmp_path, minilm, sst2_
     assert acc.main(base + ["--seeds", "0,1", "--sweep"]) == 0
     state = json.loads(out.read_text())
     runs = state["runs"]
-    grid = acc.LR_GRID["linear-probe"]
+    grid = list(method_class("linear-probe").lr_grid)
     assert sorted(r["lr"] for r in runs if r.get("sweep")) == sorted(grid)
     assert [r["copied_from"] for r in runs if r.get("sweep") and r["lr"] == 1e-2] == ["table run"]
     trained = [r for r in runs if "copied_from" not in r]
@@ -234,7 +236,7 @@ def test_plan_lists_the_runs_left_with_estimated_times():
     text = acc.plan_text(todo, 2)
     assert "6 runs to train; 3 with a timing" in text and "~0.1 h on one worker, ~0.1 h elapsed with --jobs 2" in text
 
-    grid = [run("fl", 0, g, 120, sweep=True, val=v) for g, v in zip(acc.LR_GRID_DEFAULT, (0.5, 0.6, 0.9))]
+    grid = [run("fl", 0, g, 120, sweep=True, val=v) for g, v in zip(list(method_class("fl").lr_grid), (0.5, 0.6, 0.9))]
     todo = acc.plan(grid, ["m"], ["sst2"], ["fl"], [0, 1, 2], True, 0)
     assert [(t[3], t[4]) for t in todo] == [(1, 3e-3), (2, 3e-3)]  # the pick; its seed-0 run is the grid's
     todo = acc.plan(grid[:1], ["m"], ["sst2"], ["fl"], [0, 1], True, 0)
@@ -323,7 +325,7 @@ def test_compare_lists_each_row_next_to_the_same_row_elsewhere():
 def test_sweep_list_says_when_its_sweeps_are_copied_from_another_table():
     acc = _load("accuracy")
     runs = [{"model": "m", "task": "rte", "method": "fl", "seed": 0, "lr": g, "sweep": True, "best_val": v,
-             "score": 0.5, "copied_from": "sweep in accuracy.json"} for g, v in zip(acc.LR_GRID_DEFAULT, (0.5, 0.6, 0.7))]
+             "score": 0.5, "copied_from": "sweep in accuracy.json"} for g, v in zip(list(method_class("fl").lr_grid), (0.5, 0.6, 0.7))]
     assert "the sweeps of accuracy.json, copied, not re-run" in acc.sweep_markdown(runs)
     runs[0] = dict(runs[0], copied_from="table run")  # a sweep of this JSON (its seed-0 run reused): no such note
     assert "copied, not re-run" not in acc.sweep_markdown(runs) and "*0.003: 70.0 / 50.0" in acc.sweep_markdown(runs)

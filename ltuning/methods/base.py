@@ -49,6 +49,13 @@ class MethodConfig:
     # Options added after adapters of the method were already being saved, whose current default changes what
     # those adapters compute: a saved config without the key gets this (old) value instead of the default.
     legacy_defaults: ClassVar[dict] = {}
+    # Fields the command line exposes as ``--field-name`` (``ltuning train``), with their help; a subclass extends
+    # it (``cli_help = {**Parent.cli_help, "x": "..."}``). bool fields become ``--x / --no-x``, int fields take ints.
+    cli_help: ClassVar[dict] = {
+        "pooling": "pooling of the output: last, mean or cls (default: last for decoders, mean for encoders)",
+        "position_offset": "input positions start at 0 (zero) or after the prefix (prefix); default by method",
+        "backend": "attention backend: auto, cpu, triton, sdpa, reference",
+    }
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,6 +81,8 @@ class Method(nn.Module):
     config_class = MethodConfig
     kind = "prefix"
     label_conditioned = False
+    default_lr = 1e-3  # learning rate of the method's trainables when none is given (CLI and Python API)
+    lr_grid = (3e-4, 1e-3, 3e-3)  # the lrs a validation sweep tries (benchmarks/accuracy.py --sweep)
 
     def __init__(self, config: MethodConfig, info, base, tokenizer, cache: dict | None = None):
         """``cache``: base-derived buffers restored from a saved adapter (see :meth:`cache_keys`)."""
@@ -125,6 +134,24 @@ def method_class(name: str) -> type:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
     return METHODS[name]
+
+
+def cli_options() -> dict:
+    """``{field: (help, kind)}`` of every config field some registered method exposes on the command line
+    (:attr:`MethodConfig.cli_help`); kind is ``"int"``, ``"bool"`` (a switch) or ``"str"``, from the field's default.
+    The first method (by name) that declares a field gives its help."""
+    out = {}
+    for name in sorted(METHODS):
+        cfg = METHODS[name].config_class
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        for fname, help_ in cfg.cli_help.items():
+            d = defaults[fname]
+            kind = "bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "str"
+            prev = out.get(fname)
+            if prev is not None and prev[1] != kind:
+                raise TypeError(f"config field {fname!r} is {prev[1]} in one method and {kind} in {name}")
+            out.setdefault(fname, (help_, kind))
+    return out
 
 
 def config_from_dict(d: dict, saved: bool = False) -> MethodConfig:

@@ -19,6 +19,7 @@ frozen model. kind ``"none"``: an ordinary K-way head reads the pooled output.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from .base import Method, MethodConfig, register_method
 
 @dataclass
 class FLConfig(MethodConfig):
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'num_units': 'fl: extra hidden units m in every feed-forward network'}
     num_units: int = 64
 
 

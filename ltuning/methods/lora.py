@@ -25,7 +25,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -36,6 +36,7 @@ from .base import Method, MethodConfig, register_method
 
 @dataclass
 class LoraConfig(MethodConfig):
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'r': 'LoRA rank (lora; per expert for cgc-lora)', 'lora_alpha': 'LoRA scale numerator: the update is (lora_alpha / r) B A x', 'target_modules': 'comma-separated leaf names of the Linears to adapt (default: q and v projections)'}
     r: int = 8
     lora_alpha: int = 16
     target_modules: Optional[list] = None
@@ -47,6 +48,7 @@ class LoraConfig(MethodConfig):
 
 @dataclass
 class CGCLoraConfig(LoraConfig):
+    cli_help: ClassVar[dict] = {**LoraConfig.cli_help, 'num_common_experts': 'cgc-lora: task-common experts E_s per adapted Linear', 'num_task_experts': 'cgc-lora: task-specific experts E_t per task per adapted Linear', 'task_embedding_dim': 'cgc-lora: size of the task embedding e_t that drives the gate'}
     r: int = 4
     tasks: list = field(default_factory=list)
     num_common_experts: int = 2

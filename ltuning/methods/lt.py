@@ -63,6 +63,7 @@ from ..scoring import check_scoring
 
 @dataclass
 class LTConfig(MethodConfig):
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label, default), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); see ltuning.scoring'}
     """``scoring``: "kpass" (one row per (input, label) pair, the paper's protocol), "onepass" (all K label
     blocks in one prefix, the input once, a bilinear label head) or "shared-input" (the input once, the label
     texts as suffixes attending to its K/V): see :mod:`ltuning.scoring`. Adapters without the key are kpass."""
@@ -74,6 +75,7 @@ class LTConfig(MethodConfig):
 
 @dataclass
 class LTPrefixConfig(LTConfig):
+    cli_help: ClassVar[dict] = {**LTConfig.cli_help, 'variant': 'lt-prefix reading: kv (the label texts\' own K/V; default on decoders), pooling (default on encoders) or published (the released code\'s)', 'mask_label_padding': 'lt-prefix: hide the padding of label texts of unequal token counts from attention'}
     """``variant``: "kv", "pooling" or "published"; None picks by family ("kv" for decoders, "pooling" for
     encoders, as measured). ``position_offset`` None: "prefix" for "kv" (the input continues after the label
     text), else "zero". Both are resolved into the config when the method is built (the adapter records them).
@@ -89,6 +91,7 @@ class LTPrefixConfig(LTConfig):
 
 @dataclass
 class LTPromptConfig(LTConfig):
+    cli_help: ClassVar[dict] = {**LTConfig.cli_help, 'scale_to_embeddings': 'lt-prompt: scale the label MLP\'s output to the label embeddings\' rms', 'residual': 'lt-prompt: prompt = label embeddings + MLP (else the MLP alone)'}
     """``residual``: prompt = E(y_k) + MLP(h_k) (else MLP(h_k) alone); ``scale_to_embeddings``: the MLP's
     output is multiplied by the label embeddings' rms (see the module docstring). Adapters saved before the
     option existed load with ``scale_to_embeddings=False``, which is what they were trained with."""

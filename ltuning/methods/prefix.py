@@ -10,7 +10,7 @@ an ordinary K-way linear head reads the pooled output.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from .base import Method, MethodConfig, register_method
 
 @dataclass
 class PrefixConfig(MethodConfig):
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'num_virtual_tokens': 'number of virtual tokens P (prompt, prefix)', 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP'}
     num_virtual_tokens: int = 20
     prefix_projection: bool = True
     encoder_hidden_size: int = 512

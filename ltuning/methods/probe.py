@@ -6,4 +6,6 @@ from .base import Method, register_method
 
 @register_method("linear-probe")
 class LinearProbe(Method):
+    default_lr = 1e-2  # it trains only its head, at this lr
+    lr_grid = (3e-3, 1e-2, 3e-2)
     kind = "none"

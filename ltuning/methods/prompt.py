@@ -7,7 +7,7 @@ Initialisation: ``"vocab"`` (embeddings of P random vocabulary tokens) or ``"tex
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from .base import Method, MethodConfig, register_method
 
 @dataclass
 class PromptConfig(MethodConfig):
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'num_virtual_tokens': 'number of virtual tokens P (prompt, prefix)', 'init': 'prompt initialisation: vocab or text', 'init_text': 'text to initialise the prompt from (--init text)'}
     num_virtual_tokens: int = 20
     init: str = "vocab"
     init_text: Optional[str] = None
@@ -37,6 +38,8 @@ def init_token_ids(tokenizer, n: int, init: str, text: Optional[str], vocab_size
 
 @register_method("prompt")
 class PromptTuning(Method):
+    default_lr = 3e-2
+    lr_grid = (1e-2, 3e-2, 1e-1)
     config_class = PromptConfig
     kind = "prompt"
 

@@ -26,7 +26,7 @@ Both have an ordinary K-way classification head (not label-conditioned).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ def default_task_text(label_names: list) -> str:
 
 @dataclass
 class SKConfig(MethodConfig):
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'task_text': 'task description whose K/V (sk-prefix) or embeddings (sk-prompt) start the tuning'}
     task_text: Optional[str] = None
 
 
@@ -65,6 +66,7 @@ class SKPrefixConfig(SKConfig):
 
 @dataclass
 class SKPromptConfig(SKConfig):
+    cli_help: ClassVar[dict] = {**SKConfig.cli_help, 'projection': 'sk-prompt: a trainable Linear(d, d) on the prompt'}
     projection: bool = False
 
 
