@@ -57,7 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import PrefixInputs
+from ..models import PrefixInputs, capture_kv
+from .injection import prompt_bank_kv
+from .kv_maps import apply_kv_maps
 
 SCORINGS = ("kpass", "onepass", "shared-input")
 
@@ -165,12 +167,8 @@ def label_blocks(model):
         start = P if model.config.position_offset == "prefix" else None  # P = l = max_k n_k
         return keys, values, lengths, start
     prompts, pmask = m.prompts()
-    captured = {}
-    model.base(inputs_embeds=prompts.to(model.base.get_input_embeddings().weight.dtype), attention_mask=pmask,
-               use_cache=False, ltuning_capture=captured)
-    layers = sorted(captured)
-    lengths = None if bool(pmask.all()) else pmask.sum(-1)
-    return ([captured[i][0] for i in layers], [captured[i][1] for i in layers], lengths, prompts.shape[1])
+    keys, values, lengths = prompt_bank_kv(model.base, prompts, pmask)
+    return keys, values, lengths, prompts.shape[1]
 
 
 def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
@@ -195,16 +193,13 @@ def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
 
 def input_kv(model, input_ids, mask):
     """The input's own per-layer K/V (layers, B, Hkv, L, D) each, from one no-grad forward (positions 0..L-1)."""
-    captured = {}
     with torch.no_grad():
-        model.base(input_ids=input_ids, attention_mask=mask, use_cache=False, ltuning_capture=captured)
-    layers = sorted(captured)
-    return torch.stack([captured[i][0] for i in layers]), torch.stack([captured[i][1] for i in layers])
+        kv = capture_kv(model.base, input_ids=input_ids, attention_mask=mask)
+    return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
 
 def shared_input_scores(model, input_ids, attention_mask) -> torch.Tensor:
     """(B, K) scores of the shared-input (cascade) reading (module docstring)."""
-    from .methods.sk import apply_kv_maps
     m = model.method
     B, L = input_ids.shape
     dev = input_ids.device
@@ -251,7 +246,7 @@ def add_labels(model, names, texts=None) -> None:
     trainable of lt-prefix / lt-prompt is shared by the labels, so a new label is scored with what was learned
     for the others (lt-prefix ``variant="published"`` maps l tokens, so it refuses texts longer than the
     longest label text it was trained with)."""
-    from .data import default_label_text
+    from ..data import default_label_text
     m = model.method
     if not m.label_conditioned:
         raise TypeError(f"method {model.config.method!r} has a fixed classification head: labels cannot be added")

@@ -1,4 +1,4 @@
-"""Issue 20: ``scoring="onepass"`` and ``"shared-input"`` (ltuning/scoring.py) pinned in float64 against materialised
+"""Issue 20: ``scoring="onepass"`` and ``"shared-input"`` (ltuning/methods/scoring.py) pinned in float64 against materialised
 references, forward and backward; save/load; the CLI; a label added at inference."""
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import ltuning
-from ltuning.kernels.reference import prefix_attention_reference
 from ltuning.models import PrefixInputs
-from ltuning.scoring import BilinearLabelHead
+from ltuning.methods.scoring import BilinearLabelHead
 
 from testutil import DATA, rel_err
 
@@ -185,7 +184,7 @@ def test_shared_input_equals_base_on_materialised_input_then_label(tiny, method,
 def test_shared_input_label_side_maps_backward_matches_expanded_bank(tiny, request):
     """lt-prefix shared-input with random label-side K/V maps: the in-kernel reduction of the bank gradient over the
     K rows of each input equals autograd through a per-row EXPANDED copy of the bank in the float64 reference."""
-    import ltuning.scoring as sc
+    import ltuning.methods.scoring as sc
     base, tok = tiny
     seed = seed_of(request)
     m = build(base, tok, "lt-prefix", "shared-input", seed)
@@ -215,7 +214,7 @@ def test_shared_input_label_side_maps_backward_matches_expanded_bank(tiny, reque
 
 
 def test_bank_packing_validates_lengths():
-    from ltuning.scoring import pack_blocks
+    from ltuning.methods.scoring import pack_blocks
     k = [torch.randn(2, 1, 3, 4)]
     with pytest.raises(ValueError, match="lengths"):
         pack_blocks(k, k, torch.tensor([0, 3]))
@@ -223,7 +222,7 @@ def test_bank_packing_validates_lengths():
         pack_blocks(k, k, torch.tensor([4, 3]))
     pk, _ = pack_blocks(k, k, torch.tensor([1, 3]))
     assert torch.equal(pk[0][0], torch.cat([k[0][0, :, :1], k[0][1]], 1))
-    from ltuning.scoring import check_scoring
+    from ltuning.methods.scoring import check_scoring
     with pytest.raises(ValueError, match="scoring"):
         check_scoring(ltuning.make_config("lt-prefix", label_names=NAMES3, scoring="twopass"))
     with pytest.raises(ValueError, match="listwise"):
