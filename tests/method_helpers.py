@@ -39,3 +39,16 @@ def randomize(m, std=0.05):
         for p in m.trainable_parameters():
             p.add_(torch.randn_like(p) * std)
 
+
+def tiny_base(family, tok):
+    """A small random model of the family over the real tokenizer's vocabulary (fp32; built in milliseconds)."""
+    torch.manual_seed(0)
+    if family == "decoder":
+        from transformers import LlamaConfig, LlamaModel
+        cfg = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                          num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
+        return LlamaModel(cfg).eval()
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=len(tok), max_position_embeddings=256)
+    return BertModel(cfg, add_pooling_layer=False).eval()

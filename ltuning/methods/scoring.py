@@ -81,7 +81,7 @@ class BilinearLabelHead(nn.Module):
     A, C (d, d) start at zero, so the head starts as tau x the correlation of the input's and the label text's
     states (a dual-encoder prior that holds for a label never trained on) and learns a metric in which both
     sides stay in the same space; a bilinear map with a free label-side projection fits the trained labels but
-    scores an unseen label at chance (measured: 0 % top-1 for a held-back BANKING77 intent). The 1/sqrt(d)
+    scores an unseen label at chance (nothing ties its projection to the trained ones). The 1/sqrt(d)
     keeps Adam's per-entry steps from swamping the identity at the head's learning rate. tau = exp(log_tau),
     log_tau starts at log 10."""
 

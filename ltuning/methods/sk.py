@@ -18,7 +18,7 @@
   to the identity (``projection=True``: e + e dW + b, dW and b zero-initialised), prepended to E(x).
   ``projection`` is off by default, chosen by GLUE dev scores (SST-2, 500 training examples, 3 seeds; figures in
   ``benchmarks/RESULTS.md``; to be redone by validation selection, issue 20): on SmolLM2 the projection collapsed
-  to chance on 2 of 3 seeds and no run without it did; on MiniLM the two are equal within noise. The d x d map's
+  to chance on some seeds and no run without it did; on MiniLM the two are equal within noise. The d x d map's
   Adam steps add up over d inputs and soon outgrow a decoder's small embeddings, the same scale problem as
   lt-prompt's.
 Both have an ordinary K-way classification head (not label-conditioned).

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ltuning.methods.apt import plot_gates
+from ltuning.methods.injection import pool
 from ltuning.models import PrefixInputs
 from method_helpers import enc, patched
 from testutil import rel_err
@@ -33,7 +34,7 @@ def test_apt_equals_explicitly_scaled_prefix_and_gate_formula(request, which, tm
             out = base(input_ids=ids, attention_mask=mask, output_hidden_states=True,
                        ltuning_prefix=PrefixInputs(ek, ev, torch.arange(B), None, "reference"))
         assert len(gates) == n and gates[0].shape == (B, 4)
-        assert rel_err(ours, m._pool(out.last_hidden_state, mask.bool(), mask.bool(), 0)) < 1e-5
+        assert rel_err(ours, pool(out.last_hidden_state, mask.bool(), mask.bool(), 0, m.pooling)) < 1e-5
         for i in range(n):
             h = out.hidden_states[i].double()
             if m.info.causal:
