@@ -135,7 +135,7 @@ class Classifier:
         return m
 
     def add_labels(self, names: list, texts: Optional[list] = None) -> None:
-        """Add classes at inference without retraining (label-conditioned methods; see ``ltuning.scoring``)."""
+        """Add classes at inference without retraining (label-conditioned methods; see ``ltuning.methods.scoring``)."""
         self.model.add_labels(names, texts)
         self.label_names = list(self.model.label_names)
 

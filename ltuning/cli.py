@@ -124,7 +124,7 @@ def cmd_train(a) -> dict:
     bad = set(opts) - fields
     if bad:
         raise ValueError(f"--{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
-    from .scoring import SCORINGS
+    from .methods.scoring import SCORINGS
     if opts.get("scoring", "kpass") not in SCORINGS:
         raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, not {opts['scoring']!r}")
     lr = a.lr if a.lr is not None else method_class(a.method).default_lr

@@ -6,13 +6,8 @@ conditioned methods (L-Tuning) score every (input, label) pair: all B x K pairs 
 Prediction is argmax_k s_{b,k}. Losses: ``listwise`` = cross-entropy over the K scores; ``pairwise`` =
 binary cross-entropy on the true pair and ``num_negatives`` sampled wrong labels (the paper's objective).
 
-Prompts on decoders run as shared prefixes (``prompt_as_prefix``). A soft prompt p_e (n tokens, entry e of
-the method's bank) comes before the input, and causal attention never lets it see the input, so its per-layer
-keys/values are the same for every row that uses entry e. They are computed ONCE per forward, by one pass of
-the N bank entries ``[p_1..p_N]`` (N x n tokens, the layers' own K/V captured after RoPE), and the B rows then
-attend to them as a shared prefix (the prefix-attention kernels, gradient reduced over rows inside the kernel),
-with positions n..n+L-1, as in ``[p_e ; x]``. Same result as the concatenation (tested), for N x n + B x L
-tokens instead of B x (n + L). Encoders (bidirectional: the prompt sees the input) concatenate.
+How the method's bank enters the frozen model (a prefix; prompts as a shared prefix on decoders, concatenated on
+encoders): :mod:`ltuning.methods.injection`.
 """
 from __future__ import annotations
 
@@ -26,10 +21,9 @@ import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from . import scoring
 from .errors import UserError
-from .methods import config_from_dict, method_class
-from .models import PrefixInputs, disable, enable, fingerprint, load_base, model_info
+from .methods import config_from_dict, injection, method_class, scoring
+from .models import disable, enable, fingerprint, load_base, model_info
 from .models.registry import base_identity
 from .outputs import atomic_write_files
 from .io import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_config, read_adapter_weights,
@@ -94,52 +88,15 @@ class LTuningModel(nn.Module):
     # ---------------------------------------------------------------- forward
     def encode(self, input_ids, attention_mask, entry_index=None, **batch) -> torch.Tensor:
         """Pooled representation (R, d) in fp32 of R rows; row r uses bank entry ``entry_index[r]`` (default 0).
-        ``batch``: extra per-row inputs for the method (e.g. ``task_ids``), see :meth:`Method.begin_forward`."""
-        R, L = input_ids.shape
-        dev = input_ids.device
+        ``batch``: extra per-row inputs for the method (e.g. ``task_ids``), see :meth:`Method.begin_forward`.
+        How the method's bank enters the frozen model: :mod:`ltuning.methods.injection`."""
+        R = input_ids.shape[0]
         if entry_index is None:
-            entry_index = torch.zeros(R, dtype=torch.long, device=dev)
-        attention_mask = attention_mask.to(dev).bool()
+            entry_index = torch.zeros(R, dtype=torch.long, device=input_ids.device)
+        attention_mask = attention_mask.to(input_ids.device).bool()
         self.method.begin_forward(input_ids, attention_mask, **batch)
-        kind = self.method.kind
-        kwargs = {}
-        input_mask = attention_mask
-        offset = 0
-        if kind == "prefix":
-            keys, values = self.inference_cached("prefix", self.method.prefix)
-            P = keys[0].shape[2]
-            scales = self.method.prefix_scales()
-            lengths = self.method.prefix_lengths()
-            kwargs["ltuning_prefix"] = PrefixInputs(keys, values, entry_index, scales, self.config.backend, lengths)
-            if self.config.position_offset == "prefix":  # the input continues after its own prefix
-                start = P if lengths is None else lengths.to(dev)[entry_index][:, None]
-                kwargs["position_ids"] = torch.arange(L, device=dev)[None] + start
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        elif kind == "prompt" and self.prompt_as_prefix:
-            prompts, pmask = self.method.prompts()
-            n = prompts.shape[1]
-            pmask = pmask.to(dev)
-            captured = {}
-            self.base(inputs_embeds=prompts.to(self.base.get_input_embeddings().weight.dtype),
-                      attention_mask=pmask, use_cache=False, ltuning_capture=captured)
-            layers = sorted(captured)
-            lengths = None if bool(pmask.all()) else pmask.sum(-1)
-            kwargs["ltuning_prefix"] = PrefixInputs([captured[i][0] for i in layers], [captured[i][1] for i in layers],
-                                                    entry_index, None, self.config.backend, lengths)
-            kwargs["position_ids"] = torch.arange(L, device=dev)[None] + n
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        elif kind == "prompt":
-            prompts, pmask = self.method.prompts()
-            emb = self.base.get_input_embeddings()(input_ids)
-            pe = prompts[entry_index].to(emb.dtype)
-            offset = pe.shape[1]
-            inputs_embeds = torch.cat([pe, emb], dim=1)
-            attention_mask = torch.cat([pmask[entry_index].to(dev), attention_mask], dim=1)
-            out = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
-        else:
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        h = out.last_hidden_state
-        return self._pool(h, attention_mask, input_mask, offset).float()
+        h, full_mask, offset = injection.inject(self, input_ids, attention_mask, entry_index)
+        return injection.pool(h, full_mask, attention_mask, offset, self.pooling).float()
 
     def inference_cached(self, name: str, fn):
         """``fn()`` (label-side work that does not depend on the input, e.g. the prefix bank's K/V after its
@@ -158,15 +115,6 @@ class LTuningModel(nn.Module):
             hit = cache[name] = (key, fn())
         return hit[1]
 
-    def _pool(self, h, full_mask, input_mask, offset):
-        if self.pooling == "last":
-            last = full_mask.shape[1] - 1 - full_mask.flip(-1).long().argmax(-1)
-            return h[torch.arange(h.shape[0], device=h.device), last]
-        if self.pooling == "cls":
-            return h[:, offset]
-        m = input_mask.to(h.dtype)[..., None]
-        return (h[:, offset:] * m).sum(1) / m.sum(1).clamp_min(1)
-
     def _head(self, pooled: torch.Tensor) -> torch.Tensor:
         """The head in fp32 even under autocast (scores and losses stay fp32)."""
         with torch.autocast(pooled.device.type, enabled=False):
@@ -183,7 +131,7 @@ class LTuningModel(nn.Module):
         B = input_ids.shape[0]
         if not self.method.label_conditioned:
             return self._head(self.encode(input_ids, attention_mask, **batch))
-        if getattr(self.config, "scoring", "kpass") != "kpass":  # input once (ltuning.scoring)
+        if getattr(self.config, "scoring", "kpass") != "kpass":  # input once (ltuning.methods.scoring)
             return scoring.scores(self, input_ids, attention_mask, **batch)
         K = len(self.config.label_names)
         ids = input_ids.repeat_interleave(K, 0)
@@ -214,7 +162,7 @@ class LTuningModel(nn.Module):
 
     def add_labels(self, names: list, texts: list | None = None) -> None:
         """Add classes at inference (label-conditioned methods): their texts are encoded by the frozen model and
-        join the label cache; nothing is retrained (see :func:`ltuning.scoring.add_labels`)."""
+        join the label cache; nothing is retrained (see :func:`ltuning.methods.scoring.add_labels`)."""
         scoring.add_labels(self, names, texts)
 
     # ---------------------------------------------------------------- save / load

@@ -7,14 +7,14 @@ PEFT's ``PrefixEncoder`` for P virtual tokens on a model with L layers and KV wi
 
 Its output z (P, L * 2 * token_dim) is read as (P, L, 2, Hkv, D): layer i's keys are z[:, i, 0], values z[:, i, 1]
 (no RoPE on the prefix keys); ltuning's ``prefix`` method computes and splits z the same way
-(:func:`ltuning.methods.prefix.split_layers`). A *saved* PEFT adapter (``adapter_model.safetensors``) holds z itself
+(:func:`ltuning.methods.prefix_encoder.split_layers`). A *saved* PEFT adapter (``adapter_model.safetensors``) holds z itself
 as ``prompt_embeddings`` (P, L * 2 * token_dim) whatever ``prefix_projection`` was, so it loads into ltuning's
 ``prefix`` with ``prefix_projection=False``; a *live* PEFT encoder with the projection loads with
 ``prefix_projection=True``, ``encoder_hidden_size=h`` and ``embedding_dim=token_dim``.
 
 Positions: PEFT puts the prefix in the KV cache, so the input's positions are P, P+1, ... (RoPE on decoders);
 ltuning's ``prefix`` starts them at 0 by default (``position_offset="zero"``). :func:`prefix_config_from_peft`
-sets ``position_offset="prefix"``, which reproduces PEFT's forward exactly (``tests/test_peft_parity.py``).
+sets ``position_offset="prefix"``, which reproduces PEFT's forward exactly (``tests/methods/test_peft_parity.py``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """APT, Adaptive Prefix Tuning (Zhang et al., ACL 2023): prefix tuning with a token-level gate and a layer scale.
 
-The prefix P_i (Hkv, P, D) of layer i is the prefix-tuning one (:mod:`.prefix`, same options). At layer i
+The prefix P_i (Hkv, P, D) of layer i is the prefix-tuning one (:mod:`.prefix_encoder`, same options). At layer i
 
     alpha_i = sigmoid(W_i h_{i-1} + b_i)  in R^P    (per sequence: (B, P)),   W_i: (P, d)
     prefix keys / values of sequence b = lambda_i * alpha_i[b, j] * P_i[:, j]   (token j)
@@ -25,15 +25,8 @@ import torch
 from torch import nn
 
 from .base import register_method
-from .prefix import PrefixConfig, PrefixTuning
-
-
-def transformer_layers(base) -> nn.ModuleList:
-    """The list of transformer blocks of a bare Llama-family (``layers``) or BERT-family (``encoder.layer``) model."""
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        layers = base.encoder.layer
-    return layers
+from .layers import transformer_layers
+from .prefix_encoder import PrefixConfig, PrefixEncoderMethod
 
 
 @dataclass
@@ -52,7 +45,7 @@ class _LayerScales:
 
 
 @register_method("apt")
-class APT(PrefixTuning):
+class APT(PrefixEncoderMethod):
     config_class = APTConfig
 
     def __init__(self, config: APTConfig, info, base, tokenizer, cache=None):
@@ -63,8 +56,8 @@ class APT(PrefixTuning):
         self.lambdas = nn.Parameter(torch.ones(n))
         self._gates: dict = {}
         self._mask = None
-        self._hooks = [layer.register_forward_pre_hook(self._gate_hook(i), with_kwargs=True)
-                       for i, layer in enumerate(transformer_layers(base))]
+        for i, layer in enumerate(transformer_layers(base)):
+            self.add_hook(layer.register_forward_pre_hook(self._gate_hook(i), with_kwargs=True))
 
     def _gate_hook(self, i: int):
         def hook(module, args, kwargs):
@@ -89,11 +82,6 @@ class APT(PrefixTuning):
     def last_gates(self) -> list:
         """alpha_i of the last forward: per layer a (B, P) tensor (detached)."""
         return [self._gates[i].detach() for i in sorted(self._gates)]
-
-    def uninstall(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
 
 
 def plot_gates(gates: torch.Tensor, path: str, title: str = "APT gates") -> None:

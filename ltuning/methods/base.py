@@ -1,4 +1,4 @@
-"""Method configs and the interface every method module implements.
+"""Method configs, the registry and the interface every method module implements.
 
 A method contributes one of:
   * a prefix bank (``kind = "prefix"``): per layer, keys/values (N, Hkv, P, D) shared by all rows; row b uses
@@ -7,7 +7,12 @@ A method contributes one of:
     (N, P) bool mask of real prompt tokens;
   * nothing at the input (``kind = "none"``): it changes the frozen model's layers through hooks.
 ``label_conditioned`` methods have one bank entry per label (N = K) and score every (input, label) pair with a
-one-output head; the others have N = 1 and an ordinary K-way classification head.
+one-output head; the others have N = 1 and an ordinary K-way classification head. How each kind enters the
+frozen model: :mod:`.injection`.
+
+A method is one module in this package that defines a config dataclass (a :class:`MethodConfig` subclass with
+``cli_help``) and a :class:`Method` subclass decorated with :func:`register_method`; the package imports every
+module it holds, so nothing else needs an edit.
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-import torch
 from torch import nn
 
 METHODS: dict[str, type] = {}
@@ -89,6 +93,12 @@ class Method(nn.Module):
         super().__init__()
         self.config = config
         self.info = info
+        self._hook_handles = []
+
+    def add_hook(self, handle):
+        """Keep a hook ``handle`` (from ``register_forward_hook`` & co. on a base module) for :meth:`uninstall`."""
+        self._hook_handles.append(handle)
+        return handle
 
     @property
     def num_entries(self) -> int:
@@ -116,10 +126,21 @@ class Method(nn.Module):
         such as ``task_ids``); methods that need per-forward state (gates, task mixtures) set it here."""
 
     def uninstall(self) -> None:
-        """Remove anything the method installed in the base model (hooks); called by :func:`ltuning.unpatch`."""
+        """Remove anything the method installed in the base model (the hooks of :meth:`add_hook`); called by
+        :func:`ltuning.unpatch`."""
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
 
     def refresh_cache(self, base, tokenizer) -> None:
         """Recompute anything derived from the frozen base (e.g. the label cache)."""
+
+    def load_cache(self, cache: dict | None, base, tokenizer) -> None:
+        """The base-derived buffers: restored from ``cache`` (a saved adapter's) if given, else computed."""
+        if cache is not None:
+            self.set_cache(cache)
+        else:
+            self.refresh_cache(base, tokenizer)
 
     def set_cache(self, cache: dict) -> None:
         for k in self.cache_keys():

@@ -24,8 +24,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .apt import transformer_layers
 from .base import Method, MethodConfig, register_method
+from .layers import transformer_layers
 
 
 @dataclass
@@ -54,15 +54,14 @@ class FLTuning(Method):
             self.w_up = nn.Parameter(torch.randn(n, d, m) * std)
         else:
             self.b_in = nn.Parameter(torch.zeros(n, m))
-        self._hooks = []
         self._pending = {}
         for i, layer in enumerate(layers):
             if self.gated:
-                self._hooks.append(layer.mlp.register_forward_hook(self._gated_hook(i, layer.mlp.act_fn)))
+                self.add_hook(layer.mlp.register_forward_hook(self._gated_hook(i, layer.mlp.act_fn)))
             else:
                 act = layer.intermediate.intermediate_act_fn
-                self._hooks.append(layer.output.register_forward_pre_hook(self._gelu_pre_hook(i, act)))
-                self._hooks.append(layer.output.dense.register_forward_hook(self._add_hook(i)))
+                self.add_hook(layer.output.register_forward_pre_hook(self._gelu_pre_hook(i, act)))
+                self.add_hook(layer.output.dense.register_forward_hook(self._add_output_hook(i)))
 
     def extra(self, i: int, x: torch.Tensor, act) -> torch.Tensor:
         """The m extra units' contribution of layer i for FFN input x (..., d)."""
@@ -81,12 +80,7 @@ class FLTuning(Method):
             self._pending[i] = self.extra(i, args[1], act)
         return hook
 
-    def _add_hook(self, i):
+    def _add_output_hook(self, i):
         def hook(module, args, out):
             return out + self._pending.pop(i).to(out.dtype)
         return hook
-
-    def uninstall(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []

@@ -103,7 +103,8 @@ class LoRA(Method):
         self.scaling = config.lora_alpha / config.r
         self.experts = nn.ModuleList(Experts(self.num_experts, config.r, m.in_features, m.out_features)
                                      for m in self._targets)
-        self._hooks = [m.register_forward_hook(self._hook(j)) for j, m in enumerate(self._targets)]
+        for j, m in enumerate(self._targets):
+            self.add_hook(m.register_forward_hook(self._hook(j)))
         self._saved_weights = None
 
     num_experts = 1
@@ -171,9 +172,7 @@ class LoRA(Method):
     def uninstall(self) -> None:
         if self._saved_weights is not None:
             self.unmerge()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        super().uninstall()
 
 
 @register_method("cgc-lora")

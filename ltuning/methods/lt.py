@@ -55,18 +55,18 @@ import torch
 from torch import nn
 
 from .base import Method, MethodConfig, register_method
+from .kv_maps import add_kv_maps, apply_kv_maps
 from .label_cache import encode_texts
-from .prefix import split_layers
-from .sk import add_kv_maps, apply_kv_maps
-from ..scoring import check_scoring
+from .prefix_encoder import split_layers
+from .scoring import check_scoring
 
 
 @dataclass
 class LTConfig(MethodConfig):
-    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label, default), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); see ltuning.scoring'}
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label, default), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); see ltuning.methods.scoring'}
     """``scoring``: "kpass" (one row per (input, label) pair, the paper's protocol), "onepass" (all K label
     blocks in one prefix, the input once, a bilinear label head) or "shared-input" (the input once, the label
-    texts as suffixes attending to its K/V): see :mod:`ltuning.scoring`. Adapters without the key are kpass."""
+    texts as suffixes attending to its K/V): see :mod:`.scoring`. Adapters without the key are kpass."""
     encoder_hidden_size: int = 512
     objective: str = "listwise"
     num_negatives: int = 1
@@ -110,13 +110,10 @@ class LabelConditioned(Method):
         if config.objective not in ("listwise", "pairwise"):
             raise ValueError(f"objective must be 'listwise' or 'pairwise', not {config.objective!r}")
         check_scoring(config)
-        if cache is not None:
-            self.set_cache(cache)
-        else:
-            self.refresh_cache(base, tokenizer)
+        self.load_cache(cache, base, tokenizer)
 
     def refresh_cache(self, base, tokenizer) -> None:
-        res = encode_texts(base, tokenizer, self.config.resolved_label_texts(), capture_kv=self.uses_label_kv)
+        res = encode_texts(base, tokenizer, self.config.resolved_label_texts(), with_kv=self.uses_label_kv)
         for name, t in zip(self.cache_keys(), res):
             self.register_buffer(name, t)
 
@@ -140,7 +137,7 @@ class LTPrefix(LabelConditioned):
         super().__init__(config, info, base, tokenizer, cache)
         d, r, out = info.hidden_size, config.encoder_hidden_size, info.num_layers * 2 * info.kv_dim
         l = self.label_hidden.shape[1]
-        if shared_input:  # label-side maps on the input's K/V (ltuning.scoring); no label prefix is generated
+        if shared_input:  # label-side maps on the input's K/V (.scoring); no label prefix is generated
             add_kv_maps(self, info.num_layers, info.head_dim)
             return
         if config.variant != "kv":

@@ -1,57 +1,19 @@
 """Prefix tuning / P-tuning v2 (Li & Liang 2021; Liu et al. 2022), equal to Hugging Face PEFT's PrefixEncoder.
 
-Per-layer keys/values for P virtual tokens:
-``Embedding(P, d) -> Linear(d, r) -> tanh -> Linear(r, layers * 2 * kv_dim)`` (``prefix_projection=True``),
-or a plain ``Embedding(P, layers * 2 * kv_dim)``. Keys carry no RoPE. ``embedding_dim`` (None: d) sets the width of the
-projected embedding; PEFT's ``PrefixEncoder`` uses the model's KV width (Hkv * D, below d on GQA models), so
-``ltuning.peft_compat`` sets it to load PEFT's own encoder weights. One bank entry shared by every row;
-an ordinary K-way linear head reads the pooled output.
+Per layer i, keys/values for P virtual tokens, K_i, V_i (1, Hkv, P, D), from
+``Embedding(P, w) -> Linear(w, r) -> tanh -> Linear(r, layers * 2 * kv_dim)`` (``prefix_projection=True``),
+or a plain ``Embedding(P, layers * 2 * kv_dim)`` (:mod:`.prefix_encoder`). Keys carry no RoPE. The input x
+(B, L) attends to [K_i ; K_i(x)] in every layer; one bank entry shared by every row; an ordinary K-way linear
+head reads the pooled output: logits (B, K) = W pool(M(x; P)) + b.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Optional
+from .base import register_method
+from .prefix_encoder import PrefixConfig, PrefixEncoderMethod
 
-import torch
-from torch import nn
-
-from .base import Method, MethodConfig, register_method
-
-
-@dataclass
-class PrefixConfig(MethodConfig):
-    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'num_virtual_tokens': 'number of virtual tokens P (prompt, prefix)', 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP'}
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = True
-    encoder_hidden_size: int = 512
-    embedding_dim: Optional[int] = None  # None: the model's hidden size (PEFT's encoder: the KV width Hkv * D)
-
-
-def split_layers(z: torch.Tensor, info):
-    """(N, P, layers * 2 * kv_dim) -> per-layer lists of keys and values, each (N, Hkv, P, D)."""
-    N, P, _ = z.shape
-    z = z.view(N, P, info.num_layers, 2, info.num_kv_heads, info.head_dim).permute(2, 3, 0, 4, 1, 5)
-    return [z[i, 0] for i in range(info.num_layers)], [z[i, 1] for i in range(info.num_layers)]
+__all__ = ["PrefixConfig", "PrefixTuning"]
 
 
 @register_method("prefix")
-class PrefixTuning(Method):
+class PrefixTuning(PrefixEncoderMethod):
     config_class = PrefixConfig
-    kind = "prefix"
-
-    def __init__(self, config: PrefixConfig, info, base, tokenizer, cache=None):
-        super().__init__(config, info, base, tokenizer, cache)
-        out = info.num_layers * 2 * info.kv_dim
-        P = config.num_virtual_tokens
-        if config.prefix_projection:
-            width = config.embedding_dim or info.hidden_size
-            self.embedding = nn.Embedding(P, width)
-            self.transform = nn.Sequential(nn.Linear(width, config.encoder_hidden_size), nn.Tanh(),
-                                           nn.Linear(config.encoder_hidden_size, out))
-        else:
-            self.embedding = nn.Embedding(P, out)
-            self.transform = nn.Identity()
-
-    def prefix(self):
-        z = self.transform(self.embedding.weight)[None]
-        return split_layers(z, self.info)

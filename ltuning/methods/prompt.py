@@ -1,6 +1,8 @@
 """Prompt tuning (Lester et al. 2021): P trainable vectors prepended to the frozen input embeddings.
 
-``inputs_embeds = [prompt (P, d) ; E(x)]``; an ordinary K-way linear head reads the pooled output.
+``inputs_embeds = [prompt (P, d) ; E(x) (L, d)]`` (B, P + L, d) on encoders; on decoders the prompt runs once as a
+shared prefix with the same result (:mod:`.injection`). An ordinary K-way linear head reads the pooled output:
+logits (B, K) = W pool(M([prompt ; E(x)])) + b.
 Initialisation: ``"vocab"`` (embeddings of P random vocabulary tokens) or ``"text"`` (the tokens of
 ``init_text``, repeated/truncated to P).
 """

@@ -3,10 +3,10 @@
 ``task_text`` (default: one sentence per known label set, see :func:`default_task_text`) has T tokens.
 
 ``sk-prefix`` -- the frozen model prefills the text ONCE (the "text cache": its own per-layer keys/values after
-  RoPE, grabbed through the attention function's ``ltuning_capture``), stored with the adapter as buffers
+  RoPE, :func:`ltuning.models.capture_kv`), stored with the adapter as buffers
   ``text_keys`` / ``text_values`` (layers, Hkv, T, D) and recomputed only when the text or the base model
   changes. Layer i's prefix (one bank entry, P = T) is
-      K'_i = K_i (I + dWk_i) + bk_i,   V'_i = V_i (I + dWv_i) + bv_i
+      K'_i = K_i (I + dWk_i) + bk_i,   V'_i = V_i (I + dWv_i) + bv_i     (:mod:`.kv_maps`)
   i.e. one Linear(head_dim, head_dim) per layer on K and one on V, shared by the heads and tokens, written as
   identity + a zero-initialised residual so training starts from the text's own K/V (and weight decay pulls
   towards the identity). Input positions continue after the text (``position_offset="prefix"``), so at
@@ -18,7 +18,7 @@
   to the identity (``projection=True``: e + e dW + b, dW and b zero-initialised), prepended to E(x).
   ``projection`` is off by default, chosen by GLUE dev scores (SST-2, 500 training examples, 3 seeds; figures in
   ``benchmarks/RESULTS.md``; to be redone by validation selection, issue 20): on SmolLM2 the projection collapsed
-  to chance on 2 of 3 seeds and no run without it did; on MiniLM the two are equal within noise. The d x d map's
+  to chance on some seeds and no run without it did; on MiniLM the two are equal within noise. The d x d map's
   Adam steps add up over d inputs and soon outgrow a decoder's small embeddings, the same scale problem as
   lt-prompt's.
 Both have an ordinary K-way classification head (not label-conditioned).
@@ -31,7 +31,9 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from ..models import capture_kv
 from .base import Method, MethodConfig, register_method
+from .kv_maps import add_kv_maps, apply_kv_maps
 
 TASK_TEXTS = {
     frozenset({"negative", "positive"}): "Classify the sentiment of this movie review as negative or positive.",
@@ -84,32 +86,10 @@ def prefill_text(base, tokenizer, text: str):
     """One no-grad forward of ``text``: its per-layer ``(keys, values)``, each (layers, Hkv, T, D) fp32."""
     dev = base.get_input_embeddings().weight.device
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(dev)
-    capture = {}
-    base(input_ids=ids, attention_mask=torch.ones_like(ids), ltuning_capture=capture, use_cache=False)
-    layers = sorted(capture)
-    keys = torch.stack([capture[i][0][0] for i in layers]).float()
-    values = torch.stack([capture[i][1][0] for i in layers]).float()
+    kv = capture_kv(base, input_ids=ids, attention_mask=torch.ones_like(ids))
+    keys = torch.stack([k[0] for k, _ in kv]).float()
+    values = torch.stack([v[0] for _, v in kv]).float()
     return keys, values
-
-
-def near_identity(x, delta, bias):
-    """Per layer l: x_l (I + delta_l) + bias_l, for x (layers, ..., D), delta (layers, D, D), bias (layers, D)."""
-    b = bias.view(bias.shape[0], *([1] * (x.dim() - 2)), bias.shape[1])
-    return x + torch.einsum("l...d,lde->l...e", x, delta) + b
-
-
-def add_kv_maps(module: nn.Module, num_layers: int, head_dim: int) -> None:
-    """Register the per-layer near-identity maps on K and V (``key_delta``, ``key_bias``, ``value_delta``,
-    ``value_bias``; all zero, so the maps start as the identity)."""
-    for name in ("key", "value"):
-        module.register_parameter(f"{name}_delta", nn.Parameter(torch.zeros(num_layers, head_dim, head_dim)))
-        module.register_parameter(f"{name}_bias", nn.Parameter(torch.zeros(num_layers, head_dim)))
-
-
-def apply_kv_maps(module: nn.Module, keys, values):
-    """``(K (I + dWk) + bk, V (I + dWv) + bv)`` per layer, keys/values (layers, ..., D)."""
-    return (near_identity(keys, module.key_delta, module.key_bias),
-            near_identity(values, module.value_delta, module.value_bias))
 
 
 @register_method("sk-prefix")
@@ -120,10 +100,7 @@ class SKPrefix(SKMethod):
 
     def __init__(self, config: SKPrefixConfig, info, base, tokenizer, cache=None):
         super().__init__(config, info, base, tokenizer, cache)
-        if cache is not None:
-            self.set_cache(cache)
-        else:
-            self.refresh_cache(base, tokenizer)
+        self.load_cache(cache, base, tokenizer)
         add_kv_maps(self, info.num_layers, info.head_dim)
 
     def refresh_cache(self, base, tokenizer) -> None:

@@ -69,6 +69,20 @@ def ltuning_attention_forward(module, query, key, value, attention_mask, scaling
     return out.transpose(1, 2), None
 
 
+def capture_kv(base, *, with_output: bool = False, **forward_kwargs):
+    """One forward ``base(**forward_kwargs)`` (``use_cache=False`` unless given) that records every layer's own
+    keys/values, after RoPE: a list with one ``(K, V)`` per layer in layer order, K/V (B, Hkv, L, D) in the
+    forward's dtype (grad flows through them if the forward tracks it). ``with_output=True`` returns
+    ``(kv, output)``, the forward's output too. Needs the ltuning attention enabled on ``base`` (:func:`enable`)."""
+    captured = {}
+    forward_kwargs.setdefault("use_cache", False)
+    out = base(**forward_kwargs, ltuning_capture=captured)
+    if not captured:
+        raise RuntimeError("capture_kv needs the ltuning attention enabled on the base model")
+    kv = [captured[i] for i in sorted(captured)]
+    return (kv, out) if with_output else kv
+
+
 def _mask_2d(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
              **kwargs):
     """AttentionMaskInterface entry: the (B, kv_length) bool padding mask, or None when nothing is padded."""

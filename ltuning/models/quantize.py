@@ -109,7 +109,7 @@ def keep_trainable_layout(model: nn.Module) -> nn.Module:
     kernel was not registered"), which would cut every prefix/prompt gradient below the last layer. ltuning runs
     validation in eval mode between training steps, so the repacking is switched off (a packed weight is unpacked)
     and every call goes through bitsandbytes' ``MatMul4Bit`` (dequantize, bf16 matmul; backward: dequantize,
-    ``grad_out @ W``), whose input gradient is tested against a float64 reference (``tests/test_quantize.py``)."""
+    ``grad_out @ W``), whose input gradient is tested against a float64 reference (``tests/models/test_quantize.py``)."""
     if "bitsandbytes" not in sys.modules:  # a base with bitsandbytes modules has imported it
         return model
     import bitsandbytes as bnb

@@ -1,4 +1,4 @@
-"""Issue 20: ``scoring="onepass"`` and ``"shared-input"`` (ltuning/scoring.py) pinned in float64 against materialised
+"""Issue 20: ``scoring="onepass"`` and ``"shared-input"`` (ltuning/methods/scoring.py) pinned in float64 against materialised
 references, forward and backward; save/load; the CLI; a label added at inference."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import ltuning
-from ltuning.kernels.reference import prefix_attention_reference
 from ltuning.models import PrefixInputs
-from ltuning.scoring import BilinearLabelHead
+from ltuning.methods.scoring import BilinearLabelHead
 
-from testutil import DATA, rel_err
+from method_helpers import tiny_base
+from testutil import rel_err
 
 TEXTS3 = ["The sentiment is negative.", "The sentiment of the text is clearly positive.", "Neutral."]
 NAMES3 = ["negative", "positive", "neutral"]
@@ -28,27 +28,13 @@ def seed_of(request) -> int:
     return s
 
 
-def tiny_base(family, tok):
-    """A float64 tiny random model of the family with the real tokenizer's vocabulary (fast, exact references)."""
-    torch.manual_seed(0)
-    if family == "decoder":
-        from transformers import LlamaConfig, LlamaModel
-        cfg = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
-                          num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
-        return LlamaModel(cfg).eval().double()
-    from transformers import BertConfig, BertModel
-    cfg = BertConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=len(tok), max_position_embeddings=256)
-    return BertModel(cfg, add_pooling_layer=False).eval().double()
-
-
 @pytest.fixture(params=["decoder", "encoder"])
 def tiny(request):
     if request.param == "decoder":
         tok = request.getfixturevalue("smollm")[1]
     else:
         tok = request.getfixturevalue("minilm")[1]
-    return tiny_base(request.param, tok), tok
+    return tiny_base(request.param, tok).double(), tok
 
 
 def build(base, tok, method, scoring, seed, **kw):
@@ -185,7 +171,7 @@ def test_shared_input_equals_base_on_materialised_input_then_label(tiny, method,
 def test_shared_input_label_side_maps_backward_matches_expanded_bank(tiny, request):
     """lt-prefix shared-input with random label-side K/V maps: the in-kernel reduction of the bank gradient over the
     K rows of each input equals autograd through a per-row EXPANDED copy of the bank in the float64 reference."""
-    import ltuning.scoring as sc
+    import ltuning.methods.scoring as sc
     base, tok = tiny
     seed = seed_of(request)
     m = build(base, tok, "lt-prefix", "shared-input", seed)
@@ -215,7 +201,7 @@ def test_shared_input_label_side_maps_backward_matches_expanded_bank(tiny, reque
 
 
 def test_bank_packing_validates_lengths():
-    from ltuning.scoring import pack_blocks
+    from ltuning.methods.scoring import pack_blocks
     k = [torch.randn(2, 1, 3, 4)]
     with pytest.raises(ValueError, match="lengths"):
         pack_blocks(k, k, torch.tensor([0, 3]))
@@ -223,7 +209,7 @@ def test_bank_packing_validates_lengths():
         pack_blocks(k, k, torch.tensor([4, 3]))
     pk, _ = pack_blocks(k, k, torch.tensor([1, 3]))
     assert torch.equal(pk[0][0], torch.cat([k[0][0, :, :1], k[0][1]], 1))
-    from ltuning.scoring import check_scoring
+    from ltuning.methods.scoring import check_scoring
     with pytest.raises(ValueError, match="scoring"):
         check_scoring(ltuning.make_config("lt-prefix", label_names=NAMES3, scoring="twopass"))
     with pytest.raises(ValueError, match="listwise"):
@@ -301,10 +287,10 @@ def test_cli_bad_scoring_is_one_line_exit_2(tmp_path, sst2_dir, capsys, minilm):
 BANK_CLASSES = ["card_arrival", "exchange_rate", "lost_or_stolen_phone", "age_limit", "top_up_failed"]
 
 
-def test_onepass_label_added_at_inference_scores_above_chance(minilm):
+def test_onepass_label_added_at_inference_scores_above_chance(minilm, sst2_dir):
     """Train one-pass lt-prefix on 4 BANKING77 intents, then add a 5th (held back from training) by encoding its
     text only: on that intent's dev examples the new label is the top-1 of the 5 well above chance (1/5)."""
-    path = os.path.join(DATA, "banking77")
+    path = os.path.join(os.path.dirname(sst2_dir), "banking77")  # beside the shared SST-2
     if not os.path.isdir(path):
         pytest.skip(f"{path} not found")
     recs = {s: [json.loads(x) for x in open(os.path.join(path, f"{s}.jsonl"))] for s in ("train", "dev")}

@@ -1,24 +1,12 @@
-"""Methods: label cache, K-way scoring, save/load, trainable parameters."""
+"""L-Tuning (lt-prefix, lt-prompt): the label cache, K-way scoring, variants, saved options."""
 import pytest
 import torch
 
 import ltuning
 from ltuning.methods import label_cache
 from ltuning.model import LTuningModel
+from method_helpers import LT_LABELS as LABELS, LT_TEXTS as TEXTS, build, enc_lt as enc
 from testutil import rel_err
-
-LABELS = ["negative", "positive", "neutral"]
-TEXTS = ["The sentiment is negative.", "The sentiment of the text is positive.", "It is neutral."]
-
-
-def build(method):
-    """``"lt-prefix:kv"`` -> ("lt-prefix", {"variant": "kv"}); plain names -> (name, {})."""
-    name, _, variant = method.partition(":")
-    return name, ({"variant": variant, "position_offset": "prefix"} if variant else {})
-
-
-def enc(tok, texts=("great fun", "awful , just awful", "it exists", "a film")):
-    return tok(list(texts), padding=True, return_tensors="pt")
 
 
 @pytest.mark.parametrize("method", ["lt-prefix", "lt-prefix:kv", "lt-prompt"])
@@ -75,36 +63,6 @@ def test_kway_batch_equals_one_label_at_a_time(real_model, method):
     assert scores.shape == (4, 3)
     assert rel_err(scores, one) < 1e-5
     assert torch.equal(scores.argmax(-1), one.argmax(-1))
-
-
-@pytest.mark.parametrize("method", ["prompt", "prefix", "lt-prefix", "lt-prefix:kv", "lt-prompt"])
-def test_save_load_round_trip_same_logits(real_model, method, tmp_path):
-    model, tok = real_model
-    name, opts = build(method)
-    cfg = ltuning.make_config(name, label_names=LABELS, label_texts=TEXTS, **opts)
-    m = ltuning.patch(model, cfg, tok)
-    with torch.no_grad():
-        for p in m.trainable_parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    e = enc(tok)
-    with torch.no_grad():
-        before = m(e["input_ids"], e["attention_mask"])
-    m.save_pretrained(tmp_path)
-    assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
-    saved = m.adapter_state_dict()
-    ltuning.unpatch(m)
-    calls = label_cache.ENCODE_CALLS
-    m2 = LTuningModel.from_pretrained(model, str(tmp_path), tok)
-    restored = m2.adapter_state_dict()
-    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
-    assert label_cache.ENCODE_CALLS == calls  # the cached label encodings were restored, not recomputed
-    with torch.no_grad():
-        after = m2(e["input_ids"], e["attention_mask"])
-    ltuning.unpatch(m2)
-    # same weights and caches bit for bit; the logits agree to float32 round-off (MKL may pick a different
-    # blocking for differently aligned buffers)
-    assert torch.equal(before.argmax(-1), after.argmax(-1))
-    assert rel_err(after, before) < 1e-4
 
 
 def test_adapter_saved_before_an_option_existed_loads_with_its_old_behaviour(smollm, tmp_path):
@@ -232,16 +190,6 @@ def test_changed_label_texts_recompute_cache(minilm, tmp_path):
     ltuning.unpatch(m2)
 
 
-def test_only_method_and_head_are_trainable(minilm, capsys):
-    model, tok = minilm
-    m = ltuning.patch(model, ltuning.make_config("prefix", label_names=LABELS, num_virtual_tokens=4), tok)
-    names = [n for n, p in m.named_parameters() if p.requires_grad]
-    assert names and all(n.startswith(("method.", "head.")) for n in names)
-    m.print_trainable_parameters()
-    assert "trainable params:" in capsys.readouterr().out
-    ltuning.unpatch(m)
-
-
 def test_pairwise_objective_trains(minilm):
     model, tok = minilm
     m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS, objective="pairwise"), tok)
@@ -252,41 +200,3 @@ def test_pairwise_objective_trains(minilm):
     assert m.method.transform[0].weight.grad.abs().sum() > 0
     ltuning.unpatch(m)
 
-
-@pytest.mark.parametrize("method", ["prompt", "lt-prompt", "sk-prompt"])
-def test_decoder_prompt_as_shared_prefix_equals_concatenation(smollm, method):
-    """On a decoder the soft prompts run once per forward as a shared prefix (``prompt_as_prefix``): the scores,
-    the loss and every gradient equal those of the concatenation [p_e ; x] (label texts of unequal token counts,
-    padded inputs)."""
-    model, tok = smollm
-    extra = {"task_text": "Classify the sentiment of the review."} if method == "sk-prompt" else {}
-    cfg = ltuning.make_config(method, label_names=LABELS, label_texts=TEXTS, **extra)
-    m = ltuning.patch(model, cfg, tok)
-    assert m.prompt_as_prefix
-    with torch.no_grad():
-        for p in m.trainable_parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    e = enc(tok)
-    y = torch.tensor([0, 1, 2, 1])
-    res = []
-    for flag in (True, False):
-        m.prompt_as_prefix = flag
-        m.zero_grad(set_to_none=True)
-        loss, scores = m.loss(e["input_ids"], e["attention_mask"], y)
-        loss.backward()
-        res.append((loss.detach(), scores.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
-                                                      if p.requires_grad}))
-    ltuning.unpatch(m)
-    (l1, s1, g1), (l0, s0, g0) = res
-    assert rel_err(s1, s0) < 1e-5 and rel_err(l1, l0) < 1e-5
-    for n in g0:
-        if g0[n].norm() > 1e-6 * (1 + l0.abs()):  # a listwise head bias has a zero gradient
-            assert rel_err(g1[n], g0[n]) < 1e-4, n
-
-
-def test_encoder_prompts_are_concatenated(minilm):
-    """Bidirectional models let the prompt see the input: no shared-prefix shortcut."""
-    model, tok = minilm
-    m = ltuning.patch(model, ltuning.make_config("prompt", label_names=LABELS), tok)
-    assert not m.prompt_as_prefix
-    ltuning.unpatch(m)

@@ -57,7 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import PrefixInputs
+from ..models import PrefixInputs, capture_kv
+from .injection import prompt_bank_kv
+from .kv_maps import apply_kv_maps
 
 SCORINGS = ("kpass", "onepass", "shared-input")
 
@@ -79,7 +81,7 @@ class BilinearLabelHead(nn.Module):
     A, C (d, d) start at zero, so the head starts as tau x the correlation of the input's and the label text's
     states (a dual-encoder prior that holds for a label never trained on) and learns a metric in which both
     sides stay in the same space; a bilinear map with a free label-side projection fits the trained labels but
-    scores an unseen label at chance (measured: 0 % top-1 for a held-back BANKING77 intent). The 1/sqrt(d)
+    scores an unseen label at chance (nothing ties its projection to the trained ones). The 1/sqrt(d)
     keeps Adam's per-entry steps from swamping the identity at the head's learning rate. tau = exp(log_tau),
     log_tau starts at log 10."""
 
@@ -165,12 +167,8 @@ def label_blocks(model):
         start = P if model.config.position_offset == "prefix" else None  # P = l = max_k n_k
         return keys, values, lengths, start
     prompts, pmask = m.prompts()
-    captured = {}
-    model.base(inputs_embeds=prompts.to(model.base.get_input_embeddings().weight.dtype), attention_mask=pmask,
-               use_cache=False, ltuning_capture=captured)
-    layers = sorted(captured)
-    lengths = None if bool(pmask.all()) else pmask.sum(-1)
-    return ([captured[i][0] for i in layers], [captured[i][1] for i in layers], lengths, prompts.shape[1])
+    keys, values, lengths = prompt_bank_kv(model.base, prompts, pmask)
+    return keys, values, lengths, prompts.shape[1]
 
 
 def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
@@ -195,16 +193,13 @@ def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
 
 def input_kv(model, input_ids, mask):
     """The input's own per-layer K/V (layers, B, Hkv, L, D) each, from one no-grad forward (positions 0..L-1)."""
-    captured = {}
     with torch.no_grad():
-        model.base(input_ids=input_ids, attention_mask=mask, use_cache=False, ltuning_capture=captured)
-    layers = sorted(captured)
-    return torch.stack([captured[i][0] for i in layers]), torch.stack([captured[i][1] for i in layers])
+        kv = capture_kv(model.base, input_ids=input_ids, attention_mask=mask)
+    return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
 
 def shared_input_scores(model, input_ids, attention_mask) -> torch.Tensor:
     """(B, K) scores of the shared-input (cascade) reading (module docstring)."""
-    from .methods.sk import apply_kv_maps
     m = model.method
     B, L = input_ids.shape
     dev = input_ids.device
@@ -251,7 +246,7 @@ def add_labels(model, names, texts=None) -> None:
     trainable of lt-prefix / lt-prompt is shared by the labels, so a new label is scored with what was learned
     for the others (lt-prefix ``variant="published"`` maps l tokens, so it refuses texts longer than the
     longest label text it was trained with)."""
-    from .data import default_label_text
+    from ..data import default_label_text
     m = model.method
     if not m.label_conditioned:
         raise TypeError(f"method {model.config.method!r} has a fixed classification head: labels cannot be added")
