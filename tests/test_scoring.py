@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ltuning
-from ltuning.kernels.reference import prefix_attention_reference
+from ltuning.kernels import prefix_attention_reference
 from ltuning.models import PrefixInputs
 from ltuning.scoring import BilinearLabelHead
 
