@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ltuning.kernels.cpu_extension import build, sanitize  # noqa: E402
+from ltuning.kernels.cpu.build import build, sanitize  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    here = Path(__file__).resolve().parents[1] / "ltuning" / "kernels" / "csrc" / "prefix_attention.cpp"
+    here = Path(__file__).resolve().parents[1] / "ltuning" / "kernels" / "cpu" / "csrc" / "prefix_attention.cpp"
     ap.add_argument("--source", default=str(here))
     a = ap.parse_args()
     if not sanitize():

@@ -117,7 +117,7 @@ def make_inputs(model, B, L, P, dtype, seed=0):
 
 def impl_fn(name, dtype):
     from ltuning.kernels import prefix_attention_reference, prefix_attention_sdpa
-    from ltuning.kernels.cpu_prefix_attention import prefix_attention_cpu
+    from ltuning.kernels.cpu.prefix_attention import prefix_attention_cpu
 
     if name == "ours":
         return prefix_attention_cpu
@@ -253,7 +253,7 @@ def main():
     mt = reexec_with_memtrack()
 
     import torch
-    from ltuning.kernels import cpu_prefix_attention
+    from ltuning.kernels.cpu import prefix_attention as cpu_prefix_attention
 
     if args.threads:
         torch.set_num_threads(args.threads)

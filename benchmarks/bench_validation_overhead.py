@@ -69,7 +69,7 @@ def worker(reps: int, threads: int) -> dict:
                 ts.append(time.perf_counter() - t0)
             out[f"{name} {pas}"] = statistics.median(ts) * 1e3
         try:  # the checks alone (this tree only)
-            from ltuning.kernels.cpu_prefix_attention import DTYPES
+            from ltuning.kernels.cpu.prefix_attention import DTYPES
             from ltuning.kernels.validation import check_inputs, check_values
         except ImportError:
             continue
@@ -95,7 +95,7 @@ def inprocess(before: Path, before_so: Path, reps: int, threads: int) -> dict:
 
     import torch
     torch.set_num_threads(threads)
-    from ltuning.kernels import cpu_prefix_attention as cpa
+    from ltuning.kernels.cpu import prefix_attention as cpa
     from ltuning.kernels.validation import check_inputs
     spec = importlib.util.spec_from_file_location("before_reference", before / "ltuning/kernels/reference.py")
     ref_before = importlib.util.module_from_spec(spec)

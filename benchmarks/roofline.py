@@ -35,7 +35,7 @@ import argparse
 import json
 import os
 
-from ltuning.kernels.triton_prefix_attention import prefix_splits
+from ltuning.kernels.triton.prefix_attention import prefix_splits
 
 LAYERS, HEADS, HEAD_DIM = 32, 32, 128
 PEAK_FLOPS, HBM_BW, SMS = 989e12, 3.35e12, 132

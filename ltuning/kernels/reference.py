@@ -35,25 +35,6 @@ import torch
 from .validation import KernelInputError, check_inputs
 
 
-def _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale, prefix_lengths=None, *,
-           softmax_scale=None, where="prefix_attention_reference"):
-    """Dense-form validation (:func:`ltuning.kernels.validation.check_inputs`); returns (B, Hq, Lq, D, Hkv, Lk, P)."""
-    d = check_inputs(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask,
-                     prefix_scale=prefix_scale, prefix_lengths=prefix_lengths, softmax_scale=softmax_scale,
-                     where=where)
-    return d.B, d.Hq, d.Lq, d.D, d.Hkv, d.Lk, d.P
-
-
-def check_prefix_lengths(prefix_lengths, bank_k) -> None:
-    """``prefix_lengths`` is None or an (N,) int32/int64 tensor, N = bank entries (0 without a bank)."""
-    if prefix_lengths is None:
-        return
-    N = bank_k.shape[0] if bank_k is not None else 0
-    if prefix_lengths.shape != (N,) or prefix_lengths.dtype not in (torch.int32, torch.int64):
-        raise KernelInputError(f"prefix_lengths must be an (N={N},) integer tensor; got {tuple(prefix_lengths.shape)} "
-                               f"{prefix_lengths.dtype}")
-
-
 def visible_mask(B, Lq, Lk, P, key_padding_mask=None, causal=False, device=None, row_prefix_lengths=None):
     """Boolean (B, Lq, P + Lk): True where query i may attend to key j of [prefix ; sequence].
 
@@ -86,8 +67,9 @@ def prefix_attention_reference(
 
     ``compute_dtype`` (e.g. torch.float64) runs the math in that dtype; the output is cast back to q's dtype.
     """
-    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
-                                      prefix_lengths, softmax_scale=softmax_scale)
+    B, Hq, Lq, D, Hkv, Lk, P, _ = check_inputs(
+        q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask, prefix_scale=prefix_scale,
+        prefix_lengths=prefix_lengths, softmax_scale=softmax_scale, where="prefix_attention_reference")
     if compute_dtype is not None and not compute_dtype.is_floating_point:
         raise KernelInputError(f"prefix_attention_reference: compute_dtype must be floating; got {compute_dtype}")
     out_dtype = q.dtype

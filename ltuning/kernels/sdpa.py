@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import _check, prefix_attention_reference, row_prefix_lengths, visible_mask
+from .reference import prefix_attention_reference, row_prefix_lengths, visible_mask
+from .validation import check_inputs
 
 
 def prefix_attention_sdpa(
@@ -19,8 +20,9 @@ def prefix_attention_sdpa(
     prefix_scale=None, softmax_scale=None, prefix_lengths=None,
 ):
     """SDPA over the materialised ``[bank[idx] ; K]``. Returns ``(o, lse)``; lse is recomputed cheaply."""
-    B, Hq, Lq, D, Hkv, Lk, P = _check(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, prefix_scale,
-                                      prefix_lengths, softmax_scale=softmax_scale, where="prefix_attention_sdpa")
+    B, Hq, Lq, D, Hkv, Lk, P, _ = check_inputs(
+        q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask, prefix_scale=prefix_scale,
+        prefix_lengths=prefix_lengths, softmax_scale=softmax_scale, where="prefix_attention_sdpa")
     mask = None
     rows = row_prefix_lengths(prefix_lengths, prefix_idx, P)
     if causal or key_padding_mask is not None or rows is not None:

@@ -42,7 +42,7 @@ class MethodConfig:
     (label-conditioned methods), defaults to the names. pooling: ``"last"`` (last real token, decoders),
     ``"mean"`` (mean of real input tokens, encoders) or ``"cls"``; None picks by family. position_offset:
     ``"zero"`` (input positions start at 0) or ``"prefix"`` (start at P, as PEFT does). backend: attention
-    backend (see :mod:`ltuning.kernels.dispatch`).
+    backend (see :mod:`ltuning.kernels.api`).
     """
     method: str = ""
     label_names: list = field(default_factory=list)

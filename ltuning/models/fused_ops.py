@@ -1,7 +1,8 @@
 """Drop-in fused CPU kernels for a loaded Llama-family model (RMSNorm, SwiGLU MLP, rotary embedding).
 
 ``enable_fused_ops(model)`` patches the model's modules in place, Liger-Kernel style, without copying modelling
-code (:mod:`ltuning.kernels.cpu_fused_ops` holds the kernels):
+code (the kernels: :func:`ltuning.kernels.rms_norm`, :func:`~ltuning.kernels.swiglu`, :func:`~ltuning.kernels.rotary`,
+C++ in ``ltuning/kernels/cpu/csrc/fused_llama_ops.cpp``):
 
 * every RMSNorm module (``LlamaRMSNorm`` and its Mistral/Qwen2/Qwen3/SmolLM3 copies) gets an instance-level
   ``forward`` running the fused RMSNorm (the weight gradient is computed only when the weight requires one);
@@ -26,7 +27,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ..kernels import cpu_fused_ops as fused
+from ..kernels import fused_ops_available, rms_norm, rotary, swiglu
 
 RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm")
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP")
@@ -47,12 +48,12 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     # float64: transformers' RMSNorm rounds through float32 (its semantics, kept); the kernel would not
     if hidden_states.dtype != w.dtype or hidden_states.dtype == torch.float64 or hidden_states.device.type != "cpu":
         return type(self).forward(self, hidden_states)
-    return fused.rms_norm(hidden_states, w, self.variance_epsilon)
+    return rms_norm(hidden_states, w, self.variance_epsilon)
 
 
 def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate = self.gate_proj(x)
-    return self.down_proj(fused.swiglu(gate, self.up_proj(x)))
+    return self.down_proj(swiglu(gate, self.up_proj(x)))
 
 
 def _bind(module: nn.Module, name: str, fn) -> None:
@@ -81,7 +82,7 @@ def _exit(module, args, output):
 def _make_rope_dispatcher(original):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if _rope_depth() and not args and kwargs.get("unsqueeze_dim", 1) == 1 and set(kwargs) <= {"unsqueeze_dim"}:
-            return fused.rotary(q, k, cos, sin)
+            return rotary(q, k, cos, sin)
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb._ltuning_original = original
@@ -140,7 +141,7 @@ def enable_fused_ops(model: nn.Module, ops=DEFAULT_OPS) -> dict:
     if unknown:
         raise ValueError(f"unknown fused ops {sorted(unknown)}; choose from {DEFAULT_OPS}")
     counts = {op: 0 for op in ops}
-    if not fused.is_available():
+    if not fused_ops_available():
         return counts
     state = model.__dict__.setdefault("_ltuning_fused", {"modules": [], "hooks": [], "rope": []})
     done = {id(m) for m, _ in state["modules"]}

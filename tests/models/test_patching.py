@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_same_gradients(real_model, method):
     """Recomputation by non-reentrant checkpointing in backward gives the same gradients; on SmolLM2 that covers
     the model as patched for CPU training: fused RMSNorm/SwiGLU/rotary ops and prompts run as a shared prefix
     (captured by a hook)."""
-    from ltuning.kernels import cpu_fused_ops
+    from ltuning.kernels import fused_ops_available
     from ltuning.models.fused_ops import fused_ops_enabled
     model, tok = real_model
     cfg = ltuning.make_config(method, label_names=["negative", "positive"])
@@ -194,7 +194,7 @@ def test_gradient_checkpointing_gives_same_gradients(real_model, method):
     m = ltuning.patch(model, cfg, tok)
     if model.config.model_type == "llama":
         assert m.prompt_as_prefix  # used by the prompt methods
-        assert fused_ops_enabled(model) == (cpu_fused_ops.is_available()
+        assert fused_ops_enabled(model) == (fused_ops_available()
                                             and os.environ.get("LTUNING_FUSED_OPS") != "0")
     enc = batch(tok)
     try:

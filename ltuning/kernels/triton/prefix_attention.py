@@ -3,7 +3,7 @@
 Semantics and shapes: :mod:`ltuning.kernels.reference`. Dense: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D); packed:
 q (T, Hq, D), k/v (T, Hkv, D) with ``cu_seqlens`` (B+1,). The bank (N, Hkv, P, D) is read in place by every
 kernel (no expanded per-sequence copy); its gradient is reduced inside the prefix dK/dV kernel over the sequences
-that use each entry (see :mod:`ltuning.kernels.triton_attn_bwd`). Both functions are differentiable w.r.t.
+that use each entry (see :mod:`ltuning.kernels.triton.bwd`). Both functions are differentiable w.r.t.
 q, k, v, bank_k, bank_v, prefix_scale, and through ``lse`` as well as ``o``. The optional ``prefix_lengths`` (N,)
 (right-padded banks) is read by the kernels too: positions past an entry's length are skipped or masked and get
 exactly zero gradient; without it the kernels compile exactly as before (``HAS_PLEN = False``).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import check_inputs, check_values
+from ..validation import check_inputs, check_values
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -25,7 +25,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def is_available() -> bool:
     """Triton importable and a target to run on: CUDA, or the interpreter (``TRITON_INTERPRET=1``)."""
     try:
-        from .triton_configs import interpreting
+        from .configs import interpreting
     except ImportError:
         return False
     return torch.cuda.is_available() or interpreting()
@@ -78,7 +78,7 @@ def _s3(t, m: _Meta):
 
 def _consts(m: _Meta, q, kpm, scale, plen):
     import triton
-    from .triton_configs import len_bucket
+    from .configs import len_bucket
     return dict(GROUP=m.Hq // m.Hkv, HEAD_DIM=m.D, D_PAD=max(16, triton.next_power_of_2(m.D)),
                 HAS_PREFIX=m.P > 0, HAS_KPM=kpm is not None, HAS_SCALE=scale is not None, CAUSAL=m.causal,
                 IS_VARLEN=m.varlen, HAS_PLEN=plen is not None,
@@ -102,7 +102,7 @@ def _bank_args(bank_k, bank_v, idx, plen, kpm, scale, q):
 
 def _forward(q, k, v, bank_k, bank_v, idx, plen, kpm, scale, cu, m: _Meta):
     import triton
-    from .triton_attn_fwd import fwd_kernel
+    from .fwd import fwd_kernel
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc(q.shape[:-1], torch.float32, q.device)
     consts, bucket = _consts(m, q, kpm, scale, plen)
@@ -116,7 +116,7 @@ def _forward(q, k, v, bank_k, bank_v, idx, plen, kpm, scale, cu, m: _Meta):
 
 def _backward(ctx, do, dlse):
     import triton
-    from .triton_attn_bwd import dkdv_seq_kernel, dq_kernel, preprocess_kernel
+    from .bwd import dkdv_seq_kernel, dq_kernel, preprocess_kernel
     q, k, v, bank_k, bank_v, scale, idx, plen, kpm, cu, o, lse = ctx.saved_tensors
     cu = _ptr(cu, q)
     m: _Meta = ctx.meta
@@ -155,8 +155,8 @@ def _backward(ctx, do, dlse):
 def _bank_backward(q, bank_k, bank_v, scale, idx, plen, cu, do, lse, delta, m: _Meta, consts, qk_scale):
     """d(bank_k), d(bank_v), d(prefix_scale): sequences grouped by entry with a stable sort (no host sync)."""
     import triton
-    from .triton_attn_bwd import dkdv_prefix_kernel
-    from .triton_configs import len_bucket
+    from .bwd import dkdv_prefix_kernel
+    from .configs import len_bucket
     perm = torch.argsort(idx, stable=True).to(torch.int32)
     seg = torch.zeros(m.N + 1, dtype=torch.int32, device=q.device)
     seg[1:] = torch.cumsum(torch.bincount(idx, minlength=m.N), 0)

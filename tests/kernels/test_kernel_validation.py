@@ -21,14 +21,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from testutil import rel_err  # noqa: E402
-from ltuning.kernels import cpu_fused_ops as fo  # noqa: E402
-from ltuning.kernels import cpu_prefix_attention as cpa  # noqa: E402
-from ltuning.kernels import prefix_attention, prefix_attention_varlen  # noqa: E402
-from ltuning.kernels.reference import prefix_attention_reference, prefix_attention_varlen_reference  # noqa: E402
-from ltuning.kernels.validation import KernelInputError  # noqa: E402
+from ltuning.kernels import (KernelInputError, prefix_attention, prefix_attention_reference,  # noqa: E402
+                             prefix_attention_varlen, prefix_attention_varlen_reference)
+from ltuning.kernels.cpu import fused_ops as fo  # noqa: E402
+from ltuning.kernels.cpu import prefix_attention as cpa  # noqa: E402
 
 try:
-    from ltuning.kernels import triton_prefix_attention as tpa
+    from ltuning.kernels.triton import prefix_attention as tpa
     HAVE_TRITON = tpa.is_available()
 except ImportError:  # pragma: no cover - triton is a dev dependency
     HAVE_TRITON = False

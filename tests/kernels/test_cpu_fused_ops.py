@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from ltuning.kernels import cpu_fused_ops as fo
+from ltuning.kernels.cpu import fused_ops as fo
 from testutil import max_rel, rel_err
 
 pytestmark = pytest.mark.skipif(not fo.is_available(), reason="C++ fused-ops extension did not build")
@@ -275,13 +275,14 @@ def test_patched_llama_matches(weights_trainable):
 
 def test_patch_scoped_to_enabled_model_and_bf16():
     import transformers.models.llama.modeling_llama as ml
+    from ltuning.models import fused_ops as patching
     from ltuning.models.fused_ops import disable_fused_ops, enable_fused_ops
     a, b = tiny_llama(seed=1), tiny_llama(seed=1)
     enable_fused_ops(a)
     calls = []
-    orig = fo.rotary
+    orig = patching.rotary  # the fused kernel as the patched model calls it
     try:
-        fo.rotary = lambda *args: calls.append(1) or orig(*args)
+        patching.rotary = lambda *args: calls.append(1) or orig(*args)
         emb = torch.randn(2, 6, 40, generator=gen())
         with torch.no_grad():
             b(inputs_embeds=emb)  # unpatched model of the same class: original RoPE
@@ -289,7 +290,7 @@ def test_patch_scoped_to_enabled_model_and_bf16():
             a(inputs_embeds=emb)
             assert len(calls) == 2
     finally:
-        fo.rotary = orig
+        patching.rotary = orig
         disable_fused_ops(a)
     assert ml.apply_rotary_pos_emb.__module__ == ml.__name__
     m16, m32 = tiny_llama(torch.bfloat16, seed=2), tiny_llama(seed=2)

@@ -1,11 +1,12 @@
-"""Build-once, load-lazily helper shared by the C++ CPU kernels (``cpu_prefix_attention``, ``cpu_fused_ops``).
+"""Build-once, load-lazily helper shared by the C++ CPU kernels (:mod:`.prefix_attention`, :mod:`.fused_ops`).
 
-Each kernel module holds one :class:`CppExtension` for its source in ``ltuning/kernels/csrc/`` (package data: a
-wheel install carries the sources and builds them at first use like a checkout). The first call of
+Each kernel module holds one :class:`CppExtension` for its source in ``ltuning/kernels/cpu/csrc/`` (package data:
+a wheel install carries the sources and builds them at first use like a checkout). The first call of
 :meth:`CppExtension.is_available` compiles the source with ``torch.utils.cpp_extension.load`` into
 ``$LTUNING_BUILD_DIR`` or ``~/.cache/ltuning/<prefix>_<hash>/`` (the hash covers the source, its path, the flags and
 the torch version, so an edit rebuilds and two checkouts never rebuild each other's folder) and loads it; on any
 failure it warns once and returns False, and the kernel module falls back to its plain-PyTorch reference.
+A compile (not a cached load) says so on stderr: one line before it starts, naming the folder, one when it ends.
 
 Stale build locks: ``cpp_extension`` guards a build with a ``lock`` file in the build folder and waits, without a
 time limit, while it exists. A build killed part-way (Ctrl-C during a first run) leaves the file behind and every
@@ -50,7 +51,7 @@ def none_if_empty(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
-def _build_running(build_dir: Path) -> Optional[bool]:
+def build_running(build_dir: Path) -> Optional[bool]:
     """Whether some process works in ``build_dir`` (ninja and the compiler run there); None when that cannot be
     told (no /proc, or another user's processes are hidden)."""
     proc = Path("/proc")
@@ -89,7 +90,7 @@ def clear_stale_lock(build_dir: Path, grace: float = 60.0, max_age: Optional[flo
             age = time.time() - lock.stat().st_mtime
         except FileNotFoundError:
             return False
-        running = _build_running(build_dir)
+        running = build_running(build_dir)
         if age > max_age or (age > grace and running is False):
             why = "older than the time limit" if age > max_age else "no build process is running"
             warnings.warn(f"removing the stale build lock {lock} ({age:.0f} s old, {why}); "
@@ -127,8 +128,16 @@ def build_spec(src: Path, prefix: str) -> tuple[str, Path, list[str]]:
     return name, root / name, cflags
 
 
-def build(src: Path, prefix: str):
-    """Compile (or reuse the cached build of) ``src`` and load it as a Python module."""
+def built_library(name: str, build_dir: Path) -> Path:
+    """The shared library ``torch.utils.cpp_extension.load`` writes (and loads) for ``name`` in ``build_dir``."""
+    return build_dir / (name + (".pyd" if sys.platform == "win32" else ".so"))
+
+
+def build(src: Path, prefix: str, what: str = "kernels"):
+    """Compile (or reuse the cached build of) ``src`` and load it as a Python module.
+
+    A compile prints one line on stderr before it starts and one when it is done; loading a cached build prints
+    nothing."""
     from torch.utils.cpp_extension import load
 
     if not src.is_file():
@@ -138,13 +147,22 @@ def build(src: Path, prefix: str):
     name, build_dir, cflags = build_spec(src, prefix)
     build_dir.mkdir(parents=True, exist_ok=True)
     clear_stale_lock(build_dir)
+    compiling = not built_library(name, build_dir).is_file()
+    if compiling:
+        print(f"ltuning: building the C++ CPU {what} (first use, ~30 s; cached in {build_dir})", file=sys.stderr,
+              flush=True)
+    t0 = time.perf_counter()
     ldflags = ["-fopenmp"] + (["-fsanitize=address"] if sanitize() else [])
-    return load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=ldflags,
-                build_directory=str(build_dir), verbose=False)
+    module = load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=ldflags,
+                  build_directory=str(build_dir), verbose=False)
+    if compiling:
+        print(f"ltuning: built the C++ CPU {what} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return module
 
 
 class CppExtension:
-    """One ``ltuning/kernels/csrc/`` source, built and loaded at first use. ``what`` names it in the fallback warning."""
+    """One ``ltuning/kernels/cpu/csrc/`` source, built and loaded at first use. ``what`` names it in the build
+    messages and the fallback warning."""
 
     def __init__(self, source: str, prefix: str, what: str, fallback: str = "the reference implementation"):
         self.src, self.prefix, self.what, self.fallback = CSRC / source, prefix, what, fallback
@@ -155,7 +173,7 @@ class CppExtension:
         """Build (once per process, cached on disk) and load; False with one warning on failure."""
         if self.ok is None:
             try:
-                self.module = build(self.src, self.prefix)
+                self.module = build(self.src, self.prefix, self.what)
                 self.ok = True
             except Exception as e:  # compiler missing, build or load failure
                 self.ok = False

@@ -1,4 +1,4 @@
-"""Fused elementwise ops of Llama-family blocks on CPU: the C++ kernels of ``csrc/fused_llama_ops.cpp`` (here).
+"""Fused elementwise ops of Llama-family blocks on CPU: the C++ kernels of ``cpu/csrc/fused_llama_ops.cpp``.
 
 * :func:`rms_norm` ``(x, weight, eps)``: ``weight * (x * rsqrt(mean(x^2, -1) + eps))`` in one pass per row; the
   backward reuses the saved per-row ``rstd`` and computes the weight gradient only when the weight needs one.
@@ -10,7 +10,7 @@
 Each is a ``torch.library`` custom op (``ltuning::fused_*``) with a registered autograd formula and fake
 implementation. float32, bfloat16 (float32 arithmetic, one rounding) and float64 run natively. The plain-PyTorch
 ``*_reference`` functions are the test oracle. The extension is built like the prefix-attention kernel
-(:mod:`ltuning.kernels.cpu_extension`, cached in ``~/.cache/ltuning``); without a working
+(:mod:`ltuning.kernels.cpu.build`, cached in ``$LTUNING_BUILD_DIR`` or ``~/.cache/ltuning``); without a working
 compiler the functions fall back to the references with one warning.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cpu_extension import CppExtension, acc_dtype as _acc_dtype
-from .validation import KernelInputError
+from ..validation import KernelInputError
+from .build import CppExtension, acc_dtype
 
 _EXT = CppExtension("fused_llama_ops.cpp", "ltuning_fused_llama_ops", "fused Llama ops",
                     "the reference implementations")
@@ -39,7 +39,7 @@ def _ext():
 # References (the oracle): plain PyTorch, any dtype; the tests run them in float64.
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.to(_acc_dtype(x.dtype))
+    xf = x.to(acc_dtype(x.dtype))
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.to(y.dtype) * y).to(x.dtype)
 
@@ -135,7 +135,7 @@ def _check_op(where: str, **ts) -> None:
 def _(x, weight, eps):
     check_rms_norm(x, weight, eps)
     _check_op("fused_rms_norm_fwd", x=x, weight=weight)
-    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("ltuning::fused_rms_norm_bwd", mutates_args=(), device_types="cpu")

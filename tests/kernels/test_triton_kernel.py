@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from testutil import rel_err  # noqa: E402
-from ltuning.kernels import prefix_attention, triton_prefix_attention as tpa  # noqa: E402
-from ltuning.kernels.reference import prefix_attention_reference, prefix_attention_varlen_reference  # noqa: E402
+from ltuning.kernels import prefix_attention, prefix_attention_reference, prefix_attention_varlen_reference  # noqa: E402
+from ltuning.kernels.triton import prefix_attention as tpa  # noqa: E402
 
 if not tpa.is_available():
     pytest.skip("triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -323,7 +323,7 @@ def test_module_imports_without_triton():
     r = _run("""
         import sys; sys.modules["triton"] = None
         import ltuning
-        from ltuning.kernels import triton_prefix_attention as m
+        from ltuning.kernels.triton import prefix_attention as m
         assert not m.is_available()
     """, {})
     assert r.returncode == 0, r.stderr
@@ -339,7 +339,7 @@ def test_kernels_compile_for_sm80_sm90():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from ltuning.kernels import triton_attn_bwd as bw, triton_attn_fwd as fw
+        from ltuning.kernels.triton import bwd as bw, fwd as fw
 
         flags = dict(GROUP=4, HEAD_DIM=128, D_PAD=128, HAS_PREFIX=True, HAS_KPM=True, HAS_SCALE=True,
                      CAUSAL=True, IS_VARLEN=False, HAS_DLSE=True, HAS_PLEN=True, DOT_PREC="tf32")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_attn_common import LOG2E, key_scale, load_rows, mask_scores, prefix_len, seq_bounds, store_rows
-from .triton_configs import autotune
+from .common import LOG2E, key_scale, load_rows, mask_scores, prefix_len, seq_bounds, store_rows
+from .configs import autotune
 
 
 @triton.jit

@@ -1,10 +1,10 @@
-"""Fused shared-prefix attention on CPU: the C++ kernel of ``ltuning/kernels/csrc/prefix_attention.cpp``.
+"""Fused shared-prefix attention on CPU: the C++ kernel of ``ltuning/kernels/cpu/csrc/prefix_attention.cpp``.
 
 Same semantics and return value as :func:`ltuning.kernels.reference.prefix_attention_reference`::
 
     o, lse = softmax(scale * q [s * bank_k[idx] ; k]^T) [s * bank_v[idx] ; v],  o (B, Hq, Lq, D), lse (B, Hq, Lq)
 
-The extension is compiled at first use (:mod:`ltuning.kernels.cpu_extension`) into ``$LTUNING_BUILD_DIR`` or
+The extension is compiled at first use (:mod:`ltuning.kernels.cpu.build`) into ``$LTUNING_BUILD_DIR`` or
 ``~/.cache/ltuning/`` (rebuilt when the source, flags or torch change). The forward and backward are
 ``torch.library`` custom ops (``ltuning::prefix_attention_cpu_fwd`` / ``_bwd``) with a registered autograd
 formula and fake implementation, so autograd and ``torch.compile`` see one opaque op. float32, bfloat16 and
@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .cpu_extension import CppExtension, acc_dtype as _acc_dtype, none_if_empty as _none_if_empty
-from .reference import prefix_attention_reference, prefix_attention_varlen_reference
-from .validation import KernelInputError, check_inputs
+from ..reference import prefix_attention_reference, prefix_attention_varlen_reference
+from ..validation import KernelInputError, check_inputs
+from .build import CppExtension, acc_dtype, none_if_empty
 
 # q/k/v dtypes the entry points take (float16 runs in float32); the raw ops take float32, bfloat16, float64
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -77,7 +77,7 @@ def _(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_
       prefix_lengths=None):
     check_op_args(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, softmax_scale,
                   prefix_lengths)
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("ltuning::prefix_attention_cpu_bwd", mutates_args=(), device_types="cpu")
@@ -118,8 +118,8 @@ def _backward(ctx, grad_o, grad_lse):
     q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, plen, lse = ctx.saved_tensors
     dq, dk, dv, dbk, dbv, dps = _bwd(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale,
                                      lse, ctx.causal, ctx.softmax_scale, plen)
-    dbk, dbv = (_none_if_empty(dbk), _none_if_empty(dbv)) if bank_k is not None else (None, None)
-    dps = _none_if_empty(dps) if prefix_scale is not None else None
+    dbk, dbv = (none_if_empty(dbk), none_if_empty(dbv)) if bank_k is not None else (None, None)
+    dps = none_if_empty(dps) if prefix_scale is not None else None
     return dq, dk, dv, dbk, dbv, None, None, None, dps, None, None, None
 
 
@@ -136,7 +136,7 @@ def _prepare(q, k, v, bank_k, bank_v, prefix_scale):
         t = t.to(cd)
         return t if t.stride(-1) == 1 else t.contiguous()
 
-    ps = None if prefix_scale is None else prefix_scale.to(_acc_dtype(cd))
+    ps = None if prefix_scale is None else prefix_scale.to(acc_dtype(cd))
     return prep(q), prep(k), prep(v), prep(bank_k), prep(bank_v), ps
 
 

@@ -18,7 +18,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 CHECK = textwrap.dedent("""
     import json, os, sys, warnings
@@ -26,7 +26,7 @@ CHECK = textwrap.dedent("""
     import torch
     import ltuning
     from ltuning.kernels import prefix_attention, prefix_attention_reference
-    from ltuning.kernels import cpu_prefix_attention as cpa
+    from ltuning.kernels.cpu import prefix_attention as cpa
     built = cpa.is_available()
     g = torch.Generator().manual_seed(int(sys.argv[1]))
     q, k, v = torch.randn(2, 6, 7, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
@@ -61,7 +61,7 @@ def test_wheel_install_has_the_kernels(tmp_path):
     assert len(wheels) == 1, wheels
     names = zipfile.ZipFile(wheels[0]).namelist()
     for cpp in ("prefix_attention.cpp", "fused_llama_ops.cpp"):
-        assert f"ltuning/kernels/csrc/{cpp}" in names, f"{cpp} is not in the wheel: {names}"
+        assert f"ltuning/kernels/cpu/csrc/{cpp}" in names, f"{cpp} is not in the wheel: {names}"
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], env=env)

@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from ltuning.kernels import cpu_prefix_attention as cpa
-from ltuning.kernels.reference import prefix_attention_reference, prefix_attention_varlen_reference
+from ltuning.kernels.cpu import prefix_attention as cpa
+from ltuning.kernels import prefix_attention_reference, prefix_attention_varlen_reference
 from testutil import max_rel, rel_err
 
 pytestmark = pytest.mark.skipif(not cpa.is_available(), reason="C++ prefix-attention extension did not build")
@@ -311,8 +311,8 @@ def test_fallback_without_compiler(tmp_path):
 
     code = textwrap.dedent("""
         import warnings, torch
-        from ltuning.kernels import cpu_prefix_attention as cpa
-        from ltuning.kernels.reference import prefix_attention_reference
+        from ltuning.kernels.cpu import prefix_attention as cpa
+        from ltuning.kernels import prefix_attention_reference
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             ok = cpa.is_available()

@@ -4,9 +4,10 @@ Each kernel is tuned over ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` from a p
 the smallest listed head dim >= ``D_PAD`` is used (the largest beyond 128). Configurations whose pipelined
 shared-memory footprint exceeds the device limit are pruned before benchmarking. The spaces were checked offline
 by lowering every kernel with every mask flag on to sm80 and sm90a cubins with ptxas: each space holds spill-free
-configurations on both (a few others spill <= 216 bytes on one arch and are left to the benchmark). The
-autotune key is the power-of-two length bucket, the padded head dim, the flags and the input dtypes. Under ``TRITON_INTERPRET=1`` one small configuration (16 x 16 blocks) is used so the CPU tests stay
-fast and cross block boundaries on tiny shapes.
+configurations on both (a few others spill a little on one arch and are left to the benchmark). The autotune
+key is the power-of-two length bucket, the padded head dim, the flags and the input dtypes. Under
+``TRITON_INTERPRET=1`` one small configuration (16 x 16 blocks) is used so the CPU tests stay fast and cross block
+boundaries on tiny shapes.
 """
 from __future__ import annotations
 
