@@ -13,7 +13,7 @@ import torch
 from testutil import rel_err
 from ltuning.data import load_split
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _free_port() -> int:
