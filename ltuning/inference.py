@@ -28,7 +28,8 @@ def autocast(dtype: str):
 
 
 # The fixed cost of one forward pass in tokens (reading every weight once), by device type, that the batch planner
-# trades padding against (``benchmarks/profile_step.py`` measures it). GPUs: unmeasured, so plain chunks (None).
+# trades padding against (``benchmarks/profile_step.py`` measures it; its record:
+# ``benchmarks/results/profile_step_prompt_sst2.json``). GPUs: unmeasured, so plain chunks (None).
 OVERHEAD_TOKENS = {"cpu": 48}
 
 
