@@ -106,7 +106,8 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m", json_path=None, n
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ltuning.data import load_split, sorted_batches
+    from ltuning.batching import plan_batches as sorted_batches
+    from ltuning.data import load_split
     from ltuning.inference import OVERHEAD_TOKENS, predict_scores
     sys.path.insert(0, HERE)
     from accuracy import DATA

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 class _Parser(argparse.ArgumentParser):
@@ -205,43 +204,8 @@ def cmd_eval(a) -> dict:
 
 
 def cmd_classify(a) -> dict:
-    from .data import read_records
-    from .io import atomic_write_bytes, read_adapter_config
-    from .distributed import is_distributed
-    # the streamed engine writes one output from one process; under torchrun the in-memory path shards the input
-    # over the ranks and rank 0 writes the gathered result
-    if not is_distributed() and a.quantize not in ("nf4", "none") and (
-            len(a.adapter) > 1 or "multitask" not in read_adapter_config(a.adapter[0])):
-        import argparse
-        from .preflight import check_adapter_and_output
-        from .serving.commands import run_classify
-        from .serving.engine import parse_adapter_args
-        for d in parse_adapter_args(a.adapter).values():  # the checks of main's preflight, input not read whole
-            check_adapter_and_output(argparse.Namespace(**{**vars(a), "adapter": d}))
-        return run_classify(a)  # the streamed engine (ltuning.serving)
-    a.adapter = a.adapter[0]
-    from .preflight import check_classify_inputs
-    check_classify_inputs(a)
-    recs = read_records(a.input, require_label=False)
-    mt = _multitask(a)
-    if mt is not None:
-        from .tasks import classify
-        router, labels, max_length, dtype = mt
-        per_label = [s for _, s in classify(router, labels, recs, a.task, max_length, a.batch_size, dtype)]
-    else:
-        if a.task:
-            raise ValueError(f"--task applies to multi-task adapters; {a.adapter} has one task")
-        clf = _load_classifier(a)
-        per_label = [dict(zip(clf.label_names, s)) for s in clf.predict_scores(recs, a.batch_size, True).tolist()]
-    lines = []
-    for r, s in zip(recs, per_label):
-        out = dict(r)
-        out["prediction"] = max(s, key=s.__getitem__)
-        out["scores"] = s
-        lines.append(json.dumps(out, ensure_ascii=False))
-    if _is_main():  # torchrun: the inputs were sharded over ranks, rank 0 writes the merged output
-        atomic_write_bytes(a.output, ("\n".join(lines) + "\n").encode())
-    return {"classified": len(recs), "output": os.path.abspath(a.output)}
+    from .serving.commands import run_classify
+    return run_classify(a)
 
 
 def cmd_serve(a) -> dict:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import io
-import random
 from dataclasses import dataclass
 
 import torch
@@ -77,14 +75,28 @@ def _check_record(rec, path, line, require_label=True):
     return rec
 
 
-def _decoded_lines(path: str) -> list:
-    """The file's lines as text, each checked for UTF-8 and length (a UTF-8 BOM at the start is dropped)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    lines = []
-    for i, b in enumerate(raw.splitlines(keepends=True), start=1):
+def _raw_lines(f, block: int = 1 << 16):
+    """The lines of a binary file ``f``, line ends kept (``\n``, ``\r\n`` or ``\r``, as ``bytes.splitlines``),
+    read ``block`` bytes at a time: only one block and one line are held in memory."""
+    rest = b""
+    while True:
+        data = f.read(block)
+        if not data:
+            if rest:
+                yield rest
+            return
+        lines = (rest + data).splitlines(keepends=True)
+        # the last piece may continue in the next block: no line end yet, or a "\r" that a "\n" may follow
+        rest = lines.pop() if not lines[-1].endswith(b"\n") else b""
+        yield from lines
+
+
+def _decoded_lines(path: str, f):
+    """``(line number, text)`` of the file's lines, each checked for UTF-8 and length (a UTF-8 BOM at the start is
+    dropped)."""
+    for i, b in enumerate(_raw_lines(f), start=1):
+        if i == 1 and b.startswith(b"\xef\xbb\xbf"):
+            b = b[3:]
         try:
             text = b.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -94,26 +106,43 @@ def _decoded_lines(path: str) -> list:
         if n > MAX_LINE_CHARS:
             raise UserError(f"line of {n:,d} characters; expected at most {MAX_LINE_CHARS:,d} per record "
                             "(inputs are truncated to --max-length tokens anyway)", path, i)
-        lines.append(text)
-    return lines
+        yield i, text
 
 
-def read_records(path: str, require_label: bool = True, with_lines: bool = False):
-    """Read a .jsonl / .json / .csv / .tsv file of records; ``with_lines``: also their 1-based line numbers.
-    Every problem raises :class:`~ltuning.errors.UserError` naming the file and line."""
+def _is_table(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in (".csv", ".tsv")
+
+
+def _open_records(path: str):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     if os.path.isdir(path):
         raise UserError("is a directory; expected a .jsonl, .csv or .tsv file of records", path)
-    ext = os.path.splitext(path)[1].lower()
-    lines = _decoded_lines(path)
-    records, where = [], []
-    if ext in (".csv", ".tsv"):
-        if not any(ln.strip() for ln in lines):
-            raise UserError("empty file; expected a header line and one record per line", path)
-        reader = csv.DictReader(io.StringIO("".join(lines), newline=""), delimiter="\t" if ext == ".tsv" else ",")
+    return open(path, "rb")
+
+
+def iter_records(path: str, require_label: bool = True):
+    """Yield ``(record, line)`` (1-based line number) of a .jsonl / .json / .csv / .tsv file of records, one at a
+    time (constant memory). Every problem raises :class:`~ltuning.errors.UserError` naming the file and line."""
+    with _open_records(path) as f:
+        lines = _decoded_lines(path, f)
+        if not _is_table(path):
+            for i, line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per "
+                                    "line", path, i) from None
+                yield _check_record(rec, path, i, require_label), i
+            return
+        ext = os.path.splitext(path)[1].lower()
+        reader = csv.DictReader((text for _, text in lines), delimiter="\t" if ext == ".tsv" else ",")
         try:
-            header = reader.fieldnames or []
+            header = reader.fieldnames
+            if not header and all(not text.strip() for _, text in lines):
+                raise UserError("empty file; expected a header line and one record per line", path)
             ok = "text" in header or ("premise" in header and "hypothesis" in header)
             if not ok or (require_label and "label" not in header):
                 raise UserError(f"header has columns {header}; expected 'text' (or 'premise' and 'hypothesis')"
@@ -123,23 +152,30 @@ def read_records(path: str, require_label: bool = True, with_lines: bool = False
                 if None in row or None in row.values():
                     n = len(header) + len(row.get(None, [])) - sum(v is None for v in row.values())
                     raise UserError(f"{n} fields; expected {len(header)} as in the header", path, i)
-                records.append(_check_record(row, path, i, require_label))
-                where.append(i)
+                yield _check_record(row, path, i, require_label), i
         except csv.Error as e:
             raise UserError(f"malformed {ext[1:].upper()} ({e})", path, reader.line_num) from None
-    else:
-        for i, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line",
-                                path, i) from None
-            records.append(_check_record(rec, path, i, require_label))
-            where.append(i)
+
+
+def count_records(path: str) -> int:
+    """Number of records, one cheap pass without checks (blank lines skipped for JSONL, CSV rows parsed)."""
+    with _open_records(path) as f:
+        if _is_table(path):
+            text = (b.decode("utf-8", "replace") for b in _raw_lines(f))
+            return max(0, sum(1 for _ in csv.reader(text, delimiter="\t" if path.lower().endswith(".tsv") else ","))
+                       - 1)
+        return sum(1 for b in _raw_lines(f) if b.strip())
+
+
+def read_records(path: str, require_label: bool = True, with_lines: bool = False):
+    """The records of a file (see :func:`iter_records`) as a list; ``with_lines``: ``(records, line numbers)``.
+    A file without records raises :class:`~ltuning.errors.UserError`."""
+    records, where = [], []
+    for rec, i in iter_records(path, require_label):
+        records.append(rec)
+        where.append(i)
     if not records:
-        raise UserError("no records; expected " + ("a header line and one record per line" if ext in (".csv", ".tsv")
+        raise UserError("no records; expected " + ("a header line and one record per line" if _is_table(path)
                                                    else "one JSON object per line"), path)
     return (records, where) if with_lines else records
 
@@ -261,44 +297,3 @@ def collate(ids: list, pad_id: int, labels: list | None = None):
         mask[i, :len(x)] = 1
     lab = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     return out, mask, lab
-
-
-def length_grouped_batches(lengths: list, batch_size: int, rng: random.Random, mega: int = 50) -> list:
-    """Shuffled batches of indices whose lengths are similar (sorted within mega-batches of ``mega`` batches)."""
-    idx = list(range(len(lengths)))
-    rng.shuffle(idx)
-    batches = []
-    step = batch_size * mega
-    for s in range(0, len(idx), step):
-        chunk = sorted(idx[s:s + step], key=lambda i: -lengths[i])
-        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def sorted_batches(lengths: list, batch_size: int, overhead_tokens: int | None = None) -> list:
-    """Inference batches of at most ``batch_size`` rows, sorted by length (longest first); callers restore the order.
-
-    Without ``overhead_tokens``: consecutive chunks of ``batch_size``. With it: the split of the sorted rows into
-    consecutive batches that minimises ``padded tokens + overhead_tokens * batches`` (exact, by dynamic programming
-    in O(n * batch_size)), where ``overhead_tokens`` is the fixed cost of one forward pass counted in tokens (streaming
-    the weights once: ~40 tokens for SmolLM2 on one CPU core, far more on a GPU). A chunk of 64 rows of 30 to 128
-    tokens computes up to 2x its real tokens; the split computes little more than its real ones.
-    """
-    idx = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = len(idx)
-    if overhead_tokens is None or n <= 1:
-        return [idx[j:j + batch_size] for j in range(0, n, batch_size)]
-    ls = [lengths[i] for i in idx]
-    best = [0.0] + [float("inf")] * n  # best[j]: least cost of the first j rows
-    start = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(max(0, j - batch_size), j):  # last batch = rows i..j-1, padded to ls[i]
-            c = best[i] + (j - i) * ls[i] + overhead_tokens
-            if c < best[j]:
-                best[j], start[j] = c, i
-    out, j = [], n
-    while j > 0:
-        out.append(idx[start[j]:j])
-        j = start[j]
-    return out[::-1]

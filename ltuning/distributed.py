@@ -10,7 +10,8 @@ seeded length-grouped order on every rank); rank r computes the loss of its cont
 ``(1/|b|) sum_{i in b} grad l_i``, the one of the single-process step, also when ``|b|`` does not divide by W (a
 rank with nothing to do runs one row at weight 0 so that every rank joins the all-reduce). Validation, evaluation
 and classification shard their inputs over ranks (:func:`map_sharded`) and gather the results in input order, so
-every rank takes the same model-selection decisions; only rank 0 writes checkpoints, adapters, outputs and logs.
+every rank takes the same model-selection decisions; only rank 0 writes checkpoints, adapters, outputs and logs
+(a decision that reads what rank 0 wrote, such as where to resume, is taken there and shared: :func:`on_main`).
 
 Backends: ``gloo`` on the CPU, ``nccl`` when CUDA is available (the rank's device is ``cuda:LOCAL_RANK``).
 Not bit-identical to one process: the ``pairwise`` objective samples its wrong labels per rank.
@@ -120,14 +121,18 @@ def map_sharded(fn: Callable[[list], torch.Tensor], items: list) -> torch.Tensor
     return out
 
 
-def gather_list(items: list, local: list) -> list:
-    """Items computed per rank for ``items[r::W]`` (``local``) merged back into input order on every rank."""
+def on_main(fn: Callable[[], object]) -> object:
+    """``fn()`` run on rank 0 only, its result (or the exception it raised) given to every rank: the other ranks
+    return the same value or raise the same error. In a single process: ``fn()``."""
     if not is_distributed():
-        return local
-    W = world_size()
-    parts = [None] * W
-    dist.all_gather_object(parts, local)
-    out = [None] * len(items)
-    for k, part in enumerate(parts):
-        out[k::W] = part
-    return out
+        return fn()
+    box = [None, None]
+    if is_main():
+        try:
+            box[0] = fn()
+        except Exception as e:  # re-raised on every rank below
+            box[1] = e
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]

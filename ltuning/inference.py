@@ -1,4 +1,13 @@
-"""Batch classification: length-sorted batches, no grad, the model's dtype; scores in the input order."""
+"""Inference: scores (or pooled features) of token-id lists, in planned batches, no grad, in input order.
+
+The one path every caller takes (evaluation in :mod:`ltuning.train`, ``Classifier.predict``, the serving engine):
+:func:`run_batches` pads each batch of ``batches`` (index lists from :func:`ltuning.batching.plan_batches`) on the
+right (:func:`ltuning.data.collate`), runs ``model(input_ids, attention_mask) -> (B, K)`` (or
+``model.encode(...) -> (B, d)``) under ``torch.inference_mode`` and :func:`autocast`, and scatters the rows back to
+the input order as float32 (N, K). Label-conditioned methods score all K labels of an input in that one call.
+:func:`predict_scores` / :func:`pooled_features` plan the batches themselves: at most ``batch_size`` inputs each,
+sorted by length, split to minimise padded tokens plus :data:`OVERHEAD_TOKENS` per forward on the model's device.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,56 +15,69 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate, sorted_batches
+from .batching import plan_batches
+from .data import collate
 
 
 def autocast(dtype: str):
+    """bf16 / fp16 autocast on the current device type for ``dtype`` "bf16" / "fp16"; no-op for "fp32"."""
     if dtype in ("bf16", "fp16"):
         return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
                               dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
-# The fixed cost of one forward pass in tokens (reading every weight once), by device type: the batches of
-# ``predict_scores`` trade padding against it. CPU: SmolLM2-135M on one Xeon core, fp32, a batch of 1 x 8 tokens took
-# 182 ms and 8 x 128 tokens 3.55 ms per token, i.e. ~43 tokens of overhead (``OMP_NUM_THREADS=1 python
-# benchmarks/profile_step.py lt-prompt rte`` prints it). GPUs: unmeasured here, so plain chunks of ``batch_size`` rows (None).
+# The fixed cost of one forward pass in tokens (reading every weight once), by device type, that the batch planner
+# trades padding against (``benchmarks/profile_step.py`` measures it; its record:
+# ``benchmarks/results/profile_step_prompt_sst2.json``). GPUs: unmeasured, so plain chunks (None).
 OVERHEAD_TOKENS = {"cpu": 48}
 
 
-@torch.inference_mode()
-def predict_scores(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False,
-                   overhead_tokens: int | str | None = "auto"):
-    """Scores (N, K) float32 for N tokenised inputs (label-conditioned methods: all B x K pairs per batch).
-
-    Batches hold at most ``batch_size`` inputs of similar length: see :func:`ltuning.data.sorted_batches` for
-    ``overhead_tokens`` (``"auto"``: :data:`OVERHEAD_TOKENS` of the model's device; None: chunks of ``batch_size``)."""
-    return _map_batches(model, model, len(model.label_names), input_ids, batch_size, dtype, progress, overhead_tokens)
+def overhead_tokens_of(device: torch.device) -> int | None:
+    """:data:`OVERHEAD_TOKENS` of ``device``'s type (None where unmeasured)."""
+    return OVERHEAD_TOKENS.get(torch.device(device).type)
 
 
 @torch.inference_mode()
-def pooled_features(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False,
-                    overhead_tokens: int | str | None = "auto"):
-    """The pooled representations (N, d) float32 the head of ``model`` (an ``LTuningModel``) reads, in input order;
-    batches as in :func:`predict_scores`."""
-    return _map_batches(model, model.encode, model.info.hidden_size, input_ids, batch_size, dtype, progress,
-                        overhead_tokens)
-
-
-def _map_batches(model, fn, width, input_ids, batch_size, dtype, progress, overhead_tokens):
-    """``fn(ids, mask)`` over length-sorted batches of ``input_ids`` in eval mode: (N, width) float32, input order."""
-    was_training = model.training
-    model.eval()
+def run_batches(model, input_ids: list, batches: list, dtype: str = "fp32", progress: bool = False,
+                features: bool = False) -> torch.Tensor:
+    """``model`` (an ``LTuningModel``, in the mode the caller set) over ``batches`` of ``input_ids``: scores (N, K)
+    float32, or with ``features`` the pooled representations (N, d) the head reads; rows in input order."""
     device = model.head.weight.device
     pad = model.tokenizer.pad_token_id
-    out = torch.empty(len(input_ids), width)
-    if overhead_tokens == "auto":
-        overhead_tokens = OVERHEAD_TOKENS.get(device.type)
-    batches = sorted_batches([len(x) for x in input_ids], batch_size, overhead_tokens)
+    fn = model.encode if features else model
+    out = torch.empty(len(input_ids), model.info.hidden_size if features else len(model.label_names))
     for b in tqdm(batches, desc="classify", disable=not progress, leave=False):
         ids, mask, _ = collate([input_ids[i] for i in b], pad)
         with autocast(dtype):
             s = fn(ids.to(device), mask.to(device))
         out[torch.tensor(b)] = s.float().cpu()
-    model.train(was_training)
     return out
+
+
+def _in_eval_mode(model, input_ids, batch_size, dtype, progress, overhead_tokens, features):
+    """:func:`run_batches` over planned batches in eval mode (``eval()`` also drops the label-side inference
+    cache, see ``LTuningModel.inference_cached``), the model's mode restored after."""
+    if overhead_tokens == "auto":
+        overhead_tokens = overhead_tokens_of(model.head.weight.device)
+    batches = plan_batches([len(x) for x in input_ids], batch_size, overhead_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        return run_batches(model, input_ids, batches, dtype, progress, features)
+    finally:
+        model.train(was_training)
+
+
+def predict_scores(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False,
+                   overhead_tokens: int | str | None = "auto") -> torch.Tensor:
+    """Scores (N, K) float32 for N tokenised inputs, batches of at most ``batch_size`` inputs planned by
+    :func:`ltuning.batching.plan_batches` (``overhead_tokens`` "auto": :data:`OVERHEAD_TOKENS` of the model's
+    device; None: chunks of ``batch_size``)."""
+    return _in_eval_mode(model, input_ids, batch_size, dtype, progress, overhead_tokens, False)
+
+
+def pooled_features(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False,
+                    overhead_tokens: int | str | None = "auto") -> torch.Tensor:
+    """The pooled representations (N, d) float32 the head of ``model`` reads, batches as in :func:`predict_scores`."""
+    return _in_eval_mode(model, input_ids, batch_size, dtype, progress, overhead_tokens, True)

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import collate, length_grouped_batches
+from .batching import length_grouped_batches
+from .data import collate
 from .errors import UserError
 from .outputs import atomic_write_files
 import torch.nn.functional as F

@@ -260,7 +260,7 @@ def test_sorted_batches_split_is_optimal_and_covers_every_input(seed):
     (padded tokens + overhead per batch) equals the brute-force optimum over all splits of the sorted order."""
     import itertools
 
-    from ltuning.data import sorted_batches
+    from ltuning.batching import plan_batches as sorted_batches
 
     rng = random.Random(seed)
     for _ in range(30):

@@ -61,14 +61,27 @@ def _engine(a):
 
 
 def run_classify(a) -> dict:
-    """Single-task adapters: the streamed engine. Returns the closing summary (printed as the last JSON line)."""
+    """``ltuning classify``. Returns the closing summary (printed as the last JSON line).
+
+    Single-task adapters on a full-precision or dynamic-int8 base: the streamed engine (:mod:`.stream`; under
+    torchrun each rank scores its share of every chunk and rank 0 writes). A multi-task adapter
+    (:mod:`ltuning.tasks`) or a base through bitsandbytes (``--quantize nf4 / none``, as ``ltuning train
+    --quantize`` loads it): one adapter held in memory (:func:`classify_in_memory`)."""
+    import argparse
     import os
+
+    from ..io import read_adapter_config
+    from ..preflight import check_adapter_and_output
+    from .engine import parse_adapter_args
     from .stream import classify_file
+    adapters = parse_adapter_args(a.adapter)
+    only = next(iter(adapters.values()))
+    if len(adapters) == 1 and (a.quantize in ("nf4", "none") or "multitask" in read_adapter_config(only)):
+        return classify_in_memory(argparse.Namespace(**{**vars(a), "adapter": only}))
+    for d in adapters.values():  # the checks of the preflight, the input not read whole
+        check_adapter_and_output(argparse.Namespace(**{**vars(a), "adapter": d}))
     if not os.path.isfile(a.input):
         raise FileNotFoundError(f"--input {a.input}: no such file")
-    out_dir = os.path.dirname(os.path.abspath(a.output))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--output {a.output}: directory {out_dir} does not exist")
     if a.task:
         raise ValueError("--task applies to multi-task adapters")
     engine = _engine(a)
@@ -77,6 +90,47 @@ def run_classify(a) -> dict:
                             progress=not a.quiet, default_adapter=a.default_adapter)
     summary.update(dtype=engine.dtype, quantize=engine.quantize, adapters=list(engine.adapters))
     return summary
+
+
+def classify_in_memory(a) -> dict:
+    """One adapter (``a.adapter``: its directory), every record in memory, the output written atomically by rank 0
+    (a single-task adapter's inputs are sharded over the ranks under torchrun)."""
+    import json
+    import os
+
+    from ..classifier import Classifier
+    from ..data import read_records
+    from ..distributed import is_main
+    from ..io import atomic_write_bytes, read_adapter_config
+    from ..models import load_base
+    from ..preflight import check_classify_inputs
+    check_classify_inputs(a)
+    recs = read_records(a.input, require_label=False)
+    meta = read_adapter_config(a.adapter)
+    if "multitask" in meta:
+        from ..tasks import classify, load
+        base, tok = load_base(a.model) if a.model else (None, None)
+        router, labels, max_length, dtype = load(a.adapter, base, tok)
+        per_label = [s for _, s in classify(router, labels, recs, a.task, max_length, a.batch_size, dtype)]
+    else:
+        if a.task:
+            raise ValueError(f"--task applies to multi-task adapters; {a.adapter} has one task")
+        quantize = a.quantize or "recorded"
+        recorded = meta.get("classifier", {})
+        q = recorded.get("quantize") if quantize == "recorded" else quantize
+        base, tok = (load_base(a.model, recorded.get("dtype", "fp32"), None if q == "none" else q) if a.model
+                     else (None, None))
+        clf = Classifier.from_pretrained(a.adapter, base, tok, quantize=quantize)
+        per_label = [dict(zip(clf.label_names, s)) for s in clf.predict_scores(recs, a.batch_size, True).tolist()]
+    lines = []
+    for r, s in zip(recs, per_label):
+        out = dict(r)
+        out["prediction"] = max(s, key=s.__getitem__)
+        out["scores"] = s
+        lines.append(json.dumps(out, ensure_ascii=False))
+    if is_main():  # torchrun: rank 0 writes the merged output
+        atomic_write_bytes(a.output, ("\n".join(lines) + "\n").encode())
+    return {"classified": len(recs), "output": os.path.abspath(a.output)}
 
 
 def run_serve(a) -> dict:

@@ -7,12 +7,13 @@ is cached by :meth:`ltuning.model.LTuningModel.inference_cached` at the first ba
 * tokenisation with a stated truncation policy (:meth:`Engine.tokenize`): each input is cut to the adapter's
   ``max_length`` tokens (default 128), keeping its start; a premise/hypothesis pair is truncated longest-first on
   encoders, and joined by a newline then cut from the end on decoders (as in training);
-* token-budget batches (:func:`plan_batches`): inputs sorted by length and split so that a batch's padded tokens,
-  counted per scored row (label-conditioned methods score all K labels of an input: K rows), stay within
-  ``max_batch_tokens`` and its rows within ``max_batch_rows``, minimising padding plus a fixed cost per forward;
-* ``torch.inference_mode`` and bf16 autocast when the base runs in bf16; all K labels of an input are scored by
-  the model's own forward (``model(input_ids, attention_mask)`` -> (B, K)), so a cheaper scoring the model
-  implements is used as is.
+* token-budget batches (:func:`ltuning.batching.plan_batches`): inputs sorted by length and split so that a
+  batch's padded tokens, counted per scored row (label-conditioned methods score all K labels of an input: K
+  rows), stay within ``max_batch_tokens`` and its rows within ``max_batch_rows``, minimising padding plus a fixed
+  cost per forward (:data:`ltuning.inference.OVERHEAD_TOKENS`);
+* the library's one inference path (:func:`ltuning.inference.run_batches`): ``torch.inference_mode``, bf16
+  autocast when the base runs in bf16; all K labels of an input are scored by the model's own forward
+  (``model(input_ids, attention_mask)`` -> (B, K)), so a cheaper scoring the model implements is used as is.
 
 Several adapters: each adapter is an ``LTuningModel`` sharing the same base module (no copy of the weights).
 Adapters whose method hooks the base's layers (LoRA, FL, APT, CGC-LoRA) have their hooks detached from the base
@@ -22,54 +23,19 @@ quantization).
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from dataclasses import dataclass, field
 
 import torch
 
+from ..batching import plan_batches
 from ..data import encode
-from ..inference import autocast
+from ..inference import overhead_tokens_of, run_batches
 from ..model import LTuningModel
 from ..io import read_adapter_config
 from ..models import enable, fingerprint, load_base
 from . import cpu
-
-# fixed cost of one forward pass counted in tokens (see ltuning.inference.OVERHEAD_TOKENS)
-OVERHEAD_TOKENS = 48
-
-
-def plan_batches(lengths: list, rows_per_input: int = 1, max_batch_tokens: int = 4096, max_batch_rows: int = 64,
-                 overhead_tokens: int = OVERHEAD_TOKENS) -> list:
-    """Batches of input indices (lists), longest first; callers restore the input order.
-
-    Inputs sorted by length (descending); a batch of inputs i..j-1 costs ``(j - i) * lengths[i] * rows_per_input``
-    padded tokens plus ``overhead_tokens``; the split minimising the total (exact dynamic programme, O(n *
-    max_batch_rows)) subject to ``(j - i) * rows_per_input <= max_batch_rows`` (at least one input per batch) and
-    padded tokens ``<= max_batch_tokens`` (an input longer than the budget alone gets its own batch)."""
-    if rows_per_input < 1 or max_batch_tokens < 1 or max_batch_rows < 1:
-        raise ValueError("rows_per_input, max_batch_tokens and max_batch_rows must be >= 1")
-    idx = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = len(idx)
-    ls = [max(1, lengths[i]) for i in idx]
-    max_inputs = max(1, max_batch_rows // rows_per_input)
-    best = [0.0] + [math.inf] * n
-    start = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j - 1, max(0, j - max_inputs) - 1, -1):  # last batch = sorted rows i..j-1, padded to ls[i]
-            tokens = (j - i) * ls[i] * rows_per_input
-            if tokens > max_batch_tokens and i < j - 1:
-                break  # longer batches (smaller i) only get more tokens
-            c = best[i] + tokens + overhead_tokens
-            if c < best[j]:
-                best[j], start[j] = c, i
-    out, j = [], n
-    while j > 0:
-        out.append(idx[start[j]:j])
-        j = start[j]
-    return out[::-1]
-
 
 class _HookSwitch:
     """Forward (pre-)hooks an adapter installed on the shared base: detached, re-attached while it runs."""
@@ -211,29 +177,18 @@ class Engine:
 
     # ---------------------------------------------------------------- scoring
     def score_ids(self, adapter: Adapter, ids: list) -> torch.Tensor:
-        """Scores (N, K) float32 of N token-id lists, input order."""
-        out = torch.empty(len(ids), len(adapter.label_names))
+        """Scores (N, K) float32 of N token-id lists, input order (see the module docstring)."""
         if not ids:
-            return out
-        pad = self.tokenizer.pad_token_id
-        batches = plan_batches([len(x) for x in ids], adapter.rows_per_input, self.max_batch_tokens,
-                               self.max_batch_rows)
-        with self.lock, torch.inference_mode():
+            return torch.empty(0, len(adapter.label_names))
+        overhead = overhead_tokens_of(adapter.model.head.weight.device)
+        batches = plan_batches([len(x) for x in ids], self.max_batch_rows, overhead, adapter.rows_per_input,
+                               self.max_batch_tokens, ties="smaller")
+        with self.lock:
             self.hooks.attach(adapter.name)
             try:
-                for b in batches:
-                    L = max(len(ids[i]) for i in b)
-                    t = torch.full((len(b), L), pad, dtype=torch.long)
-                    mask = torch.zeros(len(b), L, dtype=torch.long)
-                    for r, i in enumerate(b):
-                        t[r, :len(ids[i])] = torch.tensor(ids[i])
-                        mask[r, :len(ids[i])] = 1
-                    with autocast(self.dtype):
-                        s = adapter.model(t, mask)
-                    out[torch.tensor(b)] = s.float()
+                return run_batches(adapter.model, ids, batches, self.dtype)
             finally:
                 self.hooks.release(adapter.name)
-        return out
 
     def classify(self, records: list, adapter: str | None = None) -> list:
         """``[(prediction, {label: score})]`` for raw records (str or dict), input order."""

@@ -1,68 +1,32 @@
-"""Streamed batch classification of files of any size: bounded read-ahead, ordered, chunk-atomic, resumable.
+"""Streamed batch classification of files of any size: bounded read-ahead, ordered, chunk-atomic, resumable,
+sharded over the ranks under torchrun.
 
-* :func:`iter_records` reads JSONL (or .json lines) / CSV / TSV one record at a time with its ``path:line``;
-  a bad record raises ``ValueError`` naming it.
+* Records come from :func:`ltuning.data.iter_records` (the library's one record reader: one record at a time with
+  its line number; a bad record raises a one-line :class:`~ltuning.errors.UserError` naming file and line).
 * :func:`classify_file` reads ``chunk_size`` records at a time (the only records in memory), classifies them
   with the :class:`~ltuning.serving.engine.Engine` (token-budget batches within the chunk) and appends their
   output lines, in input order, to ``OUTPUT.partial`` with ONE ``write`` + ``fsync`` per chunk; at the end
   the file is renamed to ``OUTPUT``. An interrupted run leaves ``OUTPUT.partial``: ``resume=True`` keeps its
   complete lines (a torn last line is cut off), skips that many input records and continues. ``OUTPUT``
   itself only ever appears complete.
+* Under torchrun (W ranks) every rank reads the same chunks; rank r scores the inputs ``r, r + W, ...`` of each
+  chunk's adapter group (:func:`ltuning.distributed.map_sharded`), the scores are gathered in input order and
+  rank 0 alone writes, resumes and renames.
 * Each output line is the input record plus ``prediction`` and ``scores`` (per label); with several adapters a
   record names its adapter in an ``adapter`` field (else the default adapter).
 """
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
 import os
 import time
 
 from tqdm.auto import tqdm
 
-from ..data import _check_record
-
-
-def _open(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _kind(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    return {".csv": "csv", ".tsv": "tsv"}.get(ext, "jsonl")
-
-
-def iter_records(path: str):
-    """Yield ``(record, "path:line")`` lazily (constant memory)."""
-    kind = _kind(path)
-    with _open(path) as f:
-        if kind in ("csv", "tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if kind == "tsv" else ",")
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if None in row:
-                    raise ValueError(f"{where}: more fields than the header's {len(reader.fieldnames)}")
-                yield _check_record(row, path, reader.line_num, False), where
-            return
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-            yield _check_record(rec, path, i, False), f"{path}:{i}"
-
-
-def count_records(path: str) -> int:
-    """Number of records (one cheap pass: blank lines skipped for JSONL, CSV rows parsed without checks)."""
-    kind = _kind(path)
-    with _open(path) as f:
-        if kind in ("csv", "tsv"):
-            return max(0, sum(1 for _ in csv.reader(f, delimiter="\t" if kind == "tsv" else ",")) - 1)
-        return sum(1 for line in f if line.strip())
+from .. import distributed
+from ..data import count_records, iter_records
+from ..errors import UserError
 
 
 def _complete_lines(partial: str) -> int:
@@ -89,78 +53,88 @@ def classify_file(engine, input_path: str, output_path: str, resume: bool = Fals
     if default_adapter is not None:
         engine.adapter(default_adapter)  # KeyError if unknown
     partial = output_path + ".partial"
-    done = 0
-    if resume and os.path.isfile(partial):
-        done = _complete_lines(partial)
-    elif resume and os.path.isfile(output_path):
-        raise ValueError(f"--resume: {output_path} is already complete (no {os.path.basename(partial)} to resume)")
+    main = distributed.is_main()
+    done = distributed.on_main(lambda: _resumed_rows(partial, output_path, resume))
     total = count_records(input_path)
     if done > total:
         raise ValueError(f"--resume: {partial} has {done} rows but {input_path} only {total} records")
-    mode = "ab" if done else "wb"
     t0 = time.perf_counter()
     try:
-        if mode == "wb":
+        if main and not done:
             from .. import outputs
             outputs._write(partial, b"")  # create it (fsync'd) through the library's one file writer
-        rows = _run(engine, input_path, partial, "ab", done, total, chunk_size, progress, default_adapter)
+        rows = _run(engine, input_path, partial if main else None, done, total, chunk_size, progress and main,
+                    default_adapter)
     except BaseException as e:
-        if os.path.isfile(partial) and (os.path.getsize(partial) == 0 or not done and isinstance(e, OSError)):
+        if main and os.path.isfile(partial) and (
+                os.path.getsize(partial) == 0 or not done and isinstance(e, OSError)):
             os.remove(partial)  # nothing written, or a write failed (disk full) in a fresh run: leave no trace
         if isinstance(e, OSError):
-            from ..errors import UserError
             raise UserError(f"could not write it ({e.strerror}); no output file was written", output_path) from None
         raise
     seconds = time.perf_counter() - t0
     if done + rows == 0:
-        os.remove(partial)
+        if main:
+            os.remove(partial)
         raise ValueError(f"{input_path}: no records")
-    os.replace(partial, output_path)
+    if main:
+        os.replace(partial, output_path)
     return {"rows": done + rows, "classified": rows, "resumed_rows": done, "seconds": round(seconds, 3),
             "examples_per_s": round(rows / seconds, 2) if seconds > 0 else None,
             "output": os.path.abspath(output_path)}
 
 
-def _run(engine, input_path, partial, mode, done, total, chunk_size, progress, default_adapter) -> int:
+def _resumed_rows(partial: str, output_path: str, resume: bool) -> int:
+    """The complete lines an interrupted run left in ``partial`` (0 for a fresh run)."""
+    if resume and os.path.isfile(partial):
+        return _complete_lines(partial)
+    if resume and os.path.isfile(output_path):
+        raise ValueError(f"--resume: {output_path} is already complete (no {os.path.basename(partial)} to resume)")
+    return 0
+
+
+def _run(engine, input_path, partial, done, total, chunk_size, progress, default_adapter) -> int:
+    """Classify the records after the first ``done``; append their lines to ``partial`` (None: score only)."""
     rows = 0
-    with open(partial, mode) as out, tqdm(total=total, initial=done, unit="ex", desc="classify",
-                                          disable=not progress, smoothing=0.1) as bar:
+    with (open(partial, "ab") if partial else contextlib.nullcontext()) as out, \
+            tqdm(total=total, initial=done, unit="ex", desc="classify", disable=not progress, smoothing=0.1) as bar:
         chunk = []
-        it = iter_records(input_path)
-        for n, (rec, where) in enumerate(it):
+        for n, (rec, line) in enumerate(iter_records(input_path, require_label=False)):
             if n < done:
                 continue
-            chunk.append((rec, where))
+            chunk.append((rec, line))
             if len(chunk) == chunk_size:
-                rows += _flush(engine, chunk, out, default_adapter)
+                rows += _flush(engine, chunk, out, input_path, default_adapter)
                 bar.update(len(chunk))
                 chunk = []
         if chunk:
-            rows += _flush(engine, chunk, out, default_adapter)
+            rows += _flush(engine, chunk, out, input_path, default_adapter)
             bar.update(len(chunk))
     return rows
 
 
-def _flush(engine, chunk: list, out, default_adapter) -> int:
-    """Classify one chunk (grouped by adapter) and append its lines in input order: one write + fsync."""
+def _flush(engine, chunk: list, out, input_path: str, default_adapter) -> int:
+    """Classify one chunk (grouped by adapter, sharded over ranks) and append its lines in input order: one
+    write + fsync (``out`` None: nothing is written)."""
     groups: dict = {}
-    for i, (rec, where) in enumerate(chunk):
-        name = rec.get("adapter") or default_adapter
+    for i, (rec, line) in enumerate(chunk):
         try:
-            a = engine.adapter(name)
+            a = engine.adapter(rec.get("adapter") or default_adapter)
         except KeyError as e:
-            raise ValueError(f"{where}: {e.args[0]}") from None
+            raise UserError(e.args[0], input_path, line) from None
         groups.setdefault(a.name, []).append(i)
     lines = [None] * len(chunk)
     for name, ix in groups.items():
         a = engine.adapters[name]
         ids = engine.tokenize([chunk[i][0] for i in ix], a)
-        for i, (pred, scores) in zip(ix, engine.format(a, engine.score_ids(a, ids))):
+        scores = distributed.map_sharded(lambda part: engine.score_ids(a, part), ids)
+        for i, (pred, per_label) in zip(ix, engine.format(a, scores)):
             rec = dict(chunk[i][0])
             rec["prediction"] = pred
-            rec["scores"] = scores
+            rec["scores"] = per_label
             lines[i] = json.dumps(rec, ensure_ascii=False)
-    out.write(("\n".join(lines) + "\n").encode())
-    out.flush()
-    os.fsync(out.fileno())
+    if out is not None:
+        out.write(("\n".join(lines) + "\n").encode())
+        out.flush()
+        os.fsync(out.fileno())
     return len(chunk)

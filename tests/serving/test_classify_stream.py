@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import zlib
 
 import pytest
 import torch
 
 from ltuning.cli import main
-from ltuning.serving.engine import Engine, plan_batches
+from ltuning.serving.engine import Engine
 from serving_helpers import TEXTS, train_tiny, write_jsonl
 
 
@@ -21,25 +19,6 @@ def adapters(tmp_path_factory, minilm):
     base, tok = load_base("minilm-l6")
     refs = {m: train_tiny(m, str(tmp / m), base, tok) for m in ("lt-prefix", "lora")}
     return tmp, refs
-
-
-def _seed(request):
-    seed = zlib.crc32(request.node.nodeid.encode())
-    print(f"seed={seed}")
-    return seed
-
-
-@pytest.mark.parametrize("rows,budget,max_rows", [(1, 4096, 64), (2, 300, 64), (77, 2000, 154), (3, 50, 7)])
-def test_plan_batches_covers_every_input_once_within_budget(request, rows, budget, max_rows):
-    rng = random.Random(_seed(request))
-    lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 300))]
-    batches = plan_batches(lengths, rows, budget, max_rows)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        if len(b) > 1:
-            assert len(b) * rows <= max_rows and len(b) * max(lengths[i] for i in b) * rows <= budget
-    with pytest.raises(ValueError):
-        plan_batches([3], 0)
 
 
 def test_engine_single_and_shared_base_match_the_classifier(adapters):

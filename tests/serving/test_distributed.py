@@ -1,5 +1,5 @@
 """torchrun with 2 CPU processes (gloo): the same seed and global batch give the same adapter as one process
-(relative 1e-5, fp32), and ``classify`` shards its input over ranks and writes it back in input order."""
+(relative 1e-5, fp32), and the streamed ``classify`` shards every chunk over ranks and writes it back in input order."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 from testutil import rel_err
 from ltuning.data import load_split
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _free_port() -> int:
@@ -63,8 +63,9 @@ def test_torchrun_two_processes_train_same_adapter_and_classify_in_order(minilm,
     inp.write_text("".join(json.dumps({"text": r["text"], "id": i}) + "\n" for i, r in enumerate(dev)))
     _run(["classify", "--adapter", str(one), "--input", str(inp), "--output", str(tmp_path / "c1.jsonl"), "--dtype", "fp32"], 1,
          tmp_path, "c1")
-    _run(["classify", "--adapter", str(one), "--input", str(inp), "--output", str(tmp_path / "c2.jsonl"), "--dtype", "fp32"], 2,
-         tmp_path, "c2")
+    # chunks of 3 (3, 3, 1 records): every chunk sharded over both ranks, the last one smaller than the world
+    _run(["classify", "--adapter", str(one), "--input", str(inp), "--output", str(tmp_path / "c2.jsonl"), "--dtype", "fp32",
+          "--chunk-size", "3"], 2, tmp_path, "c2")
     r1 = [json.loads(x) for x in (tmp_path / "c1.jsonl").read_text().splitlines()]
     r2 = [json.loads(x) for x in (tmp_path / "c2.jsonl").read_text().splitlines()]
     assert [r["id"] for r in r2] == list(range(7))

@@ -1,0 +1,65 @@
+"""The one batch planner (``ltuning.batching.plan_batches``): every input once, the limits kept, the least cost
+(checked against a brute force over every split of the sorted order), ties broken as asked."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from ltuning.batching import plan_batches
+
+
+def _cost(batches, lengths, rows, overhead):
+    return sum(len(b) * lengths[b[0]] * rows + overhead for b in batches)
+
+
+def _brute_force(lengths, max_inputs, rows, overhead, max_tokens):
+    """The least cost over every split of the sorted lengths into consecutive batches within the limits."""
+    ls, n = sorted(lengths, reverse=True), len(lengths)
+    best = None
+    for k in range(n):
+        for cut in itertools.combinations(range(1, n), k):
+            spans = list(zip((0,) + cut, cut + (n,)))
+            if any(e - s > max_inputs or (e - s > 1 and (e - s) * ls[s] * rows > max_tokens) for s, e in spans):
+                continue
+            c = sum((e - s) * ls[s] * rows + overhead for s, e in spans)
+            best = c if best is None else min(best, c)
+    return best
+
+
+@pytest.mark.parametrize("ties", ["larger", "smaller"])
+def test_plan_is_optimal_within_the_limits(seed, ties):
+    rng = random.Random(seed)
+    for _ in range(40):
+        n, rows = rng.randint(1, 9), rng.choice([1, 2, 3])
+        max_rows, overhead = rng.randint(1, 12), rng.choice([0, 3, 20, 200])
+        max_tokens = rng.choice([None, 40, 150, 10_000])
+        lengths = [rng.randint(1, 60) for _ in range(n)]
+        batches = plan_batches(lengths, max_rows, overhead, rows, max_tokens, ties=ties)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(n))
+        assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+        max_inputs = max(1, max_rows // rows)
+        for b in batches:
+            assert 1 <= len(b) <= max_inputs
+            if len(b) > 1 and max_tokens is not None:
+                assert len(b) * lengths[b[0]] * rows <= max_tokens
+        want = _brute_force(lengths, max_inputs, rows, overhead, max_tokens if max_tokens is not None else 1 << 60)
+        assert _cost(batches, lengths, rows, overhead) == want
+
+
+def test_ties_and_plain_chunks():
+    # [6 4] costs 2 x 6 + 2 = 14 = 6 + 4 + 2 x 2, the cost of [6] [4]: ties decide the last batch's size
+    assert plan_batches([6, 4], 2, 2, ties="larger") == [[0, 1]]
+    assert plan_batches([6, 4], 2, 2, ties="smaller") == [[0], [1]]
+    assert plan_batches([4, 6], 2, 1) == [[1], [0]]  # 6 + 4 + 2 < 12 + 1: no tie, longest first
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 60) for _ in range(50)]
+    assert [len(b) for b in plan_batches(lengths, 16)] == [16, 16, 16, 2]  # no overhead: plain sorted chunks
+    assert [len(b) for b in plan_batches(lengths, 16, rows_per_input=3)] == [5] * 10  # 16 rows hold 5 inputs
+    assert plan_batches([500, 3], 64, 0, max_tokens=100) == [[0], [1]]  # over the budget alone
+    with pytest.raises(ValueError):
+        plan_batches([3], 0)
+    with pytest.raises(ValueError):
+        plan_batches([3], 4, ties="first")
