@@ -27,7 +27,9 @@ def group(name: str) -> str:
 
 
 def atomic_json(path: str, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` through a temporary file: a reader never sees half a record."""
+    """Write ``obj`` as indented JSON to ``path`` (its folder made if missing) through a temporary file: a reader
+    never sees half a record."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)

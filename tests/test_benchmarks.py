@@ -75,6 +75,20 @@ def test_experiment_specs_set_the_runner_options(tmp_path, capsys):
         acc.main([str(bad), "--plan"])
 
 
+def test_the_historical_quick_command_runs_the_quick_spec(tmp_path):
+    """``python benchmarks/accuracy.py --quick`` (the command CI and the docs used) is the runner with the quick spec."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accuracy.py"), "--quick", "--plan", "--fresh",
+                        "--lrs-from", "", "--out", str(tmp_path / "q.json")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    planned = [ln.split(":")[0] for ln in r.stdout.splitlines() if " seed=" in ln]
+    assert planned == [f"minilm-l6 sst2 {m} seed=0 lr={method_class(m).default_lr:g}"
+                       for m in ("linear-probe", "prefix", "lt-prefix")], r.stdout
+
+
 def test_method_variant_specs():
     """The accuracy table's row syntax: method, options joined by +, label texts separated by |."""
     acc = _load("accuracy/run")

@@ -20,7 +20,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 sys.path.insert(0, HERE)
-from common import DATA, RESULTS, ROOT  # noqa: E402
+from common import DATA, RESULTS, ROOT, atomic_json  # noqa: E402
 
 
 def _port() -> int:
@@ -70,10 +70,7 @@ def main(argv=None) -> int:
            "command": "python benchmarks/train_step/bench_ddp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "train_args": args, "machine": {**machine_info(), "torch_threads": "per variant, see variants"}}
     print(json.dumps({"median": med, "ratio_2x1_over_1x2": res["ratio_2x1_over_1x2"]}))
-    os.makedirs(os.path.dirname(a.json), exist_ok=True)
-    with open(a.json + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(a.json + ".tmp", a.json)
+    atomic_json(a.json, res)
     return 0
 
 

@@ -11,7 +11,6 @@ load. Memory: the bytes of the frozen base's parameters, buffers and quantizatio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,7 +20,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
-from common import DATA, RESULTS, ROOT  # noqa: E402
+from common import DATA, RESULTS, ROOT, atomic_json  # noqa: E402
 
 
 def machine_info() -> dict:
@@ -110,10 +109,7 @@ def main(argv=None) -> int:
                os.environ.get("OMP_NUM_THREADS", "?"), " ".join(argv if argv is not None else sys.argv[1:])),
            "machine": machine_info(), "rows": rows,
            "peak_rss_MB_all_variants": __import__("resource").getrusage(0).ru_maxrss / 1024}
-    os.makedirs(os.path.dirname(a.json), exist_ok=True)
-    with open(a.json + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(a.json + ".tmp", a.json)
+    atomic_json(a.json, res)
     return 0
 
 
