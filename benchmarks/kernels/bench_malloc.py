@@ -9,7 +9,7 @@ each in a fresh process, alternated ``--rounds`` times (median of the per-proces
 * ``mallopt``: the same at run time through glibc's ``mallopt`` (trim threshold 2 GiB: it takes an int), what a
   library could do for its users.
 
-Measured on SmolLM2 LT-prefix SST-2 and RTE steps (``benchmarks/RESULTS.md``, section 3): the page faults go, the
+Measured on SmolLM2 LT-prefix SST-2 and RTE steps (``benchmarks/RESULTS.md``, section 4): the page faults go, the
 step time does not change beyond noise, so ltuning does not change the allocator. Linux with glibc only.
 
 Prints the step time and the minor page faults per step of each, writes ``--json``.
