@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts (the CI run of ``benchmarks/accuracy.py --quick``)."""
+"""Smoke tests of the benchmark scripts (the CI run of ``benchmarks/accuracy/run.py quick``)."""
 import importlib.util
 import json
 import os
@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    """A script of benchmarks/ by its path there without .py: "check_figures", "accuracy/run"."""
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), os.path.join(ROOT, "benchmarks", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -20,9 +21,9 @@ def _load(name):
 def test_accuracy_quick_smoke(tmp_path, minilm, sst2_dir):
     """--quick: MiniLM, SST-2, 1 seed, 300 training examples, 300 dev examples, three methods; writes the JSON,
     the markdown table and the chart, and resumes (a second call trains nothing)."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
     out = tmp_path / "quick.json"
-    args = ["--quick", "--out", str(out), "--data", os.path.dirname(sst2_dir)]
+    args = ["quick", "--out", str(out), "--data", os.path.dirname(sst2_dir)]  # the spec specs/quick.toml
     assert acc.main(args) == 0
     state = json.loads(out.read_text())
     runs = state["runs"]
@@ -44,9 +45,53 @@ def test_accuracy_quick_smoke(tmp_path, minilm, sst2_dir):
     assert again["last_training_invocation"] == inv  # an invocation that trains nothing keeps the last one's record
 
 
+def test_experiment_specs_set_the_runner_options(tmp_path, capsys):
+    """An experiment is a spec (benchmarks/accuracy/specs/*.toml) whose keys are the runner's options: quick is what
+    --quick always was; table trains at the committed table's budget (so --lrs-from lends it the sweeps' picks); every
+    spec plans (no training); a key that is no option is refused; options on the command line override a spec's."""
+    acc = _load("accuracy/run")
+    quick = acc.load_spec("quick")
+    assert {k: quick[k] for k in ("models", "tasks", "methods", "seeds", "max_train", "max_dev")} == {
+        "models": "minilm-l6", "tasks": "sst2", "methods": "linear-probe,prefix,lt-prefix", "seeds": "0",
+        "max_train": 300, "max_dev": 300}
+    assert quick["out"] == os.path.join(ROOT, "benchmarks", "results", "accuracy_quick.json")
+    with open(os.path.join(ROOT, "benchmarks", "results", "accuracy.json")) as f:
+        committed = json.load(f)["budget"]
+    table = acc.load_spec("table")
+    assert {k: table.get(k) for k in committed} == committed
+    assert table["methods"].split(",") == acc.DEFAULT_METHODS
+    specs = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "benchmarks", "accuracy", "specs")))
+    assert {"quick", "table", "related", "report"} <= set(specs)
+    for name in specs:
+        capsys.readouterr()
+        assert acc.main([name, "--plan", "--out", str(tmp_path / f"{name}.json")]) == 0, name
+        assert "runs to train" in capsys.readouterr().out
+    capsys.readouterr()
+    assert acc.main(["quick", "--plan", "--seeds", "0,1", "--out", str(tmp_path / "q.json")]) == 0
+    assert "seed=1" in capsys.readouterr().out  # the command line overrides the spec
+    bad = tmp_path / "bad.toml"
+    bad.write_text('models = ["minilm-l6"]\nnot_an_option = 1\n')
+    with pytest.raises(SystemExit, match="not_an_option"):
+        acc.main([str(bad), "--plan"])
+
+
+def test_the_historical_quick_command_runs_the_quick_spec(tmp_path):
+    """``python benchmarks/accuracy.py --quick`` (the command CI and the docs used) is the runner with the quick spec."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accuracy.py"), "--quick", "--plan", "--fresh",
+                        "--lrs-from", "", "--out", str(tmp_path / "q.json")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    planned = [ln.split(":")[0] for ln in r.stdout.splitlines() if " seed=" in ln]
+    assert planned == [f"minilm-l6 sst2 {m} seed=0 lr={method_class(m).default_lr:g}"
+                       for m in ("linear-probe", "prefix", "lt-prefix")], r.stdout
+
+
 def test_method_variant_specs():
     """The accuracy table's row syntax: method, options joined by +, label texts separated by |."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
     assert acc.parse_method("lt-prefix") == ("lt-prefix", {})
     assert acc.parse_method("lt-prefix:variant=kv+num_negatives=2+lr=1e-3") == (
         "lt-prefix", {"variant": "kv", "num_negatives": 2, "lr": 1e-3})
@@ -59,7 +104,7 @@ def test_method_variant_specs():
 def test_table_rows_average_only_the_rows_learning_rate():
     """A row averages the seeds run at its own lr: the default (or the spec's lr=), or the sweep's pick on the
     validation split; runs at other learning rates stay in the JSON but never mix into the mean."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
 
     def run(method, lr, score, seed=0, sweep=False, val=0.5):
         r = {"model": "m", "task": "sst2", "method": method, "seed": seed, "lr": lr, "score": score,
@@ -81,9 +126,9 @@ def test_table_rows_average_only_the_rows_learning_rate():
 
 
 def test_multitask_report_from_finished_runs(tmp_path):
-    """benchmarks/multitask.py --report-only collects finished runs (per task and multi-task metrics files)
+    """benchmarks/accuracy/multitask.py --report-only collects finished runs (per task and multi-task metrics files)
     into the JSON, the Markdown table (mean ± std over seeds) and the chart, and skips unfinished settings."""
-    mt = _load("multitask")
+    mt = _load("accuracy/multitask")
     tasks = ["sst2", "rte"]
     for seed, acc in ((0, 0.7), (1, 0.8)):
         for out, method, ts in mt.runs_of("cgc-lora", tasks, str(tmp_path), seed) + \
@@ -106,7 +151,7 @@ def test_accuracy_jobs_share_one_queue(tmp_path, minilm, sst2_dir):
     """--jobs 2: two worker processes take the runs from one queue; every run is done exactly once, the
     results are merged into --out (the workers' files removed), and a rerun with more seeds does only the
     new ones."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
     out = tmp_path / "jobs.json"
     base = ["--models", "minilm-l6", "--tasks", "sst2", "--methods", "linear-probe", "--max-train", "80",
             "--max-dev", "64", "--epochs", "1", "--out", str(out), "--data", os.path.dirname(sst2_dir), "--jobs", "2"]
@@ -136,7 +181,7 @@ def test_claim_stops_at_the_deadline_or_a_stop_file(tmp_path):
     that each unit goes to exactly one caller."""
     import time
 
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
     q = str(tmp_path)
     assert acc.claim(q, "m", "t", "x", 0, deadline=time.time() + 60)
     assert not acc.claim(q, "m", "t", "x", 0)  # taken
@@ -151,7 +196,7 @@ def test_accuracy_sweep_reuses_runs_and_reports_the_pick(tmp_path, minilm, sst2_
     """--sweep: the grid point at an lr the table already ran (seed 0) is reused, not retrained; the row then
     reports 2 seeds at the pick (best validation score), the pick's seed-0 run being the sweep's own; the
     Markdown lists validation / dev per lr."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
     out = tmp_path / "sw.json"
     base = ["--models", "minilm-l6", "--tasks", "sst2", "--methods", "linear-probe", "--max-train", "80",
             "--max-dev", "64", "--epochs", "1", "--out", str(out), "--data", os.path.dirname(sst2_dir)]
@@ -209,7 +254,7 @@ def test_results_docs_embed_the_current_reports(tmp_path):
 def test_table_params_cell_shows_the_range_over_tasks():
     """A method whose trainable-parameter count differs between tasks (sk-prompt: one prompt vector per token of
     each task's description) shows the range, not one task's count; a method with one count shows it alone."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
     runs = [{"model": "m", "task": t, "method": meth, "seed": 0, "lr": 1e-3, "score": 0.5, "accuracy": 0.5,
              "metric": "accuracy", "best_val": 0.5, "trainable_parameters": n, "train_examples_per_s": 1.0}
             for meth, t, n in [("sk-prompt", "sst2", 5378), ("sk-prompt", "rte", 4226), ("prefix", "sst2", 2000),
@@ -223,7 +268,7 @@ def test_plan_lists_the_runs_left_with_estimated_times():
     """--plan: the runs not yet in the JSON, in queue order, each timed by the median wall of finished runs of
     the same model/task/method (of the same base method, failing that); a finished sweep grid plans the seeds
     at its pick and reuses its seed-0 run."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
 
     def run(method, seed, lr, wall, sweep=False, val=0.5):
         return {"model": "m", "task": "sst2", "method": method, "seed": seed, "lr": lr, "sweep": sweep,
@@ -244,7 +289,7 @@ def test_plan_lists_the_runs_left_with_estimated_times():
 
 
 def test_chart_shows_plain_methods_and_leaves_variants_to_the_table():
-    from accuracy import chart_methods
+    chart_methods = _load("accuracy/run").chart_methods
     rows = ["linear-probe", "lt-prefix", "lt-prefix:variant=kv", "prefix:num_virtual_tokens=5"]
     assert chart_methods(rows) == ["linear-probe", "lt-prefix"]
     assert chart_methods(rows[2:]) == rows[2:]  # an invocation of variants only still gets its chart
@@ -253,7 +298,7 @@ def test_chart_shows_plain_methods_and_leaves_variants_to_the_table():
 def test_report_states_the_summed_wall_time_of_its_runs():
     """The report's wall-time line sums the runs averaged into the shown rows (a seed-0 run copied from the sweep
     counts, at the original's wall time) and, separately, every run once (copies not twice)."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
 
     def run(method, lr, seed, wall, sweep=False, **kw):
         return dict({"model": "m", "task": "sst2", "method": method, "seed": seed, "lr": lr, "score": 0.5,
@@ -278,7 +323,7 @@ def test_fresh_table_trains_each_row_at_its_committed_pick(tmp_path):
     """Without --sweep a row trains at the lr the --lrs-from table picked for it: its sweep runs are copied in
     (marked), so row_lr, the plan and the report use the pick; rows never swept keep the method's default; a JSON
     of another budget lends no picks."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
     budget = {"max_train": 500, "epochs": 3.0}
 
     def run(method, lr, val, sweep=True):
@@ -305,7 +350,7 @@ def test_fresh_table_trains_each_row_at_its_committed_pick(tmp_path):
 def test_compare_lists_each_row_next_to_the_same_row_elsewhere():
     """--compare: a row here beside the same row (same lr) of another JSON, over the seeds both have, with the count
     of seeds whose dev score is identical; rows at another lr or only on one side are left out."""
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
 
     def run(method, lr, seed, score, wall=None, **kw):
         r = {"model": "m", "task": "rte", "method": method, "seed": seed, "lr": lr, "score": score, **kw}
@@ -323,7 +368,7 @@ def test_compare_lists_each_row_next_to_the_same_row_elsewhere():
 
 
 def test_sweep_list_says_when_its_sweeps_are_copied_from_another_table():
-    acc = _load("accuracy")
+    acc = _load("accuracy/run")
     runs = [{"model": "m", "task": "rte", "method": "fl", "seed": 0, "lr": g, "sweep": True, "best_val": v,
              "score": 0.5, "copied_from": "sweep in accuracy.json"} for g, v in zip(list(method_class("fl").lr_grid), (0.5, 0.6, 0.7))]
     assert "the sweeps of accuracy.json, copied, not re-run" in acc.sweep_markdown(runs)

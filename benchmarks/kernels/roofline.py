@@ -34,8 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-from ltuning.kernels.triton.prefix_attention import prefix_splits
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from ltuning.kernels.triton.prefix_attention import prefix_splits  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM = 32, 32, 128
 PEAK_FLOPS, HBM_BW, SMS = 989e12, 3.35e12, 132

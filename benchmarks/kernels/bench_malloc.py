@@ -9,13 +9,13 @@ each in a fresh process, alternated ``--rounds`` times (median of the per-proces
 * ``mallopt``: the same at run time through glibc's ``mallopt`` (trim threshold 2 GiB: it takes an int), what a
   library could do for its users.
 
-Measured on SmolLM2 LT-prefix SST-2 and RTE steps (``benchmarks/RESULTS.md``, section 3): the page faults go, the
+Measured on SmolLM2 LT-prefix SST-2 and RTE steps (``benchmarks/RESULTS.md``, section 4): the page faults go, the
 step time does not change beyond noise, so ltuning does not change the allocator. Linux with glibc only.
 
 Prints the step time and the minor page faults per step of each, writes ``--json``.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_malloc.py lt-prefix sst2 --rounds 3 --json benchmarks/results/malloc.json
-    OMP_NUM_THREADS=1 python benchmarks/bench_malloc.py lt-prefix rte --rounds 2 --json benchmarks/results/malloc_rte.json
+    OMP_NUM_THREADS=1 python benchmarks/kernels/bench_malloc.py lt-prefix sst2 --rounds 3 --json benchmarks/results/malloc.json
+    OMP_NUM_THREADS=1 python benchmarks/kernels/bench_malloc.py lt-prefix rte --rounds 2 --json benchmarks/results/malloc_rte.json
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+from common import atomic_json, group  # noqa: E402
 ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 SETTINGS = ("default", "env", "mallopt")
 
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", choices=SETTINGS, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    sys.path.insert(0, HERE)
+    group("train_step")  # profile_step.training_step
     if a.child:
         print(json.dumps(child(a.child, a.method, a.task, a.model)))
         return
@@ -92,9 +93,8 @@ def main() -> None:
         v = summary[s]
         print(f"| {s} | {v['step_s']:.2f} | {v['minor_faults_per_step']:.0f} | {base / v['step_s']:.2f}x |")
     if a.json:
-        from accuracy import atomic_json
         atomic_json(a.json, {
-            "command": "python benchmarks/bench_malloc.py " + " ".join(sys.argv[1:]),
+            "command": "python benchmarks/kernels/bench_malloc.py " + " ".join(sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M"), "elapsed_s": time.time() - t0, "env": ENV,
             "method": a.method, "task": a.task, "model": a.model, "rows": rows, "summary": summary})
 

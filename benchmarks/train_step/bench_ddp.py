@@ -4,7 +4,7 @@ Both run the same ``ltuning train`` command (same seed, data, global batch and s
 (A B B A ...) and the training-time rate ``train_examples_per_s`` of each run (the optimizer steps only, not
 loading or validation) is read from its ``metrics.json``; medians per variant.
 
-    python benchmarks/bench_ddp.py --json benchmarks/results/ddp_throughput.json
+    python benchmarks/train_step/bench_ddp.py --json benchmarks/results/ddp_throughput.json
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 sys.path.insert(0, HERE)
+from common import DATA, RESULTS, ROOT, atomic_json  # noqa: E402
 
 
 def _port() -> int:
@@ -48,11 +48,11 @@ def run(variant: str, args: list, out: str) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--json", default=os.path.join(HERE, "results", "ddp_throughput.json"))
+    ap.add_argument("--json", default=os.path.join(RESULTS, "ddp_throughput.json"))
     a = ap.parse_args(argv)
     from bench_quantized import machine_info
     args = ["train", "--model", "smollm2-135m", "--method", "lt-prefix", "--data",
-            os.path.join(ROOT, "..", "shared", "data", "sst2"), "--max-train-examples", "96", "--max-dev-examples",
+            os.path.join(DATA, "sst2"), "--max-train-examples", "96", "--max-dev-examples",
             "8", "--batch-size", "8", "--max-steps", "8", "--eval-every", "8", "--max-length", "64", "--quiet"]
     rates = {"1x2": [], "2x1": []}
     order = []
@@ -67,13 +67,10 @@ def main(argv=None) -> int:
     res = {"what": "SmolLM2-135M LT-prefix training examples/s (optimizer steps only), global batch 8, 8 steps",
            "variants": {"1x2": "1 process, OMP_NUM_THREADS=2", "2x1": "torchrun 2 processes (gloo), OMP_NUM_THREADS=1"},
            "rates": rates, "median": med, "ratio_2x1_over_1x2": med["2x1"] / med["1x2"],
-           "command": "python benchmarks/bench_ddp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "command": "python benchmarks/train_step/bench_ddp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "train_args": args, "machine": {**machine_info(), "torch_threads": "per variant, see variants"}}
     print(json.dumps({"median": med, "ratio_2x1_over_1x2": res["ratio_2x1_over_1x2"]}))
-    os.makedirs(os.path.dirname(a.json), exist_ok=True)
-    with open(a.json + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(a.json + ".tmp", a.json)
+    atomic_json(a.json, res)
     return 0
 
 

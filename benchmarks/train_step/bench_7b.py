@@ -14,7 +14,7 @@ with torch.profiler to split the time into NF4 dequantisation (bitsandbytes' deq
 (aten mm/addmm/bmm) and the rest; then a classification batch (``--eval-batch`` inputs of 128 tokens, all K
 labels each, no grad). Peak RSS from getrusage. Not in CI (several minutes and ~5 GB).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_7b.py --json benchmarks/results/bench_7b.json
+    OMP_NUM_THREADS=2 python benchmarks/train_step/bench_7b.py --json benchmarks/results/bench_7b.json
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 sys.path.insert(0, HERE)
+from common import RESULTS, ROOT  # noqa: E402,F401
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--eval-batch", type=int, default=4)
-    ap.add_argument("--json", default=os.path.join(HERE, "results", "bench_7b.json"))
+    ap.add_argument("--json", default=os.path.join(RESULTS, "bench_7b.json"))
     a = ap.parse_args(argv)
 
     import torch
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
            "classification_batch": {"B": a.eval_batch, "L": a.length, "K": 2, "seconds": eval_s,
                                     "scores_shape": list(scores.shape)},
            "peak_rss_GiB": rss_gb(), "rss_target_GiB": 10,
-           "command": "OMP_NUM_THREADS=%s python benchmarks/bench_7b.py %s" % (
+           "command": "OMP_NUM_THREADS=%s python benchmarks/train_step/bench_7b.py %s" % (
                os.environ.get("OMP_NUM_THREADS", "?"), " ".join(argv if argv is not None else sys.argv[1:])),
            "machine": machine_info()}
     os.makedirs(os.path.dirname(a.json), exist_ok=True)

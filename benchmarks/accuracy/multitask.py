@@ -4,8 +4,8 @@ Every setting sees exactly the same examples per seed (``--max-train`` per task,
 validation split is carved from them; ``--max-dev`` dev examples per task). Each run is one ``ltuning train``
 process; a finished run (its ``metrics.json`` exists) is not repeated, so an interrupted table resumes.
 
-    python benchmarks/multitask.py                       # 3 seeds, MiniLM, SST-2 + CoLA + RTE + MRPC
-    python benchmarks/multitask.py --report-only         # table/chart from the runs already in --work
+    python benchmarks/accuracy/multitask.py                       # 3 seeds, MiniLM, SST-2 + CoLA + RTE + MRPC
+    python benchmarks/accuracy/multitask.py --report-only         # table/chart from the runs already in --work
 
 Writes ``--out`` (JSON with every run), the Markdown table next to it and a PNG chart.
 """
@@ -20,9 +20,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import sync_results  # noqa: E402  (beside this script)
-DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+import sync_results  # noqa: E402  (benchmarks/)
+from common import DATA, RESULTS  # noqa: E402
 SETTINGS = ("cgc-lora", "shared-lora", "lora-per-task")
 
 
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--work", default=os.path.join("runs", "multitask"), help="run directories (resumable)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "multitask.json"))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "multitask.json"))
     ap.add_argument("--report-only", action="store_true", help="only collect finished runs")
     a = ap.parse_args(argv)
     tasks, seeds = a.tasks.split(","), [int(s) for s in a.seeds.split(",")]

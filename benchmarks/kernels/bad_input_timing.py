@@ -8,7 +8,7 @@
 each with ``HF_HUB_OFFLINE=1`` and without it (then the hub's reachability decides: on a machine with no route to
 huggingface.co the connection fails at once).
 
-    python benchmarks/bad_input_timing.py --out benchmarks/results/bad_input_timing.json
+    python benchmarks/kernels/bad_input_timing.py --out benchmarks/results/bad_input_timing.json
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def machine() -> dict:
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     os.environ.pop("HF_HUB_OFFLINE", None)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     record = {
-        "command": "python benchmarks/bad_input_timing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/kernels/bad_input_timing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit, "machine": machine(), "threads": 1,
         "note": "machine shared with other jobs while measuring (load average ~9 on 2 cores): wall times are upper "

@@ -4,7 +4,7 @@ p99 latency, and the server's throughput as a fraction of offline classify (the 
 inputs, same threads, measured before the server starts), and the single-request forward time (median, in
 process) for the p99 target ``p99(1 client) <= 1.5 x forward + max-wait``.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --out benchmarks/results/serving_server.json
+    OMP_NUM_THREADS=1 python benchmarks/serving/bench_serve.py --out benchmarks/results/serving_server.json
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import threading
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
 
 import torch  # noqa: E402
 
@@ -30,7 +31,7 @@ from ltuning.data import label_names_of, read_records  # noqa: E402
 from ltuning.serving import cpu  # noqa: E402
 from ltuning.serving.engine import Engine  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+from common import DATA  # noqa: E402
 
 
 def post(url, body, timeout=300):
@@ -100,7 +101,7 @@ def main(argv=None):
     ad = make_adapter(a.model, a.method, labels, os.path.join(tmp, "adapter"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-           "command": "OMP_NUM_THREADS=%s python benchmarks/bench_serve.py %s" % (
+           "command": "OMP_NUM_THREADS=%s python benchmarks/serving/bench_serve.py %s" % (
                os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:] if argv is None else argv)),
            "machine": cpu.machine(), "model": a.model, "method": a.method, "dataset": a.dataset, "dtype": a.dtype,
            "max_wait_ms": a.max_wait_ms, "threads": a.threads,

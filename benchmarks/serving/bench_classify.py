@@ -9,7 +9,7 @@ initialisation); the matrix rate (median GFLOP/s of a (512, d) x (d, 4d)-class G
 measured just before each variant, and the one-pass ceiling is ``rate / (2 * non-embedding parameters * real
 tokens per example)`` examples/s (one forward pass per example; attention flops ignored).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_classify.py --out benchmarks/results/serving_classify.json
+    OMP_NUM_THREADS=1 python benchmarks/serving/bench_classify.py --out benchmarks/results/serving_classify.json
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -36,7 +37,7 @@ from ltuning.serving import cpu  # noqa: E402
 from ltuning.serving.engine import Engine  # noqa: E402
 from ltuning.serving.stream import classify_file  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+from common import DATA  # noqa: E402
 
 
 class PeakRSS:
@@ -122,19 +123,19 @@ def hf_baselines(model_name, labels, records, threads, which):
             m = get_peft_model(m, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20))
             m.eval()
 
-            def run(ts):
+            def run(model, ts):  # the model passed in: `del m` below makes a closure over m read as undefined
                 for s in range(0, len(ts), 32):
                     b = tok(ts[s:s + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
-                    m(**b)
+                    model(**b)
             with torch.inference_mode():
                 try:
-                    run(texts[:4])
+                    run(m, texts[:4])
                 except ValueError as e:  # e.g. PEFT: BERT "does not support past key values"
                     out.append((name, None, str(e)))
                     continue
                 with PeakRSS() as rss:
                     t0 = time.perf_counter()
-                    run(texts)
+                    run(m, texts)
                     dt = time.perf_counter() - t0
         out.append((name, dt, rss.mb))
         del m
@@ -160,7 +161,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-           "command": "OMP_NUM_THREADS=%s python benchmarks/bench_classify.py %s" % (
+           "command": "OMP_NUM_THREADS=%s python benchmarks/serving/bench_classify.py %s" % (
                os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:] if argv is None else argv)),
            "machine": cpu.machine(), "preferred_dtype": cpu.preferred_dtype(),
            "note": "machine shared with 5 other jobs during the run (load average %.1f at start): figures are under "

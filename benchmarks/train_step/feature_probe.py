@@ -9,8 +9,8 @@ head w can read (score_1 - score_0 = w . difference). A method whose
 probe falls far below ``linear-probe`` (no prefix) destroys the representation at initialisation; one that
 stays close but trains to chance fails in training instead.
 
-    python benchmarks/feature_probe.py --model smollm2-135m [--methods linear-probe,prefix,lt-prefix,sk-prefix]
-    (variants as in accuracy.py: "lt-prefix:variant=kv+position_offset=prefix")
+    python benchmarks/train_step/feature_probe.py --model smollm2-135m [--methods linear-probe,prefix,lt-prefix,sk-prefix]
+    (variants as in the accuracy table, benchmarks/accuracy/experiment.py: "lt-prefix:variant=kv+position_offset=prefix")
 """
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-from accuracy import parse_method  # noqa: E402  (the method-variant syntax of the accuracy table)
-DATA = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "sst2")
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+from common import DATA, group  # noqa: E402
+
+group("accuracy")
+from experiment import parse_method  # noqa: E402  (the method-variant syntax of the accuracy table)
+DATA = os.path.join(DATA, "sst2")
 
 
 def probe_accuracy(xtr, ytr, xdv, ydv, steps=300) -> float:

@@ -16,7 +16,7 @@ median reported. Memory: ``peak_mb`` = peak of live heap bytes above the level a
 measured by interposing malloc/free (a tiny LD_PRELOAD library compiled at start; the script re-executes
 itself with it), so every allocation counts: tensors, kernel workspaces, oneDNN scratch.
 
-    python benchmarks/bench_prefix_attention.py [--quick] [--threads N] [--json PATH] [--png PATH]
+    python benchmarks/kernels/bench_prefix_attention.py [--quick] [--threads N] [--json PATH] [--png PATH]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1]))
 
 MODELS = {
     "smollm2": dict(Hq=9, Hkv=3, D=64, causal=True),
@@ -280,7 +280,7 @@ def main():
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json
-                       else str(HERE / "results" / "prefix_attention_cpu.png"))
+                       else str(HERE.parent / "results" / "prefix_attention_cpu.png"))
     plot(rows, png)
     print(f"\nplot: {png}")
 

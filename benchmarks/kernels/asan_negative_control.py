@@ -6,7 +6,7 @@ heap-buffer-overflow report; the checked source raises a ValueError naming ``pre
     git archive 67d2203 | tar -x -C /tmp/before
     LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \\
       ASAN_OPTIONS=detect_leaks=0:log_path=/tmp/asan LTUNING_SANITIZE=1 \\
-      python benchmarks/asan_negative_control.py --source /tmp/before/csrc/prefix_attention.cpp
+      python benchmarks/kernels/asan_negative_control.py --source /tmp/before/csrc/prefix_attention.cpp
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from ltuning.kernels.cpu.build import build, sanitize  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    here = Path(__file__).resolve().parents[1] / "ltuning" / "kernels" / "cpu" / "csrc" / "prefix_attention.cpp"
+    here = Path(__file__).resolve().parents[2] / "ltuning" / "kernels" / "cpu" / "csrc" / "prefix_attention.cpp"
     ap.add_argument("--source", default=str(here))
     a = ap.parse_args()
     if not sanitize():

@@ -1,6 +1,6 @@
 """Heat-map of a trained APT adapter's gates: mean of lambda_i * alpha_i over dev examples, per layer x prefix token.
 
-    python benchmarks/plot_apt_gates.py --adapter runs/sst2-apt --data ../shared/data/sst2 --out apt_gates.png
+    python benchmarks/accuracy/plot_apt_gates.py --adapter runs/sst2-apt --data ../shared/data/sst2 --out apt_gates.png
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 ``results/serving.md`` (embedded in RESULTS_serving.md, kept in sync by ``sync_results``) and
 ``results/serving_classify.png``.
 
-    python benchmarks/report_serving.py --classify benchmarks/results/serving_classify.json \
+    python benchmarks/serving/report_serving.py --classify benchmarks/results/serving_classify.json \
         --serve benchmarks/results/serving_server.json --accuracy benchmarks/results/serving_int8_accuracy.json
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # paths in the report are relative to it
 
 
 def _f(x, nd=1):
@@ -39,7 +39,7 @@ def main(argv=None):
     ap.add_argument("--classify", required=True, action="append", help="JSON of bench_classify (repeatable)")
     ap.add_argument("--serve", default=None)
     ap.add_argument("--accuracy", default=None, help="JSON of a bench_classify --accuracy-adapter run")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "serving.md"))
+    ap.add_argument("--out", default=os.path.join(BENCH, "results", "serving.md"))
     a = ap.parse_args(argv)
     lines, allrows = [], []
     for path in a.classify:
@@ -48,7 +48,7 @@ def main(argv=None):
         lines += [f"Offline (`{c['command']}`; commit {c['commit']}, {c['date']}; {m['cpu']}, "
                   f"amx_bf16={m['amx_bf16']}, "
                   f"avx512_bf16={m['avx512_bf16']}, avx512_vnni={m['avx512_vnni']}, {m['torch_threads']} thread(s); "
-                  f"{c['note']}; JSON `{os.path.relpath(path, HERE)}`):", ""]
+                  f"{c['note']}; JSON `{os.path.relpath(path, BENCH)}`):", ""]
         lines += classify_table(c) + [""]
         allrows += c["rows"]
     lines.pop()
@@ -61,7 +61,7 @@ def main(argv=None):
     acc = json.load(open(a.accuracy)) if a.accuracy else {}
     if acc.get("accuracy"):
         lines += ["", f"Accuracy of one quick trained adapter on SST-2 dev, by inference dtype (`{acc['command']}`; "
-                      f"commit {acc['commit']}, {acc['date']}; JSON `{os.path.relpath(a.accuracy, HERE)}`):",
+                      f"commit {acc['commit']}, {acc['date']}; JSON `{os.path.relpath(a.accuracy, BENCH)}`):",
                   "",
                   "| adapter | dtype | examples | accuracy | ex/s |", "|---|---|---|---|---|"]
         for r in acc["accuracy"]:
@@ -71,7 +71,7 @@ def main(argv=None):
         s = json.load(open(a.serve))
         lines += ["", f"Server (`{s['command']}`; commit {s['commit']}, {s['date']}; {s['model']} {s['method']} "
                       f"{s['dtype']}, {s['threads']} thread(s), `--max-wait-ms {s['max_wait_ms']}`; {s['note']}; "
-                      f"JSON `{os.path.relpath(a.serve, HERE)}`). Offline classify in the same run: "
+                      f"JSON `{os.path.relpath(a.serve, BENCH)}`). Offline classify in the same run: "
                       f"{s['offline_examples_per_s']:.1f} ex/s; single-request forward "
                       f"{s['single_request_forward_ms']:.1f}"
                       f" ms, so the 1-client p99 target is {s['p99_target_ms_1_client']:.1f} ms; server exit code "
@@ -103,7 +103,7 @@ def main(argv=None):
         fig.savefig(os.path.join(os.path.dirname(a.out), "serving_classify.png"), dpi=90)
     except ImportError:
         pass
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, BENCH)
     from sync_results import sync
     sync(only=a.out)
 

@@ -12,8 +12,8 @@ median over rounds of each worker's median. In this tree it also times the Pytho
 (the before tree's Python check and its compiled C++ op against this tree's), see :func:`inprocess`.
 
     git archive <commit> | tar -x -C /tmp/before
-    python benchmarks/bench_validation_overhead.py --before /tmp/before --json benchmarks/results/validation_overhead.json
-    python benchmarks/bench_validation_overhead.py --before /tmp/before --inprocess-so BUILD/<name>.so --reps 200 \
+    python benchmarks/kernels/bench_validation_overhead.py --before /tmp/before --json benchmarks/results/validation_overhead.json
+    python benchmarks/kernels/bench_validation_overhead.py --before /tmp/before --inprocess-so BUILD/<name>.so --reps 200 \
         --json benchmarks/results/validation_overhead.json
 """
 from __future__ import annotations
@@ -206,13 +206,13 @@ def main():
             path = Path(a.json)
             rec = json.loads(path.read_text()) if path.exists() else {}
             rec["inprocess"] = dict(results=res, reps=a.reps, before_so=str(a.inprocess_so),
-                                    before_commit=a.before_commit, after_commit=git_commit(HERE.parent),
+                                    before_commit=a.before_commit, after_commit=git_commit(HERE.parents[1]),
                                     machine=machine(a.threads), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                    command="python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"]
+                                    command="python " + " ".join([f"benchmarks/kernels/{Path(sys.argv[0]).name}"]
                                                                  + sys.argv[1:]))
             path.write_text(json.dumps(rec, indent=1) + "\n")
         return
-    trees = {"before": Path(a.before).resolve(), "after": HERE.parent}
+    trees = {"before": Path(a.before).resolve(), "after": HERE.parents[1]}
     runs = {k: [] for k in trees}
 
     def run(tree):
@@ -247,9 +247,9 @@ def main():
     if a.json:
         rec = dict(shape=SHAPE, rows=rows, checks_us=checks, rounds=a.rounds, reps=a.reps,
                    before_tree=str(trees["before"]), before_commit=a.before_commit,
-                   after_commit=git_commit(HERE.parent), machine=machine(a.threads),
+                   after_commit=git_commit(HERE.parents[1]), machine=machine(a.threads),
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   command="python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:]))
+                   command="python " + " ".join([f"benchmarks/kernels/{Path(sys.argv[0]).name}"] + sys.argv[1:]))
         Path(a.json).write_text(json.dumps(rec, indent=1) + "\n")
 
 

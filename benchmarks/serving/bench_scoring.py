@@ -13,7 +13,7 @@ kpass at K = 77 is the slowest configuration by far and gets fewer timed steps /
 of one (model, K) run back to back. The machine was shared with other jobs during the recorded run: ratios
 between neighbouring rows are more reliable than absolute figures.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_scoring.py [--models smollm2-135m,minilm-l6] [--ks 2,3,77]
+    OMP_NUM_THREADS=1 python benchmarks/serving/bench_scoring.py [--models smollm2-135m,minilm-l6] [--ks 2,3,77]
         [--json benchmarks/results/scoring_speed.json]
 """
 from __future__ import annotations
@@ -31,9 +31,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+from common import DATA, RESULTS, ROOT  # noqa: E402
 TASKS = {2: "sst2", 3: "snli", 77: "banking77"}
 CONFIGS = ["kpass", "onepass", "shared-input", "lora"]
 KPASS77 = {"steps": 1, "classify": 16}
@@ -193,7 +192,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--classify", type=int, default=64)
-    ap.add_argument("--json", default=os.path.join(HERE, "results", "scoring_speed.json"))
+    ap.add_argument("--json", default=os.path.join(RESULTS, "scoring_speed.json"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL:K:CONFIG in this process
     ap.add_argument("--skip", default="", help="K:CONFIG pairs not to run, e.g. 77:kpass,77:shared-input")
     ap.add_argument("--report", action="store_true", help="print the markdown table of --json and exit")
@@ -216,7 +215,7 @@ def main() -> None:
         return
     rows = []
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    cmd = "OMP_NUM_THREADS={} python benchmarks/bench_scoring.py {}".format(
+    cmd = "OMP_NUM_THREADS={} python benchmarks/serving/bench_scoring.py {}".format(
         os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:]))
     skip = set(filter(None, a.skip.split(",")))
     for m in a.models.split(","):
@@ -246,7 +245,7 @@ def write_report(prefix: str, sources: str, text: str) -> None:
     """``prefix.md``: the report (embedded in RESULTS_scoring.md by sync_results); ``prefix.json``: the records it
     was made from (every row and the run metadata of each source JSON), so each figure of the table has a record."""
     runs = [json.load(open(p)) for p in sources.split(",")]
-    out = {"command": "python benchmarks/bench_scoring.py " + " ".join(sys.argv[1:]), "sources": sources.split(","),
+    out = {"command": "python benchmarks/serving/bench_scoring.py " + " ".join(sys.argv[1:]), "sources": sources.split(","),
            "runs": runs}
     for path, data in ((prefix + ".json", json.dumps(out, indent=1)), (prefix + ".md", text + "\n")):
         with open(path + ".tmp", "w") as f:

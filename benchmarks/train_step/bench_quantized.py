@@ -6,12 +6,11 @@ round by round, and the median per variant is reported, so the ratios are taken 
 load. Memory: the bytes of the frozen base's parameters, buffers and quantization state as stored
 (``ltuning.models.quantize.frozen_weight_bytes``), not RSS (three bases share one process).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_quantized.py --json benchmarks/results/quantized_step.json
+    OMP_NUM_THREADS=2 python benchmarks/train_step/bench_quantized.py --json benchmarks/results/quantized_step.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -20,8 +19,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+from common import DATA, RESULTS, ROOT, atomic_json  # noqa: E402
 
 
 def machine_info() -> dict:
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="fp32,nf4,int8")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--json", default=os.path.join(HERE, "results", "quantized_step.json"))
+    ap.add_argument("--json", default=os.path.join(RESULTS, "quantized_step.json"))
     a = ap.parse_args(argv)
 
     import torch
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
     from ltuning.models.quantize import frozen_weight_bytes
     from ltuning.train import TrainConfig, param_groups
 
-    recs = load_split(os.path.join(ROOT, "..", "shared", "data", "sst2"), "train")[:a.batch_size]
+    recs = load_split(os.path.join(DATA, "sst2"), "train")[:a.batch_size]
     names = ["negative", "positive"]
     texts = [f"The sentiment of the text is {n}." for n in names]
     models, opts, mem, loads = {}, {}, {}, {}
@@ -106,14 +105,11 @@ def main(argv=None) -> int:
               f"({r['step_time_vs_fp32'] or 0:.2f}x fp32)")
     res = {"model": "smollm2-135m", "method": a.method, "batch": {"B": a.batch_size, "tokens": int(mask.sum()),
                                                                    "max_len": ids.shape[1], "labels": 2},
-           "command": "OMP_NUM_THREADS=%s python benchmarks/bench_quantized.py %s" % (
+           "command": "OMP_NUM_THREADS=%s python benchmarks/train_step/bench_quantized.py %s" % (
                os.environ.get("OMP_NUM_THREADS", "?"), " ".join(argv if argv is not None else sys.argv[1:])),
            "machine": machine_info(), "rows": rows,
            "peak_rss_MB_all_variants": __import__("resource").getrusage(0).ru_maxrss / 1024}
-    os.makedirs(os.path.dirname(a.json), exist_ok=True)
-    with open(a.json + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(a.json + ".tmp", a.json)
+    atomic_json(a.json, res)
     return 0
 
 

@@ -9,7 +9,7 @@ forward pass in tokens, (5) the padding of the evaluation batches (the validatio
 set: sorted chunks of 64 and of 16 rows, and ``predict_scores``' split) and the time of ``predict_scores`` on the
 validation split with each.
 
-    OMP_NUM_THREADS=1 python benchmarks/profile_step.py lt-prefix rte --json benchmarks/results/profile_step_lt-prefix_rte.json
+    OMP_NUM_THREADS=1 python benchmarks/train_step/profile_step.py lt-prefix rte --json benchmarks/results/profile_step_lt-prefix_rte.json
 
 ``--json`` writes every figure printed (step times and ratios, the profile's shares, rates, overhead, padding) with
 the machine (CPU model, AMX / AVX512-BF16 flags, threads), date, git commit and command: the record that the
@@ -29,7 +29,7 @@ import statistics
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 
 
 def training_step(method="lt-prefix", task="rte", model="smollm2-135m"):
@@ -40,8 +40,7 @@ def training_step(method="lt-prefix", task="rte", model="smollm2-135m"):
 
     import ltuning
     from ltuning.data import collate, label_names_of, load_split
-    sys.path.insert(0, HERE)
-    from accuracy import DATA
+    from common import DATA
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     train = random.Random(0).sample(load_split(os.path.join(DATA, task), "train"), 200)
@@ -96,7 +95,7 @@ def machine_record() -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(HERE), capture_output=True,
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.dirname(HERE)), capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -110,10 +109,10 @@ def main(method="lt-prefix", task="rte", model="smollm2-135m", json_path=None, n
     from ltuning.data import load_split
     from ltuning.inference import OVERHEAD_TOKENS, predict_scores
     sys.path.insert(0, HERE)
-    from accuracy import DATA
     from bench_train_step import product_rate
+    from common import DATA
 
-    rec = {"command": "OMP_NUM_THREADS=%s python benchmarks/profile_step.py %s" % (
+    rec = {"command": "OMP_NUM_THREADS=%s python benchmarks/train_step/profile_step.py %s" % (
                os.environ.get("OMP_NUM_THREADS", "(unset)"), " ".join(sys.argv[1:])),
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
            "machine": machine_record(), "note": note, "method": method, "task": task, "model": model}

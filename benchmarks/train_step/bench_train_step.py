@@ -22,7 +22,7 @@ FLOPs per step count the matrix products a frozen-base step needs: forward 2*N*T
 only, the base is frozen) 2*N*T, with N the non-embedding parameters and T the tokens, plus attention
 (QK^T and PV over P+L keys: 4*T*(P+L)*H*D forward, twice that backward).
 
-    python benchmarks/bench_train_step.py [--quick] [--json PATH]
+    python benchmarks/train_step/bench_train_step.py [--quick] [--json PATH]
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+from common import RESULTS, ROOT  # noqa: E402
 
 B, L, P = 8, 128, 20
 CONFIGS = ["peft-fp32", "peft-bf16", "eager-fp32", "ours-prefix-fp32", "ours-prefix-bf16", "ours-prefix-fp32-compile",
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--backend", default="auto", help="ltuning attention backend for the ours-* rows")
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--json", default=os.path.join(HERE, "results", "train_step.json"))
+    ap.add_argument("--json", default=os.path.join(RESULTS, "train_step.json"))
     ap.add_argument("--png", default=None, help="bar chart (default: next to --json)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N more steps per configuration and report the share of matrix "
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
            "matmul_tflops_before": peak, "matmul_tflops_after": peak_after, "mfu_peak": "max(fp32 before, fp32 after, bf16) rate",
            "cpu_capability": _cpu_capability(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "date": time.strftime("%Y-%m-%d %H:%M"), "skipped": skipped,
-           "command": " ".join(["python", "benchmarks/bench_train_step.py"] + (argv or sys.argv[1:])), "rows": rows}
+           "command": " ".join(["python", "benchmarks/train_step/bench_train_step.py"] + (argv or sys.argv[1:])), "rows": rows}
     ours_name = "ours-prefix-bf16" if "ours-prefix-bf16" in by else "ours-prefix-fp32"
     ours = by.get(ours_name)
     if ours:
