@@ -25,12 +25,14 @@ OVERHEAD_TOKENS = {"cpu": 48}
 
 @torch.inference_mode()
 def predict_scores(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False,
-                   overhead_tokens: int | str | None = "auto"):
+                   overhead_tokens: int | str | None = "auto", task_ids: list | None = None):
     """Scores (N, K) float32 for N tokenised inputs (label-conditioned methods: all B x K pairs per batch).
 
     Batches hold at most ``batch_size`` inputs of similar length: see :func:`ltuning.data.sorted_batches` for
-    ``overhead_tokens`` (``"auto"``: :data:`OVERHEAD_TOKENS` of the model's device; None: chunks of ``batch_size``)."""
-    return _map_batches(model, model, len(model.label_names), input_ids, batch_size, dtype, progress, overhead_tokens)
+    ``overhead_tokens`` (``"auto"``: :data:`OVERHEAD_TOKENS` of the model's device; None: chunks of ``batch_size``).
+    ``task_ids``: the task of each input (multi-task models)."""
+    return _map_batches(model, model, len(model.label_names), input_ids, batch_size, dtype, progress, overhead_tokens,
+                        task_ids)
 
 
 @torch.inference_mode()
@@ -42,8 +44,8 @@ def pooled_features(model, input_ids: list, batch_size: int = 64, dtype: str = "
                         overhead_tokens)
 
 
-def _map_batches(model, fn, width, input_ids, batch_size, dtype, progress, overhead_tokens):
-    """``fn(ids, mask)`` over length-sorted batches of ``input_ids`` in eval mode: (N, width) float32, input order."""
+def _map_batches(model, fn, width, input_ids, batch_size, dtype, progress, overhead_tokens, task_ids=None):
+    """``fn(**batch)`` over length-sorted batches of ``input_ids`` in eval mode: (N, width) float32, input order."""
     was_training = model.training
     model.eval()
     device = model.head.weight.device
@@ -53,9 +55,9 @@ def _map_batches(model, fn, width, input_ids, batch_size, dtype, progress, overh
         overhead_tokens = OVERHEAD_TOKENS.get(device.type)
     batches = sorted_batches([len(x) for x in input_ids], batch_size, overhead_tokens)
     for b in tqdm(batches, desc="classify", disable=not progress, leave=False):
-        ids, mask, _ = collate([input_ids[i] for i in b], pad)
+        batch = collate([input_ids[i] for i in b], pad, task_ids=None if task_ids is None else [task_ids[i] for i in b])
         with autocast(dtype):
-            s = fn(ids.to(device), mask.to(device))
+            s = fn(**{k: v.to(device) for k, v in batch.items()})
         out[torch.tensor(b)] = s.float().cpu()
     model.train(was_training)
     return out
