@@ -1,49 +1,23 @@
-"""``Classifier``: the high-level object (load a base, patch it with a method, fit / predict / save / load)."""
+"""``Classifier``: the high-level object (load a base, patch it with a method, fit / predict / save / load), and
+the whole runs the command line starts: :func:`train` (``ltuning train``) and :func:`evaluate_adapter`
+(``ltuning eval``), multi-task adapters through :mod:`ltuning.tasks`."""
 from __future__ import annotations
 
 import json
-import random
 import time
 from typing import Optional
 
 import torch
 
-from .data import default_label_text, encode, label_names_of
-from .distributed import map_sharded
-from .inference import predict_scores
+from . import tasks
+from .data import Encoded, default_label_text, encode, label_names_of, load_split, split_validation, subsample
+from .distributed import is_main
+from .io import read_adapter_meta
 from .methods import make_config
 from .metrics import classification_metrics
 from .model import LTuningModel
-from .io import read_adapter_config
 from .models import load_base
-from .train import TrainConfig, fit
-
-
-def split_validation(records: list, fraction: float, seed: int, max_examples: int = 500, min_examples: int = 50,
-                     stratify: bool = False):
-    """Carve a seeded validation split off ``records``: ``(train, val)``; at least ``min_examples`` (or a fifth
-    of the data, when smaller) so that model selection is not decided by a handful of examples.
-
-    ``stratify``: the split keeps each label's share of ``records`` (largest remainder: label c gets
-    floor(n_val * n_c / n) examples plus one for the labels with the largest remainders), so a small split is not
-    by chance dominated by one class. Off by default: the published results used the plain split."""
-    idx = list(range(len(records)))
-    random.Random(seed).shuffle(idx)
-    n_val = min(max_examples, max(int(len(records) * fraction), min(min_examples, len(records) // 5), 1))
-    if stratify:
-        by_label = {}
-        for i in idx:  # shuffled order within each label
-            by_label.setdefault(records[i]["label"], []).append(i)
-        quota = {c: n_val * len(ix) / len(records) for c, ix in by_label.items()}
-        take = {c: int(q) for c, q in quota.items()}
-        for c in sorted(quota, key=lambda c: (int(quota[c]) - quota[c], str(c)))[:n_val - sum(take.values())]:
-            take[c] += 1
-        chosen = {i for c, ix in by_label.items() for i in ix[:take[c]]}
-        val_idx = [i for i in idx if i in chosen]
-        idx = val_idx + [i for i in idx if i not in chosen]
-    val = [records[i] for i in idx[:n_val]]
-    train = [records[i] for i in idx[n_val:]]
-    return train, val
+from .train import TrainConfig, fit, remove_checkpoint, scores_of
 
 
 class Classifier:
@@ -90,7 +64,7 @@ class Classifier:
     def decoder(self) -> bool:
         return self.model.info.causal
 
-    def encode(self, records: list, with_labels: bool = True):
+    def encode(self, records: list, with_labels: bool = True) -> Encoded:
         return encode(records, self.model.tokenizer, self.label_names if with_labels else None,
                       self.max_length, self.decoder)
 
@@ -99,7 +73,9 @@ class Classifier:
             val_fraction: float = 0.1, progress: bool = True, stratify_validation: bool = False,
             **train_options) -> dict:
         """Train on ``train`` records; model selection on ``val`` (default: a seeded split of ``train``, with each
-        label's share of ``train`` if ``stratify_validation``)."""
+        label's share of ``train`` if ``stratify_validation``). ``train_options``: fields of
+        :class:`~ltuning.train.TrainConfig` (its defaults are those of ``ltuning train``); ``out_dir``: where
+        checkpoints go (``out_dir/checkpoint``, ``resume`` continues from it)."""
         cfg = TrainConfig(**train_options)
         if self.model is None:
             # the adapter's random initialisation follows cfg.seed, not whatever ran before in this process (the
@@ -110,16 +86,14 @@ class Classifier:
             train, val = split_validation(train, val_fraction, cfg.seed, stratify=stratify_validation)
         tr, va = self.encode(train), self.encode(val)
         t0 = time.time()
-        self.history = fit(self.model, tr.input_ids, tr.labels, va.input_ids, va.labels, cfg,
-                           checkpoint_dir=out_dir, resume=resume, progress=progress)
+        self.history = fit(self.model, tr, va, cfg, checkpoint_dir=out_dir, resume=resume, progress=progress)
         self.history.update(wall_seconds=time.time() - t0, train_examples=len(train), val_examples=len(val))
         return self.history
 
     def predict_scores(self, records: list, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """Scores (N, K) of records (or texts); torchrun: inputs sharded over ranks, scores gathered in order."""
         records = [{"text": r} if isinstance(r, str) else r for r in records]
-        enc = self.encode(records, with_labels=False)
-        return map_sharded(lambda ids: predict_scores(self.model, ids, batch_size, self.dtype, progress),
-                           enc.input_ids)
+        return scores_of(self.model, self.encode(records, with_labels=False), batch_size, self.dtype, progress)
 
     def predict(self, records: list, batch_size: int = 64) -> list:
         return [self.label_names[i] for i in self.predict_scores(records, batch_size).argmax(-1).tolist()]
@@ -127,8 +101,7 @@ class Classifier:
     def evaluate(self, records: list, batch_size: int = 64, progress: bool = False) -> dict:
         enc = self.encode(records)
         t0 = time.perf_counter()
-        scores = map_sharded(lambda ids: predict_scores(self.model, ids, batch_size, self.dtype, progress),
-                             enc.input_ids)  # torchrun: inputs sharded over ranks, scores gathered in order
+        scores = scores_of(self.model, enc, batch_size, self.dtype, progress)
         dt = time.perf_counter() - t0
         m = classification_metrics(scores.argmax(-1).tolist(), enc.labels, len(self.label_names))
         m["eval_examples_per_s"] = len(records) / dt
@@ -141,24 +114,64 @@ class Classifier:
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str, metrics: Optional[dict] = None) -> None:
-        extra = {"classifier": {"model": self.model_name, "dtype": self.dtype, "max_length": self.max_length,
-                                "quantize": self.quantize}}
+        info = {"model": self.model_name, "dtype": self.dtype, "max_length": self.max_length, "quantize": self.quantize}
         files = None if metrics is None else {"metrics.json": json.dumps(metrics, indent=2).encode()}
-        self.model.save_pretrained(directory, extra=extra, files=files)  # all files or none
+        self.model.save_pretrained(directory, classifier=info, files=files)  # all files or none
 
     @classmethod
     def from_pretrained(cls, directory: str, base=None, tokenizer=None, dtype: Optional[str] = None,
-                        quantize: Optional[str] = "recorded") -> "Classifier":
+                        quantize: Optional[str] = "recorded", model: Optional[str] = None) -> "Classifier":
         """``quantize``: "recorded" (the adapter's own base precision), None / "none", "nf4" or "int8"; a base of
-        another precision than the adapter was trained on loads with a warning."""
-        meta = read_adapter_config(directory)
-        info = meta.get("classifier", {})
-        dtype = dtype or info.get("dtype", "fp32")
-        quantize = info.get("quantize") if quantize == "recorded" else quantize
-        cfg = meta["method_config"]
-        clf = cls(info.get("model", meta["base_model"]), cfg["method"], cfg["label_names"], dtype=dtype,
-                  max_length=info.get("max_length", 128), base=base, tokenizer=tokenizer,
+        another precision than the adapter was trained on loads with a warning. ``model``: another base model name
+        than the recorded one (``base``: a loaded one)."""
+        meta = read_adapter_meta(directory)
+        quantize = meta.quantize if quantize == "recorded" else quantize
+        clf = cls(model or meta.model_name, meta.method, meta.label_names, dtype=dtype or meta.dtype,
+                  max_length=meta.max_length, base=base, tokenizer=tokenizer,
                   quantize=None if quantize == "none" else quantize)
         b, tok = clf._load_base()
         clf.model = LTuningModel.from_pretrained(b, directory, tok)
         return clf
+
+
+def train(train_records: list, dev: list, label_names: list, out: str, model: str, method: str, method_options: dict,
+          cfg: TrainConfig, label_texts: Optional[dict] = None, max_length: int = 128, quantize: Optional[str] = None,
+          max_train_examples: Optional[int] = None, max_dev_examples: Optional[int] = None, val_fraction: float = 0.1,
+          stratify_validation: bool = False, resume: bool = False, keep_checkpoint: bool = False,
+          progress: bool = True, data_name: str = "") -> dict:
+    """``ltuning train`` of one task: subsample (seeded), train with model selection on a validation split of
+    ``train_records``, evaluate on ``dev``, save the adapter + ``metrics.json`` to ``out`` (torchrun: rank 0) and
+    drop ``out/checkpoint`` unless ``keep_checkpoint``. ``label_names``: those of the WHOLE training file (a class the
+    subsample misses is still scored). Returns the metrics."""
+    train_records = subsample(train_records, max_train_examples, cfg.seed)
+    dev = subsample(dev, max_dev_examples, cfg.seed)
+    clf = Classifier(model, method, label_names=label_names, label_texts=label_texts, dtype=cfg.dtype,
+                     max_length=max_length, quantize=quantize, **method_options)
+    hist = clf.fit(train_records, out_dir=out, resume=resume, val_fraction=val_fraction,
+                   stratify_validation=stratify_validation, progress=progress, **vars(cfg))
+    m = clf.evaluate(dev, cfg.batch_size * 4, progress=progress)
+    trainable, total = clf.model.count_parameters()
+    metrics = {"model": model, "method": method, "data": data_name, "dev_examples": len(dev),
+               "train_examples": hist["train_examples"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+               "mcc": m["mcc"], "train_examples_per_s": hist["train_examples_per_s"],
+               "eval_examples_per_s": m["eval_examples_per_s"], "trainable_parameters": trainable,
+               "total_parameters": total, "best_val": hist["best_val"], "best_step": hist["best_step"],
+               "steps": hist["steps"], "wall_seconds": hist["wall_seconds"], "train_config": hist["train_config"]}
+    if is_main():  # torchrun: rank 0 writes the adapter
+        clf.save_pretrained(out, metrics)
+        if not keep_checkpoint:
+            remove_checkpoint(out)
+    return metrics
+
+
+def evaluate_adapter(adapter: str, data: str, split: str = "dev", batch_size: int = 64, model: Optional[str] = None,
+                     quantize: Optional[str] = None, task: Optional[str] = None) -> dict:
+    """``ltuning eval``: metrics of the adapter in ``adapter`` on the ``split`` records of ``data`` (multi-task
+    adapters: per task of ``data`` = DIR1,DIR2,..., see :func:`ltuning.tasks.evaluate_adapter`). ``model``: another
+    base model than the recorded one; ``quantize``: another base precision (default: the recorded one)."""
+    if read_adapter_meta(adapter).multitask is not None:
+        return tasks.evaluate_adapter(adapter, [d for d in data.split(",") if d], split, task, batch_size, model)
+    if task:
+        raise ValueError(f"--task applies to multi-task adapters; {adapter} has one task")
+    clf = Classifier.from_pretrained(adapter, quantize=quantize or "recorded", model=model)
+    return clf.evaluate(load_split(data, split), batch_size, progress=True)

@@ -1,4 +1,7 @@
-"""Command line: ``ltuning train | eval | classify``. Run ``ltuning CMD --help`` for every flag."""
+"""Command line: ``ltuning train | eval | classify | serve``. Run ``ltuning CMD --help`` for every flag.
+
+This module parses arguments only: each ``cmd_X`` checks the inputs (:mod:`ltuning.preflight`) and calls one library
+function; the defaults of the training flags are :class:`ltuning.train.TrainConfig`'s."""
 from __future__ import annotations
 
 import argparse
@@ -30,12 +33,12 @@ def _is_main() -> bool:
     return is_main()
 
 
-def _add_model_args(p):
+def _add_model_args(p, defaults):
     p.add_argument("--model", default="minilm-l6",
                    help="base model: smollm2-135m, minilm-l6 (offline, from PyPI packages) or a hub id / path")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+    p.add_argument("--dtype", default=defaults.dtype, choices=["fp32", "bf16"],
                    help="frozen-weight dtype; bf16 also runs the forward under bf16 autocast (fp32 trainables)")
-    p.add_argument("--batch-size", type=int, default=16, help="training / inference batch size")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training / inference batch size")
     p.add_argument("--quantize", default="none", choices=["nf4", "int8", "none"],
                    help="frozen base through bitsandbytes: nf4 (4-bit NormalFloat, double quant, bf16 compute) or "
                         "int8 (LLM.int8); the trainable parts stay fp32")
@@ -43,7 +46,8 @@ def _add_model_args(p):
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS, cli_options
-    from .train import DEFAULT_HEAD_LR, SELECT_METRICS
+    from .train import SELECT_METRICS, TrainConfig
+    d = TrainConfig()  # the library's defaults are the CLI's
 
     ap = _Parser(prog="ltuning", description=__doc__,
                  epilog="--debug (or LTUNING_DEBUG=1) shows the traceback of an error instead of one line")
@@ -51,37 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an adapter and evaluate it on the dev split",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_args(t)
+    _add_model_args(t, d)
     t.add_argument("--method", required=True, type=_method_name, metavar="METHOD",
                    help=f"tuning method: {', '.join(sorted(METHODS))}")
     t.add_argument("--data", required=True,
                    help="directory with train.jsonl and dev.jsonl (or .csv/.tsv), or a Hugging Face dataset name; "
                         "DIR1,DIR2,... trains one multi-task model (see ltuning.tasks)")
-    t.add_argument("--out", required=True, help="output directory (adapter, config, metrics, checkpoint)")
+    t.add_argument("--out", required=True,
+                   help="output directory (adapter, config, metrics; OUT/checkpoint while training)")
     t.add_argument("--max-train-examples", type=int, default=None, help="use at most N training examples (seeded)")
     t.add_argument("--max-dev-examples", type=int, default=None, help="evaluate on at most N dev examples")
-    t.add_argument("--epochs", type=float, default=3.0, help="passes over the training data")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's default_lr: " + ", ".join(f"{n} {c.default_lr:g}" for n, c in sorted(METHODS.items())) + ")")
-    t.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
+    t.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training data")
+    t.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many optimizer steps")
+    t.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: the method's default_lr: " + ", ".join(f"{n} {c.default_lr:g}" for n, c in sorted(METHODS.items())) + ")")
+    t.add_argument("--head-lr", type=float, default=d.head_lr,
                    help="learning rate of the classification / scoring head next to the method's other trainables "
                         "(linear-probe trains only its head, at --lr)")
-    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (never on prefixes/prompts)")
-    t.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps of linear warm-up")
-    t.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"], help="decay after warm-up")
-    t.add_argument("--seed", type=int, default=0, help="random seed (data order, validation split, init)")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (never on prefixes/prompts)")
+    t.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps of linear warm-up")
+    t.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine", "constant"],
+                   help="decay after warm-up")
+    t.add_argument("--seed", type=int, default=d.seed, help="random seed (data order, validation split, init)")
     t.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
     t.add_argument("--val-fraction", type=float, default=0.1, help="validation split carved from train")
     t.add_argument("--stratify-validation", action="store_true",
                    help="carve the validation split with each label's share of train (recommended for small or "
                         "imbalanced data; off by default, the protocol of the published results)")
-    t.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: ~8 times a run)")
-    t.add_argument("--patience", type=int, default=None, help="early stopping after N validations without gain")
-    t.add_argument("--select-metric", default=SELECT_METRICS[0], choices=list(SELECT_METRICS),
+    t.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="validate every N steps (default: ~8 times a run)")
+    t.add_argument("--patience", type=int, default=d.patience, help="early stopping after N validations without gain")
+    t.add_argument("--select-metric", default=d.select_metric, choices=list(SELECT_METRICS),
                    help="validation metric that picks the best step (macro_f1: a constant prediction of the "
                         "majority class, which accuracy can prefer on a small imbalanced split, scores low)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     t.add_argument("--resume", action="store_true", help="resume from OUT/checkpoint if present")
+    t.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep OUT/checkpoint (model, optimizer and RNG state) after a finished run; by default it is "
+                        "deleted once the adapter is saved (it only serves --resume of an interrupted run)")
     t.add_argument("--label-text", action="append", default=[], metavar='NAME="TEXT"',
                    help="label text of a label (repeatable); defaults per label name")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -111,96 +122,54 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def cmd_train(a) -> dict:
-    import random
-
-    from .classifier import Classifier
-    from .data import parse_label_texts
+def _method_options(a) -> dict:
+    """The method flags given on the command line (each must be a field of the method's config)."""
     from .methods import cli_options, method_class
-
+    from .methods.scoring import SCORINGS
     fields = set(method_class(a.method).config_class.__dataclass_fields__)
     opts = {k: getattr(a, k) for k in cli_options() if getattr(a, k) is not None}
     bad = set(opts) - fields
     if bad:
         raise ValueError(f"--{sorted(bad)[0].replace('_', '-')} does not apply to --method {a.method}")
-    from .methods.scoring import SCORINGS
     if opts.get("scoring", "kpass") not in SCORINGS:
         raise ValueError(f"--scoring must be one of {', '.join(SCORINGS)}, not {opts['scoring']!r}")
-    lr = a.lr if a.lr is not None else method_class(a.method).default_lr
+    return opts
+
+
+def cmd_train(a) -> dict:
+    from .data import parse_label_texts
     from .preflight import check_train_inputs
+    from .train import TrainConfig
+
+    opts = _method_options(a)
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, head_lr=a.head_lr,
+                      weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype,
+                      eval_every=a.eval_every, patience=a.patience, seed=a.seed,
+                      gradient_checkpointing=a.gradient_checkpointing, max_steps=a.max_steps,
+                      select_metric=a.select_metric)
+    common = dict(max_train_examples=a.max_train_examples, max_dev_examples=a.max_dev_examples,
+                  max_length=a.max_length, val_fraction=a.val_fraction, stratify_validation=a.stratify_validation,
+                  resume=a.resume, keep_checkpoint=a.keep_checkpoint, progress=not a.quiet)
     if "," in a.data:
         if a.quantize != "none":
             raise ValueError("--quantize is not supported for multi-task training (--data DIR1,DIR2,...) yet")
-        from .tasks import cmd_train as train_tasks
+        from .tasks import train as train_tasks
         check_train_inputs(a)  # output and model, before any data or model is loaded
-        return train_tasks(a, opts, lr)
+        return train_tasks([d for d in a.data.split(",") if d], a.out, a.model, a.method, opts, cfg, **common)
     # every check on the inputs runs before the model loads and training starts; the label set is that of the
     # WHOLE training file, so a class that a subsample misses is still scored
-    train, dev, label_names = check_train_inputs(a)
-    if a.max_train_examples and len(train) > a.max_train_examples:
-        train = random.Random(a.seed).sample(train, a.max_train_examples)
-    if a.max_dev_examples and len(dev) > a.max_dev_examples:
-        dev = random.Random(a.seed).sample(dev, a.max_dev_examples)
-    clf = Classifier(a.model, a.method, label_names=label_names, label_texts=parse_label_texts(a.label_text),
-                     dtype=a.dtype, max_length=a.max_length,
-                     quantize=None if a.quantize == "none" else a.quantize, **opts)
-    hist = clf.fit(train, out_dir=a.out, resume=a.resume, val_fraction=a.val_fraction,
-                   stratify_validation=a.stratify_validation, progress=not a.quiet,
-                   epochs=a.epochs, batch_size=a.batch_size, lr=lr, head_lr=a.head_lr, weight_decay=a.weight_decay,
-                   warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype, eval_every=a.eval_every,
-                   patience=a.patience, seed=a.seed, gradient_checkpointing=a.gradient_checkpointing,
-                   max_steps=a.max_steps, select_metric=a.select_metric)
-    m = clf.evaluate(dev, a.batch_size * 4, progress=not a.quiet)
-    trainable, total = clf.model.count_parameters()
-    metrics = {"model": a.model, "method": a.method, "data": a.data, "dev_examples": len(dev),
-               "train_examples": hist["train_examples"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-               "mcc": m["mcc"], "train_examples_per_s": hist["train_examples_per_s"],
-               "eval_examples_per_s": m["eval_examples_per_s"], "trainable_parameters": trainable,
-               "total_parameters": total, "best_val": hist["best_val"], "best_step": hist["best_step"],
-               "steps": hist["steps"], "wall_seconds": hist["wall_seconds"], "train_config": hist["train_config"]}
-    if _is_main():  # torchrun: rank 0 writes the adapter
-        clf.save_pretrained(a.out, metrics)
-    return metrics
-
-
-def _load_classifier(a):
-    from .classifier import Classifier
-    base = None
-    quantize = getattr(a, "quantize", None) or "recorded"
-    if a.model:
-        from .io import read_adapter_config
-        from .models import load_base
-        info = read_adapter_config(a.adapter).get("classifier", {})
-        q = info.get("quantize") if quantize == "recorded" else quantize
-        base = load_base(a.model, info.get("dtype", "fp32"), None if q == "none" else q)
-        return Classifier.from_pretrained(a.adapter, base[0], base[1])
-    return Classifier.from_pretrained(a.adapter, quantize=quantize)
-
-
-def _multitask(a):
-    """:func:`ltuning.tasks.load`'s (router, labels, max_length, dtype) for a multi-task adapter, else None."""
-    from .io import read_adapter_config
-    if "multitask" not in read_adapter_config(a.adapter):
-        return None
-    from .models import load_base
-    from .tasks import load
-    base, tok = load_base(a.model) if a.model else (None, None)
-    return load(a.adapter, base, tok)
+    from .classifier import train
+    records, dev, label_names = check_train_inputs(a)
+    return train(records, dev, label_names, a.out, a.model, a.method, opts, cfg,
+                 label_texts=parse_label_texts(a.label_text), quantize=None if a.quantize == "none" else a.quantize,
+                 data_name=a.data, **common)
 
 
 def cmd_eval(a) -> dict:
-    from .data import load_split
+    from .classifier import evaluate_adapter
     from .preflight import check_eval_inputs
     check_eval_inputs(a)
-    mt = _multitask(a)
-    if mt is not None:
-        from .tasks import cmd_eval as eval_tasks
-        return eval_tasks(a, mt)
-    if a.task:
-        raise ValueError(f"--task applies to multi-task adapters; {a.adapter} has one task")
-    clf = _load_classifier(a)
-    recs = load_split(a.data, a.split)
-    return clf.evaluate(recs, a.batch_size, progress=True)
+    return evaluate_adapter(a.adapter, a.data, a.split, a.batch_size, a.model, a.quantize, a.task)
 
 
 def cmd_classify(a) -> dict:

@@ -1,14 +1,20 @@
-"""Classification data: JSONL / CSV / TSV files (or a directory with train/dev files), label texts, batching.
+"""Classification data: JSONL / CSV / TSV files (or a directory with train/dev files), label texts, subsampling,
+the validation split, tokenisation and batching.
 
 A record is ``{"text": str, "label": name}`` or ``{"premise": str, "hypothesis": str, "label": name}``.
-Errors name the file and line and say what was expected.
+Errors name the file and line and say what was expected. The path of records to a model:
+``load_split`` -> ``subsample`` -> ``split_validation`` -> ``encode`` (:class:`Encoded`: token ids, label indices,
+task ids) -> ``collate`` (a dict batch ``{"input_ids", "attention_mask", "labels"?, "task_ids"?}`` that
+``model(**batch)`` / ``model.loss(**batch)`` take).
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import random
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -256,14 +262,65 @@ def label_names_of(records: list) -> list:
     return sorted(names, key=lambda n: (preferred.index(n) if n in preferred else len(preferred), n))
 
 
+def subsample(records: list, max_examples: Optional[int], seed: int) -> list:
+    """At most ``max_examples`` of ``records`` (a seeded sample; all of them, in order, when there are fewer)."""
+    if max_examples and len(records) > max_examples:
+        return random.Random(seed).sample(records, max_examples)
+    return records
+
+
+def split_validation(records: list, fraction: float, seed: int, max_examples: int = 500, min_examples: int = 50,
+                     stratify: bool = False):
+    """Carve a seeded validation split off ``records``: ``(train, val)``; at least ``min_examples`` (or a fifth
+    of the data, when smaller) so that model selection is not decided by a handful of examples.
+
+    ``stratify``: the split keeps each label's share of ``records`` (largest remainder: label c gets
+    floor(n_val * n_c / n) examples plus one for the labels with the largest remainders), so a small split is not
+    by chance dominated by one class. Off by default: the published results used the plain split."""
+    idx = list(range(len(records)))
+    random.Random(seed).shuffle(idx)
+    n_val = min(max_examples, max(int(len(records) * fraction), min(min_examples, len(records) // 5), 1))
+    if stratify:
+        by_label = {}
+        for i in idx:  # shuffled order within each label
+            by_label.setdefault(records[i]["label"], []).append(i)
+        quota = {c: n_val * len(ix) / len(records) for c, ix in by_label.items()}
+        take = {c: int(q) for c, q in quota.items()}
+        for c in sorted(quota, key=lambda c: (int(quota[c]) - quota[c], str(c)))[:n_val - sum(take.values())]:
+            take[c] += 1
+        chosen = {i for c, ix in by_label.items() for i in ix[:take[c]]}
+        val_idx = [i for i in idx if i in chosen]
+        idx = val_idx + [i for i in idx if i not in chosen]
+    val = [records[i] for i in idx[:n_val]]
+    train = [records[i] for i in idx[n_val:]]
+    return train, val
+
+
 @dataclass
 class Encoded:
+    """Tokenised records: ``input_ids`` (lists of token ids), ``labels`` (label indices, -1 for a record without
+    a label; empty when not asked for) and ``task_ids`` (the task of each record, multi-task data; else None)."""
     input_ids: list
     labels: list
+    task_ids: Optional[list] = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __add__(self, other: "Encoded") -> "Encoded":
+        tasks = None if self.task_ids is None and other.task_ids is None else (self.task_ids or []) + (other.task_ids or [])
+        return Encoded(self.input_ids + other.input_ids, self.labels + other.labels, tasks)
+
+    def batch(self, rows: list, pad_id: int) -> dict:
+        """The dict batch (:func:`collate`) of ``rows`` (indices)."""
+        return collate([self.input_ids[i] for i in rows], pad_id, [self.labels[i] for i in rows] if self.labels else None,
+                       None if self.task_ids is None else [self.task_ids[i] for i in rows])
 
 
-def encode(records: list, tokenizer, label_names: list | None, max_length: int, decoder: bool) -> Encoded:
-    """Tokenise records (pairs joined by the tokenizer's pair template for encoders, a newline for decoders)."""
+def encode(records: list, tokenizer, label_names: list | None, max_length: int, decoder: bool,
+           task_id: Optional[int] = None) -> Encoded:
+    """Tokenise records (pairs joined by the tokenizer's pair template for encoders, a newline for decoders);
+    ``task_id``: every record is of that task (``Encoded.task_ids``)."""
     ids = []
     for r in records:
         if "text" in r:
@@ -284,16 +341,22 @@ def encode(records: list, tokenizer, label_names: list | None, max_length: int, 
                 raise ValueError(f"record {i}: label {lab!r} is not one of {label_names}")
             else:
                 labels.append(index[str(lab)])
-    return Encoded(ids, labels)
+    return Encoded(ids, labels, None if task_id is None else [task_id] * len(ids))
 
 
-def collate(ids: list, pad_id: int, labels: list | None = None):
-    """Dynamic padding (right): ``(input_ids (B, L), attention_mask (B, L), labels (B,) or None)``."""
+def collate(ids: list, pad_id: int, labels: list | None = None, task_ids: list | None = None) -> dict:
+    """Dynamic padding (right): ``{"input_ids": (B, L), "attention_mask": (B, L)}`` long tensors, plus
+    ``"labels"`` (B,) and ``"task_ids"`` (B,) when given."""
     L = max(len(x) for x in ids)
     out = torch.full((len(ids), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(ids), L, dtype=torch.long)
     for i, x in enumerate(ids):
         out[i, :len(x)] = torch.tensor(x)
         mask[i, :len(x)] = 1
-    lab = torch.tensor(labels, dtype=torch.long) if labels is not None else None
-    return out, mask, lab
+    batch = {"input_ids": out, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+    if task_ids is not None:
+        batch["task_ids"] = torch.tensor(task_ids, dtype=torch.long)
+    return batch
+

@@ -40,22 +40,23 @@ def overhead_tokens_of(device: torch.device) -> int | None:
 
 @torch.inference_mode()
 def run_batches(model, input_ids: list, batches: list, dtype: str = "fp32", progress: bool = False,
-                features: bool = False) -> torch.Tensor:
+                features: bool = False, task_ids: list | None = None) -> torch.Tensor:
     """``model`` (an ``LTuningModel``, in the mode the caller set) over ``batches`` of ``input_ids``: scores (N, K)
-    float32, or with ``features`` the pooled representations (N, d) the head reads; rows in input order."""
+    float32, or with ``features`` the pooled representations (N, d) the head reads; rows in input order.
+    ``task_ids``: the task of each input (multi-task models; other tasks' label columns are masked)."""
     device = model.head.weight.device
     pad = model.tokenizer.pad_token_id
     fn = model.encode if features else model
     out = torch.empty(len(input_ids), model.info.hidden_size if features else len(model.label_names))
     for b in tqdm(batches, desc="classify", disable=not progress, leave=False):
-        ids, mask, _ = collate([input_ids[i] for i in b], pad)
+        batch = collate([input_ids[i] for i in b], pad, task_ids=None if task_ids is None else [task_ids[i] for i in b])
         with autocast(dtype):
-            s = fn(ids.to(device), mask.to(device))
+            s = fn(**{k: v.to(device) for k, v in batch.items()})
         out[torch.tensor(b)] = s.float().cpu()
     return out
 
 
-def _in_eval_mode(model, input_ids, batch_size, dtype, progress, overhead_tokens, features):
+def _in_eval_mode(model, input_ids, batch_size, dtype, progress, overhead_tokens, features, task_ids=None):
     """:func:`run_batches` over planned batches in eval mode (``eval()`` also drops the label-side inference
     cache, see ``LTuningModel.inference_cached``), the model's mode restored after."""
     if overhead_tokens == "auto":
@@ -64,17 +65,17 @@ def _in_eval_mode(model, input_ids, batch_size, dtype, progress, overhead_tokens
     was_training = model.training
     model.eval()
     try:
-        return run_batches(model, input_ids, batches, dtype, progress, features)
+        return run_batches(model, input_ids, batches, dtype, progress, features, task_ids)
     finally:
         model.train(was_training)
 
 
 def predict_scores(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False,
-                   overhead_tokens: int | str | None = "auto") -> torch.Tensor:
+                   overhead_tokens: int | str | None = "auto", task_ids: list | None = None) -> torch.Tensor:
     """Scores (N, K) float32 for N tokenised inputs, batches of at most ``batch_size`` inputs planned by
     :func:`ltuning.batching.plan_batches` (``overhead_tokens`` "auto": :data:`OVERHEAD_TOKENS` of the model's
-    device; None: chunks of ``batch_size``)."""
-    return _in_eval_mode(model, input_ids, batch_size, dtype, progress, overhead_tokens, False)
+    device; None: chunks of ``batch_size``); ``task_ids``: the task of each input (multi-task models)."""
+    return _in_eval_mode(model, input_ids, batch_size, dtype, progress, overhead_tokens, False, task_ids)
 
 
 def pooled_features(model, input_ids: list, batch_size: int = 64, dtype: str = "fp32", progress: bool = False,

@@ -60,8 +60,8 @@ def check_train_inputs(a):
 
 
 def _check_adapter(a):
-    from .io import read_adapter_config, read_adapter_weights
-    meta = read_adapter_config(a.adapter)
+    from .io import read_adapter_meta, read_adapter_weights
+    meta = read_adapter_meta(a.adapter)
     read_adapter_weights(a.adapter, meta)
     if a.model:
         check_model(a.model)
@@ -73,10 +73,10 @@ def check_eval_inputs(a) -> None:
     adapter's (single-task adapters)."""
     _positive(a, ("batch_size",))
     meta = _check_adapter(a)
-    if "multitask" in meta or "," in a.data:
+    if meta.multitask is not None or "," in a.data:
         return
     recs, path, lines = _read(a.data, a.split)
-    known = set(meta["method_config"]["label_names"])
+    known = set(meta.label_names)
     for j, r in enumerate(recs):
         if str(r["label"]) not in known:
             raise UserError(f"label {r['label']!r} is not a label of the adapter in {a.adapter}; expected one of "

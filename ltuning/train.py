@@ -1,6 +1,9 @@
 """The training loop: AdamW with warm-up + linear/cosine decay, clipping, bf16 autocast with fp32 trainable
 parameters and optimizer state, length-grouped batches with dynamic padding, model selection on a validation
 split carved from train (never on the reported dev set), early stopping, atomic resumable checkpoints.
+
+:class:`TrainConfig` holds the defaults of every entry point (the CLI's flags default to its fields). Each step is
+``model.loss(**batch)`` on a dict batch (:func:`ltuning.data.collate`); :func:`evaluate` scores ``model(**batch)``.
 """
 from __future__ import annotations
 
@@ -10,24 +13,24 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batching import length_grouped_batches
-from .data import collate
-from .errors import UserError
-from .outputs import atomic_write_files
 import torch.nn.functional as F
 
+from .batching import length_grouped_batches
+from .data import Encoded
+from .errors import UserError
 from .inference import autocast, pooled_features, predict_scores
 from .metrics import classification_metrics
+from .outputs import atomic_write_files
 
 
-DEFAULT_HEAD_LR = 1e-2  # the head's learning rate next to other trainables (CLI, multi-task, benchmarks)
+DEFAULT_HEAD_LR = 1e-2  # the head's learning rate next to other trainables
 # Validation metrics that can pick the best step. The default, macro-F1, gives a constant prediction a low score;
 # accuracy on a small imbalanced split can prefer an early step that predicts the majority class for everything
 # (seen on MiniLM SST-2 with 300 examples: validation 62 % = the split's majority at step 6, 0 MCC).
@@ -36,10 +39,14 @@ SELECT_METRICS = ("macro_f1", "accuracy", "mcc")
 
 @dataclass
 class TrainConfig:
+    """Training options; the defaults of the Python API and of ``ltuning train`` alike. ``lr`` None: the method's
+    ``default_lr``. ``head_lr``: the head's rate next to other trainables (None: ``lr``; a model that trains only its
+    head uses ``lr``). ``cache_features``: a model whose features cannot change (``features_are_frozen``) computes
+    them once."""
     epochs: float = 3.0
     batch_size: int = 16
-    lr: float = 3e-3
-    head_lr: Optional[float] = None
+    lr: Optional[float] = None
+    head_lr: Optional[float] = DEFAULT_HEAD_LR
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     schedule: str = "linear"
@@ -101,21 +108,25 @@ def lr_lambda(total: int, warmup: int, schedule: str):
     return f
 
 
-def evaluate(model, ids: list, labels: list, batch_size: int = 64, dtype: str = "fp32", progress=False) -> dict:
-    scores = distributed.map_sharded(lambda x: predict_scores(model, x, batch_size, dtype, progress), ids)
-    pred = scores.argmax(-1).tolist()
-    return classification_metrics(pred, labels, len(model.label_names))
+def scores_of(model, data: Encoded, batch_size: int = 64, dtype: str = "fp32", progress=False) -> torch.Tensor:
+    """Scores (N, K) of ``data`` (torchrun: rows sharded over ranks, gathered in input order)."""
+    def part(rows):
+        tasks = None if data.task_ids is None else [data.task_ids[i] for i in rows]
+        return predict_scores(model, [data.input_ids[i] for i in rows], batch_size, dtype, progress, task_ids=tasks)
+    return distributed.map_sharded(part, list(range(len(data))))
 
 
-def head_only(model) -> bool:
-    """True when training changes nothing but the head of a frozen, deterministic encoder (the linear probe): an
-    ``LTuningModel`` (not a wrapper) whose method adds nothing (``kind == "none"``, not label-conditioned), with
-    only ``head.*`` parameters trainable. The base keeps its dropout off in train mode (``LTuningModel.train``), so
-    its pooled features are the same at every step and :func:`fit` computes them once (``cache_features``)."""
-    method = getattr(model, "method", None)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
-    return (bool(trainable) and all(n.startswith("head.") for n in trainable) and method is not None
-            and method.kind == "none" and not method.label_conditioned)
+def evaluate(model, data: Encoded, batch_size: int = 64, dtype: str = "fp32", progress=False) -> dict:
+    """Classification metrics of ``model`` on labelled ``data`` (over all of its labels)."""
+    pred = scores_of(model, data, batch_size, dtype, progress).argmax(-1).tolist()
+    return classification_metrics(pred, data.labels, len(model.label_names))
+
+
+def remove_checkpoint(directory: str) -> None:
+    """Delete ``directory/checkpoint`` (and a ``.old`` left by a kill): once the adapter is saved, it is only needed
+    to resume an interrupted run."""
+    for p in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+        shutil.rmtree(os.path.join(directory, p), ignore_errors=True)
 
 
 def _save_checkpoint(path: str, model, opt, sched, state: dict, gen=None) -> None:
@@ -155,18 +166,21 @@ def _checkpoint_dir(path: str):
     return path if os.path.isfile(os.path.join(path, "trainer_state.pt")) else None
 
 
-def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: list, cfg: TrainConfig,
-        checkpoint_dir: Optional[str] = None, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``model`` (an :class:`~ltuning.model.LTuningModel`) in place; the best adapter (on the validation
-    split) is loaded back at the end. Returns a history dict (evaluations, best step, throughput, wall time)."""
+def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, checkpoint_dir: Optional[str] = None,
+        resume: bool = False, progress: bool = True) -> dict:
+    """Train ``model`` (an :class:`~ltuning.model.LTuningModel`) on ``train`` in place; the best adapter (on
+    ``val``) is loaded back at the end. ``checkpoint_dir``: checkpoints go to ``checkpoint_dir/checkpoint`` at every
+    validation (``resume``: continue from there). Returns a history dict (evaluations, best step, throughput)."""
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=model.method.default_lr)
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     device = model.head.weight.device
     pad = model.tokenizer.pad_token_id
-    lengths = [len(x) for x in train_ids]
-    steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
+    lengths = [len(x) for x in train.input_ids]
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, int(round(steps_per_epoch * cfg.epochs)))
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -193,11 +207,11 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
             gen.manual_seed(cfg.seed + state["step"])
         best_state = state.pop("best_state", None)
     features = val_features = None
-    if cfg.cache_features and head_only(model):  # linear probe: one pass of the frozen encoder, then head steps
+    if cfg.cache_features and model.features_are_frozen:  # one pass of the frozen encoder, then head steps
         t0 = time.perf_counter()
-        features = pooled_features(model, train_ids, cfg.eval_batch_size, cfg.dtype)
+        features = pooled_features(model, train.input_ids, cfg.eval_batch_size, cfg.dtype)
         state["train_seconds"] += time.perf_counter() - t0  # the features' cost counts as training time
-        val_features = pooled_features(model, val_ids, cfg.eval_batch_size, cfg.dtype)
+        val_features = pooled_features(model, val.input_ids, cfg.eval_batch_size, cfg.dtype)
         model.train()
     ddp = distributed.wrap_trainables(model)  # torchrun: DDP over the trainables only (see ltuning.distributed)
     progress = progress and distributed.is_main()
@@ -212,12 +226,12 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
 
             def batch_loss(local=local, weight=weight):
                 if features is not None:
-                    lab = torch.tensor([train_labels[i] for i in local], device=device)
-                    loss = F.cross_entropy(model._head(features[local].to(device)), lab)
+                    lab = torch.tensor([train.labels[i] for i in local], device=device)
+                    loss = F.cross_entropy(model.head_scores(features[local].to(device)), lab)
                 else:
-                    ids, mask, lab = collate([train_ids[i] for i in local], pad, [train_labels[i] for i in local])
+                    batch = {k: v.to(device) for k, v in train.batch(local, pad).items()}
                     with autocast(cfg.dtype):
-                        loss, _ = model.loss(ids.to(device), mask.to(device), lab.to(device), generator=gen)
+                        loss, _ = model.loss(**batch, generator=gen)
                 return loss if weight == 1.0 else loss * weight
 
             loss = ddp(batch_loss) if ddp is not None else batch_loss()
@@ -235,10 +249,10 @@ def fit(model, train_ids: list, train_labels: list, val_ids: list, val_labels: l
             if state["step"] % eval_every == 0 or state["step"] == total:
                 if val_features is not None:
                     with torch.no_grad():
-                        pred = model._head(val_features.to(device)).argmax(-1).tolist()
-                    m = classification_metrics(pred, val_labels, len(model.label_names))
+                        pred = model.head_scores(val_features.to(device)).argmax(-1).tolist()
+                    m = classification_metrics(pred, val.labels, len(model.label_names))
                 else:
-                    m = evaluate(model, val_ids, val_labels, cfg.eval_batch_size, cfg.dtype)
+                    m = evaluate(model, val, cfg.eval_batch_size, cfg.dtype)
                 model.train()
                 m["step"] = state["step"]
                 state["evals"].append(m)

@@ -36,7 +36,8 @@ def train_tiny(method: str, out: str, base, tok, steps: int = 3, seed: int = 0, 
     clf.model.train()
     for s in range(steps):
         b = range(16 * s % 48, 16 * s % 48 + 16)
-        ids, mask, lab = collate([enc.input_ids[i] for i in b], tok.pad_token_id, [enc.labels[i] for i in b])
+        batch = collate([enc.input_ids[i] for i in b], tok.pad_token_id, [enc.labels[i] for i in b])
+        ids, mask, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
         loss, _ = clf.model.loss(ids, mask, lab)
         opt.zero_grad()
         loss.backward()

@@ -45,7 +45,8 @@ def test_kill_9_then_resume_gives_the_same_adapter_bitwise(tmp_path, seed):
            "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # the pairwise objective samples wrong labels from its own generator: its state must survive the kill too
     common = ["--model", model, "--method", "lt-prefix", "--data", data, "--epochs", "1", "--batch-size", "8",
-              "--eval-every", str(EVAL_EVERY), "--objective", "pairwise", "--num-negatives", "2", "--seed", "5"]
+              "--eval-every", str(EVAL_EVERY), "--objective", "pairwise", "--num-negatives", "2", "--seed", "5",
+              "--keep-checkpoint"]  # to compare the last step's weights
     log = tmp_path / "stderr.log"
     rc, full_steps = _train([*common, "--out", str(tmp_path / "full")], env, log)
     assert rc == 0, log.read_text()[-3000:]

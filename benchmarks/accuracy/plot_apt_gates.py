@@ -36,7 +36,8 @@ def main() -> None:
     model.eval()
     with torch.no_grad():
         for s in range(0, len(ids), a.batch_size):
-            x, mask, _ = collate(ids[s:s + a.batch_size], model.tokenizer.pad_token_id)
+            batch = collate(ids[s:s + a.batch_size], model.tokenizer.pad_token_id)
+            x, mask = batch["input_ids"], batch["attention_mask"]
             model(x, mask)
             total = total + torch.stack(method.last_gates()).sum(1)  # (layers, P)
             n += x.shape[0]

@@ -81,7 +81,8 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
     rng = random.Random(0)
     sample = rng.sample(recs, batch_size + n_classify)
     enc = encode(sample, tok, names, 128, model.info.causal)
-    ids, mask, lab = collate(enc.input_ids[:batch_size], tok.pad_token_id, enc.labels[:batch_size])
+    batch = collate(enc.input_ids[:batch_size], tok.pad_token_id, enc.labels[:batch_size])
+    ids, mask, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     model.train()
     times = []

@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         opts[v] = torch.optim.AdamW(param_groups(m, TrainConfig(lr=1e-3)), lr=1e-3)
     enc = encode(recs, models[next(iter(models))].tokenizer, names, 128, True)
     from ltuning.data import collate
-    ids, mask, lab = collate(enc.input_ids, models[next(iter(models))].tokenizer.pad_token_id, enc.labels)
+    batch = collate(enc.input_ids, models[next(iter(models))].tokenizer.pad_token_id, enc.labels)
+    ids, mask, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
 
     def step(v):
         t = time.perf_counter()

@@ -50,7 +50,8 @@ def training_step(method="lt-prefix", task="rte", model="smollm2-135m"):
     enc = clf.encode(train)
     order = sorted(range(len(enc.input_ids)), key=lambda i: len(enc.input_ids[i]))
     b = order[92:108]  # 16 examples around the median length
-    ids, mask, lab = collate([enc.input_ids[i] for i in b], clf.model.tokenizer.pad_token_id, [enc.labels[i] for i in b])
+    batch = collate([enc.input_ids[i] for i in b], clf.model.tokenizer.pad_token_id, [enc.labels[i] for i in b])
+    ids, mask, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
     m = clf.model
     m.train()
     params = list(m.trainable_parameters())

@@ -103,19 +103,30 @@ def register() -> None:
     AttentionMaskInterface.register(IMPL_NAME, _mask_2d)
 
 
-def enable(model) -> None:
+def enable(model, fused_ops="auto") -> None:
     """Switch ``model`` (and its sub-models) to the ltuning attention; remembers the previous implementation.
-    A Llama-family model on the CPU also gets the fused RMSNorm / SwiGLU / rotary kernels
-    (:func:`ltuning.models.fused_ops.enable_fused_ops`) unless ``LTUNING_FUSED_OPS=0``."""
+
+    ``fused_ops``: the fused RMSNorm / SwiGLU / rotary CPU kernels (:func:`ltuning.models.fused_ops.enable_fused_ops`).
+    ``"auto"``: on for a Llama-family model on the CPU unless ``LTUNING_FUSED_OPS=0`` (otherwise left as they are);
+    ``True``: on (``ValueError`` if the model is not a Llama-family model on the CPU); ``False``: off."""
+    if fused_ops not in ("auto", True, False):
+        raise ValueError(f"fused_ops must be 'auto', True or False, not {fused_ops!r}")
+    from .families import DECODER_TYPES
+    fits = (getattr(model.config, "model_type", None) in DECODER_TYPES
+            and next(model.parameters()).device.type == "cpu")
+    if fused_ops is True and not fits:
+        raise ValueError(f"fused_ops=True needs a Llama-family model on the CPU, not a "
+                         f"{getattr(model.config, 'model_type', None)!r} model on "
+                         f"{next(model.parameters()).device.type}")
     register()
     if getattr(model, "_ltuning_prev_attn", None) is None:
         model._ltuning_prev_attn = model.config._attn_implementation
     model.set_attn_implementation(IMPL_NAME)
-    from .families import DECODER_TYPES
-    if (os.environ.get("LTUNING_FUSED_OPS", "1") != "0" and getattr(model.config, "model_type", None) in DECODER_TYPES
-            and next(model.parameters()).device.type == "cpu"):
-        from .fused_ops import enable_fused_ops
+    from .fused_ops import disable_fused_ops, enable_fused_ops
+    if fused_ops is True or (fused_ops == "auto" and fits and os.environ.get("LTUNING_FUSED_OPS", "1") != "0"):
         enable_fused_ops(model)
+    elif fused_ops is False:
+        disable_fused_ops(model)
 
 
 def disable(model) -> None:

@@ -70,13 +70,13 @@ def run_classify(a) -> dict:
     import argparse
     import os
 
-    from ..io import read_adapter_config
+    from ..io import read_adapter_meta
     from ..preflight import check_adapter_and_output
     from .engine import parse_adapter_args
     from .stream import classify_file
     adapters = parse_adapter_args(a.adapter)
     only = next(iter(adapters.values()))
-    if len(adapters) == 1 and (a.quantize in ("nf4", "none") or "multitask" in read_adapter_config(only)):
+    if len(adapters) == 1 and (a.quantize in ("nf4", "none") or read_adapter_meta(only).multitask is not None):
         return classify_in_memory(argparse.Namespace(**{**vars(a), "adapter": only}))
     for d in adapters.values():  # the checks of the preflight, the input not read whole
         check_adapter_and_output(argparse.Namespace(**{**vars(a), "adapter": d}))
@@ -101,13 +101,13 @@ def classify_in_memory(a) -> dict:
     from ..classifier import Classifier
     from ..data import read_records
     from ..distributed import is_main
-    from ..io import atomic_write_bytes, read_adapter_config
+    from ..io import atomic_write_bytes, read_adapter_meta
     from ..models import load_base
     from ..preflight import check_classify_inputs
     check_classify_inputs(a)
     recs = read_records(a.input, require_label=False)
-    meta = read_adapter_config(a.adapter)
-    if "multitask" in meta:
+    meta = read_adapter_meta(a.adapter)
+    if meta.multitask is not None:
         from ..tasks import classify, load
         base, tok = load_base(a.model) if a.model else (None, None)
         router, labels, max_length, dtype = load(a.adapter, base, tok)
@@ -116,7 +116,7 @@ def classify_in_memory(a) -> dict:
         if a.task:
             raise ValueError(f"--task applies to multi-task adapters; {a.adapter} has one task")
         quantize = a.quantize or "recorded"
-        recorded = meta.get("classifier", {})
+        recorded = meta.classifier or {}
         q = recorded.get("quantize") if quantize == "recorded" else quantize
         base, tok = (load_base(a.model, recorded.get("dtype", "fp32"), None if q == "none" else q) if a.model
                      else (None, None))

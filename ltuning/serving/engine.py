@@ -33,7 +33,7 @@ from ..batching import plan_batches
 from ..data import encode
 from ..inference import overhead_tokens_of, run_batches
 from ..model import LTuningModel
-from ..io import read_adapter_config
+from ..io import read_adapter_config, read_adapter_meta
 from ..models import enable, fingerprint, load_base
 from . import cpu
 
@@ -120,8 +120,8 @@ class Engine:
             raise ValueError("--max-batch-tokens and --max-batch-rows must be >= 1")
         if threads:
             torch.set_num_threads(threads)
-        metas = {n: read_adapter_config(d) for n, d in adapters.items()}
-        bases = {m.get("classifier", {}).get("model") or m["base_model"] for m in metas.values()}
+        metas = {n: read_adapter_meta(d) for n, d in adapters.items()}
+        bases = {m.model_name for m in metas.values()}
         if model is None and len(bases) > 1:
             raise ValueError(f"the adapters were trained on different base models {sorted(bases)}; "
                              f"serve them from separate processes")
@@ -143,10 +143,10 @@ class Engine:
             owned[name] = _HookSwitch.hook_ids(self.base) - before
             meta = metas[name]
             self.adapters[name] = Adapter(
-                name, d, m, list(m.label_names), int(meta.get("classifier", {}).get("max_length", 128)),
+                name, d, m, list(m.label_names), meta.max_length,
                 m.config.method, len(m.label_names) if m.method.label_conditioned else 1,
                 {"method": m.config.method, "labels": list(m.label_names), "base_model": base_name,
-                 "base_fingerprint": meta.get("base_fingerprint")})
+                 "base_fingerprint": meta.base_fingerprint})
         self.hooks = _HookSwitch()
         hooked = [n for n, ids in owned.items() if ids]
         if len(self.adapters) > 1 and hooked:

@@ -1,10 +1,10 @@
 """Data loading errors, the CLI end to end, and a short real training run that must learn."""
 import json
+import os
 import random
 
 import pytest
 
-from ltuning.cli import main
 from ltuning.data import load_split, read_records
 
 
@@ -26,43 +26,6 @@ def test_csv_and_tsv(tmp_path):
     (tmp_path / "b.tsv").write_text('premise\thypothesis\tlabel\nA\tB\tentailment\n')
     assert read_records(str(tmp_path / "a.csv")) == [{"text": "hello, world", "label": "positive"}]
     assert read_records(str(tmp_path / "b.tsv"))[0]["hypothesis"] == "B"
-
-
-def test_cli_train_eval_classify(minilm, sst2_dir, tmp_path, capsys):
-    out = tmp_path / "adapter"
-    rc = main(["train", "--model", "minilm-l6", "--method", "lt-prefix", "--data", sst2_dir, "--out", str(out),
-               "--max-train-examples", "64", "--max-dev-examples", "32", "--epochs", "1", "--batch-size", "16",
-               "--quiet", "--label-text", "positive=The review is positive."])
-    assert rc == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    for k in ("accuracy", "macro_f1", "train_examples_per_s", "trainable_parameters"):
-        assert k in metrics
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["method_config"]["label_texts"][1] == "The review is positive."
-    capsys.readouterr()
-    data = tmp_path / "data"
-    data.mkdir()
-    dev = load_split(sst2_dir, "dev")[:20]
-    (data / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
-    assert main(["eval", "--adapter", str(out), "--data", str(data)]) == 0
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("".join(json.dumps({"text": r["text"], "id": i, "gold": r["label"]}) + "\n"
-                           for i, r in enumerate(dev)))
-    assert main(["classify", "--adapter", str(out), "--input", str(inp), "--output", str(outp)]) == 0
-    rows = [json.loads(x) for x in outp.read_text().splitlines()]
-    assert [r["id"] for r in rows] == list(range(20))
-    assert all(r["prediction"] == max(r["scores"], key=r["scores"].get) and set(r["scores"]) == {"negative", "positive"}
-               for r in rows)
-    # eval's accuracy is the share of classify's predictions that match the labels, on the same 20 records
-    assert last["n"] == 20 and last["accuracy"] == sum(r["prediction"] == r["gold"] for r in rows) / 20
-
-
-def test_cli_clear_error_for_missing_data(tmp_path, capsys):
-    rc = main(["train", "--model", "minilm-l6", "--method", "prefix", "--data", str(tmp_path), "--out",
-               str(tmp_path / "o")])
-    assert rc == 2
-    assert "expected train.jsonl" in capsys.readouterr().err
 
 
 def test_lt_prefix_on_300_sst2_examples_beats_majority(minilm, sst2_dir):
@@ -149,8 +112,9 @@ def _interrupt_and_resume(run, tmp_path, monkeypatch, training):
     monkeypatch.setattr(training, "_save_checkpoint", real_save)
     assert (tmp_path / "resumed" / "checkpoint" / "trainer_state.pt").exists()
     batches = []
-    real_collate = training.collate
-    monkeypatch.setattr(training, "collate", lambda *a: batches.append(1) or real_collate(*a))
+    from ltuning import data
+    real_collate = data.collate
+    monkeypatch.setattr(data, "collate", lambda *a: batches.append(1) or real_collate(*a))
     resumed = run(tmp_path / "resumed", resume=True)
     assert len(batches) == 10 - 6  # 39 training examples / 8 = 5 steps per epoch, 2 epochs; 6 were done
     assert full.keys() == resumed.keys()
@@ -201,7 +165,7 @@ def test_validation_split_plain_and_stratified(seed):
     keeps its share of the data (largest remainder), also with three labels whose quotas are fractional."""
     from collections import Counter
 
-    from ltuning.classifier import split_validation
+    from ltuning.data import split_validation
 
     rng = random.Random(seed)
     recs = [{"text": f"t{i}", "label": "a" if i < 210 else "b"} for i in range(300)]  # 70 % / 30 %
@@ -221,16 +185,6 @@ def test_validation_split_plain_and_stratified(seed):
     tr, va = split_validation(recs3, 0.1, seed, stratify=True)
     counts = Counter(r["label"] for r in va)
     assert sum(counts.values()) == len(va) == 50 and all(16 <= counts[c] <= 17 for c in "xyz")
-
-
-def test_stratify_validation_cli_switch():
-    """``--stratify-validation`` is a switch of ``ltuning train`` (single- and multi-task share the parser)."""
-    from ltuning.cli import build_parser
-
-    p = build_parser()
-    a = p.parse_args(["train", "--model", "m", "--method", "lora", "--data", "d", "--out", "o", "--stratify-validation"])
-    assert a.stratify_validation is True
-    assert p.parse_args(["train", "--model", "m", "--method", "lora", "--data", "d", "--out", "o"]).stratify_validation is False
 
 
 def test_fit_seed_fixes_the_initialisation(minilm, sst2_dir):
@@ -306,7 +260,6 @@ def test_linear_probe_caches_features_with_the_same_result(minilm, sst2_dir):
     import torch
 
     from ltuning import Classifier, unpatch
-    from ltuning.train import head_only
 
     model, tok = minilm
     train = random.Random(0).sample(load_split(sst2_dir, "train"), 80)
@@ -315,10 +268,10 @@ def test_linear_probe_caches_features_with_the_same_result(minilm, sst2_dir):
         clf = Classifier("minilm-l6", "linear-probe", base=model, tokenizer=tok, max_length=48)
         torch.manual_seed(1)  # the same head initialisation in both runs
         clf.build(["negative", "positive"])
-        assert head_only(clf.model)
+        assert clf.model.features_are_frozen
         h = clf.fit(train, progress=False, epochs=2, batch_size=16, lr=1e-2, seed=1, select_metric="accuracy",
                     cache_features=cache)
-        assert head_only(clf.model)
+        assert clf.model.features_are_frozen
         runs.append((h, {k: v.clone() for k, v in clf.model.head.state_dict().items()}))
         unpatch(clf.model)
     (h1, w1), (h2, w2) = runs
@@ -327,5 +280,159 @@ def test_linear_probe_caches_features_with_the_same_result(minilm, sst2_dir):
     assert all(torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5) for k in w1)
     clf = Classifier("minilm-l6", "lt-prefix", base=model, tokenizer=tok)
     clf.build(["negative", "positive"])
-    assert not head_only(clf.model)
+    assert not clf.model.features_are_frozen
     unpatch(clf.model)
+
+
+def test_python_api_and_cli_share_the_training_defaults():
+    """One place defines the defaults: every training flag of ``ltuning train`` defaults to TrainConfig's field, and
+    a TrainConfig without ``lr`` trains at the method's default_lr (the head at DEFAULT_HEAD_LR)."""
+    import dataclasses
+
+    from ltuning.cli import build_parser
+    from ltuning.train import DEFAULT_HEAD_LR, TrainConfig
+
+    a = build_parser().parse_args(["train", "--method", "prompt", "--data", "d", "--out", "o"])
+    d = TrainConfig()
+    shared = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)]
+    assert len(shared) >= 12, shared
+    assert {k: getattr(a, k) for k in shared} == {k: getattr(d, k) for k in shared}
+    assert d.lr is None and d.head_lr == DEFAULT_HEAD_LR == 1e-2
+
+
+def test_fit_without_lr_uses_the_methods_default_lr(minilm):
+    import ltuning
+    model, tok = minilm
+    recs = [{"text": f"sample {i}", "label": ["a", "b"][i % 2]} for i in range(24)]
+    clf = ltuning.Classifier("minilm-l6", "lt-prefix", base=model, tokenizer=tok, label_names=["a", "b"])
+    try:
+        hist = clf.fit(recs, val=recs[:4], progress=False, batch_size=8, max_steps=1)
+        assert hist["train_config"]["lr"] == type(clf.model.method).default_lr
+        assert hist["train_config"]["head_lr"] == 1e-2
+    finally:
+        ltuning.unpatch(clf.model)
+
+
+def _tiny_llama(seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaModel(cfg).eval()
+
+
+def test_patch_fused_ops_auto_true_false(monkeypatch):
+    """``patch(fused_ops=)``: "auto" = on for a Llama-family model on the CPU unless LTUNING_FUSED_OPS=0, True = on
+    (whatever the variable says; an error on another family), False = off (also after an earlier True). The patched
+    backbone's hidden states, fused or not, match a float64 run of the original model."""
+    import torch
+
+    import ltuning
+    from ltuning.models.fused_ops import enable_fused_ops, fused_ops_enabled
+    from testutil import rel_err
+
+    probe = _tiny_llama()
+    enable_fused_ops(probe)
+    if not fused_ops_enabled(probe):
+        pytest.skip("the fused-ops C++ extension does not build here")
+    cfg = ltuning.make_config("linear-probe", label_names=["a", "b"])
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        ref = _tiny_llama().double()(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    for env, arg, on in [(None, "auto", True), ("0", "auto", False), ("0", True, True), (None, False, False)]:
+        if env is None:
+            monkeypatch.delenv("LTUNING_FUSED_OPS", raising=False)
+        else:
+            monkeypatch.setenv("LTUNING_FUSED_OPS", env)
+        base = _tiny_llama()
+        m = ltuning.patch(base, cfg, None, fused_ops=arg)
+        assert fused_ops_enabled(base) is on, (env, arg)
+        with torch.no_grad():
+            h = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert rel_err(h[real].double(), ref[real]) < 1e-5, (env, arg)
+        if arg is True:  # then False switches them off again
+            ltuning.models.enable(base, fused_ops=False)
+            assert not fused_ops_enabled(base)
+        assert ltuning.unpatch(m) is base and not fused_ops_enabled(base)
+    with pytest.raises(ValueError, match="Llama-family"):
+        ltuning.models.enable(_tiny_bert_model(), fused_ops=True)
+    with pytest.raises(ValueError, match="fused_ops must be"):
+        ltuning.models.enable(_tiny_llama(), fused_ops="yes")
+
+
+def _tiny_bert_model():
+    from transformers import BertConfig, BertModel
+    return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64)).eval()
+
+
+def test_multitask_model_scores_only_its_tasks_labels(minilm, tmp_path):
+    """A multi-task model (``task_names``): ``forward(task_ids=)`` gives -inf to other tasks' columns, a row does not
+    depend on the other rows' tasks, ``loss`` is the own task's cross-entropy; saved and loaded again, it is an
+    ordinary LTuningModel with the same tasks and scores."""
+    import torch
+    import torch.nn.functional as F
+
+    import ltuning
+    from ltuning.tasks import build
+    from testutil import rel_err
+
+    base, tok = minilm
+    labels = {"s": ["negative", "positive"], "r": ["entailment", "not_entailment", "neutral"]}
+    torch.manual_seed(0)
+    m = build(base, tok, "cgc-lora", labels)
+    try:
+        assert m.task_names == ["s", "r"] and m.task_labels == labels
+        with torch.no_grad():
+            for p in m.method.parameters():
+                p.normal_(0, 0.05)
+        e = tok(["a gripping film", "the cat sat", "it rains"], padding=True, return_tensors="pt")
+        task_ids = torch.tensor([0, 1, 0])
+        with torch.no_grad():
+            s = m(e["input_ids"], e["attention_mask"], task_ids=task_ids)
+            alone = m(e["input_ids"][1:2], e["attention_mask"][1:2], task_ids=torch.tensor([1]))
+            y = torch.tensor([1, 2, 0])
+            loss, _ = m.loss(e["input_ids"], e["attention_mask"], y, task_ids=task_ids)
+        assert torch.isinf(s[[0, 2]][:, 2:]).all() and torch.isinf(s[1, :2]).all()
+        assert torch.isfinite(s[[0, 2]][:, :2]).all() and torch.isfinite(s[1, 2:]).all()
+        assert rel_err(s[1, 2:], alone[0, 2:]) < 1e-5
+        own = [F.cross_entropy(s[i:i + 1, sl], torch.tensor([y[i] - sl.start]))
+               for i, sl in enumerate([slice(0, 2), slice(2, 5), slice(0, 2)])]
+        assert rel_err(loss.double(), torch.stack(own).mean().double()) < 1e-6
+        m.save_pretrained(str(tmp_path / "mt"))
+    finally:
+        ltuning.unpatch(m)
+    m2 = ltuning.LTuningModel.from_pretrained(base, str(tmp_path / "mt"), tok)
+    try:
+        assert m2.task_names == ["s", "r"] and m2.task_labels == labels
+        with torch.no_grad():
+            s2 = m2(e["input_ids"], e["attention_mask"], task_ids=task_ids)
+        assert torch.equal(torch.isinf(s2), torch.isinf(s)) and rel_err(s2[torch.isfinite(s2)], s[torch.isfinite(s)]) < 1e-5
+    finally:
+        ltuning.unpatch(m2)
+
+
+def test_adapter_meta_reads_every_key_and_writes_them_back(tmp_path):
+    """AdapterMeta: every key of adapter_config.json is a field (unknown ones kept in ``extra``); an old config
+    (tests/fixtures/layout_v1) loads, and to_dict gives back the same JSON object."""
+    import glob
+
+    from ltuning.io import CONFIG_NAME, AdapterMeta, read_adapter_meta
+
+    dirs = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fixtures", "layout_v1", "adapters", "*")))
+    assert dirs
+    for d in dirs:
+        raw = json.load(open(os.path.join(d, CONFIG_NAME)))
+        meta = read_adapter_meta(d)
+        assert meta.to_dict() == raw and list(meta.to_dict()) == list(raw)
+        assert meta.extra == {}
+        assert meta.method == raw["method_config"]["method"] and meta.label_names == raw["method_config"]["label_names"]
+        assert meta.model_name == raw.get("classifier", {}).get("model", raw["base_model"])
+        assert (meta.task_labels is None) == ("multitask" not in raw)
+    m = AdapterMeta.from_dict({"base_model": "x", "method_config": {"method": "lora"}, "future_key": 1})
+    assert m.format_version is None and m.extra == {"future_key": 1} and m.dtype == "fp32" and m.max_length == 128
+    assert m.to_dict() == {"base_model": "x", "method_config": {"method": "lora"}, "future_key": 1}

@@ -1,6 +1,7 @@
-"""Bad input through the CLI, one test per row of the README's table: exit status 2, ONE line on stderr naming the
-file (and line) and what was expected, no traceback, no partial output file, and the check runs before the model
-is loaded. In-process (``ltuning.cli.main``) except a few real subprocesses that prove "no traceback, exit 2"."""
+"""The command line: train / eval / classify end to end, and bad input, one test per row of the README's table:
+exit status 2, ONE line on stderr naming the file (and line) and what was expected, no traceback, no partial output
+file, and the check runs before the model is loaded. In-process (``ltuning.cli.main``) except a few real
+subprocesses that prove "no traceback, exit 2"."""
 from __future__ import annotations
 
 import errno
@@ -11,11 +12,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 import ltuning.classifier
 import ltuning.model
 from ltuning import outputs
 from ltuning.cli import main
+from ltuning.data import load_split
 from tiny_bert import make_tiny_bert, write_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +83,54 @@ GOOD = [{"text": "good film", "label": "positive"}, {"text": "bad film", "label"
 
 def no_files_in(directory):
     return not os.path.exists(directory) or not any(f for _, _, fs in os.walk(directory) for f in fs)
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def test_cli_train_eval_classify(minilm, sst2_dir, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    rc = main(["train", "--model", "minilm-l6", "--method", "lt-prefix", "--data", sst2_dir, "--out", str(out),
+               "--max-train-examples", "64", "--max-dev-examples", "32", "--epochs", "1", "--batch-size", "16",
+               "--quiet", "--label-text", "positive=The review is positive."])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k in ("accuracy", "macro_f1", "train_examples_per_s", "trainable_parameters"):
+        assert k in metrics
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["method_config"]["label_texts"][1] == "The review is positive."
+    capsys.readouterr()
+    data = tmp_path / "data"
+    data.mkdir()
+    dev = load_split(sst2_dir, "dev")[:20]
+    (data / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    assert main(["eval", "--adapter", str(out), "--data", str(data)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"text": r["text"], "id": i, "gold": r["label"]}) + "\n"
+                           for i, r in enumerate(dev)))
+    assert main(["classify", "--adapter", str(out), "--input", str(inp), "--output", str(outp)]) == 0
+    rows = [json.loads(x) for x in outp.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(20))
+    assert all(r["prediction"] == max(r["scores"], key=r["scores"].get) and set(r["scores"]) == {"negative", "positive"}
+               for r in rows)
+    # eval's accuracy is the share of classify's predictions that match the labels, on the same 20 records
+    assert last["n"] == 20 and last["accuracy"] == sum(r["prediction"] == r["gold"] for r in rows) / 20
+
+
+def test_cli_clear_error_for_missing_data(tmp_path, capsys):
+    rc = main(["train", "--model", "minilm-l6", "--method", "prefix", "--data", str(tmp_path), "--out",
+               str(tmp_path / "o")])
+    assert rc == 2
+    assert "expected train.jsonl" in capsys.readouterr().err
+
+
+def test_stratify_validation_cli_switch():
+    """``--stratify-validation`` is a switch of ``ltuning train`` (single- and multi-task share the parser)."""
+    from ltuning.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["train", "--model", "m", "--method", "lora", "--data", "d", "--out", "o", "--stratify-validation"])
+    assert a.stratify_validation is True
+    assert p.parse_args(["train", "--model", "m", "--method", "lora", "--data", "d", "--out", "o"]).stratify_validation is False
 
 
 # ---------------------------------------------------------------------------------------------------- data files
@@ -169,6 +220,23 @@ def test_label_set_comes_from_the_whole_training_file(tiny, tmp_path, capsys, se
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dev_examples"] == 2 and metrics["train_examples"] < 20  # trained on the subsample (minus val)
     assert json.loads((out / "adapter_config.json").read_text())["method_config"]["label_names"] == ["a", "b", "rare"]
+
+
+def test_a_finished_run_leaves_no_checkpoint_unless_asked(tiny, tmp_path):
+    """OUT/checkpoint only serves --resume of an interrupted run: a finished run deletes it once the adapter is
+    saved; --keep-checkpoint keeps it (the last step's adapter, not the best step's)."""
+    from safetensors.torch import load_file
+    data = write_data(str(tmp_path / "data"))
+    kept = {}
+    for keep in (False, True):
+        out = tmp_path / f"out{int(keep)}"
+        assert train(data, out, tiny[0], "lt-prefix", "--max-steps", "3", "--eval-every", "1", "--batch-size", "8",
+                     *(["--keep-checkpoint"] if keep else [])) == 0
+        files = ["adapter.safetensors", "adapter_config.json", "metrics.json"] + (["checkpoint"] if keep else [])
+        assert sorted(os.listdir(out)) == sorted(files)
+        kept[keep] = load_file(str(out / "adapter.safetensors"))
+    assert all(torch.equal(kept[False][k], kept[True][k]) for k in kept[False])  # the same run either way
+    assert (tmp_path / "out1" / "checkpoint" / "trainer_state.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- adapters
