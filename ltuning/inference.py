@@ -28,7 +28,7 @@ def autocast(dtype: str):
 
 
 # The fixed cost of one forward pass in tokens (reading every weight once), by device type, that the batch planner
-# trades padding against (``benchmarks/profile_step.py`` measures it; its record:
+# trades padding against (``benchmarks/train_step/profile_step.py`` measures it; its record:
 # ``benchmarks/results/profile_step_prompt_sst2.json``). GPUs: unmeasured, so plain chunks (None).
 OVERHEAD_TOKENS = {"cpu": 48}
 

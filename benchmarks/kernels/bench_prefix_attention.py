@@ -2,7 +2,7 @@
 
 Implementations (same inputs, same semantics, outputs in the model dtype):
 
-* ``ours``   ``ltuning.kernels.cpu_prefix_attention.prefix_attention_cpu`` (C++ kernel, bank never expanded)
+* ``ours``   ``ltuning.kernels.cpu.prefix_attention.prefix_attention_cpu`` (C++ kernel, bank never expanded)
 * ``sdpa``   ``ltuning.kernels.prefix_attention_sdpa``: SDPA over ``cat(bank[idx].expand, K)`` (PEFT prefix tuning)
 * ``eager``  the reference math (``prefix_attention_reference``) computed in the model dtype
 

@@ -2,7 +2,7 @@
 
 Compares (a) PEFT prefix tuning -- the prefix expanded to every row, ``cat`` onto K/V in every layer, a
 FlashAttention-2 kernel over ``P + S`` keys, the per-row prefix gradients reduced afterwards -- with (b) the fused
-Triton kernels of ``ltuning.kernels.triton_prefix_attention``. For each kernel launched, the time floor is
+Triton kernels of ``ltuning.kernels.triton.prefix_attention``. For each kernel launched, the time floor is
 ``max(FLOPs / 989e12, bytes / 3.35e12)`` (bf16 dense tensor-core peak, HBM3 bandwidth); a step's floor is the sum
 over kernels and 32 layers. Nothing here runs on a GPU.
 

@@ -21,7 +21,7 @@ h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter text
   and the input's positions start right after its own label text, so scoring x against y_k is exactly the
   frozen model on "[y_k ; x]" at initialisation, whatever the label lengths (tested). Motivation: on a decoder an
   MLP-generated prefix moves K/V far from the model's own statistics, while the model's own K/V of a text keep
-  them (``benchmarks/feature_probe.py``; figures in ``benchmarks/RESULTS.md``).
+  them (``benchmarks/train_step/feature_probe.py``; figures in ``benchmarks/RESULTS.md``).
   ``variant="published"`` follows the released code instead: every token squashed to one scalar
   s_t = h_{k,t} w, then Linear(l, l * layers * 2 * kv_dim) on the vector s.
 ``lt-prompt`` -- e(y_k) = G_omega(h_k) in R^{l x d} prepended to E(x). Our reading:

@@ -116,7 +116,7 @@ def cpu_flags() -> set:
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX). Without them PyTorch emulates
     bf16/fp16 products about two orders of magnitude slower than fp32 (measured on an AVX2 EPYC with
-    ``benchmarks/bench_train_step.py``; figures in ``benchmarks/RESULTS.md``)."""
+    ``benchmarks/train_step/bench_train_step.py``; figures in ``benchmarks/RESULTS.md``)."""
     flags = cpu_flags()
     if flags:
         return "avx512_bf16" in flags or "amx_bf16" in flags
