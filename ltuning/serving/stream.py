@@ -62,7 +62,7 @@ def classify_file(engine, input_path: str, output_path: str, resume: bool = Fals
     try:
         if main and not done:
             from .. import outputs
-            outputs._write(partial, b"")  # create it (fsync'd) through the library's one file writer
+            outputs.write_synced(partial, b"")  # create it (fsync'd) through the library's one file writer
         rows = _run(engine, input_path, partial if main else None, done, total, chunk_size, progress and main,
                     default_adapter)
     except BaseException as e:

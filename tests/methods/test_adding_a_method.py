@@ -91,7 +91,7 @@ def test_a_method_module_is_all_it_takes(toy_method, tmp_path, capsys):
     assert isinstance(m.method, toy_method) and torch.equal(m.method.shift.detach(), shift)
     ltuning.unpatch(m)
 
-    spec = importlib.util.spec_from_file_location("accuracy_for_toy", os.path.join(ROOT, "benchmarks", "accuracy.py"))
+    spec = importlib.util.spec_from_file_location("accuracy_for_toy", os.path.join(ROOT, "benchmarks", "accuracy", "run.py"))
     acc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(acc)
     assert acc.default_lr("toy-shift") == 5e-2 and acc.method_class("toy-shift").lr_grid == (5e-2, 1e-1)

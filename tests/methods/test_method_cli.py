@@ -116,23 +116,3 @@ def test_cli_multitask_cgc_lora(fresh_minilm, sst2_dir, tmp_path, capsys):
     got = [json.loads(x) for x in ev.read_text().splitlines()]
     assert set(got[0]["scores"]) == {"negative", "positive"} and got[0]["prediction"] in got[0]["scores"]
     assert set(got[1]["scores"]) == {"acceptable", "unacceptable"} and got[1]["prediction"] in got[1]["scores"]
-
-
-def test_multitask_router_scores_only_own_labels(minilm):
-    from ltuning.tasks import build
-    base, tok = minilm
-    router = build(base, tok, "cgc-lora", {"s": ["negative", "positive"], "r": ["entailment", "not_entailment"]})
-    try:
-        randomize(router.model)
-        e = enc(tok)
-        ids = torch.cat([torch.tensor([[-1], [-2], [-1]]), e["input_ids"]], 1)
-        mask = torch.cat([torch.ones(3, 1, dtype=torch.long), e["attention_mask"]], 1)
-        with torch.no_grad():
-            s = router(ids, mask)
-            alone = router.model(e["input_ids"][1:2], e["attention_mask"][1:2], task_ids=torch.tensor([1]))
-        assert torch.isinf(s[[0, 2]][:, 2:]).all() and torch.isinf(s[1, :2]).all()
-        assert torch.isfinite(s[[0, 2]][:, :2]).all() and torch.isfinite(s[1, 2:]).all()
-        assert rel_err(s[1, 2:], alone[0, 2:]) < 1e-5  # a row does not depend on the other rows' tasks
-    finally:
-        ltuning.unpatch(router.model)
-
