@@ -1,17 +1,18 @@
 """Several processes with ``torch.distributed`` (``torchrun --nproc-per-node N -m ltuning train|eval|classify``).
 
-Data parallel over the trainable parameters only. Every rank holds the whole frozen base (or, with ``--fsdp``,
-its own FSDP2 shard of the base's transformer layers: :func:`shard_frozen_base`) and the same method + head. :func:`wrap_trainables` puts the trainables, and nothing
-else, under PyTorch's ``DistributedDataParallel``: a small module that holds the method and the head (the frozen
-base is never registered in it, its parameters and every buffer are on DDP's ignore list, so nothing frozen is
-broadcast or all-reduced). Each training step still takes the single-process run's global batch ``b`` (same
-seeded length-grouped order on every rank); rank r computes the loss of its contiguous slice ``b_r``
-(:func:`local_slice`) scaled by ``|b_r| * W / |b|``: DDP averages gradients over the W ranks, so the gradient is
-``(1/|b|) sum_{i in b} grad l_i``, the one of the single-process step, also when ``|b|`` does not divide by W (a
-rank with nothing to do runs one row at weight 0 so that every rank joins the all-reduce). Validation, evaluation
-and classification shard their inputs over ranks (:func:`map_sharded`) and gather the results in input order, so
-every rank takes the same model-selection decisions; only rank 0 writes checkpoints, adapters, outputs and logs
-(a decision that reads what rank 0 wrote, such as where to resume, is taken there and shared: :func:`on_main`).
+Data parallel over the trainable parameters only. Every rank holds the whole frozen base (or, with ``--fsdp``, its
+own FSDP2 shard of the base's transformer layers: :func:`shard_frozen_base`) and the same method + head.
+:func:`wrap_trainables` puts the trainables, and nothing else, under PyTorch's ``DistributedDataParallel``: a small
+module that holds the method and the head (the frozen base is never registered in it, its parameters and every
+buffer are on DDP's ignore list, so nothing frozen is broadcast or all-reduced). Each training step still takes the
+single-process run's global batch ``b`` (same seeded length-grouped order on every rank); rank r computes the loss
+of its contiguous slice ``b_r`` (:func:`local_slice`) scaled by ``|b_r| * W / |b|``: DDP averages gradients over the
+W ranks, so the gradient is ``(1/|b|) sum_{i in b} grad l_i``, the one of the single-process step, also when ``|b|``
+does not divide by W (a rank with nothing to do runs one row at weight 0 so that every rank joins the all-reduce).
+Validation, evaluation and classification shard their inputs over ranks (:func:`map_sharded`) and gather the results
+in input order, so every rank takes the same model-selection decisions; only rank 0 writes checkpoints, adapters,
+outputs and logs (a decision that reads what rank 0 wrote, such as where to resume, is taken there and shared:
+:func:`on_main`).
 
 Backends: ``gloo`` on the CPU, ``nccl`` when CUDA is available (the rank's device is ``cuda:LOCAL_RANK``).
 Not bit-identical to one process: the ``pairwise`` objective samples its wrong labels per rank.
@@ -25,7 +26,9 @@ head, never sharded, ``ignored_params``) stay replicated under the DDP above. Th
 the pooler stay replicated too (plain tensors: the embedding table is read outside the base's forward by prompt
 methods, fingerprints and label encoding). Every base forward then joins W collectives, so the ranks must run the
 same number of forwards: sharded scoring (:func:`map_sharded` with ``lockstep=True``) scores every input on every
-rank instead of a slice.
+rank instead of a slice. FSDP2 gathers a layer for its backward when the gradient reaches the layer's output; K/V
+captured from inside a layer's attention (:func:`ltuning.models.capture_kv`) leave it another way and go through
+:func:`gather_in_backward`.
 """
 from __future__ import annotations
 

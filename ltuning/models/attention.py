@@ -52,8 +52,10 @@ def ltuning_attention_forward(module, query, key, value, attention_mask, scaling
     """AttentionInterface function: q (B, Hq, L, D), k/v (B, Hkv, Lk, D) -> (out (B, L, Hq, D), None).
 
     ``attention_mask`` is the 2-D key-padding mask (B, Lk) bool or None (see :func:`_mask_2d`). Attention
-    dropout is not applied: ltuning keeps the frozen base in eval mode. ``ltuning_capture``: a :class:`KVCapture` (or a dict) that
-    receives ``{layer_idx: (key, value)}`` (the layer's own K/V, after RoPE), e.g. to turn a text into a prefix.
+    dropout is not applied: ltuning keeps the frozen base in eval mode. ``ltuning_capture``: a :class:`KVCapture`
+    (or a dict) that receives ``{layer_idx: (key, value)}`` (the layer's own K/V, after RoPE), e.g. to turn a text
+    into a prefix; under FSDP2 (:func:`ltuning.distributed.shard_frozen_base`) through
+    :func:`ltuning.distributed.gather_in_backward`.
     ``PrefixInputs.scales`` may be any object indexable by layer (computed lazily during the forward).
     """
     if ltuning_capture is not None:
