@@ -157,6 +157,8 @@ def train(train_records: list, dev: list, label_names: list, out: str, model: st
                "eval_examples_per_s": m["eval_examples_per_s"], "trainable_parameters": trainable,
                "total_parameters": total, "best_val": hist["best_val"], "best_step": hist["best_step"],
                "steps": hist["steps"], "wall_seconds": hist["wall_seconds"], "train_config": hist["train_config"]}
+    if "fsdp_frozen_parameters" in hist:  # --fsdp: frozen base parameters stored by each rank
+        metrics["fsdp_frozen_parameters"] = hist["fsdp_frozen_parameters"]
     if is_main():  # torchrun: rank 0 writes the adapter
         clf.save_pretrained(out, metrics)
         if not keep_checkpoint:

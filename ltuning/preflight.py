@@ -33,6 +33,19 @@ def _read(data: str, split: str):
     return recs, path, lines
 
 
+def _check_fsdp(a) -> None:
+    """``--fsdp`` shards the base over torchrun's processes: refused in one process and on a quantized base."""
+    if not getattr(a, "fsdp", False):
+        return
+    from .distributed import env_world_size
+    if env_world_size() < 2:
+        raise UserError("shards the frozen base over several processes; run it under torchrun --nproc-per-node N "
+                        "(N >= 2) -m ltuning train ... --fsdp", "--fsdp")
+    if getattr(a, "quantize", "none") not in (None, "none"):
+        raise UserError(f"cannot shard a bitsandbytes-quantized base (--quantize {a.quantize}); use one or the "
+                        "other", "--fsdp")
+
+
 def check_train_inputs(a):
     """``ltuning train``: returns ``(train, dev, label_names)`` of the whole files (None for multi-task data,
     whose files :mod:`ltuning.tasks` reads)."""
@@ -41,6 +54,7 @@ def check_train_inputs(a):
     if not 0 < a.val_fraction < 1:
         raise UserError(f"{a.val_fraction}; expected a fraction between 0 and 1", "--val-fraction")
     overrides = parse_label_texts(a.label_text)
+    _check_fsdp(a)
     check_output_dir(a.out, "--out")
     check_model(a.model)
     if "," in a.data:  # multi-task: the same file and label checks on every task's directory

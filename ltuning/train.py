@@ -42,7 +42,8 @@ class TrainConfig:
     """Training options; the defaults of the Python API and of ``ltuning train`` alike. ``lr`` None: the method's
     ``default_lr``. ``head_lr``: the head's rate next to other trainables (None: ``lr``; a model that trains only its
     head uses ``lr``). ``cache_features``: a model whose features cannot change (``features_are_frozen``) computes
-    them once."""
+    them once. ``fsdp``: under torchrun, shard the frozen base's transformer layers over the ranks with FSDP2
+    (:func:`ltuning.distributed.shard_frozen_base`) before training; the trainables stay replicated."""
     epochs: float = 3.0
     batch_size: int = 16
     lr: Optional[float] = None
@@ -60,6 +61,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     max_steps: Optional[int] = None
     cache_features: bool = True
+    fsdp: bool = False
 
     def __post_init__(self):
         if self.select_metric not in SELECT_METRICS:
@@ -113,7 +115,7 @@ def scores_of(model, data: Encoded, batch_size: int = 64, dtype: str = "fp32", p
     def part(rows):
         tasks = None if data.task_ids is None else [data.task_ids[i] for i in rows]
         return predict_scores(model, [data.input_ids[i] for i in rows], batch_size, dtype, progress, task_ids=tasks)
-    return distributed.map_sharded(part, list(range(len(data))))
+    return distributed.map_sharded(part, list(range(len(data))), lockstep=distributed.is_sharded(model))
 
 
 def evaluate(model, data: Encoded, batch_size: int = 64, dtype: str = "fp32", progress=False) -> dict:
@@ -174,6 +176,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, checkpoint_dir: O
     if cfg.lr is None:
         cfg = replace(cfg, lr=model.method.default_lr)
     torch.manual_seed(cfg.seed)
+    shards = distributed.shard_frozen_base(model) if cfg.fsdp else None  # before the optimizer and the device
     if cfg.gradient_checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -280,4 +283,5 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, checkpoint_dir: O
         "best_val": state["best"], "evals": state["evals"],
         "train_examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9),
         "train_seconds": state["train_seconds"],
+        **({"fsdp_frozen_parameters": shards} if shards is not None else {}),
     }

@@ -46,3 +46,25 @@ def write_data(directory: str, n_train: int = 120, n_dev: int = 30, labels=("neg
                 text = " ".join(rng.choice(vocab + ["the", "film", "was"]) for _ in range(rng.randint(3, 9)))
                 f.write(json.dumps({"text": text, "label": labels[k]}) + "\n")
     return directory
+
+
+def make_tiny_llama(directory: str, seed: int = 0, layers: int = 2) -> str:
+    """A tiny random Llama (``layers`` decoder layers, width 32, 4 heads of which 2 key/value heads, RoPE) saved as a
+    Hugging Face model directory, with the word-piece tokenizer of :func:`make_tiny_bert`."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    make_tiny_bert(directory, seed)  # writes the tokenizer (and a BERT, replaced below)
+    for f in ("config.json", "model.safetensors"):
+        os.remove(os.path.join(directory, f))
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(directory)
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=max(tok.get_vocab().values()) + 1,  # vocab.txt repeats 'a'
+                           hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          pad_token_id=tok.pad_token_id)
+        LlamaModel(cfg).save_pretrained(directory)
+    return directory

@@ -33,18 +33,38 @@ class PrefixInputs:
     lengths: Optional[torch.Tensor] = None
 
 
+class KVCapture:
+    """Receives each layer's own keys/values during one forward: ``capture[layer_idx] = (key, value)``, read back
+    as ``capture.kv`` ({layer_idx: (K, V)}). Not a dict on purpose: module hooks that rebuild the dicts and
+    dataclasses of a layer's keyword arguments (FSDP2's pre-forward hook does, once they hold tensors that need
+    grad) would hand the next layers a copy, and their K/V would never reach the caller."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def __setitem__(self, layer: int, key_value) -> None:
+        self.kv[layer] = key_value
+
+
 def ltuning_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                              ltuning_prefix: Optional[PrefixInputs] = None, ltuning_capture: Optional[dict] = None,
+                              ltuning_prefix: Optional[PrefixInputs] = None, ltuning_capture=None,
                               **kwargs):
     """AttentionInterface function: q (B, Hq, L, D), k/v (B, Hkv, Lk, D) -> (out (B, L, Hq, D), None).
 
     ``attention_mask`` is the 2-D key-padding mask (B, Lk) bool or None (see :func:`_mask_2d`). Attention
-    dropout is not applied: ltuning keeps the frozen base in eval mode. ``ltuning_capture``: a dict that
-    receives ``{layer_idx: (key, value)}`` (the layer's own K/V, after RoPE), e.g. to turn a text into a prefix.
+    dropout is not applied: ltuning keeps the frozen base in eval mode. ``ltuning_capture``: a :class:`KVCapture`
+    (or a dict) that receives ``{layer_idx: (key, value)}`` (the layer's own K/V, after RoPE), e.g. to turn a text
+    into a prefix; under FSDP2 (:func:`ltuning.distributed.shard_frozen_base`) through
+    :func:`ltuning.distributed.gather_in_backward`.
     ``PrefixInputs.scales`` may be any object indexable by layer (computed lazily during the forward).
     """
     if ltuning_capture is not None:
-        ltuning_capture[module.layer_idx] = (key, value)
+        owner = module.__dict__.get("_ltuning_fsdp_layer")  # set by ltuning.distributed.shard_frozen_base
+        if owner is None:
+            ltuning_capture[module.layer_idx] = (key, value)
+        else:
+            from ..distributed import gather_in_backward
+            ltuning_capture[module.layer_idx] = gather_in_backward(owner, key, value)
     if attention_mask is not None and attention_mask.dim() != 2:
         if ltuning_prefix is not None:
             raise ValueError("ltuning prefix attention takes a 2-D padding mask, not a prepared 4-D mask")
@@ -74,9 +94,10 @@ def capture_kv(base, *, with_output: bool = False, **forward_kwargs):
     keys/values, after RoPE: a list with one ``(K, V)`` per layer in layer order, K/V (B, Hkv, L, D) in the
     forward's dtype (grad flows through them if the forward tracks it). ``with_output=True`` returns
     ``(kv, output)``, the forward's output too. Needs the ltuning attention enabled on ``base`` (:func:`enable`)."""
-    captured = {}
+    capture = KVCapture()  # not a dict: see KVCapture
     forward_kwargs.setdefault("use_cache", False)
-    out = base(**forward_kwargs, ltuning_capture=captured)
+    out = base(**forward_kwargs, ltuning_capture=capture)
+    captured = capture.kv
     if not captured:
         raise RuntimeError("capture_kv needs the ltuning attention enabled on the base model")
     kv = [captured[i] for i in sorted(captured)]
