@@ -49,6 +49,7 @@ def _shared_models_left_clean(request):
                 for d in (m._forward_hooks, m._forward_pre_hooks):
                     for k in _ours(d):
                         del d[k]
+            model.train(clean[3])
             pytest.fail(f"{request.node.nodeid} left the shared {type(model).__name__} changed: (hooks, attention, "
                         f"trainable tensors, training) = {now}, was {clean}; use ltuning.unpatch in a finally block")
 
