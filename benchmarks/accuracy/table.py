@@ -11,10 +11,26 @@ import statistics
 from experiment import TASK_METRIC, default_lr
 
 
-def row_lr(runs: list, model: str, task: str, method: str) -> float:
+def precision(r: dict) -> str:
+    """The frozen base's precision a run (or row) was made with: "none" (full precision, ``dtype``), "nf4" or
+    "int8" (``--quantize``). Records older than the option have no key: full precision."""
+    return r.get("quantize") or "none"
+
+
+def run_key(r: dict) -> tuple:
+    """What identifies a run: (model, task, method, seed, sweep run?, lr, base precision). Runs on a quantized base
+    and on a full-precision one never stand for each other (resuming, ``--include``, ``same_run``)."""
+    return r["model"], r["task"], r["method"], r["seed"], bool(r.get("sweep")), r["lr"], precision(r)
+
+
+def row_lr(runs: list, model: str, task: str, method: str, quantize: str = "none") -> float:
     """The lr a table row reports: the sweep's pick (best validation score; the default on a tie) if the row was
-    swept, else the default (``default_lr``). Runs at any other lr stay in the JSON but are not averaged into the row."""
+    swept, else the default (``default_lr``). Runs at any other lr stay in the JSON but are not averaged into the row.
+    A row on a quantized base (``quantize``) takes its own sweep's pick if it has one, else the full-precision
+    row's (the lr picked on the fp32 base: a quantized table is trained at the committed table's lrs)."""
     sw = [r for r in runs if r.get("sweep") and (r["model"], r["task"], r["method"]) == (model, task, method)]
+    mine = [r for r in sw if precision(r) == (quantize or "none")]
+    sw = mine or [r for r in sw if precision(r) == "none"]
     if not sw:
         return default_lr(method)
     # a tie (common: 50 validation examples score in steps of 2 %) keeps the default lr
@@ -23,19 +39,22 @@ def row_lr(runs: list, model: str, task: str, method: str) -> float:
 
 def row_runs(runs: list) -> list:
     """The runs a table row averages: its seeds at the row's lr (``row_lr``); sweep runs excluded."""
-    return [r for r in runs if not r.get("sweep") and r["lr"] == row_lr(runs, r["model"], r["task"], r["method"])]
+    return [r for r in runs if not r.get("sweep")
+            and r["lr"] == row_lr(runs, r["model"], r["task"], r["method"], precision(r))]
 
 
 def summarize(runs: list) -> list:
-    """Mean and std over seeds per (model, task, method) of ``row_runs``."""
+    """Mean and std over seeds per (model, task, method, base precision) of ``row_runs``: a row on an NF4 base is
+    a row of its own (``quantize``), never averaged with the full-precision one."""
     groups = {}
     for r in row_runs(runs):
-        groups.setdefault((r["model"], r["task"], r["method"]), []).append(r)
+        groups.setdefault((r["model"], r["task"], r["method"], precision(r)), []).append(r)
     rows = []
-    for (model, task, method), rs in sorted(groups.items()):
+    for (model, task, method, quant), rs in sorted(groups.items()):
         sc = [100 * r["score"] for r in rs]
         acc = [100 * r["accuracy"] for r in rs]
-        rows.append({"model": model, "task": task, "method": method, "metric": rs[0]["metric"], "seeds": len(rs),
+        rows.append({"model": model, "task": task, "method": method, "quantize": quant, "metric": rs[0]["metric"],
+                     "seeds": len(rs),
                      "mean": statistics.mean(sc), "std": statistics.stdev(sc) if len(sc) > 1 else 0.0,
                      "acc_mean": statistics.mean(acc), "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                      "lr": rs[0]["lr"], "trainable_parameters": rs[0]["trainable_parameters"],
@@ -78,8 +97,9 @@ def wall_note(runs: list, rows: list, invocation: dict | None = None, invocation
     the elapsed time of the last ``invocation`` that trained runs (``state["last_training_invocation"]``), or,
     when several did (``state["training_invocations"]``: a table stopped with ``--stop-after`` and resumed),
     each one's and their total, with the code each ran."""
-    keys = {(x["model"], x["task"], x["method"]) for x in rows}
-    in_rows = [r for r in row_runs(runs) if "wall_seconds" in r and (r["model"], r["task"], r["method"]) in keys]
+    keys = {(x["model"], x["task"], x["method"], precision(x)) for x in rows}
+    in_rows = [r for r in row_runs(runs) if "wall_seconds" in r
+               and (r["model"], r["task"], r["method"], precision(r)) in keys]
     own = [r for r in runs if "wall_seconds" in r and "copied_from" not in r]
     hours = lambda rs: sum(r["wall_seconds"] for r in rs) / 3600  # noqa: E731
     out = (f"\nWall time (summed over runs, as recorded in the JSON): the {len(in_rows)} runs averaged into these "
