@@ -39,8 +39,8 @@ import sync_results  # noqa: E402  (benchmarks/)
 from common import DATA, RESULTS, ROOT, atomic_json, group  # noqa: E402
 from experiment import (DEFAULT_METHODS, RELATED_METHODS, TASK_METRIC, default_lr, load_spec,  # noqa: E402,F401
                         parse_method, spec_path)
-from table import (chart_methods, compare_markdown, markdown, plot, precision, row_lr, row_runs,  # noqa: E402,F401
-                   run_key, summarize, sweep_markdown, wall_note)
+from table import (chart_methods, compare_markdown, delta_markdown, markdown, plot, precision,  # noqa: E402,F401
+                   precision_deltas, row_lr, row_runs, run_key, summarize, sweep_markdown, wall_note)
 from ltuning.methods import method_class  # noqa: E402
 
 
@@ -456,9 +456,17 @@ def main(argv=None) -> int:
             other = json.load(f)
         if same_budget(other.get("budget"), budget) is False:
             raise SystemExit(f"--compare {a.compare}: made with budget {other.get('budget')}, not {budget}")
-        keep = lambda r: (r["model"], r["task"], r["method"], precision(r)) in {  # noqa: E731
-            (x["model"], x["task"], x["method"], precision(x)) for x in shown}
-        md += compare_markdown([r for r in state["runs"] if keep(r)], other["runs"], os.path.basename(a.compare))
+        # the shown rows' runs and sweeps (an nf4 row's lr is the pick of its copied fp32 sweep); both functions
+        # below pair runs of one precision here with runs there
+        keep = lambda r: (r["model"], r["task"], r["method"]) in {  # noqa: E731
+            (x["model"], x["task"], x["method"]) for x in shown}
+        mine_runs = [r for r in state["runs"] if keep(r) and (precision(r) == q or r.get("sweep"))]
+        md += compare_markdown(mine_runs, other["runs"], os.path.basename(a.compare))
+        if q != "none":  # the same rows on the full-precision base there: the accuracy delta of quantizing it
+            state["precision_deltas"] = precision_deltas(mine_runs, other["runs"], q)
+            state["precision_deltas_against"] = os.path.relpath(a.compare, os.path.dirname(HERE))
+            atomic_json(a.out, state)
+            md += delta_markdown(state["precision_deltas"], os.path.basename(a.compare))
     md_path = os.path.splitext(a.out)[0] + ".md"
     with open(md_path, "w") as f:
         f.write(md)

@@ -148,7 +148,7 @@ def compare_markdown(runs: list, other: list, name: str) -> str:
     mine, theirs, wall_mine, wall_theirs = {}, {}, {}, {}
     for dst, wall, src in ((mine, wall_mine, runs), (theirs, wall_theirs, other)):
         for r in row_runs(src):
-            k = (r["model"], r["task"], r["method"], r["lr"])
+            k = (r["model"], r["task"], r["method"], r["lr"], precision(r))  # an NF4 row is not the fp32 row
             dst.setdefault(k, {})[r["seed"]] = 100 * r["score"]
             if "wall_seconds" in r and "copied_from" not in r:
                 wall.setdefault(k, {})[r["seed"]] = r["wall_seconds"]
@@ -180,6 +180,56 @@ def compare_markdown(runs: list, other: list, name: str) -> str:
     if total[2]:
         out.append(f"\nThe {total[2]} run{'s' if total[2] != 1 else ''} both trained took {total[0] / 3600:.2f} h here and {total[1] / 3600:.2f} h "
                    f"there (summed wall time): {total[1] / total[0]:.2f}x.")
+    return "\n".join(out) + "\n"
+
+
+def precision_deltas(runs: list, other: list, quantize: str) -> list:
+    """The rows of ``runs`` on the ``quantize`` base (e.g. "nf4") beside the same rows (model, task, method, lr)
+    of ``other`` on the full-precision base: per row, both means and sample stds (score x100, each side over all
+    its seeds), and the paired difference ``quantized - full`` per seed both have (same data sample, seed and
+    config: only the base's precision differs) and its mean. One dict per row, for the JSON and the report."""
+    sides = {}
+    for side, src, prec in (("quantized", runs, quantize), ("full", other, "none")):
+        for r in row_runs(src):
+            if precision(r) == prec:
+                k = (r["model"], r["task"], r["method"], r["lr"])
+                sides.setdefault(k, {}).setdefault(side, {})[r["seed"]] = 100 * r["score"]
+    out = []
+    for (model, task, method, lr), s in sorted(sides.items()):
+        if len(s) < 2:
+            continue
+        q, f = s["quantized"], s["full"]
+        seeds = sorted(set(q) & set(f))
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        d = {x: q[x] - f[x] for x in seeds}
+        out.append({"model": model, "task": task, "method": method, "lr": lr, "quantize": quantize,
+                    "metric": TASK_METRIC.get(task, "accuracy"),
+                    "full_seeds": sorted(f), "full_mean": statistics.mean(f.values()), "full_std": sd(list(f.values())),
+                    "quantized_seeds": sorted(q), "quantized_mean": statistics.mean(q.values()),
+                    "quantized_std": sd(list(q.values())),
+                    "delta_per_seed": {str(x): d[x] for x in seeds},
+                    "delta_mean": statistics.mean(d.values()) if d else None,
+                    "delta_std": sd(list(d.values())) if d else None})
+    return out
+
+
+def delta_markdown(deltas: list, name: str) -> str:
+    """The report of :func:`precision_deltas`: one line per row."""
+    if not deltas:
+        return ""
+    q = deltas[0]["quantize"]
+    out = [f"\n**{q} base vs the full-precision base of {name}** (the same rows at the same lr; score x100, "
+           f"mean ± sample std over seeds; {q} - full per seed: same data sample, seed and config, only the frozen "
+           "base's precision differs)\n",
+           f"| model | task | method | lr | full precision | {q} | {q} - full per seed | mean {q} - full |",
+           "|---" * 8 + "|"]
+    for d in deltas:
+        per = ", ".join(f"{v:+.1f} (seed {k})" for k, v in d["delta_per_seed"].items()) or "–"
+        mean = f"{d['delta_mean']:+.1f}" if d["delta_mean"] is not None else "–"
+        out.append(f"| {d['model']} | {d['task']} | {d['method'].replace('|', chr(92) + '|')} | {d['lr']:g} "
+                   f"| {d['full_mean']:.1f} ± {d['full_std']:.1f} [n={len(d['full_seeds'])}] "
+                   f"| {d['quantized_mean']:.1f} ± {d['quantized_std']:.1f} [n={len(d['quantized_seeds'])}] "
+                   f"| {per} | {mean} |")
     return "\n".join(out) + "\n"
 
 
