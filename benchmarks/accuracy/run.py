@@ -102,7 +102,13 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
             "best_val": hist["best_val"], "trainable_parameters": trainable,
             "train_examples_per_s": hist["train_examples_per_s"], "eval_examples_per_s": m["eval_examples_per_s"],
             "train_examples": hist["train_examples"], "dev_examples": len(dev), "wall_seconds": time.time() - t0,
-            "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+            "date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": torch_threads(),
+            "load_average_at_end": list(os.getloadavg())}  # a shared machine: wall time is not the method's alone
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def machine() -> str:
@@ -440,7 +446,7 @@ def main(argv=None) -> int:
         left = len(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, quantize=q))
         inv = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "code": code_version(),
                "runs_trained": own() - own_before, "elapsed_seconds": state["wall_seconds_this_invocation"],
-               "runs_left": left}
+               "runs_left": left, "load_average_at_end": list(os.getloadavg())}
         state["last_training_invocation"] = inv
         state.setdefault("training_invocations", []).append(inv)
     state["date"] = time.strftime("%Y-%m-%d")
