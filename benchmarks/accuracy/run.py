@@ -454,7 +454,9 @@ def main(argv=None) -> int:
     shown = [x for x in rows if x["model"] in models and x["task"] in tasks and x["method"] in methods
              and precision(x) == q]  # the rows of this invocation's base precision
     mine = [x for x in rows if precision(x) == q]
-    md = ("" if q == "none" else f"\nFrozen base quantized: **{q}** (bitsandbytes; trainable parts fp32).\n")
+    md = ("" if q == "none" else f"\nFrozen base quantized: **{q}** (bitsandbytes; trainable parts fp32). A row "
+          f"trains at its own {q} sweep's pick if it has one, else at the full-precision row's lr (the sweeps listed "
+          "below are then fp32 ones).\n")
     md += markdown(mine, methods, tasks, models) + wall_note(state["runs"], shown, state.get("last_training_invocation"),
                                                                    state.get("training_invocations")) + sweep_markdown(state["runs"])
     if a.compare:
