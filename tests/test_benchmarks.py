@@ -407,7 +407,7 @@ def test_runs_on_a_quantized_base_never_mix_with_full_precision_ones(tmp_path, c
     assert (d["full_mean"], d["quantized_mean"], d["full_seeds"]) == (pytest.approx(80.0), pytest.approx(73.0),
                                                                        [0, 1, 2])
     md = acc.delta_markdown([d], "fp32.json")
-    assert "| m | sst2 | lora | 0.003 | 80.0 ± 10.0 [n=3] | 73.0 ± 2.8 [n=2] | -5.0 (seed 0), +1.0 (seed 1) | -2.0 |" in md
+    assert "| m | sst2 | lora | 0.003 | 80.0 ± 10.0 [n=3] | 73.0 ± 2.8 [n=2] | -5.0 (seed 0), +1.0 (seed 1) | -2.0 ± 4.2 |" in md
     # through the CLI: the spec's quantize reaches the plan, and a JSON holding both kinds reports them apart
     out = tmp_path / "mixed.json"
     out.write_text(json.dumps({"runs": fp32 + sweeps + nf4}))
@@ -424,7 +424,7 @@ def test_runs_on_a_quantized_base_never_mix_with_full_precision_ones(tmp_path, c
     assert state["precision_deltas"][0]["delta_per_seed"] == pytest.approx({"0": -5.0, "1": 1.0})
     md = (tmp_path / "mixed.md").read_text()
     assert "| lora | 73.0 ± 2.8 [n=2] |" in md and "80.0 ± 10.0 [n=2]" not in md.split("**nf4 base vs")[0]
-    assert "-5.0 (seed 0), +1.0 (seed 1) | -2.0 |" in md and "Against fp32.json" not in md  # fp32 rows not shown
+    assert "-5.0 (seed 0), +1.0 (seed 1) | -2.0 ± 4.2 |" in md and "Against fp32.json" not in md  # fp32 rows not shown
     spec = acc.load_spec("nf4")
     assert (spec["quantize"], spec["models"], spec["methods"], spec["seeds"]) == ("nf4", "smollm2-135m",
                                                                                   "lora,lt-prefix", "0,1,2")

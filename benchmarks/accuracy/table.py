@@ -221,11 +221,12 @@ def delta_markdown(deltas: list, name: str) -> str:
     out = [f"\n**{q} base vs the full-precision base of {name}** (the same rows at the same lr; score x100, "
            f"mean ± sample std over seeds; {q} - full per seed: same data sample, seed and config, only the frozen "
            "base's precision differs)\n",
-           f"| model | task | method | lr | full precision | {q} | {q} - full per seed | mean {q} - full |",
+           f"| model | task | method | lr | full precision | {q} | {q} - full per seed | mean ± std of {q} - full |",
            "|---" * 8 + "|"]
     for d in deltas:
         per = ", ".join(f"{v:+.1f} (seed {k})" for k, v in d["delta_per_seed"].items()) or "–"
-        mean = f"{d['delta_mean']:+.1f}" if d["delta_mean"] is not None else "–"
+        mean = "–" if d["delta_mean"] is None else f"{d['delta_mean']:+.1f}" + (
+            f" ± {d['delta_std']:.1f}" if len(d["delta_per_seed"]) > 1 else "")
         out.append(f"| {d['model']} | {d['task']} | {d['method'].replace('|', chr(92) + '|')} | {d['lr']:g} "
                    f"| {d['full_mean']:.1f} ± {d['full_std']:.1f} [n={len(d['full_seeds'])}] "
                    f"| {d['quantized_mean']:.1f} ± {d['quantized_std']:.1f} [n={len(d['quantized_seeds'])}] "
