@@ -18,6 +18,11 @@ interrupted table resumes where it stopped.
     python benchmarks/accuracy/run.py table --plan --fresh  # train nothing: the runs from scratch, estimated time
     python benchmarks/accuracy/run.py table --jobs 2 --stop-after 60   # start no run after 60 min; rerun resumes
     python benchmarks/accuracy/run.py report                # results/accuracy.md + .png from results/accuracy.json
+    python benchmarks/accuracy/run.py nf4 --jobs 2          # LoRA, LT-prefix on an NF4 SmolLM2 base vs the fp32 table
+
+``--quantize nf4|int8`` (spec key ``quantize``) loads the frozen base through bitsandbytes; the precision is recorded
+in every run and is part of its key and of its row, so quantized and full-precision runs never mix (records without
+the key are full precision); ``--compare`` with a full-precision JSON adds the paired per-seed deltas.
 
 A table made in several invocations records each one (``training_invocations``: command, machine, code
 commit, runs, elapsed) and the report gives their total elapsed time.
