@@ -367,6 +367,72 @@ def test_compare_lists_each_row_next_to_the_same_row_elsewhere():
     assert acc.compare_markdown(here, [], "x") == ""
 
 
+def test_runs_on_a_quantized_base_never_mix_with_full_precision_ones(tmp_path, capsys):
+    """--quantize nf4 (issue 22): the base precision is in every run's key and row. A JSON holding fp32 runs (old
+    records without the key are fp32) and nf4 runs of the same (model, task, method, seed, lr) gives two rows; the
+    fp32 runs neither stand for nf4 ones in the plan nor in same_run; an nf4 row trains at the fp32 sweep's pick
+    (the committed lr) unless it has a sweep of its own; the delta is paired by seed. No training."""
+    acc = _load("accuracy/run")
+
+    def run(method, seed, score, lr=3e-3, quantize=None, sweep=False, val=0.5):
+        r = {"model": "m", "task": "sst2", "method": method, "seed": seed, "lr": lr, "score": score,
+             "accuracy": score, "metric": "accuracy", "best_val": val, "trainable_parameters": 1,
+             "train_examples_per_s": 1.0, "wall_seconds": 60.0, "sweep": sweep}
+        return dict(r, quantize=quantize) if quantize else r  # an old record: no key, full precision
+
+    fp32 = [run("lora", s, x) for s, x in ((0, 0.80), (1, 0.70), (2, 0.90))]
+    sweeps = [run("lora", 0, 0.1, lr=1e-3, sweep=True, val=0.7), run("lora", 0, 0.1, lr=3e-3, sweep=True, val=0.9)]
+    nf4 = [run("lora", s, x, quantize="nf4") for s, x in ((0, 0.75), (1, 0.71))]
+    assert acc.run_key(fp32[0]) != acc.run_key(nf4[0]) and acc.precision(fp32[0]) == "none"
+    assert acc.run_key(run("lora", 0, 0.8, quantize="none")) == acc.run_key(fp32[0])  # "none" == no key
+    rows = {x["quantize"]: x for x in acc.summarize(fp32 + sweeps + nf4)}
+    assert (rows["none"]["seeds"], round(rows["none"]["mean"], 6)) == (3, 80.0)
+    assert (rows["nf4"]["seeds"], round(rows["nf4"]["mean"], 6), rows["nf4"]["lr"]) == (2, 73.0, 3e-3)
+    # the plan: fp32 runs do not count as nf4 ones, and the nf4 row is trained at the fp32 sweep's pick
+    todo = acc.plan(fp32 + sweeps, ["m"], ["sst2"], ["lora"], [0, 1, 2], False, 0, quantize="nf4")
+    assert [(t[3], t[4]) for t in todo] == [(0, 3e-3), (1, 3e-3), (2, 3e-3)]
+    assert acc.plan(fp32 + sweeps, ["m"], ["sst2"], ["lora"], [0, 1, 2], False, 0) == []
+    assert [t[3] for t in acc.plan(fp32 + sweeps + nf4, ["m"], ["sst2"], ["lora"], [0, 1, 2], False, 0,
+                                   quantize="nf4")] == [2]
+    nf4_sweep = [run("lora", 0, 0.1, lr=1e-3, quantize="nf4", sweep=True, val=0.95)]
+    assert acc.row_lr(sweeps + nf4_sweep, "m", "sst2", "lora", "nf4") == 1e-3  # its own sweep's pick
+    assert acc.row_lr(sweeps + nf4_sweep, "m", "sst2", "lora") == 3e-3  # the fp32 row ignores the nf4 sweep
+    assert acc.same_run(fp32, ("m", "sst2", "lora", 0, False, 3e-3, "nf4"), sweep=True) is None
+    assert acc.same_run(fp32, ("m", "sst2", "lora", 0, False, 3e-3, "none"), sweep=True)["score"] == 0.80
+    # the report: a same-lr fp32 row is not "the same row" for --compare; the delta is paired per seed
+    assert acc.compare_markdown(nf4 + sweeps, fp32 + sweeps, "fp32.json") == ""
+    assert "| m | sst2 | lora | 80.0 | 80.0 | +0.0 | 3 of 3 |" in acc.compare_markdown(fp32 + sweeps + nf4, fp32 + sweeps, "x")
+    (d,) = acc.precision_deltas(nf4 + sweeps, fp32 + sweeps, "nf4")
+    assert d["delta_per_seed"] == pytest.approx({"0": -5.0, "1": 1.0}) and d["delta_mean"] == pytest.approx(-2.0)
+    assert (d["full_mean"], d["quantized_mean"], d["full_seeds"]) == (pytest.approx(80.0), pytest.approx(73.0),
+                                                                       [0, 1, 2])
+    md = acc.delta_markdown([d], "fp32.json")
+    assert "| m | sst2 | lora | 0.003 | 80.0 ± 10.0 [n=3] | 73.0 ± 2.8 [n=2] | -5.0 (seed 0), +1.0 (seed 1) | -2.0 ± 4.2 |" in md
+    # through the CLI: the spec's quantize reaches the plan, and a JSON holding both kinds reports them apart
+    out = tmp_path / "mixed.json"
+    out.write_text(json.dumps({"runs": fp32 + sweeps + nf4}))
+    common = ["--models", "m", "--tasks", "sst2", "--methods", "lora", "--out", str(out), "--lrs-from", ""]
+    assert acc.main(common + ["--plan", "--quantize", "nf4"]) == 0
+    assert "m sst2 lora seed=2 lr=0.003" in capsys.readouterr().out
+    assert acc.main(common + ["--plan"]) == 0
+    assert capsys.readouterr().out.startswith("0 runs to train")
+    there = tmp_path / "fp32.json"
+    there.write_text(json.dumps({"runs": fp32 + sweeps}))
+    assert acc.main(common + ["--report-only", "--quantize", "nf4", "--compare", str(there)]) == 0
+    state = json.loads(out.read_text())
+    assert sorted((x["quantize"], x["seeds"]) for x in state["table"]) == [("nf4", 2), ("none", 3)]
+    assert state["precision_deltas"][0]["delta_per_seed"] == pytest.approx({"0": -5.0, "1": 1.0})
+    md = (tmp_path / "mixed.md").read_text()
+    assert "| lora | 73.0 ± 2.8 [n=2] |" in md and "80.0 ± 10.0 [n=2]" not in md.split("**nf4 base vs")[0]
+    assert "-5.0 (seed 0), +1.0 (seed 1) | -2.0 ± 4.2 |" in md and "Against fp32.json" not in md  # fp32 rows not shown
+    spec = acc.load_spec("nf4")
+    assert (spec["quantize"], spec["models"], spec["methods"], spec["seeds"]) == ("nf4", "smollm2-135m",
+                                                                                  "lora,lt-prefix", "0,1,2")
+    with pytest.raises(SystemExit):
+        acc.main(common + ["--plan", "--quantize", "nf8"])
+    assert "--quantize: invalid choice: 'nf8'" in capsys.readouterr().err
+
+
 def test_sweep_list_says_when_its_sweeps_are_copied_from_another_table():
     acc = _load("accuracy/run")
     runs = [{"model": "m", "task": "rte", "method": "fl", "seed": 0, "lr": g, "sweep": True, "best_val": v,

@@ -18,6 +18,11 @@ interrupted table resumes where it stopped.
     python benchmarks/accuracy/run.py table --plan --fresh  # train nothing: the runs from scratch, estimated time
     python benchmarks/accuracy/run.py table --jobs 2 --stop-after 60   # start no run after 60 min; rerun resumes
     python benchmarks/accuracy/run.py report                # results/accuracy.md + .png from results/accuracy.json
+    python benchmarks/accuracy/run.py nf4 --jobs 2          # LoRA, LT-prefix on an NF4 SmolLM2 base vs the fp32 table
+
+``--quantize nf4|int8`` (spec key ``quantize``) loads the frozen base through bitsandbytes; the precision is recorded
+in every run and is part of its key and of its row, so quantized and full-precision runs never mix (records without
+the key are full precision); ``--compare`` with a full-precision JSON adds the paired per-seed deltas.
 
 A table made in several invocations records each one (``training_invocations``: command, machine, code
 commit, runs, elapsed) and the report gives their total elapsed time.
@@ -39,21 +44,23 @@ import sync_results  # noqa: E402  (benchmarks/)
 from common import DATA, RESULTS, ROOT, atomic_json, group  # noqa: E402
 from experiment import (DEFAULT_METHODS, RELATED_METHODS, TASK_METRIC, default_lr, load_spec,  # noqa: E402,F401
                         parse_method, spec_path)
-from table import (chart_methods, compare_markdown, markdown, plot, row_lr, row_runs, summarize,  # noqa: E402,F401
-                   sweep_markdown, wall_note)
+from table import (chart_methods, compare_markdown, delta_markdown, markdown, plot, precision,  # noqa: E402,F401
+                   precision_deltas, row_lr, row_runs, run_key, summarize, sweep_markdown, wall_note)
 from ltuning.methods import method_class  # noqa: E402
 
 
 class Bases:
-    """Each base model is loaded once and re-patched for every run (unpatch restores it)."""
+    """Each base model is loaded once (in ``dtype``; its Linears quantized if ``quantize`` is "nf4" / "int8") and
+    re-patched for every run (unpatch restores it)."""
 
-    def __init__(self, dtype):
-        self.dtype, self.cache = dtype, {}
+    def __init__(self, dtype, quantize="none"):
+        self.dtype, self.quantize, self.cache = dtype, quantize, {}
 
     def get(self, name):
         if name not in self.cache:
             from ltuning.models import load_base
-            self.cache = {name: load_base(name, self.dtype)}  # keep one model in memory at a time
+            q = None if self.quantize == "none" else self.quantize
+            self.cache = {name: load_base(name, self.dtype, q)}  # keep one model in memory at a time
         return self.cache[name]
 
 
@@ -83,7 +90,7 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
             raise SystemExit(f"{method}: {len(texts)} label texts for the {len(names)} labels {names}")
         texts = dict(zip(names, texts))
     clf = ltuning.Classifier(model, name, base=base, tokenizer=tok, dtype=a.dtype, max_length=a.max_length,
-                             label_texts=texts, **opts)
+                             label_texts=texts, quantize=None if a.quantize == "none" else a.quantize, **opts)
     t0 = time.time()
     try:
         # linear-probe trains only its head, at lr (param_groups); head_lr is the head's rate for the others
@@ -94,12 +101,19 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
         if clf.model is not None:
             ltuning.unpatch(clf.model)
     trainable, _ = clf.model.count_parameters()
-    return {"model": model, "task": task, "method": method, "seed": seed, "lr": lr, "accuracy": m["accuracy"],
+    return {"model": model, "task": task, "method": method, "seed": seed, "lr": lr, "quantize": a.quantize,
+            "accuracy": m["accuracy"],
             "mcc": m["mcc"], "macro_f1": m["macro_f1"], "metric": TASK_METRIC[task], "score": m[TASK_METRIC[task]],
             "best_val": hist["best_val"], "trainable_parameters": trainable,
             "train_examples_per_s": hist["train_examples_per_s"], "eval_examples_per_s": m["eval_examples_per_s"],
             "train_examples": hist["train_examples"], "dev_examples": len(dev), "wall_seconds": time.time() - t0,
-            "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+            "date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": torch_threads(),
+            "load_average_at_end": list(os.getloadavg())}  # a shared machine: wall time is not the method's alone
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def machine() -> str:
@@ -137,50 +151,55 @@ def frozen_sweeps(path: str, budget: dict, rows: set) -> list:
 
 
 def same_run(runs: list, key: tuple, sweep: bool):
-    """A copy of the run ``key`` = (model, task, method, seed, swept, lr), relabelled as a sweep run or as a table
-    run (``sweep``), or None. A sweep's seed-0 run at the picked lr is exactly the table's seed-0 run (same
-    config, data sample and seed), so it is reused instead of trained twice; the copy says so."""
-    model, task, method, seed, swept, lr = key
+    """A copy of the run ``key`` = (model, task, method, seed, swept, lr, base precision) (``run_key``),
+    relabelled as a sweep run or as a table run (``sweep``), or None. A sweep's seed-0 run at the picked lr is
+    exactly the table's seed-0 run (same config, data sample, seed and base), so it is reused instead of trained
+    twice; the copy says so."""
     for r in runs:
-        if (r["model"], r["task"], r["method"], r["seed"], bool(r.get("sweep")), r["lr"]) == key:
+        if run_key(r) == key:
             return dict(r, sweep=sweep, copied_from="table run" if sweep else "sweep run")
     return None
 
 
 def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, sweep: bool, grid_seed: int,
-         timed: list | None = None) -> list:
+         timed: list | None = None, quantize: str = "none") -> list:
     """The runs an invocation still has to train (those not in ``runs``), in queue order, as
     ``(model, task, method, seed, lr, minutes)``. ``minutes`` is the median wall time of finished runs of the same
     model, task and method in ``timed`` (default ``runs``; of the same method with any options, failing that), or
     None when there is none. For a swept row whose grid is not finished the seeds are listed at the default lr
-    (the pick is not known yet); an unswept row's at ``row_lr`` (a pick in ``runs``, e.g. ``frozen_sweeps``)."""
+    (the pick is not known yet); an unswept row's at ``row_lr`` (a pick in ``runs``, e.g. ``frozen_sweeps``).
+    ``quantize``: the frozen base's precision of the runs to do (runs on another base are not these; timed by
+    runs on the same base if there are any, else by any)."""
     timed = runs if timed is None else timed
+    q = quantize
 
     def minutes(model, task, method):
         base = parse_method(method)[0]
-        for same in (lambda r: r["method"] == method, lambda r: parse_method(r["method"])[0] == base):
+        for same in (lambda r: r["method"] == method and precision(r) == q,
+                     lambda r: parse_method(r["method"])[0] == base and precision(r) == q,
+                     lambda r: r["method"] == method, lambda r: parse_method(r["method"])[0] == base):
             w = [r["wall_seconds"] for r in timed if (r["model"], r["task"]) == (model, task) and same(r)
                  and "wall_seconds" in r and "copied_from" not in r]  # a copy is another run's time
             if w:
                 return statistics.median(w) / 60
         return None
 
-    have = {(r["model"], r["task"], r["method"], r["seed"], bool(r.get("sweep")), r["lr"]) for r in runs}
+    have = {run_key(r) for r in runs}
     todo = []
     for model in models:
         for task in tasks:
             for method in methods:
                 est = minutes(model, task, method)
-                lr = default_lr(method) if sweep else row_lr(runs, model, task, method)
+                lr = default_lr(method) if sweep else row_lr(runs, model, task, method, q)
                 if sweep:
                     grid = list(method_class(parse_method(method)[0]).lr_grid)
-                    left = [g for g in grid if (model, task, method, grid_seed, True, g) not in have
-                            and (model, task, method, grid_seed, False, g) not in have]
+                    left = [g for g in grid if (model, task, method, grid_seed, True, g, q) not in have
+                            and (model, task, method, grid_seed, False, g, q) not in have]
                     todo += [(model, task, method, grid_seed, g, est) for g in left]
-                    if all((model, task, method, grid_seed, True, g) in have for g in grid):
-                        lr = row_lr(runs, model, task, method)  # the pick is known
+                    if all((model, task, method, grid_seed, True, g, q) in have for g in grid):
+                        lr = row_lr(runs, model, task, method, q)  # the pick is known
                 todo += [(model, task, method, s, lr, est) for s in seeds
-                         if (model, task, method, s, False, lr) not in have
+                         if (model, task, method, s, False, lr, q) not in have
                          and not (sweep and s == grid_seed)]  # a swept row's grid-seed run is its grid's run
     return todo
 
@@ -283,6 +302,12 @@ def main(argv=None) -> int:
     ap.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"],
+                    help="the frozen base's Linears through bitsandbytes (nf4: double quantization, bf16 compute; "
+                         "int8: LLM.int8), trainable parts fp32. Recorded in every run and part of its key: runs "
+                         "on a quantized base are rows of their own, never mixed with full-precision ones (records "
+                         "without the key are full precision); without --sweep each row trains at the lr of the "
+                         "full-precision row of --lrs-from")
     ap.add_argument("--sweep", action="store_true", help="pick each method's lr on the validation split")
     ap.add_argument("--grid-seed", type=int, default=0,
                     help="seed of the sweep's grid runs (whatever --seeds lists: adding seeds to a swept row with "
@@ -347,7 +372,7 @@ def main(argv=None) -> int:
     if cmd not in state["commands"]:
         state["commands"].append(cmd)
     state.update(budget=budget, command=cmd, machine=machine())
-    key = lambda r: (r["model"], r["task"], r["method"], r["seed"], r.get("sweep", False), r["lr"])  # noqa: E731
+    key = run_key
     for path in filter(None, a.include.split(",")):
         with open(path) as f:
             other = json.load(f)
@@ -364,7 +389,8 @@ def main(argv=None) -> int:
         if a.fresh and os.path.isfile(a.out):  # plan the table from scratch, timed by the runs already made
             with open(a.out) as f:
                 timed = json.load(f)["runs"]
-        print(plan_text(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, timed), a.jobs))
+        print(plan_text(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, timed, a.quantize),
+                        a.jobs))
         return 0
     t_start = time.time()
     if a.stop_after is not None and a.deadline is None:
@@ -385,34 +411,35 @@ def main(argv=None) -> int:
                 os.remove(path)
         a.report_only = True
     done = {key(r) for r in state["runs"]}
-    bases = Bases(a.dtype)
+    bases = Bases(a.dtype, a.quantize)
+    q = a.quantize
     for model in ([] if a.report_only else models):
         for task in tasks:
             for method in methods:
-                lr = default_lr(method) if a.sweep else row_lr(state["runs"], model, task, method)
-                if a.sweep and not claim(a.claims, model, task, method, deadline=a.deadline):
+                lr = default_lr(method) if a.sweep else row_lr(state["runs"], model, task, method, q)
+                if a.sweep and not claim(a.claims, model, task, method, q, deadline=a.deadline):
                     continue
                 if a.sweep:
                     grid = list(method_class(parse_method(method)[0]).lr_grid)
                     for g in grid:
-                        if (model, task, method, a.grid_seed, True, g) not in done:
-                            r = same_run(state["runs"], (model, task, method, a.grid_seed, False, g), sweep=True)
+                        if (model, task, method, a.grid_seed, True, g, q) not in done:
+                            r = same_run(state["runs"], (model, task, method, a.grid_seed, False, g, q), sweep=True)
                             r = r or run_one(bases, model, task, method, a.grid_seed, g, a)
                             r["sweep"] = True
                             state["runs"].append(r)
                             atomic_json(a.out, state)
                             print(f"sweep {model} {task} {method} lr={g}: val {r['best_val']:.4f}", flush=True)
-                    lr = row_lr(state["runs"], model, task, method)
+                    lr = row_lr(state["runs"], model, task, method, q)
                 for seed in seeds:
-                    if (model, task, method, seed, False, lr) in done:
+                    if (model, task, method, seed, False, lr, q) in done:
                         continue
-                    if not a.sweep and not claim(a.claims, model, task, method, seed, deadline=a.deadline):
+                    if not a.sweep and not claim(a.claims, model, task, method, q, seed, deadline=a.deadline):
                         continue
-                    r = same_run(state["runs"], (model, task, method, seed, True, lr), sweep=False) if a.sweep else None
+                    r = same_run(state["runs"], (model, task, method, seed, True, lr, q), sweep=False) if a.sweep else None
                     r = r or run_one(bases, model, task, method, seed, lr, a)
                     state["runs"].append(r)
                     atomic_json(a.out, state)
-                    print(f"{model} {task} {method} seed={seed} lr={lr}: {r['metric']} {100 * r['score']:.1f} "
+                    print(f"{model} {task} {method} seed={seed} lr={lr} base={q}: {r['metric']} {100 * r['score']:.1f} "
                           f"(acc {100 * r['accuracy']:.1f}) {r['train_examples_per_s']:.0f} ex/s "
                           f"{r['wall_seconds']:.0f}s", flush=True)
     if a.claims:  # a worker of --jobs: the parent makes the table
@@ -421,30 +448,44 @@ def main(argv=None) -> int:
     state["table"] = rows
     state["wall_seconds_this_invocation"] = time.time() - t_start
     if own() > own_before:  # this invocation trained runs (itself or by its --jobs workers): its elapsed time
-        left = len(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed))
+        left = len(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, quantize=q))
         inv = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "code": code_version(),
                "runs_trained": own() - own_before, "elapsed_seconds": state["wall_seconds_this_invocation"],
-               "runs_left": left}
+               "runs_left": left, "load_average_at_end": list(os.getloadavg())}
         state["last_training_invocation"] = inv
         state.setdefault("training_invocations", []).append(inv)
     state["date"] = time.strftime("%Y-%m-%d")
     atomic_json(a.out, state)
-    shown = [x for x in rows if x["model"] in models and x["task"] in tasks and x["method"] in methods]
-    md = markdown(rows, methods, tasks, models) + wall_note(state["runs"], shown, state.get("last_training_invocation"),
+    shown = [x for x in rows if x["model"] in models and x["task"] in tasks and x["method"] in methods
+             and precision(x) == q]  # the rows of this invocation's base precision
+    mine = [x for x in rows if precision(x) == q]
+    md = ("" if q == "none" else f"\nFrozen base quantized: **{q}** (bitsandbytes; trainable parts fp32). A row "
+          f"trains at its own {q} sweep's pick if it has one, else at the full-precision row's lr (the sweeps listed "
+          "below are then fp32 ones).\n")
+    md += markdown(mine, methods, tasks, models) + wall_note(state["runs"], shown, state.get("last_training_invocation"),
                                                                    state.get("training_invocations")) + sweep_markdown(state["runs"])
     if a.compare:
         with open(a.compare) as f:
             other = json.load(f)
         if same_budget(other.get("budget"), budget) is False:
             raise SystemExit(f"--compare {a.compare}: made with budget {other.get('budget')}, not {budget}")
-        keep = lambda r: (r["model"], r["task"], r["method"]) in {(x["model"], x["task"], x["method"]) for x in shown}  # noqa: E731
-        md += compare_markdown([r for r in state["runs"] if keep(r)], other["runs"], os.path.basename(a.compare))
+        # the shown rows' runs and sweeps (an nf4 row's lr is the pick of its copied fp32 sweep); both functions
+        # below pair runs of one precision here with runs there
+        keep = lambda r: (r["model"], r["task"], r["method"]) in {  # noqa: E731
+            (x["model"], x["task"], x["method"]) for x in shown}
+        mine_runs = [r for r in state["runs"] if keep(r) and (precision(r) == q or r.get("sweep"))]
+        md += compare_markdown(mine_runs, other["runs"], os.path.basename(a.compare))
+        if q != "none":  # the same rows on the full-precision base there: the accuracy delta of quantizing it
+            state["precision_deltas"] = precision_deltas(mine_runs, other["runs"], q)
+            state["precision_deltas_against"] = os.path.relpath(a.compare, os.path.dirname(HERE))
+            atomic_json(a.out, state)
+            md += delta_markdown(state["precision_deltas"], os.path.basename(a.compare))
     md_path = os.path.splitext(a.out)[0] + ".md"
     with open(md_path, "w") as f:
         f.write(md)
     for doc, src in sync_results.sync(only=md_path):  # RESULTS*.md blocks that embed this report
         print(f"{doc}: {src} updated", file=sys.stderr)
-    plot(rows, methods, tasks, models, os.path.splitext(a.out)[0] + ".png")
+    plot(mine, methods, tasks, models, os.path.splitext(a.out)[0] + ".png")
     print(md)
     return 0
 

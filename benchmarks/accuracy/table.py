@@ -11,10 +11,26 @@ import statistics
 from experiment import TASK_METRIC, default_lr
 
 
-def row_lr(runs: list, model: str, task: str, method: str) -> float:
+def precision(r: dict) -> str:
+    """The frozen base's precision a run (or row) was made with: "none" (full precision, ``dtype``), "nf4" or
+    "int8" (``--quantize``). Records older than the option have no key: full precision."""
+    return r.get("quantize") or "none"
+
+
+def run_key(r: dict) -> tuple:
+    """What identifies a run: (model, task, method, seed, sweep run?, lr, base precision). Runs on a quantized base
+    and on a full-precision one never stand for each other (resuming, ``--include``, ``same_run``)."""
+    return r["model"], r["task"], r["method"], r["seed"], bool(r.get("sweep")), r["lr"], precision(r)
+
+
+def row_lr(runs: list, model: str, task: str, method: str, quantize: str = "none") -> float:
     """The lr a table row reports: the sweep's pick (best validation score; the default on a tie) if the row was
-    swept, else the default (``default_lr``). Runs at any other lr stay in the JSON but are not averaged into the row."""
+    swept, else the default (``default_lr``). Runs at any other lr stay in the JSON but are not averaged into the row.
+    A row on a quantized base (``quantize``) takes its own sweep's pick if it has one, else the full-precision
+    row's (the lr picked on the fp32 base: a quantized table is trained at the committed table's lrs)."""
     sw = [r for r in runs if r.get("sweep") and (r["model"], r["task"], r["method"]) == (model, task, method)]
+    mine = [r for r in sw if precision(r) == (quantize or "none")]
+    sw = mine or [r for r in sw if precision(r) == "none"]
     if not sw:
         return default_lr(method)
     # a tie (common: 50 validation examples score in steps of 2 %) keeps the default lr
@@ -23,19 +39,22 @@ def row_lr(runs: list, model: str, task: str, method: str) -> float:
 
 def row_runs(runs: list) -> list:
     """The runs a table row averages: its seeds at the row's lr (``row_lr``); sweep runs excluded."""
-    return [r for r in runs if not r.get("sweep") and r["lr"] == row_lr(runs, r["model"], r["task"], r["method"])]
+    return [r for r in runs if not r.get("sweep")
+            and r["lr"] == row_lr(runs, r["model"], r["task"], r["method"], precision(r))]
 
 
 def summarize(runs: list) -> list:
-    """Mean and std over seeds per (model, task, method) of ``row_runs``."""
+    """Mean and std over seeds per (model, task, method, base precision) of ``row_runs``: a row on an NF4 base is
+    a row of its own (``quantize``), never averaged with the full-precision one."""
     groups = {}
     for r in row_runs(runs):
-        groups.setdefault((r["model"], r["task"], r["method"]), []).append(r)
+        groups.setdefault((r["model"], r["task"], r["method"], precision(r)), []).append(r)
     rows = []
-    for (model, task, method), rs in sorted(groups.items()):
+    for (model, task, method, quant), rs in sorted(groups.items()):
         sc = [100 * r["score"] for r in rs]
         acc = [100 * r["accuracy"] for r in rs]
-        rows.append({"model": model, "task": task, "method": method, "metric": rs[0]["metric"], "seeds": len(rs),
+        rows.append({"model": model, "task": task, "method": method, "quantize": quant, "metric": rs[0]["metric"],
+                     "seeds": len(rs),
                      "mean": statistics.mean(sc), "std": statistics.stdev(sc) if len(sc) > 1 else 0.0,
                      "acc_mean": statistics.mean(acc), "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                      "lr": rs[0]["lr"], "trainable_parameters": rs[0]["trainable_parameters"],
@@ -78,8 +97,9 @@ def wall_note(runs: list, rows: list, invocation: dict | None = None, invocation
     the elapsed time of the last ``invocation`` that trained runs (``state["last_training_invocation"]``), or,
     when several did (``state["training_invocations"]``: a table stopped with ``--stop-after`` and resumed),
     each one's and their total, with the code each ran."""
-    keys = {(x["model"], x["task"], x["method"]) for x in rows}
-    in_rows = [r for r in row_runs(runs) if "wall_seconds" in r and (r["model"], r["task"], r["method"]) in keys]
+    keys = {(x["model"], x["task"], x["method"], precision(x)) for x in rows}
+    in_rows = [r for r in row_runs(runs) if "wall_seconds" in r
+               and (r["model"], r["task"], r["method"], precision(r)) in keys]
     own = [r for r in runs if "wall_seconds" in r and "copied_from" not in r]
     hours = lambda rs: sum(r["wall_seconds"] for r in rs) / 3600  # noqa: E731
     out = (f"\nWall time (summed over runs, as recorded in the JSON): the {len(in_rows)} runs averaged into these "
@@ -128,7 +148,7 @@ def compare_markdown(runs: list, other: list, name: str) -> str:
     mine, theirs, wall_mine, wall_theirs = {}, {}, {}, {}
     for dst, wall, src in ((mine, wall_mine, runs), (theirs, wall_theirs, other)):
         for r in row_runs(src):
-            k = (r["model"], r["task"], r["method"], r["lr"])
+            k = (r["model"], r["task"], r["method"], r["lr"], precision(r))  # an NF4 row is not the fp32 row
             dst.setdefault(k, {})[r["seed"]] = 100 * r["score"]
             if "wall_seconds" in r and "copied_from" not in r:
                 wall.setdefault(k, {})[r["seed"]] = r["wall_seconds"]
@@ -160,6 +180,57 @@ def compare_markdown(runs: list, other: list, name: str) -> str:
     if total[2]:
         out.append(f"\nThe {total[2]} run{'s' if total[2] != 1 else ''} both trained took {total[0] / 3600:.2f} h here and {total[1] / 3600:.2f} h "
                    f"there (summed wall time): {total[1] / total[0]:.2f}x.")
+    return "\n".join(out) + "\n"
+
+
+def precision_deltas(runs: list, other: list, quantize: str) -> list:
+    """The rows of ``runs`` on the ``quantize`` base (e.g. "nf4") beside the same rows (model, task, method, lr)
+    of ``other`` on the full-precision base: per row, both means and sample stds (score x100, each side over all
+    its seeds), and the paired difference ``quantized - full`` per seed both have (same data sample, seed and
+    config: only the base's precision differs) and its mean. One dict per row, for the JSON and the report."""
+    sides = {}
+    for side, src, prec in (("quantized", runs, quantize), ("full", other, "none")):
+        for r in row_runs(src):
+            if precision(r) == prec:
+                k = (r["model"], r["task"], r["method"], r["lr"])
+                sides.setdefault(k, {}).setdefault(side, {})[r["seed"]] = 100 * r["score"]
+    out = []
+    for (model, task, method, lr), s in sorted(sides.items()):
+        if len(s) < 2:
+            continue
+        q, f = s["quantized"], s["full"]
+        seeds = sorted(set(q) & set(f))
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        d = {x: q[x] - f[x] for x in seeds}
+        out.append({"model": model, "task": task, "method": method, "lr": lr, "quantize": quantize,
+                    "metric": TASK_METRIC.get(task, "accuracy"),
+                    "full_seeds": sorted(f), "full_mean": statistics.mean(f.values()), "full_std": sd(list(f.values())),
+                    "quantized_seeds": sorted(q), "quantized_mean": statistics.mean(q.values()),
+                    "quantized_std": sd(list(q.values())),
+                    "delta_per_seed": {str(x): d[x] for x in seeds},
+                    "delta_mean": statistics.mean(d.values()) if d else None,
+                    "delta_std": sd(list(d.values())) if d else None})
+    return out
+
+
+def delta_markdown(deltas: list, name: str) -> str:
+    """The report of :func:`precision_deltas`: one line per row."""
+    if not deltas:
+        return ""
+    q = deltas[0]["quantize"]
+    out = [f"\n**{q} base vs the full-precision base of {name}** (the same rows at the same lr; score x100, "
+           f"mean ± sample std over seeds; {q} - full per seed: same data sample, seed and config, only the frozen "
+           "base's precision differs)\n",
+           f"| model | task | method | lr | full precision | {q} | {q} - full per seed | mean ± std of {q} - full |",
+           "|---" * 8 + "|"]
+    for d in deltas:
+        per = ", ".join(f"{v:+.1f} (seed {k})" for k, v in d["delta_per_seed"].items()) or "–"
+        mean = "–" if d["delta_mean"] is None else f"{d['delta_mean']:+.1f}" + (
+            f" ± {d['delta_std']:.1f}" if len(d["delta_per_seed"]) > 1 else "")
+        out.append(f"| {d['model']} | {d['task']} | {d['method'].replace('|', chr(92) + '|')} | {d['lr']:g} "
+                   f"| {d['full_mean']:.1f} ± {d['full_std']:.1f} [n={len(d['full_seeds'])}] "
+                   f"| {d['quantized_mean']:.1f} ± {d['quantized_std']:.1f} [n={len(d['quantized_seeds'])}] "
+                   f"| {per} | {mean} |")
     return "\n".join(out) + "\n"
 
 
