@@ -14,9 +14,9 @@ def add_engine_args(p, batch_rows_default: int = 64) -> None:
                    help="inference dtype of the frozen base: auto = bf16 where the CPU multiplies bf16 natively "
                         "(AMX / AVX512-BF16) and a probe GEMM is faster in bf16 here, fp32 otherwise")
     p.add_argument("--quantize", default=None, choices=["int8", "nf4", "none"],
-                   help="int8: PyTorch dynamic int8 Linears in the frozen base (CPU inference, the streamed engine); "
-                        "classify only: nf4 / none load the base as 'ltuning train --quantize' does (bitsandbytes; "
-                        "one adapter, in memory)")
+                   help="int8: PyTorch dynamic int8 Linears in the frozen base (CPU inference); nf4: the base "
+                        "through bitsandbytes 4-bit NF4 as 'ltuning train --quantize nf4' loads it; none: full "
+                        "precision (classify with one adapter: overrides the adapter's recorded precision)")
     p.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="token budget of one forward: padded tokens x scored rows (K rows per input for "
                         "label-conditioned methods)")
@@ -63,10 +63,10 @@ def _engine(a):
 def run_classify(a) -> dict:
     """``ltuning classify``. Returns the closing summary (printed as the last JSON line).
 
-    Single-task adapters on a full-precision or dynamic-int8 base: the streamed engine (:mod:`.stream`; under
+    Single-task adapters on a full-precision, dynamic-int8 or NF4 base: the streamed engine (:mod:`.stream`; under
     torchrun each rank scores its share of every chunk and rank 0 writes). A multi-task adapter
-    (:mod:`ltuning.tasks`) or a base through bitsandbytes (``--quantize nf4 / none``, as ``ltuning train
-    --quantize`` loads it): one adapter held in memory (:func:`classify_in_memory`)."""
+    (:mod:`ltuning.tasks`) or one adapter with ``--quantize none`` (the adapter's recorded precision overridden,
+    as ``ltuning eval --quantize`` does): held in memory (:func:`classify_in_memory`)."""
     import argparse
     import os
 
@@ -76,7 +76,7 @@ def run_classify(a) -> dict:
     from .stream import classify_file
     adapters = parse_adapter_args(a.adapter)
     only = next(iter(adapters.values()))
-    if len(adapters) == 1 and (a.quantize in ("nf4", "none") or read_adapter_meta(only).multitask is not None):
+    if len(adapters) == 1 and (a.quantize == "none" or read_adapter_meta(only).multitask is not None):
         return classify_in_memory(argparse.Namespace(**{**vars(a), "adapter": only}))
     for d in adapters.values():  # the checks of the preflight, the input not read whole
         check_adapter_and_output(argparse.Namespace(**{**vars(a), "adapter": d}))
