@@ -2,6 +2,7 @@
 ``ltuning.cli`` only parses and calls these."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -23,6 +24,10 @@ def add_engine_args(p, batch_rows_default: int = 64) -> None:
     p.add_argument("--batch-size", "--max-batch-rows", dest="batch_size", type=int, default=batch_rows_default,
                    help="at most this many scored rows per forward")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--shared-bank", action=argparse.BooleanOptionalAction, default=True,
+                   help="several prefix-family adapters (prefix, apt, sk-prefix, lt-prefix; prompts on decoders) "
+                        "in one batch: their banks side by side, each row indexing its own entry and scored by "
+                        "its own head (--no-shared-bank: one batch per adapter)")
 
 
 def add_classify_args(c) -> None:
@@ -57,7 +62,8 @@ def _engine(a):
     if a.threads is not None and a.threads < 1:
         raise ValueError("--threads must be >= 1")
     return Engine(parse_adapter_args(a.adapter), model=a.model, dtype=a.dtype, quantize=a.quantize,
-                  max_batch_tokens=a.max_batch_tokens, max_batch_rows=a.batch_size, threads=a.threads)
+                  max_batch_tokens=a.max_batch_tokens, max_batch_rows=a.batch_size, threads=a.threads,
+                  shared_bank=getattr(a, "shared_bank", True))
 
 
 def run_classify(a) -> dict:
