@@ -75,6 +75,9 @@ def main() -> None:
 
     from ltuning.serving import cpu
     from ltuning.serving.engine import Engine
+    load_start = os.getloadavg()
+    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit, dirty = git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "ltuning", "benchmarks"))
     recs = [json.loads(x) for x in open(os.path.join(DATA, "sst2", "dev.jsonl"))][:a.n]
     methods = [m for m in a.methods.split(",") if m]
     chunks = [int(c) for c in a.chunks.split(",") if c]
@@ -125,15 +128,14 @@ def main() -> None:
         results.append(row)
         print(json.dumps({k: row[k] for k in ("chunk", "examples_per_s", "speedup_shared",
                                               "max_rel_err_shared_vs_per_adapter")}), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
     rec = {"command": "OMP_NUM_THREADS=%s python benchmarks/serving/bench_mixed.py %s" % (
                os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:])),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+           "uncommitted_changes": dirty,
            "machine": cpu.machine(), "threads": torch.get_num_threads(), "model": a.model,
            "adapters": {n: m for n, m in zip(names, methods)}, "dtype": "fp32",
            "max_batch_tokens": a.max_batch_tokens, "max_batch_rows": a.max_batch_rows, "rounds": a.rounds,
-           "load_average_start": os.getloadavg(), "results": results}
+           "load_average_start": load_start, "load_average_end": os.getloadavg(), "results": results}
     out = a.out or os.path.join(RESULTS, f"serving_mixed_{a.model.split('-')[0]}.json")
     atomic_json(out, rec)
     print(out)

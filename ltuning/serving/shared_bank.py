@@ -118,8 +118,10 @@ class Member:
 
 
 class SharedBank:
-    """The concatenated bank of ``adapters`` (engine ``Adapter`` objects whose :func:`bank_of` is not None; at least
-    one), computed once under ``dtype``'s autocast and kept in the compute dtype (bf16 for ``"bf16"``, else fp32)."""
+    """The concatenated bank of ``adapters`` (engine ``Adapter`` objects; those whose :func:`bank_of` is None are
+    left out, ValueError if none is left), computed once under ``dtype``'s autocast and kept in the compute dtype
+    (bf16 for ``"bf16"``, else fp32). ``hooks``: the engine's hook switch (a gated adapter's gate hooks are
+    attached while a batch holding its rows runs)."""
 
     def __init__(self, base, adapters: list, dtype: str, hooks):
         self.base, self.dtype, self.hooks = base, dtype, hooks
@@ -167,7 +169,8 @@ class SharedBank:
     def run(self, items: list, pad_id: int) -> list:
         """One forward of a mixed batch: ``items`` [(adapter name, token ids)] -> scores (K_a,) float32 per item,
         in the order given."""
-        order = sorted(range(len(items)), key=lambda i: list(self.members).index(items[i][0]))
+        rank = {name: k for k, name in enumerate(self.members)}
+        order = sorted(range(len(items)), key=lambda i: rank[items[i][0]])  # each adapter's rows contiguous
         ids, index, spans = [], [], []  # spans: (member, first row, rows, item positions)
         r = 0
         j = 0

@@ -84,3 +84,19 @@ class _nothing:
 
     def __exit__(self, *a):
         return False
+
+
+def test_adapters_trained_on_nf4_are_served_on_nf4_by_default(trained, tmp_path, capsys):
+    """Without --quantize the engine loads the precision the adapter records (as ``ltuning eval`` does)."""
+    dirs, recs = trained
+    data = tmp_path / "data"
+    write_data(str(data), n_train=16, n_dev=4)
+    model = json.load(open(f"{dirs['lora']}/adapter_config.json"))["base_model"]
+    out = str(tmp_path / "q")
+    assert main(["train", "--model", model, "--method", "prefix", "--data", str(data), "--out", out, "--quiet",
+                 "--max-steps", "1", "--batch-size", "8", "--eval-every", "1", "--quantize", "nf4"]) == 0
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"text": "good film"}) + "\n")
+    capsys.readouterr()
+    assert main(["classify", "--adapter", out, "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["quantize"] == "nf4"
