@@ -10,7 +10,8 @@ own, what the engine did before). The stream is cut into chunks of ``--chunk`` r
 --chunk-size`` (1024: the offline default) or the server's batcher (a round of queued requests: a few dozen) cut it;
 each chunk is one :meth:`Engine.score_mixed` call. Timed: the scoring of the whole stream (tokenisation done
 before, once). One warm-up pass per engine, then ``--rounds`` rounds, the two engines alternating (which one goes
-first alternates too); medians. The scores of the two are compared (max relative error, recorded).
+first alternates too); medians. The scores of the two are compared (max relative error, recorded), and the
+base's forward calls and padded tokens (rows x padded length) of one pass are counted (a forward pre-hook).
 
 The machine may be shared: the load average is recorded before and after each timed pass.
 
@@ -94,6 +95,17 @@ def main() -> None:
     rows = sum(e0.adapters[n].rows_per_input for n in assign)
     tokens = sum(len(x) * e0.adapters[n].rows_per_input for x, n in zip(ids, assign))
 
+    def forwards(mode: str, chunk: int) -> dict:
+        """The base's forward calls and padded rows x length of one pass (a pre-hook counts them)."""
+        seen = []
+        h = engines[mode].base.register_forward_pre_hook(
+            lambda mod, args, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+        try:
+            run(mode, chunk)
+        finally:
+            h.remove()
+        return {"forwards": len(seen), "padded_tokens": sum(seen)}
+
     def run(mode: str, chunk: int) -> list:
         e = engines[mode]
         ads = [e.adapters[n] for n in assign]
@@ -107,6 +119,7 @@ def main() -> None:
         ref = {m: run(m, chunk) for m in engines}  # warm-up, and the scores compared
         err = max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(ref["shared"], ref["per-adapter"]))
         agree = sum(int(x.argmax() == y.argmax()) for x, y in zip(ref["shared"], ref["per-adapter"]))
+        counts = {m: forwards(m, chunk) for m in engines}
         times = {m: [] for m in engines}
         loads = []
         for r in range(a.rounds):
@@ -123,10 +136,12 @@ def main() -> None:
                "median_seconds": {m: round(v, 4) for m, v in med.items()},
                "examples_per_s": {m: round(len(ids) / v, 2) for m, v in med.items()},
                "speedup_shared": round(med["per-adapter"] / med["shared"], 3),
+               "forwards": {m: c["forwards"] for m, c in counts.items()},
+               "padded_tokens": {m: c["padded_tokens"] for m, c in counts.items()},
                "max_rel_err_shared_vs_per_adapter": err, "same_prediction": agree,
                "load_average_before_after": loads}
         results.append(row)
-        print(json.dumps({k: row[k] for k in ("chunk", "examples_per_s", "speedup_shared",
+        print(json.dumps({k: row[k] for k in ("chunk", "examples_per_s", "speedup_shared", "forwards",
                                               "max_rel_err_shared_vs_per_adapter")}), flush=True)
     rec = {"command": "OMP_NUM_THREADS=%s python benchmarks/serving/bench_mixed.py %s" % (
                os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:])),
