@@ -118,6 +118,22 @@ def test_classify_cli_mixed_stream_in_input_order(adapters, tmp_path):
         assert max_rel(torch.tensor(list(r["scores"].values())), refs[n][j]) < 1e-5, (n, j)
 
 
+def test_bf16_mixed_batches_stay_close_to_per_adapter_batches(adapters):
+    """bf16 (the bank cast once at load): each row within bf16 rounding of the per-adapter bf16 scores."""
+    tmp, refs = adapters
+    names = ["prefix", "lt", "apt", "onepass"]
+    stream = mixed_stream(names, len(TEXTS), 3)
+    got = {}
+    for shared in (True, False):
+        e = Engine({n: str(tmp / n) for n in names}, dtype="bf16", shared_bank=shared)
+        assert (e.shared is not None) == shared
+        ads = [e.adapters[n] for n, _ in stream]
+        got[shared] = e.score_mixed(ads, [e.tokenize([{"text": TEXTS[j]}], e.adapters[n])[0] for n, j in stream])
+    for (n, j), a, b in zip(stream, got[True], got[False]):
+        assert max_rel(a, b) < 3e-2, (n, j)
+        assert max_rel(a, refs[n][j]) < 0.2, (n, j)  # and near the fp32 scores
+
+
 class _StubEngine:
     def __init__(self, sharing):
         self.sharing, self.calls = sharing, []
