@@ -20,9 +20,14 @@ from __future__ import annotations
 import random
 
 
-def plan_batches(lengths: list, max_rows: int, overhead_tokens: int | None = None, rows_per_input: int = 1,
+def plan_batches(lengths: list, max_rows: int, overhead_tokens: int | None = None, rows_per_input=1,
                  max_tokens: int | None = None, ties: str = "larger") -> list:
-    """Batches of indices into ``lengths`` (lists), longest inputs first; see the module docstring."""
+    """Batches of indices into ``lengths`` (lists), longest inputs first; see the module docstring.
+    ``rows_per_input``: an int (every input), or a list with each input's own rows (a mixed batch of adapters,
+    :mod:`ltuning.serving.shared_bank`): a batch then holds at most ``max_rows`` rows in all (one input at least)
+    and costs its longest input's length x its rows."""
+    if not isinstance(rows_per_input, int):
+        return _plan_mixed(lengths, max_rows, overhead_tokens, list(rows_per_input), max_tokens, ties)
     if max_rows < 1 or rows_per_input < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError("max_rows, rows_per_input and max_tokens must be >= 1")
     if ties not in ("larger", "smaller"):
@@ -44,6 +49,49 @@ def plan_batches(lengths: list, max_rows: int, overhead_tokens: int | None = Non
                 break  # longer batches (smaller i) only hold more tokens
             c = best[i] + tokens + overhead
             if c < best[j] or (larger and c == best[j]):  # i descends: a tie taken = a larger last batch
+                best[j], start[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(idx[start[j]:j])
+        j = start[j]
+    return out[::-1]
+
+
+def _plan_mixed(lengths, max_rows, overhead_tokens, rows, max_tokens, ties) -> list:
+    """:func:`plan_batches` with per-input row counts ``rows``: the same dynamic programme, a batch bounded by the
+    sum of its rows (``max_rows``) and its padded tokens (longest length x rows, ``max_tokens``)."""
+    if max_rows < 1 or len(rows) != len(lengths) or any(r < 1 for r in rows) or \
+            (max_tokens is not None and max_tokens < 1):
+        raise ValueError("max_rows, every input's rows and max_tokens must be >= 1 (one row count per input)")
+    if ties not in ("larger", "smaller"):
+        raise ValueError(f"ties: expected 'larger' or 'smaller', got {ties!r}")
+    larger = ties == "larger"
+    idx = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(idx)
+    ls = [lengths[i] for i in idx]
+    cum = [0]
+    for i in idx:
+        cum.append(cum[-1] + rows[i])
+    if (overhead_tokens is None and max_tokens is None) or n <= 1:
+        out, i = [], 0
+        while i < n:  # greedy chunks of at most max_rows rows
+            j = i + 1
+            while j < n and cum[j + 1] - cum[i] <= max_rows:
+                j += 1
+            out.append(idx[i:j])
+            i = j
+        return out
+    overhead = overhead_tokens or 0
+    best = [0.0] + [float("inf")] * n
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # last batch = sorted inputs i..j-1
+            r = cum[j] - cum[i]
+            tokens = r * ls[i]
+            if i < j - 1 and (r > max_rows or (max_tokens is not None and tokens > max_tokens)):
+                break  # smaller i only adds rows and tokens
+            c = best[i] + tokens + overhead
+            if c < best[j] or (larger and c == best[j]):
                 best[j], start[j] = c, i
     out, j = [], n
     while j > 0:

@@ -1,10 +1,12 @@
 """Dynamic micro-batching: requests queue up (bounded), one worker thread runs them through the engine in groups.
 
 A request is a job of N tokenised inputs for one adapter. The worker takes the oldest job, then waits until the
-queued jobs of the same adapter hold ``max_batch_tokens`` scored tokens (real tokens x rows per input) or the
+queued jobs that can run with it hold ``max_batch_tokens`` scored tokens (real tokens x rows per input) or the
 oldest job has waited ``max_wait_ms``, whichever first; it takes those jobs (FIFO, whole jobs, at least one), runs
-them as one :meth:`Engine.score_ids` call (which plans its own token-budget forwards) and answers each job with
-its own rows, in its own order. Jobs of other adapters stay queued for the next round.
+them as one engine call (which plans its own token-budget forwards) and answers each job with its own rows, in
+its own order. Jobs that can run together: those of the same adapter (:meth:`Engine.score_ids`), and those of any
+adapters that share the engine's prefix bank (:meth:`Engine.shares`; one :meth:`Engine.score_mixed` call, mixed
+batches). Other jobs stay queued for the next round.
 
 Bounded: ``submit`` raises :class:`QueueFull` when the examples waiting would exceed ``max_queue_examples`` (the
 server answers 503 with Retry-After), so memory stays bounded under overload. ``stop()`` lets the worker finish
@@ -16,6 +18,8 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 
 class QueueFull(Exception):
@@ -69,7 +73,7 @@ class Batcher:
             first = self.queue[0]
             deadline = first.t_enqueue + self.max_wait
             while True:
-                same = [j for j in self.queue if j.adapter is first.adapter]
+                same = [j for j in self.queue if self._together(j.adapter, first.adapter)]
                 if sum(j.tokens for j in same) >= self.max_batch_tokens or self.stopping:
                     break
                 left = deadline - time.perf_counter()
@@ -78,7 +82,7 @@ class Batcher:
                 self.cond.wait(left)
             taken, tokens = [], 0
             for j in list(self.queue):
-                if j.adapter is not first.adapter:
+                if not self._together(j.adapter, first.adapter):
                     continue
                 if taken and tokens + j.tokens > self.max_batch_tokens:
                     break
@@ -89,6 +93,19 @@ class Batcher:
                 self.pending -= len(j.ids)
             return taken
 
+    def _together(self, a, b) -> bool:
+        """Jobs of adapters ``a`` and ``b`` can share an engine call."""
+        if a is b:
+            return True
+        shares = getattr(self.engine, "shares", None)
+        return shares is not None and shares(a) and shares(b)
+
+    def _score(self, jobs: list, ids: list):
+        """Scores of the taken jobs' inputs: one tensor, or (mixed adapters) one (K_a,) tensor per input."""
+        if all(j.adapter is jobs[0].adapter for j in jobs):
+            return self.engine.score_ids(jobs[0].adapter, ids)
+        return self.engine.score_mixed([j.adapter for j in jobs for _ in j.ids], ids)
+
     def _run(self) -> None:
         while True:
             jobs = self._take()
@@ -97,7 +114,7 @@ class Batcher:
             ids = [x for j in jobs for x in j.ids]
             t0 = time.perf_counter()
             try:
-                scores = self.engine.score_ids(jobs[0].adapter, ids)
+                scores = self._score(jobs, ids)
             except Exception as e:  # answered as a 500 per request; the worker keeps serving
                 for j in jobs:
                     j.callback(None, e)
@@ -106,7 +123,8 @@ class Batcher:
                 self.on_batch(len(ids), sum(j.tokens for j in jobs), time.perf_counter() - t0)
             start = 0
             for j in jobs:
-                j.callback(scores[start:start + len(j.ids)], None)
+                part = scores[start:start + len(j.ids)]
+                j.callback(part if isinstance(part, torch.Tensor) else torch.stack(part), None)
                 start += len(j.ids)
 
     def stop(self, timeout: float | None = None) -> None:

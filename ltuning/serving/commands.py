@@ -2,6 +2,7 @@
 ``ltuning.cli`` only parses and calls these."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -14,15 +15,19 @@ def add_engine_args(p, batch_rows_default: int = 64) -> None:
                    help="inference dtype of the frozen base: auto = bf16 where the CPU multiplies bf16 natively "
                         "(AMX / AVX512-BF16) and a probe GEMM is faster in bf16 here, fp32 otherwise")
     p.add_argument("--quantize", default=None, choices=["int8", "nf4", "none"],
-                   help="int8: PyTorch dynamic int8 Linears in the frozen base (CPU inference, the streamed engine); "
-                        "classify only: nf4 / none load the base as 'ltuning train --quantize' does (bitsandbytes; "
-                        "one adapter, in memory)")
+                   help="int8: PyTorch dynamic int8 Linears in the frozen base (CPU inference); nf4: the base "
+                        "through bitsandbytes 4-bit NF4 as 'ltuning train --quantize nf4' loads it; none: full "
+                        "precision. Default: the adapters' recorded precision (nf4 if all were trained on NF4)")
     p.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="token budget of one forward: padded tokens x scored rows (K rows per input for "
                         "label-conditioned methods)")
     p.add_argument("--batch-size", "--max-batch-rows", dest="batch_size", type=int, default=batch_rows_default,
                    help="at most this many scored rows per forward")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--shared-bank", action=argparse.BooleanOptionalAction, default=True,
+                   help="several prefix-family adapters (prefix, apt, sk-prefix, lt-prefix; prompts on decoders) "
+                        "in one batch: their banks side by side, each row indexing its own entry and scored by "
+                        "its own head (--no-shared-bank: one batch per adapter)")
 
 
 def add_classify_args(c) -> None:
@@ -52,21 +57,34 @@ def add_serve_args(s) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size at most (else 413)")
 
 
+def recorded_quantize(adapters: dict) -> str | None:
+    """The base precision to serve ``adapters`` ({name: DIR}) on when ``--quantize`` is not given: "nf4" when
+    every adapter was trained on an NF4 base (as ``ltuning eval`` loads the recorded precision), else None (full
+    precision; an adapter of another precision loads with a warning)."""
+    from ..io import read_adapter_meta
+    return "nf4" if {read_adapter_meta(d).quantize for d in adapters.values()} == {"nf4"} else None
+
+
 def _engine(a):
     from .engine import Engine, parse_adapter_args
     if a.threads is not None and a.threads < 1:
         raise ValueError("--threads must be >= 1")
-    return Engine(parse_adapter_args(a.adapter), model=a.model, dtype=a.dtype, quantize=a.quantize,
-                  max_batch_tokens=a.max_batch_tokens, max_batch_rows=a.batch_size, threads=a.threads)
+    adapters = parse_adapter_args(a.adapter)
+    quantize = a.quantize if a.quantize is not None else recorded_quantize(adapters)
+    return Engine(adapters, model=a.model, dtype=a.dtype, quantize=quantize,
+                  max_batch_tokens=a.max_batch_tokens, max_batch_rows=a.batch_size, threads=a.threads,
+                  shared_bank=getattr(a, "shared_bank", True))
 
 
 def run_classify(a) -> dict:
     """``ltuning classify``. Returns the closing summary (printed as the last JSON line).
 
-    Single-task adapters on a full-precision or dynamic-int8 base: the streamed engine (:mod:`.stream`; under
+    Single-task adapters on a full-precision, dynamic-int8 or NF4 base: the streamed engine (:mod:`.stream`; under
     torchrun each rank scores its share of every chunk and rank 0 writes). A multi-task adapter
-    (:mod:`ltuning.tasks`) or a base through bitsandbytes (``--quantize nf4 / none``, as ``ltuning train
-    --quantize`` loads it): one adapter held in memory (:func:`classify_in_memory`)."""
+    (:mod:`ltuning.tasks`), one adapter with ``--quantize none`` (the adapter's recorded precision overridden,
+    as ``ltuning eval --quantize`` does) or one adapter trained on an LLM.int8 base without ``--quantize`` (loaded
+    on that precision again, through bitsandbytes): held in memory (:func:`classify_in_memory`). Without
+    ``--quantize``, adapters trained on an NF4 base are served on one (:func:`recorded_quantize`)."""
     import argparse
     import os
 
@@ -76,7 +94,9 @@ def run_classify(a) -> dict:
     from .stream import classify_file
     adapters = parse_adapter_args(a.adapter)
     only = next(iter(adapters.values()))
-    if len(adapters) == 1 and (a.quantize in ("nf4", "none") or read_adapter_meta(only).multitask is not None):
+    meta = read_adapter_meta(only)
+    if len(adapters) == 1 and (a.quantize == "none" or meta.multitask is not None
+                               or (a.quantize is None and meta.quantize == "int8")):
         return classify_in_memory(argparse.Namespace(**{**vars(a), "adapter": only}))
     for d in adapters.values():  # the checks of the preflight, the input not read whole
         check_adapter_and_output(argparse.Namespace(**{**vars(a), "adapter": d}))

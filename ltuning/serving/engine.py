@@ -17,9 +17,13 @@ is cached by :meth:`ltuning.model.LTuningModel.inference_cached` at the first ba
 
 Several adapters: each adapter is an ``LTuningModel`` sharing the same base module (no copy of the weights).
 Adapters whose method hooks the base's layers (LoRA, FL, APT, CGC-LoRA) have their hooks detached from the base
-and attached only while a batch of that adapter runs (:class:`_HookSwitch`); batches never mix adapters (one batch
-per adapter). A single LoRA adapter is merged into the frozen weights at load (no hook cost; before any
-quantization).
+and attached only while a batch of that adapter runs (:class:`_HookSwitch`). A single LoRA adapter is merged into
+the frozen weights at load (no hook cost; before any quantization). A mixed stream (:meth:`Engine.score_mixed`):
+with ``shared_bank=True`` (the default; ``--no-shared-bank`` turns it off) the prefix-family adapters share one
+bank built at load (:mod:`ltuning.serving.shared_bank`: their entries side by side, each row indexing its own,
+each row scored by its own adapter's head), so their inputs are planned and run together in token-budget batches;
+the adapters that cannot share (LoRA and the other layer-hooking methods, prompts concatenated to an encoder's
+input, shared-input scoring, multi-task adapters) run in batches of their own adapter.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from ..model import LTuningModel
 from ..io import read_adapter_config, read_adapter_meta
 from ..models import enable, fingerprint, load_base
 from . import cpu
+from .shared_bank import SharedBank
 
 class _HookSwitch:
     """Forward (pre-)hooks an adapter installed on the shared base: detached, re-attached while it runs."""
@@ -104,15 +109,20 @@ class Engine:
     """Load ``adapters`` ({name: directory}) on one base; classify tokenised or raw inputs.
 
     ``dtype``: ``"auto"`` (bf16 where the CPU multiplies bf16 natively and a probe GEMM is faster in bf16, else
-    fp32), ``"fp32"`` or ``"bf16"``. ``quantize``: None or ``"int8"`` (PyTorch dynamic int8 Linears in the frozen
-    base, CPU only; runs in fp32). ``model``: override the base recorded in the adapters."""
+    fp32), ``"fp32"`` or ``"bf16"``. ``quantize``: None, ``"int8"`` (PyTorch dynamic int8 Linears in the frozen
+    base, CPU only; runs in fp32) or ``"nf4"`` (the base loaded through bitsandbytes 4-bit NF4 exactly as
+    ``ltuning train --quantize nf4`` loads it, :func:`ltuning.models.load_base`: double-quantized NF4 weights,
+    bf16 compute inside the 4-bit Linears, everything else fp32; a single LoRA adapter is then not merged, its
+    hook runs). ``model``: override the base recorded in the adapters. ``shared_bank``: mixed batches of the
+    prefix-family adapters (module docstring); False: one batch per adapter."""
 
     def __init__(self, adapters: dict, model: str | None = None, dtype: str = "auto", quantize: str | None = None,
-                 max_batch_tokens: int = 4096, max_batch_rows: int = 64, threads: int | None = None):
+                 max_batch_tokens: int = 4096, max_batch_rows: int = 64, threads: int | None = None,
+                 shared_bank: bool = True):
         if not adapters:
             raise ValueError("at least one adapter is needed")
-        if quantize not in (None, "none", "int8"):
-            raise ValueError(f"--quantize: expected int8 (or none), got {quantize!r}")
+        if quantize not in (None, "none", "int8", "nf4"):
+            raise ValueError(f"--quantize: expected int8, nf4 or none, got {quantize!r}")
         quantize = None if quantize == "none" else quantize
         if dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--dtype: expected auto, fp32 or bf16, got {dtype!r}")
@@ -126,13 +136,14 @@ class Engine:
             raise ValueError(f"the adapters were trained on different base models {sorted(bases)}; "
                              f"serve them from separate processes")
         base_name = model or bases.pop()
-        if quantize == "int8" and dtype == "bf16":
-            raise ValueError("--quantize int8 runs in fp32; do not combine it with --dtype bf16")
+        if quantize and dtype == "bf16":
+            raise ValueError(f"--quantize {quantize} runs the base in fp32 (nf4: bf16 compute inside its 4-bit "
+                             f"Linears); do not combine it with --dtype bf16")
         self.dtype = "fp32" if quantize else (cpu.preferred_dtype() if dtype == "auto" else dtype)
         self.quantize = quantize
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
-        self.base, self.tokenizer = load_base(base_name, "fp32")
+        self.base, self.tokenizer = load_base(base_name, "fp32", "nf4" if quantize == "nf4" else None)
         self.base_name = base_name
         enable(self.base)  # the attention patch and fused ops once, before any adapter's own hooks
         self.adapters: dict = {}
@@ -151,7 +162,7 @@ class Engine:
         hooked = [n for n, ids in owned.items() if ids]
         if len(self.adapters) > 1 and hooked:
             self.hooks.detach(self.base, owned)
-        elif hooked and self.adapters[hooked[0]].method == "lora":
+        elif hooked and self.adapters[hooked[0]].method == "lora" and quantize != "nf4":
             self.adapters[hooked[0]].model.method.merge()  # its hook then adds nothing
         if self.dtype == "bf16":
             self.base.to(torch.bfloat16)
@@ -159,6 +170,17 @@ class Engine:
             cpu.quantize_int8(self.base)
         self.fingerprint = fingerprint(self.base)
         self.lock = threading.Lock()  # one model call at a time
+        self.shared = None
+        if shared_bank and len(self.adapters) > 1:
+            # hooks that change the base (LoRA & co.) rule an adapter out; gate hooks (APT: prefix scales) do not
+            fit = [a for n, a in self.adapters.items() if not owned[n] or a.model.method.prefix_scales() is not None]
+            if len(fit) > 1:
+                try:
+                    self.shared = SharedBank(self.base, fit, self.dtype, self.hooks)
+                except ValueError:
+                    self.shared = None
+                if self.shared is not None and len(self.shared.members) < 2:
+                    self.shared = None
 
     # ---------------------------------------------------------------- inputs
     def adapter(self, name: str | None) -> Adapter:
@@ -190,6 +212,42 @@ class Engine:
             finally:
                 self.hooks.release(adapter.name)
 
+    def shares(self, adapter: Adapter) -> bool:
+        """Whether ``adapter``'s inputs join mixed batches (:mod:`ltuning.serving.shared_bank`)."""
+        return self.shared is not None and adapter.name in self.shared
+
+    def score_mixed(self, adapters: list, ids: list) -> list:
+        """Scores of a mixed stream: ``adapters[i]`` (an :class:`Adapter`) scores ``ids[i]``; a list of (K_a,)
+        float32 tensors in input order. The inputs of adapters that share the bank are planned together
+        (token-budget batches over every row they score) and each batch runs the base once; the others run per
+        adapter (:meth:`score_ids`)."""
+        out = [None] * len(ids)
+        own: dict = {}
+        mixed = []
+        for i, a in enumerate(adapters):
+            (mixed if self.shares(a) else own.setdefault(a.name, [])).append(i)
+        if len({adapters[i].name for i in mixed}) < 2:  # one adapter: its own batches
+            for i in mixed:
+                own.setdefault(adapters[i].name, []).append(i)
+            mixed = []
+        for name, ix in own.items():
+            scores = self.score_ids(self.adapters[name], [ids[i] for i in ix])
+            for i, s in zip(ix, scores):
+                out[i] = s
+        if mixed:
+            rows = [self.shared.rows_of(adapters[i].name) for i in mixed]
+            first = self.adapters[adapters[mixed[0]].name].model
+            overhead = overhead_tokens_of(first.head.weight.device)
+            batches = plan_batches([len(ids[i]) for i in mixed], self.max_batch_rows, overhead, rows,
+                                   self.max_batch_tokens, ties="smaller")
+            with self.lock:
+                for b in batches:
+                    scores = self.shared.run([(adapters[mixed[j]].name, ids[mixed[j]]) for j in b],
+                                             first.tokenizer.pad_token_id)
+                    for j, s in zip(b, scores):
+                        out[mixed[j]] = s
+        return out
+
     def classify(self, records: list, adapter: str | None = None) -> list:
         """``[(prediction, {label: score})]`` for raw records (str or dict), input order."""
         a = self.adapter(adapter)
@@ -209,4 +267,5 @@ class Engine:
     def describe(self) -> dict:
         return {"base_model": self.base_name, "dtype": self.dtype, "quantize": self.quantize,
                 "threads": torch.get_num_threads(),
+                "shared_bank": sorted(self.shared.members) if self.shared is not None else [],
                 "adapters": {n: {**a.info, "max_length": a.max_length} for n, a in self.adapters.items()}}

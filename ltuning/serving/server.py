@@ -241,8 +241,9 @@ def serve(a, load_engine) -> None:
 
     def announce():
         state.ready.wait()
+        q = f", {state.engine.quantize}" if state.engine.quantize else ""
         print(f"ltuning serve: ready on http://{a.host}:{a.port} ({', '.join(state.engine.adapters)}; "
-              f"{state.engine.dtype}{', int8' if state.engine.quantize else ''})", file=sys.stderr, flush=True)
+              f"{state.engine.dtype}{q})", file=sys.stderr, flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
     # uvicorn handles SIGTERM / SIGINT while it runs (graceful shutdown) and re-raises the signal to the handler

@@ -13,7 +13,9 @@ sharded over the ranks under torchrun.
   chunk's adapter group (:func:`ltuning.distributed.map_sharded`), the scores are gathered in input order and
   rank 0 alone writes, resumes and renames.
 * Each output line is the input record plus ``prediction`` and ``scores`` (per label); with several adapters a
-  record names its adapter in an ``adapter`` field (else the default adapter).
+  record names its adapter in an ``adapter`` field (else the default adapter). A chunk that mixes adapters is
+  scored as one stream (:meth:`~ltuning.serving.engine.Engine.score_mixed`: the prefix-family adapters share
+  batches, the others run per adapter), else per adapter.
 """
 from __future__ import annotations
 
@@ -124,6 +126,8 @@ def _flush(engine, chunk: list, out, input_path: str, default_adapter) -> int:
             raise UserError(e.args[0], input_path, line) from None
         groups.setdefault(a.name, []).append(i)
     lines = [None] * len(chunk)
+    if getattr(engine, "shared", None) is not None and len(groups) > 1:  # a mixed chunk: the shared-bank adapters batched together
+        return _flush_mixed(engine, chunk, groups, out, lines)
     for name, ix in groups.items():
         a = engine.adapters[name]
         ids = engine.tokenize([chunk[i][0] for i in ix], a)
@@ -133,8 +137,41 @@ def _flush(engine, chunk: list, out, input_path: str, default_adapter) -> int:
             rec["prediction"] = pred
             rec["scores"] = per_label
             lines[i] = json.dumps(rec, ensure_ascii=False)
+    return _write(out, lines)
+
+
+def _flush_mixed(engine, chunk: list, groups: dict, out, lines: list) -> int:
+    """:func:`_flush` through :meth:`Engine.score_mixed`: every input of the chunk in one stream (sharded over
+    the ranks by input; each rank's scores padded to the largest label count to be gathered)."""
+    import torch
+    adapters, ids = [None] * len(chunk), [None] * len(chunk)
+    for name, ix in groups.items():
+        a = engine.adapters[name]
+        for i, x in zip(ix, engine.tokenize([chunk[i][0] for i in ix], a)):
+            adapters[i], ids[i] = a, x
+    width = max(len(a.label_names) for a in engine.adapters.values())
+
+    def score(part: list) -> torch.Tensor:
+        res = engine.score_mixed([adapters[i] for i in part], [ids[i] for i in part])
+        padded = torch.full((len(part), width), float("nan"))
+        for r, row in enumerate(res):
+            padded[r, :len(row)] = row
+        return padded
+
+    scores = distributed.map_sharded(score, list(range(len(chunk))))
+    for i, (rec, _) in enumerate(chunk):
+        a = adapters[i]
+        (pred, per_label), = engine.format(a, scores[i:i + 1, :len(a.label_names)])
+        rec = dict(rec)
+        rec["prediction"] = pred
+        rec["scores"] = per_label
+        lines[i] = json.dumps(rec, ensure_ascii=False)
+    return _write(out, lines)
+
+
+def _write(out, lines: list) -> int:
     if out is not None:
         out.write(("\n".join(lines) + "\n").encode())
         out.flush()
         os.fsync(out.fileno())
-    return len(chunk)
+    return len(lines)

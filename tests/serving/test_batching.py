@@ -63,3 +63,39 @@ def test_ties_and_plain_chunks():
         plan_batches([3], 0)
     with pytest.raises(ValueError):
         plan_batches([3], 4, ties="first")
+
+
+def test_mixed_rows_plan_is_optimal_and_equals_the_uniform_plan(seed):
+    """Per-input row counts (a mixed batch of adapters, K rows for a K-pass label-conditioned one): every input
+    once, at most ``max_rows`` rows and ``max_tokens`` padded tokens per batch (a lone input excepted), the least
+    cost over every split of the sorted order; with equal counts the plan of the uniform planner."""
+    rng = random.Random(seed)
+    for _ in range(40):
+        n = rng.randint(1, 8)
+        rows = [rng.choice([1, 2, 3]) for _ in range(n)]
+        max_rows, overhead = rng.randint(1, 12), rng.choice([0, 3, 20, 200])
+        max_tokens = rng.choice([None, 40, 150, 10_000])
+        lengths = [rng.randint(1, 60) for _ in range(n)]
+        batches = plan_batches(lengths, max_rows, overhead, rows, max_tokens, ties="smaller")
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        assert [i for b in batches for i in b] == order
+        for b in batches:
+            r = sum(rows[i] for i in b)
+            assert len(b) == 1 or (r <= max_rows and (max_tokens is None or r * lengths[b[0]] <= max_tokens))
+        cost = sum(sum(rows[i] for i in b) * lengths[b[0]] + overhead for b in batches)
+        best = None
+        for k in range(n):
+            for cut in itertools.combinations(range(1, n), k):
+                spans = [order[s:e] for s, e in zip((0,) + cut, cut + (n,))]
+                if any(len(sp) > 1 and (sum(rows[i] for i in sp) > max_rows or (
+                        max_tokens is not None and sum(rows[i] for i in sp) * lengths[sp[0]] > max_tokens))
+                       for sp in spans):
+                    continue
+                c = sum(sum(rows[i] for i in sp) * lengths[sp[0]] + overhead for sp in spans)
+                best = c if best is None else min(best, c)
+        assert cost == best
+        same = rng.choice([1, 2, 3])
+        for ties in ("larger", "smaller"):
+            assert plan_batches(lengths, max_rows, overhead, [same] * n, max_tokens, ties) == \
+                plan_batches(lengths, max_rows, overhead, same, max_tokens, ties)
