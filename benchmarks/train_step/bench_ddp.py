@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     order = []
     for r in range(a.reps):
         order += ["1x2", "2x1"] if r % 2 == 0 else ["2x1", "1x2"]
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for i, v in enumerate(order):
             rate = run(v, args, os.path.join(tmp, f"{v}_{i}"))
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
            "variants": {"1x2": "1 process, OMP_NUM_THREADS=2", "2x1": "torchrun 2 processes (gloo), OMP_NUM_THREADS=1"},
            "rates": rates, "median": med, "ratio_2x1_over_1x2": med["2x1"] / med["1x2"],
            "command": "python benchmarks/train_step/bench_ddp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "train_args": args, "machine": {**machine_info(), "torch_threads": "per variant, see variants"}}
+           "train_args": args, "machine": {**machine_info(), "torch_threads": "per variant, see variants",
+                                           "load_average_start": load_start, "load_average_end": os.getloadavg()}}
     print(json.dumps({"median": med, "ratio_2x1_over_1x2": res["ratio_2x1_over_1x2"]}))
     atomic_json(a.json, res)
     return 0
