@@ -63,6 +63,12 @@ def mixed_stream(names, n_texts, rng_seed=0):
                                                     torch.randint(n_texts, (40,), generator=g))]
 
 
+# fp32: a mixed batch has other lengths and sizes than the adapter's own, so the products sum in another order
+# (worst seen 4.3e-6 on these inputs, 1.3e-5 on bench_mixed's 1161 rows); a row reading another adapter's entry
+# or head is off by O(1).
+FP32_TOL = 5e-5
+
+
 def check_rows(engine, refs, stream, texts=TEXTS):
     ads = [engine.adapters[n] for n, _ in stream]
     ids = [engine.tokenize([{"text": texts[j]}], engine.adapters[n])[0] for n, j in stream]
@@ -70,7 +76,7 @@ def check_rows(engine, refs, stream, texts=TEXTS):
     assert len(out) == len(stream)
     for (n, j), s in zip(stream, out):
         assert s.shape == refs[n][j].shape
-        assert max_rel(s, refs[n][j]) < 1e-5, (n, j)
+        assert max_rel(s, refs[n][j]) < FP32_TOL, (n, j)
     return out
 
 
@@ -115,7 +121,7 @@ def test_classify_cli_mixed_stream_in_input_order(adapters, tmp_path):
     assert [r["id"] for r in rows] == list(range(len(stream)))
     for r, (n, j) in zip(rows, stream):
         assert r["adapter"] == n and list(r["scores"]) == ADAPTERS[n][1]
-        assert max_rel(torch.tensor(list(r["scores"].values())), refs[n][j]) < 1e-5, (n, j)
+        assert max_rel(torch.tensor(list(r["scores"].values())), refs[n][j]) < FP32_TOL, (n, j)
 
 
 def test_bf16_mixed_batches_stay_close_to_per_adapter_batches(adapters):
