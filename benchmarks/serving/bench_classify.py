@@ -25,7 +25,8 @@ import threading
 import time
 
 sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."),
-                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "accuracy")]
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -37,6 +38,7 @@ from ltuning.serving import cpu  # noqa: E402
 from ltuning.serving.engine import Engine  # noqa: E402
 from ltuning.serving.stream import classify_file  # noqa: E402
 
+from experiment import parse_method  # noqa: E402
 from common import DATA  # noqa: E402
 
 
@@ -67,10 +69,12 @@ def nonembed_params(base) -> int:
 
 
 def make_adapter(model_name, method, labels, out):
+    """An untrained adapter of ``method`` (a name or a variant, ``lt-prefix:scoring=onepass``) saved to ``out``."""
     base, tok = load_base(model_name)
     texts = [default_label_text(n) for n in labels]
     torch.manual_seed(0)
-    clf = ltuning.Classifier(model_name, method, label_names=labels, base=base, tokenizer=tok)
+    name, opts = parse_method(method)
+    clf = ltuning.Classifier(model_name, name, label_names=labels, base=base, tokenizer=tok, **opts)
     clf.build(labels)
     clf.model.config.label_texts = texts
     clf.save_pretrained(out)
@@ -148,11 +152,13 @@ def main(argv=None):
     ap.add_argument("--datasets", default="sst2,banking77")
     ap.add_argument("--n", type=int, default=256, help="dev examples per dataset (the first N)")
     ap.add_argument("--kpass-n", type=int, default=32, help="dev examples for label-conditioned methods when K > 2")
-    ap.add_argument("--methods", default="prefix,lora,lt-prefix")
+    ap.add_argument("--methods", default="prefix,lora,lt-prefix,lt-prefix:scoring=onepass",
+                    help="methods or variants (lt-prefix:scoring=onepass), comma-separated")
     ap.add_argument("--dtypes", default="fp32,bf16,int8")
     ap.add_argument("--dtype-methods", default="prefix,lora", help="methods also timed in the dtypes besides fp32")
     ap.add_argument("--baselines", default="hf-pipeline-lora-merged,peft-prefix")
     ap.add_argument("--stream-check", action="store_true", help="also time classify_file vs in-memory (prefix fp32)")
+    ap.add_argument("--stream-reps", type=int, default=3, help="alternated streamed / in-memory repetitions")
     ap.add_argument("--accuracy-adapter", default=None, help="a trained SST-2 adapter: fp32 / int8 / bf16 accuracy")
     ap.add_argument("--accuracy-n", type=int, default=872)
     ap.add_argument("--threads", type=int, default=1)
@@ -164,8 +170,7 @@ def main(argv=None):
            "command": "OMP_NUM_THREADS=%s python benchmarks/serving/bench_classify.py %s" % (
                os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:] if argv is None else argv)),
            "machine": cpu.machine(), "preferred_dtype": cpu.preferred_dtype(),
-           "note": "machine shared with 5 other jobs during the run (load average %.1f at start): figures are under "
-                   "contention; ratios are side by side in this one process" % os.getloadavg()[0],
+           "load_average_start": os.getloadavg(),
            "rows": [], "accuracy": []}
     tmp = tempfile.mkdtemp(prefix="bench_classify_")
 
@@ -198,7 +203,8 @@ def main(argv=None):
                     save()
             for method in a.methods.split(","):
                 ad = make_adapter(model_name, method, labels, os.path.join(tmp, f"{model_name}-{ds}-{method}"))
-                kpass = method.startswith("lt-") and len(labels) > 2
+                name, opts = parse_method(method)
+                kpass = name.startswith("lt-") and opts.get("scoring", "kpass") == "kpass" and len(labels) > 2
                 recs = dev[:a.kpass_n if kpass else a.n]
                 for dtype in a.dtypes.split(","):
                     if dtype == "bf16" and not cpu.native_bf16():
@@ -220,7 +226,7 @@ def main(argv=None):
                         with open(path, "w") as f:
                             f.write("".join(json.dumps(r) + "\n" for r in recs))
                         mem, st = [dt], []
-                        for _ in range(1):  # streamed, then in-memory again (medians over the runs)
+                        for _ in range(a.stream_reps):  # streamed, then in-memory again (medians over the runs)
                             t0 = time.perf_counter()
                             classify_file(e, path, os.path.join(tmp, "out.jsonl"), progress=False)
                             st.append(time.perf_counter() - t0)
@@ -251,6 +257,7 @@ def main(argv=None):
             rec["accuracy"].append(row)
             del e
             save()
+    rec["load_average_end"] = os.getloadavg()
     save()
 
 

@@ -105,7 +105,7 @@ def main(argv=None):
                os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:] if argv is None else argv)),
            "machine": cpu.machine(), "model": a.model, "method": a.method, "dataset": a.dataset, "dtype": a.dtype,
            "max_wait_ms": a.max_wait_ms, "threads": a.threads,
-           "note": "loopback only; machine shared with other jobs (load average %.1f at start)" % os.getloadavg()[0],
+           "load_average_start": os.getloadavg(),
            "levels": []}
     # offline reference: the same engine, in process
     e = Engine({"a": ad}, dtype=a.dtype, threads=a.threads)
@@ -155,6 +155,7 @@ def main(argv=None):
         proc.send_signal(signal.SIGTERM)
         rec["server_exit_code"] = proc.wait(120)
     rec["p99_target_ms_1_client"] = 1.5 * rec["single_request_forward_ms"] + a.max_wait_ms
+    rec["load_average_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(rec, f, indent=1)

@@ -34,6 +34,16 @@ def classify_table(rec) -> list:
     return out
 
 
+def load_note(rec: dict) -> str:
+    """What the record says about other load on the machine: the 1-minute load average at its start and end (older
+    records carry a hand-written ``note`` instead)."""
+    if "load_average_start" not in rec:
+        return rec.get("note", "load not recorded")
+    end = rec.get("load_average_end")
+    return "1-min load average %.2f at start, %s at end (%d cores)" % (
+        rec["load_average_start"][0], "%.2f" % end[0] if end else "not recorded", rec["machine"].get("cores", 0))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--classify", required=True, action="append", help="JSON of bench_classify (repeatable)")
@@ -48,7 +58,7 @@ def main(argv=None):
         lines += [f"Offline (`{c['command']}`; commit {c['commit']}, {c['date']}; {m['cpu']}, "
                   f"amx_bf16={m['amx_bf16']}, "
                   f"avx512_bf16={m['avx512_bf16']}, avx512_vnni={m['avx512_vnni']}, {m['torch_threads']} thread(s); "
-                  f"{c['note']}; JSON `{os.path.relpath(path, BENCH)}`):", ""]
+                  f"{load_note(c)}; JSON `{os.path.relpath(path, BENCH)}`):", ""]
         lines += classify_table(c) + [""]
         allrows += c["rows"]
     lines.pop()
@@ -70,7 +80,7 @@ def main(argv=None):
     if a.serve:
         s = json.load(open(a.serve))
         lines += ["", f"Server (`{s['command']}`; commit {s['commit']}, {s['date']}; {s['model']} {s['method']} "
-                      f"{s['dtype']}, {s['threads']} thread(s), `--max-wait-ms {s['max_wait_ms']}`; {s['note']}; "
+                      f"{s['dtype']}, {s['threads']} thread(s), `--max-wait-ms {s['max_wait_ms']}`; loopback; {load_note(s)}; "
                       f"JSON `{os.path.relpath(a.serve, BENCH)}`). Offline classify in the same run: "
                       f"{s['offline_examples_per_s']:.1f} ex/s; single-request forward "
                       f"{s['single_request_forward_ms']:.1f}"

@@ -74,6 +74,15 @@ def check_scoring(config) -> str:
     return scoring
 
 
+def rows_per_input(model) -> int:
+    """Rows of the model's forward per input, what a batch planner budgets: K for K-pass label conditioning
+    (B x K rows ``[p_k ; x_b]``) and for shared-input (B x K suffix rows, besides the B input rows); 1 for one-pass
+    (the input runs once whatever K) and for methods with an ordinary head."""
+    if not model.method.label_conditioned or check_scoring(model.config) == "onepass":
+        return 1
+    return len(model.label_names)
+
+
 class BilinearLabelHead(nn.Module):
     """s_{b,k} = tau * (h'_b (I + A / sqrt(d))) . (u'_k (I + C / sqrt(d))) / d, h' = LN(h), u' = LN(u) (no
     weights): h (B, d) pooled inputs, u (K, d) label encodings -> (B, K).

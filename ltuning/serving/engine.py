@@ -38,6 +38,7 @@ from ..data import encode
 from ..inference import overhead_tokens_of, run_batches
 from ..model import LTuningModel
 from ..io import read_adapter_config, read_adapter_meta
+from ..methods import scoring
 from ..models import enable, fingerprint, load_base
 from . import cpu
 from .shared_bank import SharedBank
@@ -155,7 +156,7 @@ class Engine:
             meta = metas[name]
             self.adapters[name] = Adapter(
                 name, d, m, list(m.label_names), meta.max_length,
-                m.config.method, len(m.label_names) if m.method.label_conditioned else 1,
+                m.config.method, scoring.rows_per_input(m),
                 {"method": m.config.method, "labels": list(m.label_names), "base_model": base_name,
                  "base_fingerprint": meta.base_fingerprint})
         self.hooks = _HookSwitch()

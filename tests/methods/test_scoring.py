@@ -314,3 +314,28 @@ def test_onepass_label_added_at_inference_scores_above_chance(minilm, sst2_dir):
         assert acc_seen > 0.6, acc_seen
     finally:
         ltuning.unpatch(clf.model)
+
+
+@pytest.mark.parametrize("scoring,rows", [("kpass", 3), ("onepass", 1), ("shared-input", 3)])
+def test_engine_budgets_rows_per_input_by_scoring(minilm, scoring, rows, tmp_path):
+    """The serving engine's batch planner budgets K rows per input for K-pass and shared-input, one for one-pass
+    (its input runs once whatever K), and its scores equal the model's own forward."""
+    from ltuning.serving.engine import Engine
+    base, tok = minilm
+    m = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=NAMES3, label_texts=TEXTS3,
+                                                scoring=scoring), tok)
+    try:
+        with torch.no_grad():
+            for p in m.trainable_parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        ids, mask = inputs(tok)
+        with torch.no_grad():
+            want = m(ids, mask).float()
+        m.save_pretrained(str(tmp_path))
+    finally:
+        ltuning.unpatch(m)
+    e = Engine({"a": str(tmp_path)}, dtype="fp32")  # its own base, loaded from disk
+    a = e.adapters["a"]
+    assert a.rows_per_input == rows
+    got = e.score_ids(a, [row[mk.bool()].tolist() for row, mk in zip(ids, mask)])
+    assert rel_err(got, want) < 1e-5
