@@ -10,7 +10,8 @@
   Among splits of equal cost, ``ties="larger"`` takes the one whose last batch is the largest, ``"smaller"`` the
   smallest (evaluation and ``Classifier`` use the first, the serving engine the second: the choice changes scores
   only by float round-off, kept so that each path's scores stay bit-identical). Without ``overhead_tokens`` (and budget): consecutive chunks of
-  ``max_inputs`` sorted inputs.
+  ``max_inputs`` sorted inputs. Per-input row counts (a list ``rows_per_input``) run the same programme with a batch
+  bounded by the sum of its rows (the uniform case is the list ``[rows_per_input] * n``).
 * :func:`length_grouped_batches` (training): seeded shuffled batches whose inputs have similar lengths.
 
 Both return lists of input indices; callers restore the input order.
@@ -24,57 +25,28 @@ def plan_batches(lengths: list, max_rows: int, overhead_tokens: int | None = Non
                  max_tokens: int | None = None, ties: str = "larger") -> list:
     """Batches of indices into ``lengths`` (lists), longest inputs first; see the module docstring.
     ``rows_per_input``: an int (every input), or a list with each input's own rows (a mixed batch of adapters,
-    :mod:`ltuning.serving.shared_bank`): a batch then holds at most ``max_rows`` rows in all (one input at least)
-    and costs its longest input's length x its rows."""
-    if not isinstance(rows_per_input, int):
-        return _plan_mixed(lengths, max_rows, overhead_tokens, list(rows_per_input), max_tokens, ties)
-    if max_rows < 1 or rows_per_input < 1 or (max_tokens is not None and max_tokens < 1):
-        raise ValueError("max_rows, rows_per_input and max_tokens must be >= 1")
-    if ties not in ("larger", "smaller"):
-        raise ValueError(f"ties: expected 'larger' or 'smaller', got {ties!r}")
-    larger = ties == "larger"
-    idx = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = len(idx)
-    max_inputs = max(1, max_rows // rows_per_input)
-    if (overhead_tokens is None and max_tokens is None) or n <= 1:
-        return [idx[j:j + max_inputs] for j in range(0, n, max_inputs)]
-    overhead = overhead_tokens or 0
-    ls = [lengths[i] for i in idx]
-    best = [0.0] + [float("inf")] * n  # best[j]: least cost of the first j sorted inputs
-    start = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j - 1, max(0, j - max_inputs) - 1, -1):  # last batch = sorted inputs i..j-1, padded to ls[i]
-            tokens = (j - i) * ls[i] * rows_per_input
-            if max_tokens is not None and tokens > max_tokens and i < j - 1:
-                break  # longer batches (smaller i) only hold more tokens
-            c = best[i] + tokens + overhead
-            if c < best[j] or (larger and c == best[j]):  # i descends: a tie taken = a larger last batch
-                best[j], start[j] = c, i
-    out, j = [], n
-    while j > 0:
-        out.append(idx[start[j]:j])
-        j = start[j]
-    return out[::-1]
-
-
-def _plan_mixed(lengths, max_rows, overhead_tokens, rows, max_tokens, ties) -> list:
-    """:func:`plan_batches` with per-input row counts ``rows``: the same dynamic programme, a batch bounded by the
-    sum of its rows (``max_rows``) and its padded tokens (longest length x rows, ``max_tokens``)."""
-    if max_rows < 1 or len(rows) != len(lengths) or any(r < 1 for r in rows) or \
-            (max_tokens is not None and max_tokens < 1):
-        raise ValueError("max_rows, every input's rows and max_tokens must be >= 1 (one row count per input)")
+    :mod:`ltuning.serving.shared_bank`). One dynamic programme for both: a batch of the sorted inputs ``i..j-1``
+    holds ``r = rows[i] + ... + rows[j-1]`` rows, at most ``max_rows`` (one input at least), costs
+    ``r * lengths[i] + overhead_tokens`` and holds at most ``max_tokens`` of those padded tokens (a lone input
+    excepted); with an int, ``r = (j - i) * rows_per_input``: at most ``max(1, max_rows // rows_per_input)``
+    inputs."""
+    uniform = isinstance(rows_per_input, int)
+    rows = [rows_per_input] * len(lengths) if uniform else list(rows_per_input)
+    if max_rows < 1 or (uniform and rows_per_input < 1) or len(rows) != len(lengths) or any(r < 1 for r in rows) \
+            or (max_tokens is not None and max_tokens < 1):
+        raise ValueError("max_rows, rows_per_input (every input's rows, one per input) and max_tokens must be >= 1")
     if ties not in ("larger", "smaller"):
         raise ValueError(f"ties: expected 'larger' or 'smaller', got {ties!r}")
     larger = ties == "larger"
     idx = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(idx)
     ls = [lengths[i] for i in idx]
-    cum = [0]
+    cum = [0]  # cum[j]: rows of the first j sorted inputs
     for i in idx:
         cum.append(cum[-1] + rows[i])
     if (overhead_tokens is None and max_tokens is None) or n <= 1:
         out, i = [], 0
-        while i < n:  # greedy chunks of at most max_rows rows
+        while i < n:  # greedy chunks of at most max_rows rows (one input at least)
             j = i + 1
             while j < n and cum[j + 1] - cum[i] <= max_rows:
                 j += 1
@@ -82,16 +54,16 @@ def _plan_mixed(lengths, max_rows, overhead_tokens, rows, max_tokens, ties) -> l
             i = j
         return out
     overhead = overhead_tokens or 0
-    best = [0.0] + [float("inf")] * n
+    best = [0.0] + [float("inf")] * n  # best[j]: least cost of the first j sorted inputs
     start = [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(j - 1, -1, -1):  # last batch = sorted inputs i..j-1
+        for i in range(j - 1, -1, -1):  # last batch = sorted inputs i..j-1, padded to ls[i]
             r = cum[j] - cum[i]
             tokens = r * ls[i]
             if i < j - 1 and (r > max_rows or (max_tokens is not None and tokens > max_tokens)):
                 break  # smaller i only adds rows and tokens
             c = best[i] + tokens + overhead
-            if c < best[j] or (larger and c == best[j]):
+            if c < best[j] or (larger and c == best[j]):  # i descends: a tie taken = a larger last batch
                 best[j], start[j] = c, i
     out, j = [], n
     while j > 0:

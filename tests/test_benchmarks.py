@@ -476,3 +476,21 @@ def test_figure_checker_fails_on_an_invented_figure(tmp_path):
     assert "'12.5 min'" in unsourced and "names no results" in unsourced
     assert "m.py (module docstring)" in docstring and "'91.3 %'" in docstring
     assert chk.main(["--root", str(tmp_path)]) == 1
+
+
+def test_bench_ddp_plans_both_modes_without_running(capsys):
+    """benchmarks/train_step/bench_ddp.py (``--mode fsdp`` is the former bench_fsdp.py): ``--plan`` lists the runs,
+    alternating A B B A; 1x2 is one process with 2 threads, every other run torchrun with 2 processes x 1 thread, and
+    only the fsdp runs add ``--fsdp``."""
+    bench = _load("train_step/bench_ddp")
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        assert bench.main(["--mode", mode, "--reps", "2", "--plan"]) == 0
+        runs[mode] = [ln.split(" ", 2) for ln in capsys.readouterr().out.splitlines()]
+    assert [r[0] for r in runs["ddp"]] == ["1x2:", "2x1:", "2x1:", "1x2:"]
+    assert [r[0] for r in runs["fsdp"]] == ["ddp:", "fsdp:", "fsdp:", "ddp:"]
+    for variant, threads, cmd in runs["ddp"] + runs["fsdp"]:
+        one = variant == "1x2:"
+        assert threads == f"OMP_NUM_THREADS={2 if one else 1}"
+        assert ("torch.distributed.run --nproc-per-node 2" in cmd) != one
+        assert cmd.endswith(" --fsdp") == (variant == "fsdp:") and " -m ltuning train --model smollm2-135m" in cmd

@@ -99,3 +99,60 @@ def test_mixed_rows_plan_is_optimal_and_equals_the_uniform_plan(seed):
         for ties in ("larger", "smaller"):
             assert plan_batches(lengths, max_rows, overhead, [same] * n, max_tokens, ties) == \
                 plan_batches(lengths, max_rows, overhead, same, max_tokens, ties)
+
+
+def _old_plan_batches(lengths, max_rows, overhead_tokens=None, rows_per_input=1, max_tokens=None, ties="larger"):
+    """The oracle: ``plan_batches`` for an int ``rows_per_input`` as it was before the uniform and the per-input-rows
+    planners became one (commit 272af27), copied unchanged."""
+    if max_rows < 1 or rows_per_input < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError("max_rows, rows_per_input and max_tokens must be >= 1")
+    if ties not in ("larger", "smaller"):
+        raise ValueError(f"ties: expected 'larger' or 'smaller', got {ties!r}")
+    larger = ties == "larger"
+    idx = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(idx)
+    max_inputs = max(1, max_rows // rows_per_input)
+    if (overhead_tokens is None and max_tokens is None) or n <= 1:
+        return [idx[j:j + max_inputs] for j in range(0, n, max_inputs)]
+    overhead = overhead_tokens or 0
+    ls = [lengths[i] for i in idx]
+    best = [0.0] + [float("inf")] * n  # best[j]: least cost of the first j sorted inputs
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, max(0, j - max_inputs) - 1, -1):  # last batch = sorted inputs i..j-1, padded to ls[i]
+            tokens = (j - i) * ls[i] * rows_per_input
+            if max_tokens is not None and tokens > max_tokens and i < j - 1:
+                break  # longer batches (smaller i) only hold more tokens
+            c = best[i] + tokens + overhead
+            if c < best[j] or (larger and c == best[j]):  # i descends: a tie taken = a larger last batch
+                best[j], start[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(idx[start[j]:j])
+        j = start[j]
+    return out[::-1]
+
+
+def test_uniform_rows_plan_equals_the_former_uniform_planner(seed):
+    """An int ``rows_per_input`` now runs the per-input-rows programme with ``[rows_per_input] * n``: the plan must
+    be the former uniform planner's (the oracle above) to the index, for both tie rules, with and without overhead
+    and token budget, over many lengths (ties in length included), 0 to 120 inputs and budgets from below one
+    input's rows up to more than all of them; several seeds, each named in a failure."""
+    for s in range(seed, seed + 8):
+        rng = random.Random(s)
+        for case in range(12):
+            n = rng.choice([0, 1, 2, rng.randint(3, 20), rng.randint(20, 120)])
+            rows = rng.choice([1, 1, 2, 3, 4, 7])
+            max_rows = rng.choice([1, rows - 1 or 1, rows, rng.randint(1, 64), 4096])
+            overhead = rng.choice([None, 0, 1, 3, 20, 200, 2000])
+            max_tokens = rng.choice([None, 1, 40, 150, 1000, 10_000])
+            top = rng.choice([3, 60, 512])  # few distinct lengths: many equal-cost splits
+            lengths = [rng.randint(1, top) for _ in range(n)]
+            for ties in ("larger", "smaller"):
+                args = (lengths, max_rows, overhead, rows, max_tokens, ties)
+                want = _old_plan_batches(*args)
+                assert plan_batches(*args) == want, f"seed {s} case {case}: {args}"
+    with pytest.raises(ValueError):  # a bad int rows_per_input is refused even with no inputs
+        plan_batches([], 4, rows_per_input=0)
+    with pytest.raises(ValueError):
+        plan_batches([5, 3], 4, 2, rows_per_input=[1])  # one row count per input
