@@ -4,7 +4,7 @@ Input: accuracy-runner JSONs (``run.py``'s ``runs``; several comma-separated, al
 quantized base are ignored). A *decision* is a model, a base method (``lt-prefix``, possibly with fixed options)
 and candidates differing in ONE option: ``--decide "lt-prefix:scoring=kpass|onepass|shared-input"`` (the decided
 option is the last ``key=a|b|c`` of the string; for ``label_texts``, whose value is itself ``|``-separated, the
-candidates are separated by ``||``), or the learning rate, ``--decide-lr lt-prefix:scoring=onepass`` (candidates:
+candidates are separated by ``||``; the candidate ``default`` is the option left out), or the learning rate, ``--decide-lr lt-prefix:scoring=onepass`` (candidates:
 the method's ``lr_grid``, from its sweep's grid runs at ``--grid-seed``). A candidate equal to the library default
 (``ltuning.make_config``; a field left None there is resolved by the model's family as the library does when it
 builds the method, see ``FAMILY_DEFAULTS``) also matches the method string without that option: ``kpass`` is
@@ -44,7 +44,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE), HERE]
-from common import RESULTS, atomic_json  # noqa: E402  (benchmarks/)
+from common import RESULTS, ROOT, atomic_json  # noqa: E402  (benchmarks/)
 from experiment import default_lr, parse_method  # noqa: E402
 from run import code_version, same_budget  # noqa: E402
 from table import precision, row_lr, run_key  # noqa: E402
@@ -54,6 +54,7 @@ from ltuning.errors import UserError  # noqa: E402
 from ltuning.methods import METHODS, method_class  # noqa: E402
 
 TIE = 1e-9
+DEFAULT = object()  # the candidate ``default``: the option left out (its library default on each model)
 # Config fields whose make_config default is None, resolved by the model's family when the method is built:
 # lt-prefix's variant in ltuning/methods/lt.py (LTPrefix.__init__), the pooling in ltuning/model.py
 # (LTuningModel). tests/test_select_defaults.py checks this table against the library on a tiny BERT and Llama.
@@ -229,7 +230,7 @@ def parse_decision(text: str, arg: str = "--decide") -> dict:
     if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
         raise UserError(f"{text!r}: expected at least two distinct candidates for {option}", arg)
     fixed_str = "+".join(fixed)
-    cands = [parse_method(f"{name}:{option}={v}")[1][option] for v in labels]
+    cands = [DEFAULT if v == "default" else parse_method(f"{name}:{option}={v}")[1][option] for v in labels]
     return {"kind": "option", "text": text, "base": name + (":" + fixed_str if fixed_str else ""), "method": name,
             "option": option, "candidates": cands, "labels": labels}
 
@@ -247,7 +248,7 @@ def parse_lr_decision(text: str, grid_seed: int) -> dict:
 
 def candidate_method(dec: dict, value) -> str:
     """The method string of a candidate (for matching by configuration)."""
-    if dec["kind"] == "lr":
+    if dec["kind"] == "lr" or value is None:
         return dec["base"]
     v = "|".join(value) if isinstance(value, list) else ("true" if value is True else "false" if value is False
                                                           else str(value))
@@ -336,6 +337,10 @@ def decide(runs: list, model: str, dec: dict, tasks_filter: list | None = None) 
         targets = [config_of(model, dec["base"])] * len(cands)
     else:
         default = library_default(model, name, dec["option"])
+        cands = [default if v is DEFAULT else v for v in cands]
+        if len({repr(v) for v in cands}) < len(cands):
+            raise UserError(f"{dec['text']!r}: on {model} two candidates are the same configuration "
+                            f"({dec['option']}={default!r} is the default)", "--decide")
         targets = [config_of(model, candidate_method(dec, v)) for v in cands]
     d_idx = next((i for i, v in enumerate(cands) if v == default), None)
     all_tasks = sorted({r["task"] for r in runs if r["model"] == model})
@@ -348,8 +353,6 @@ def decide(runs: list, model: str, dec: dict, tasks_filter: list | None = None) 
             row[i] = (cell_lr(runs, model, t, targets[i], v, dec["grid_seed"]) if dec["kind"] == "lr"
                       else cell_option(runs, model, t, targets[i]))
         missing = [labels[i] for i in row if row[i] is None]
-        if len(missing) == len(cands):
-            continue  # no candidate ran on this task: not a task of the decision
         if missing:
             dropped.append({"task": t, "reason": "no " + ("grid run (seed %d) at lr " % dec["grid_seed"]
                                                           if dec["kind"] == "lr" else "runs of ")
@@ -462,7 +465,7 @@ def markdown(res: dict) -> str:
                       for y in labels)) if not c["swept"]})
     if res["kind"] == "option" and unswept:
         lines.append("Not swept (trained at the default lr): " + ", ".join(unswept) + ".")
-    return "\n".join(_wrap(ln) for ln in lines) + "\n"
+    return "\n".join(_wrap(x) for ln in lines for x in ln.split("\n")) + "\n"
 
 
 def _wrap(line: str, width: int = 120) -> str:
@@ -477,6 +480,20 @@ def _wrap(line: str, width: int = 120) -> str:
         else:
             cur = f"{cur} {word}" if cur else word
     return "\n".join(out + [cur])
+
+
+def _display(arg: str) -> str:
+    """A command-line word for the report: absolute paths relative to the repository (else their file name; the
+    JSON records the command as given)."""
+    parts = []
+    for p in arg.split(","):
+        q = p.strip('"')
+        if os.path.isabs(q):
+            rel = os.path.relpath(q, ROOT)
+            q = rel if not rel.startswith("..") else os.path.basename(q)
+            p = p.replace(p.strip('"'), q)
+        parts.append(p)
+    return ",".join(parts)
 
 
 def machine() -> dict:
@@ -545,7 +562,8 @@ def _main(a, argv) -> int:
                          "(see the docstring of benchmarks/accuracy/select_defaults.py)",
              "decisions": results}
     atomic_json(a.out, state)
-    md = (f"Defaults chosen by validation pooled over tasks, confirmed leave-one-task-out (`{cmd}`; "
+    shown = " ".join(["benchmarks/accuracy/select_defaults.py"] + [_display(x) for x in cmd.split(" ")[1:]])
+    md = (f"Defaults chosen by validation pooled over tasks, confirmed leave-one-task-out (`{shown}`; "
           f"{', '.join(os.path.basename(p) for p in paths)}; record: {os.path.basename(a.out)}).\n")
     md = _wrap(md) + "\n" + "".join(markdown(r) for r in results)
     if a.report_out:
