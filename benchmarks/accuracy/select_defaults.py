@@ -354,9 +354,8 @@ def decide(runs: list, model: str, dec: dict, tasks_filter: list | None = None) 
                       else cell_option(runs, model, t, targets[i]))
         missing = [labels[i] for i in row if row[i] is None]
         if missing:
-            dropped.append({"task": t, "reason": "no " + ("grid run (seed %d) at lr " % dec["grid_seed"]
-                                                          if dec["kind"] == "lr" else "runs of ")
-                            + ", ".join(missing)})
+            what = f"grid run (seed {dec['grid_seed']}) at lr " if dec["kind"] == "lr" else "runs of "
+            dropped.append({"task": t, "reason": "no " + what + ", ".join(missing)})
             continue
         cells[t] = row
     tasks = sorted(cells)
@@ -430,19 +429,21 @@ def _short(labels: list) -> tuple[list, str]:
 def markdown(res: dict) -> str:
     labels = res["candidates"]
     names, legend = _short(labels)
-    what = ("lr (grid runs, seed %s)" % res["per_task"][res["tasks"][0]][labels[0]]["seeds"][0]
+    what = (f"lr (grid runs, seed {res['per_task'][res['tasks'][0]][labels[0]]['seeds'][0]})"
             if res["kind"] == "lr" and res["tasks"] else res["option"])
-    lines = [f"\n### {res['model']}: {res['base']}, {what} in {{{', '.join(names)}}}\n", f"`--decide"
-             f"{'-lr' if res['kind'] == 'lr' else ''} \"{res['decision']}\"`.{legend}", "",
-             f"Library default: {res['library_default'] or repr(res['library_default_value']) + ' (not a candidate)'}."
-             f" Tasks: {', '.join(res['tasks']) or 'none'}."]
+    default = res["library_default"] or repr(res["library_default_value"]) + " (not a candidate)"
+    lines = [f"\n### {res['model']}: {res['base']}, {what} in {{{', '.join(names)}}}\n",
+             f"`--decide{'-lr' if res['kind'] == 'lr' else ''} \"{res['decision']}\"`.{legend}", "",
+             f"Library default: {default}. Tasks: {', '.join(res['tasks']) or 'none'}."]
     for d in res["dropped_tasks"]:
         lines.append(f"Dropped {d['task']}: {d['reason']}.")
     if res["choice"] is None:
-        return "\n".join(lines + ["", res["confirmation"] + "."]) + "\n"
-    lines += ["", "Cells: validation / dev (x100, mean over seeds, [seeds]); validation (split carved from train) "
-              "chooses, dev only confirms.", "LOTO: chosen on the other tasks; regret = its dev minus the best "
-              "candidate's dev on the task; std = that candidate's seed std.", ""]
+        lines += ["", res["confirmation"] + "."]
+        return "\n".join(_wrap(x) for ln in lines for x in ln.split("\n")) + "\n"
+    lines += ["", ("Cells: validation / dev (x100, mean over seeds, [seeds]); validation (split carved from train) "
+                   "chooses, dev only confirms."),
+              ("LOTO: chosen on the other tasks; regret = its dev minus the best candidate's dev on the task; "
+               "std = that candidate's seed std."), ""]
     lines.append("| task | " + " | ".join(names) + " | LOTO choice | = pooled | regret | std |")
     lines.append("|---" * (len(names) + 5) + "|")
     loto = {r["task"]: r for r in res["loto"]}
@@ -498,8 +499,9 @@ def _display(arg: str) -> str:
 
 def machine() -> dict:
     """CPU model, flags, cores, threads, load average (a shared machine: recorded, though nothing is timed)."""
-    from ltuning.models.registry import cpu_flags
     import platform
+
+    from ltuning.models.registry import cpu_flags
     name = platform.processor() or "cpu"
     try:
         with open("/proc/cpuinfo") as f:
