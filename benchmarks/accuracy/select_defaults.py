@@ -508,7 +508,7 @@ def machine() -> dict:
             name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
     except OSError:
         pass
-    return {"cpu": name, "flags": " ".join(sorted(cpu_flags())), "cores": os.cpu_count(),
+    return {"cpu": name, "flags": " ".join(sorted(f for f in cpu_flags() if f not in ("flags", ":"))), "cores": os.cpu_count(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": list(os.getloadavg())}
 
 
