@@ -176,6 +176,8 @@ def test_quantized_runs_and_other_configurations_are_ignored(sel, tmp_path):
                         for t in "ab"})
     runs += runs_of("m", "a", "lt-prefix:scoring=onepass", [99], [99], seeds=[1], quantize="nf4")
     runs += runs_of("m", "a", "lt-prefix:objective=pairwise+scoring=onepass", [99], [99])
+    runs += runs_of("m", "a", "lt-prefix:variant=published", [99], [99])  # m's family is unknown: not needed here
+    runs += runs_of("m", "a", "cgc-lora:nosuch=1", [99], [99]) + runs_of("m", "a", "gone-method", [99], [99])
     (d,), _ = select(sel, tmp_path, runs, "--decide", "lt-prefix:scoring=kpass|onepass")
     assert d["choice"] == "kpass" and d["per_task"]["a"]["onepass"]["seeds"] == [0]
     assert d["per_task"]["a"]["kpass"]["method"] == "lt-prefix:scoring=kpass"

@@ -159,13 +159,19 @@ def config_of(model: str, method: str) -> tuple:
 
 def _config_of(model: str, method: str) -> tuple:
     name, opts = parse_method(method)
-    fields = set(make_config(name).to_dict()) if name in METHODS else set()
+    if name not in METHODS:  # not a method of this library (a run of another code version): never a candidate
+        return name, frozenset((k, _freeze(v)) for k, v in opts.items())
+    fields = set(make_config(name).to_dict())
     kept = {}
     for k, v in opts.items():
         if k != "lr" and k not in fields:  # not an option of the method: keep it, it cannot be the default
             kept[k] = _freeze(v)
             continue
-        d = library_default(model, name, k)
+        try:
+            d = library_default(model, name, k)
+        except UserError:  # a family-dependent default of a model whose family is unknown: not comparable here
+            kept[k] = _freeze(v)  # (a decision over that option asks for --family itself)
+            continue
         if (float(v) if k == "lr" else v) != d:
             kept[k] = _freeze(v)
     return name, frozenset(kept.items())
