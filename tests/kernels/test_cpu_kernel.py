@@ -241,7 +241,7 @@ def test_every_output_written():
             out, ref = run_both(*inputs, causal=True)
             for name, a in zip(NAMES, out):
                 if a is not None:
-                    assert not torch.isnan(a).any(), f"{dtype} {name} has unwritten (NaN) elements"
+                    assert not torch.isnan(a).any(), f"{dtype} {name} has NaN elements (unwritten, or read from an unpacked slot)"
             check(out, ref, dtype)
     finally:
         torch.use_deterministic_algorithms(prev)
@@ -407,7 +407,7 @@ def run_varlen_both(lens, Hq, Hkv, D, P, N, dtype, idx, causal, gen, plen=None, 
 def assert_all_written(out, tag):
     for name, a in zip(NAMES, out):
         if a is not None:
-            assert not torch.isnan(a).any(), f"{tag} {name} has unwritten (NaN) elements"
+            assert not torch.isnan(a).any(), f"{tag} {name} has NaN elements (unwritten, or read from an unpacked slot)"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
