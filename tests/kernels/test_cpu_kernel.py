@@ -416,7 +416,8 @@ def assert_all_written(out, tag):
 @pytest.mark.parametrize("layout", ["dense", "varlen"])
 def test_long_entry_shared_by_many_short_sequences(dtype, causal, Hq, Hkv, D, layout, seed):
     """One-pass scoring shape: N = 1 entry of P ~ 600-900 tokens (a right-padded length below P) read by 20-40
-    short sequences; dense with key padding (one all-padding sequence) or varlen with lengths 1..20."""
+    short sequences; dense with key padding (one all-padding sequence) or varlen with lengths 1..20. Half the
+    cases pass prefix_scale (the prefix block per sequence), half not (the prefix block stacked over sequences)."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     B, P = rng.randint(20, 40), rng.randint(600, 900)
@@ -426,7 +427,7 @@ def test_long_entry_shared_by_many_short_sequences(dtype, causal, Hq, Hkv, D, la
     with _NanFill():
         if layout == "dense":
             L = rng.randint(10, 20)
-            inputs = make_inputs(B, Hq, Hkv, L, L, D, P, 1, dtype, mask=not causal, scale=True, empty_rows=True,
+            inputs = make_inputs(B, Hq, Hkv, L, L, D, P, 1, dtype, mask=not causal, scale=causal, empty_rows=True,
                                  gen=gen)
             out, ref = run_both(*inputs[:5], idx, *inputs[6:], causal, gen=gen, prefix_lengths=plen)
         else:
@@ -439,17 +440,19 @@ def test_long_entry_shared_by_many_short_sequences(dtype, causal, Hq, Hkv, D, la
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("causal", [False, True])
-def test_entries_of_unequal_length_some_unused(dtype, causal, seed):
+@pytest.mark.parametrize("scale", [False, True])
+def test_entries_of_unequal_length_some_unused(dtype, causal, scale, seed):
     """N = 5 entries of P = 300 slots with lengths (0, 300, 37, 251, 1); entries 1 and 4 are read by no sequence
-    (not packed: their bank gradient is exactly zero), the zero-length entry by a few; GQA 9/3, D = 64."""
+    (not packed: their bank gradient is exactly zero), the zero-length entry by a few; GQA 9/3, D = 64; with
+    prefix_scale (prefix block per sequence) or without (stacked over the sequences of an entry)."""
     gen = torch.Generator().manual_seed(seed)
     B, Hq, Hkv, L, D, P, N = 12, 9, 3, 13, 64, 300, 5
     plen = torch.tensor([0, P, 37, 251, 1])
     idx = torch.tensor([0, 2, 3, 2, 3, 3, 0, 2, 2, 3, 0, 3])
     with _NanFill():
-        inputs = make_inputs(B, Hq, Hkv, L, L, D, P, N, dtype, mask=True, scale=True, gen=gen)
+        inputs = make_inputs(B, Hq, Hkv, L, L, D, P, N, dtype, mask=True, scale=scale, gen=gen)
         out, ref = run_both(*inputs[:5], idx, *inputs[6:], causal, gen=gen, prefix_lengths=plen)
-    tag = f"{dtype} causal={causal}"
+    tag = f"{dtype} causal={causal} scale={scale}"
     assert_all_written(out, tag)
     check(out, ref, dtype, tag)
     for n in range(N):
