@@ -416,8 +416,8 @@ def assert_all_written(out, tag):
 @pytest.mark.parametrize("layout", ["dense", "varlen"])
 def test_long_entry_shared_by_many_short_sequences(dtype, causal, Hq, Hkv, D, layout, seed):
     """One-pass scoring shape: N = 1 entry of P ~ 600-900 tokens (a right-padded length below P) read by 20-40
-    short sequences; dense with key padding (one all-padding sequence) or varlen with lengths 1..20. Half the
-    cases pass prefix_scale (the prefix block per sequence), half not (the prefix block stacked over sequences)."""
+    short sequences; dense with key padding (one all-padding sequence) or varlen with lengths 1..20; half the
+    cases pass prefix_scale."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     B, P = rng.randint(20, 40), rng.randint(600, 900)
@@ -443,8 +443,8 @@ def test_long_entry_shared_by_many_short_sequences(dtype, causal, Hq, Hkv, D, la
 @pytest.mark.parametrize("scale", [False, True])
 def test_entries_of_unequal_length_some_unused(dtype, causal, scale, seed):
     """N = 5 entries of P = 300 slots with lengths (0, 300, 37, 251, 1); entries 1 and 4 are read by no sequence
-    (not packed: their bank gradient is exactly zero), the zero-length entry by a few; GQA 9/3, D = 64; with
-    prefix_scale (prefix block per sequence) or without (stacked over the sequences of an entry)."""
+    (not packed: their bank gradient is exactly zero), the zero-length entry by a few; GQA 9/3, D = 64; with and
+    without prefix_scale."""
     gen = torch.Generator().manual_seed(seed)
     B, Hq, Hkv, L, D, P, N = 12, 9, 3, 13, 64, 300, 5
     plen = torch.tensor([0, P, 37, 251, 1])

@@ -14,15 +14,9 @@
 // softmax over the prefix block (its entry's packed block, read in place, scaled per column by s) and then
 // over KB-key blocks of k_b. Packing per task instead costs more than the products when many short
 // sequences share one long entry (one-pass label scoring: N = 1, P ~ 900, ~14 query rows per sequence).
-// Without prefix_scale the prefix block is then computed stacked over sequences (Hydragen-style): per (used
-// entry n, KV head h), BM-row tiles of the query rows of ALL sequences reading n, one product with the packed
-// block each; the online-softmax state after it (row max, row sum, unnormalised output) is stored per row and
-// the sequence tasks continue from it. (With prefix_scale, whose column scales are per sequence, each task
-// computes its own prefix block from the packed entry.)
-// Extra memory of the forward, freed at the end of the call: the packed bank, N_used x Hkv x (Dp x P16 + Pp x
-// Dp) elements of the input dtype (each block rounded up to 64 elements), N_used = the number of distinct
-// entries in prefix_idx; and with stacking, the prefix state, Hkv x (sum over sequences of Lq x Hq/Hkv) x (Dp + 2)
-// accumulator elements (float32, float64 for float64 inputs).
+// Extra memory of the forward: the packed bank, N_used x Hkv x (Dp x P16 + Pp x Dp) elements of the input
+// dtype (each block rounded up to 64 elements), N_used = the number of distinct entries in prefix_idx,
+// freed at the end of the call.
 // Backward, one task per (KV head h, group of sequences using bank entry n): for each row tile the
 // prefix block then the sequence blocks, recomputing p from lse. d(bank_n) is accumulated by brgemm with
 // the reduction over all query rows of the group (fixed order); the few group partials of an entry are
@@ -470,57 +464,6 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
     });
   }
 
-  // Prefix block stacked over sequences (Hydragen-style), used without prefix_scale (its per-sequence column
-  // scales would differ between the rows of a tile): the query rows of all sequences reading entry n are tiled
-  // together, per KV head h, into BM-row products with the packed block, so short sequences no longer pad
-  // their own tiles and the brgemm calls get full tiles. The online-softmax state after the prefix block (row
-  // max, row sum, unnormalised output O) is kept per row (Hkv x rows x (Dp + 2) accumulator elements) and the
-  // sequence tasks continue from it, exactly as they would after computing that block themselves.
-  const bool stack = P && !pb.ps;
-  std::vector<int64_t> row0(stack ? pb.B : 0), srow_b, ent0{0};  // b's first stacked row; stacked row -> b
-  for (size_t e = 0; stack && e < used.size(); ++e) {
-    for (int64_t b = 0; b < pb.B; ++b)
-      if (pb.idx[b] == used[e]) {
-        row0[b] = static_cast<int64_t>(srow_b.size());
-        srow_b.insert(srow_b.end(), pb.rows(b), b);
-      }
-    ent0.push_back(static_cast<int64_t>(srow_b.size()));
-  }
-  const int64_t RS = static_cast<int64_t>(srow_b.size());
-  at::Tensor state_buf;
-  A *st_O = nullptr, *st_mx = nullptr, *st_l = nullptr;  // (h, stacked row): O (Dp), max, sum
-  if (RS) {
-    state_buf = at::empty({pb.Hkv * RS * (Dp + 2) * static_cast<int64_t>(sizeof(A))}, at::kByte);
-    st_O = reinterpret_cast<A*>(state_buf.data_ptr());
-    st_mx = st_O + pb.Hkv * RS * Dp;
-    st_l = st_mx + pb.Hkv * RS;
-    std::vector<int64_t> se, sh, su, scost;
-    for (size_t e = 0; e < used.size(); ++e)
-      for (int64_t h = 0; h < pb.Hkv; ++h)
-        for (int64_t u0 = ent0[e]; u0 < ent0[e + 1]; u0 += BM)
-          se.push_back(e), sh.push_back(h), su.push_back(u0), scost.push_back(std::min(BM, ent0[e + 1] - u0));
-    run_tasks(largest_first(scost), probe.used, vnni, [&](int64_t task, char* mem) {
-      Arena ar{mem};
-      auto w = layout(ar);
-      const int64_t e = se[task], h = sh[task], u0 = su[task], m = scost[task], Mg = up(m, 16);
-      const int64_t pl = pb.plen ? pb.plen[used[e]] : P;
-      const T* ktb = packed + (e * pb.Hkv + h) * blk_elems;
-      gather(w.qt, [&](int64_t r) {
-        const int64_t b = srow_b[u0 + r], rr = u0 + r - row0[b];
-        return pb.q.row(b, h * pb.g + rr % pb.g, rr / pb.g);
-      }, m, Mg, D, Dp);
-      for (int64_t r = 0; r < Mg; ++r) w.mx[r] = ninf, w.l[r] = 0, w.cnt[r] = r < m ? pl : 0;
-      gemm(Mg, P16, Dp, w.qt, Dp, ktb, P16, w.S, SL, false, vnni);
-      softmax_block(w.S, SL, Mg, P16, w.cnt, pb.scale, (const A*)nullptr, (const A*)nullptr, w.mx, w.l, w.O, Dp,
-                    w.alpha);
-      gemm(Mg, Dp, Pp, a_rows(w.pt, w.S, Mg, Pp, SL), SL, ktb + kblk, Dp, w.O, Dp, false, vnni);
-      const int64_t o = h * RS + u0;
-      std::copy_n(w.O, m * Dp, st_O + o * Dp);
-      std::copy_n(w.mx, m, st_mx + o);
-      std::copy_n(w.l, m, st_l + o);
-    });
-  }
-
   // tasks: (b, h, chunk of TILES_PER_TASK row tiles)
   std::vector<int64_t> tb, th, tt, cost;
   for (int64_t b = 0; b < pb.B; ++b) {
@@ -529,7 +472,7 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
       for (int64_t t = 0; t < nt; t += TILES_PER_TASK) {
         tb.push_back(b), th.push_back(h), tt.push_back(t);
         const int64_t r_end = std::min(pb.rows(b), (t + TILES_PER_TASK) * BM);
-        cost.push_back((r_end - t * BM) * ((stack ? 1 : P) + pb.keys_upto(b, r_end)));
+        cost.push_back((r_end - t * BM) * (P + pb.keys_upto(b, r_end)));
       }
   }
 
@@ -568,14 +511,7 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
       }
       const T* pt;
       bool fresh = true;  // the first PV product writes O (nothing is rescaled before it: l == 0)
-      if (stack) {  // continue from the stacked prefix block's state; padding rows: nothing seen, O = 0
-        const int64_t o = h * RS + row0[b] + r0;
-        std::copy_n(st_O + o * Dp, m * Dp, w.O);
-        std::fill(w.O + m * Dp, w.O + Mg * Dp, A(0));
-        std::copy_n(st_mx + o, m, w.mx);
-        std::copy_n(st_l + o, m, w.l);
-        fresh = false;
-      } else if (P) {
+      if (P) {
         gemm(Mg, P16, Dp, w.qt, Dp, ktb, P16, w.S, SL, false, vnni);
         for (int64_t r = 0; r < Mg; ++r) w.cnt[r] = r < m ? pb.prefix_len(b) : 0;
         softmax_block(w.S, SL, Mg, P16, w.cnt, pb.scale, pb.ps ? w.s : nullptr, (const A*)nullptr, w.mx, w.l,
