@@ -241,7 +241,7 @@ def test_every_output_written():
             out, ref = run_both(*inputs, causal=True)
             for name, a in zip(NAMES, out):
                 if a is not None:
-                    assert not torch.isnan(a).any(), f"{dtype} {name} has unwritten (NaN) elements"
+                    assert not torch.isnan(a).any(), f"{dtype} {name} has NaN elements (unwritten, or read from an unpacked slot)"
             check(out, ref, dtype)
     finally:
         torch.use_deterministic_algorithms(prev)
@@ -361,3 +361,101 @@ def test_inductor_with_strided_views():
     assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5)
     for a, b in zip(grads, rgrads):
         assert max_rel(a, b) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bank entries packed once per call (the forward packs every used (entry, KV head) block before its task loop):
+# one long entry shared by many short sequences (one-pass label scoring), several entries of unequal length with
+# unused ones. Outputs are NaN-prefilled (deterministic mode: torch.empty fills NaN, and so does the kernel's
+# packed-bank buffer, so an element that is read but never packed shows up as NaN too).
+
+class _NanFill:
+    def __enter__(self):
+        self.prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        assert torch.isnan(torch.empty(4)).all()
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.prev)
+
+
+def run_varlen_both(lens, Hq, Hkv, D, P, N, dtype, idx, causal, gen, plen=None, scale=False):
+    """(ours, reference) lists [o, lse, dq, dk, dv, dbank_k, dbank_v, dprefix_scale] for the packed form; the loss
+    is <o, go> + <lse, gl> over the finite lse entries."""
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    T = int(cu[-1])
+    base = [torch.randn(T, Hq, D, generator=gen), torch.randn(T, Hkv, D, generator=gen),
+            torch.randn(T, Hkv, D, generator=gen), torch.randn(N, Hkv, P, D, generator=gen),
+            torch.randn(N, Hkv, P, D, generator=gen)]
+    base = [t.to(dtype) for t in base] + [(torch.rand(len(lens), P, generator=gen) + 0.5) if scale else None]
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in base]
+    rleaves = [t.double().requires_grad_() if t is not None else None for t in base]
+    o, lse = cpa.prefix_attention_varlen_cpu(*leaves[:3], cu, *leaves[3:5], idx, causal=causal,
+                                             prefix_scale=leaves[5], prefix_lengths=plen)
+    ro, rlse = prefix_attention_varlen_reference(*rleaves[:3], cu, *rleaves[3:5], idx, causal=causal,
+                                                 prefix_scale=rleaves[5], prefix_lengths=plen)
+    go = torch.randn(o.shape, generator=gen).to(o.dtype)
+    gl = torch.randn(lse.shape, generator=gen) * torch.isfinite(rlse)
+    loss = (o.double() * go.double()).sum() + (lse.double().nan_to_num(0, 0, 0) * gl).sum()
+    rloss = (ro * go.double()).sum() + (rlse.nan_to_num(0, 0, 0) * gl).sum()
+    gs = iter(torch.autograd.grad(loss, [t for t in leaves if t is not None]))
+    rs = iter(torch.autograd.grad(rloss, [t for t in rleaves if t is not None]))
+    return ([o, lse] + [next(gs) if t is not None else None for t in leaves],
+            [ro, rlse] + [next(rs) if t is not None else None for t in rleaves])
+
+
+def assert_all_written(out, tag):
+    for name, a in zip(NAMES, out):
+        if a is not None:
+            assert not torch.isnan(a).any(), f"{tag} {name} has NaN elements (unwritten, or read from an unpacked slot)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Hq,Hkv,D", [(9, 3, 64), (12, 12, 32)])
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_long_entry_shared_by_many_short_sequences(dtype, causal, Hq, Hkv, D, layout, seed):
+    """One-pass scoring shape: N = 1 entry of P ~ 600-900 tokens (a right-padded length below P) read by 20-40
+    short sequences; dense with key padding (one all-padding sequence) or varlen with lengths 1..20; half the
+    cases pass prefix_scale."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    B, P = rng.randint(20, 40), rng.randint(600, 900)
+    plen = torch.tensor([P - rng.randint(1, 40)])
+    idx = torch.zeros(B, dtype=torch.long)
+    tag = f"{dtype} causal={causal} g={Hq // Hkv} D={D} {layout} B={B} P={P}"
+    with _NanFill():
+        if layout == "dense":
+            L = rng.randint(10, 20)
+            inputs = make_inputs(B, Hq, Hkv, L, L, D, P, 1, dtype, mask=not causal, scale=causal, empty_rows=True,
+                                 gen=gen)
+            out, ref = run_both(*inputs[:5], idx, *inputs[6:], causal, gen=gen, prefix_lengths=plen)
+        else:
+            lens = [rng.randint(1, 20) for _ in range(B)]
+            out, ref = run_varlen_both(lens, Hq, Hkv, D, P, 1, dtype, idx, causal, gen, plen=plen, scale=not causal)
+    assert_all_written(out, tag)
+    check(out, ref, dtype, tag)
+    assert (out[5][:, :, int(plen):] == 0).all() and (out[6][:, :, int(plen):] == 0).all(), tag
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [False, True])
+def test_entries_of_unequal_length_some_unused(dtype, causal, scale, seed):
+    """N = 5 entries of P = 300 slots with lengths (0, 300, 37, 251, 1); entries 1 and 4 are read by no sequence
+    (not packed: their bank gradient is exactly zero), the zero-length entry by a few; GQA 9/3, D = 64; with and
+    without prefix_scale."""
+    gen = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, L, D, P, N = 12, 9, 3, 13, 64, 300, 5
+    plen = torch.tensor([0, P, 37, 251, 1])
+    idx = torch.tensor([0, 2, 3, 2, 3, 3, 0, 2, 2, 3, 0, 3])
+    with _NanFill():
+        inputs = make_inputs(B, Hq, Hkv, L, L, D, P, N, dtype, mask=True, scale=scale, gen=gen)
+        out, ref = run_both(*inputs[:5], idx, *inputs[6:], causal, gen=gen, prefix_lengths=plen)
+    tag = f"{dtype} causal={causal} scale={scale}"
+    assert_all_written(out, tag)
+    check(out, ref, dtype, tag)
+    for n in range(N):
+        assert (out[5][n, :, int(plen[n]):] == 0).all() and (out[6][n, :, int(plen[n]):] == 0).all(), f"{tag} n={n}"
+    for n in (1, 4):
+        assert (out[5][n] == 0).all() and (out[6][n] == 0).all(), f"{tag} unused entry {n}"

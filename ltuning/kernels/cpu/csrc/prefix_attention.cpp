@@ -8,8 +8,15 @@
 // GQA reads each KV head once and never copies it per query head. Every matmul is an ATen brgemm tile
 // (oneDNN ukernel: AVX512-BF16 / AMX for bf16 with fp32 accumulation; oneDNN fp32 otherwise).
 //
-// Forward, one task per (sequence b, KV head h, chunk of row tiles): online softmax over the prefix
-// block (the bank entry, read in place, scaled per column by s) and then over KB-key blocks of k_b.
+// Forward: first every (bank entry n, KV head h) block that some sequence reads is packed ONCE per call into
+// GEMM operand layouts (K^T and V, zero past the entry's length; entries no sequence uses are skipped), in
+// parallel over the (n, h) pairs. Then one task per (sequence b, KV head h, chunk of row tiles): online
+// softmax over the prefix block (its entry's packed block, read in place, scaled per column by s) and then
+// over KB-key blocks of k_b. Packing per task instead costs more than the products when many short
+// sequences share one long entry (one-pass label scoring: N = 1, P ~ 900, ~14 query rows per sequence).
+// Extra memory of the forward: the packed bank, N_used x Hkv x (Dp x P16 + Pp x Dp) elements of the input
+// dtype (each block rounded up to 64 elements), N_used = the number of distinct entries in prefix_idx,
+// freed at the end of the call.
 // Backward, one task per (KV head h, group of sequences using bank entry n): for each row tile the
 // prefix block then the sequence blocks, recomputing p from lse. d(bank_n) is accumulated by brgemm with
 // the reduction over all query rows of the group (fixed order); the few group partials of an entry are
@@ -407,16 +414,14 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
 
   auto layout = [&](Arena& ar) {
     struct {
-      T *kt, *vn, *ktb, *vnb, *qt, *pt, *tmp;
+      T *kt, *vn, *qt, *pt, *tmp;
       A *bias, *s, *S, *O, *mx, *l, *alpha;
       int64_t *lim, *cnt;
     } w;
-    w.tmp = ar.take<T>(std::max(KB, P16) * Dp);
+    w.tmp = ar.take<T>(KB * Dp);
     w.kt = ar.take<T>(nblk_max * Dp * KB);
     w.vn = ar.take<T>(nblk_max * KB * Dp);
     w.bias = ar.take<A>(nblk_max * KB);
-    w.ktb = ar.take<T>(Dp * P16);
-    w.vnb = ar.take<T>(Pp * Dp);
     w.s = ar.take<A>(SL);
     w.qt = ar.take<T>(BM * Dp);
     w.S = ar.take<A>(BM * SL);
@@ -431,6 +436,33 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
   };
   Arena probe{nullptr};
   layout(probe);
+
+  // The packed bank: one block per (used entry, KV head), K^T in B layout with ldb P16 (as b_trans makes it),
+  // then V in B layout with ldb Dp (as b_plain makes it), zero-filled past the entry's length exactly as a
+  // per-task packing would be: the tasks' brgemm calls read the same bytes.
+  const int64_t kblk = up(Dp * P16, 64), blk_elems = kblk + up(Pp * Dp, 64);
+  std::vector<int64_t> slot(P ? pb.N : 0, -1), used;  // slot[n]: index of entry n's blocks, -1 when unused
+  for (int64_t b = 0; P && b < pb.B; ++b)
+    if (slot[pb.idx[b]] < 0) slot[pb.idx[b]] = static_cast<int64_t>(used.size()), used.push_back(pb.idx[b]);
+  const int64_t npack = static_cast<int64_t>(used.size()) * pb.Hkv;
+  at::Tensor packed_buf;
+  T* packed = nullptr;
+  if (npack) {
+    packed_buf = at::empty({npack * blk_elems * static_cast<int64_t>(sizeof(T))}, at::kByte);  // 64-byte aligned
+    packed = reinterpret_cast<T*>(packed_buf.data_ptr());
+    std::vector<int64_t> order(npack);
+    std::iota(order.begin(), order.end(), 0);
+    run_tasks(order, up(P16 * Dp * static_cast<int64_t>(sizeof(T)), 64), vnni, [&](int64_t u, char* mem) {
+      T* tmp = reinterpret_cast<T*>(mem);
+      const int64_t n = used[u / pb.Hkv], h = u % pb.Hkv;
+      const int64_t pl = pb.plen ? pb.plen[n] : P;  // rows past the entry's length are never read (zero-filled)
+      T* dst = packed + u * blk_elems;
+      gather(tmp, [&](int64_t j) { return pb.bank_row(pb.bank_k, n, h, j); }, pl, P16, D, Dp);
+      b_trans(dst, P16, tmp, P16, Dp, vnni);
+      gather(tmp, [&](int64_t j) { return pb.bank_row(pb.bank_v, n, h, j); }, pl, Pp, D, Dp);
+      b_plain(dst + kblk, tmp, Pp, Dp, vnni);
+    });
+  }
 
   // tasks: (b, h, chunk of TILES_PER_TASK row tiles)
   std::vector<int64_t> tb, th, tt, cost;
@@ -461,13 +493,10 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
       if (pb.mask)
         for (int64_t c = 0; c < nv; ++c) w.bias[c0 + c] = pb.mask[b * pb.Lk + c0 + c] ? A(0) : ninf;
     }
+    const T *ktb = nullptr, *vnb = nullptr;  // this sequence's entry, KV head h: packed K^T and V
     if (P) {
-      const int64_t n = pb.idx[b];
-      const int64_t pl = pb.prefix_len(b);  // rows past the entry's length are never read (zero-filled)
-      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_k, n, h, j); }, pl, P16, D, Dp);
-      b_trans(w.ktb, P16, w.tmp, P16, Dp, vnni);
-      gather(w.tmp, [&](int64_t j) { return pb.bank_row(pb.bank_v, n, h, j); }, pl, Pp, D, Dp);
-      b_plain(w.vnb, w.tmp, Pp, Dp, vnni);
+      ktb = packed + (slot[pb.idx[b]] * pb.Hkv + h) * blk_elems;
+      vnb = ktb + kblk;
       std::fill(w.s, w.s + SL, A(1));
       if (pb.ps) std::copy_n(pb.ps + b * P, P, w.s);
     }
@@ -483,12 +512,12 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
       const T* pt;
       bool fresh = true;  // the first PV product writes O (nothing is rescaled before it: l == 0)
       if (P) {
-        gemm(Mg, P16, Dp, w.qt, Dp, w.ktb, P16, w.S, SL, false, vnni);
+        gemm(Mg, P16, Dp, w.qt, Dp, ktb, P16, w.S, SL, false, vnni);
         for (int64_t r = 0; r < Mg; ++r) w.cnt[r] = r < m ? pb.prefix_len(b) : 0;
         softmax_block(w.S, SL, Mg, P16, w.cnt, pb.scale, pb.ps ? w.s : nullptr, (const A*)nullptr, w.mx, w.l,
                       w.O, Dp, w.alpha);
         pt = a_rows(w.pt, w.S, Mg, Pp, SL);
-        gemm(Mg, Dp, Pp, pt, SL, w.vnb, Dp, w.O, Dp, !fresh, vnni);
+        gemm(Mg, Dp, Pp, pt, SL, vnb, Dp, w.O, Dp, !fresh, vnni);
         fresh = false;
       }
       const int64_t nkt = pb.keys_upto(b, r0 + m);
