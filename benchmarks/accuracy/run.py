@@ -463,7 +463,8 @@ def main(argv=None) -> int:
           f"trains at its own {q} sweep's pick if it has one, else at the full-precision row's lr (the sweeps listed "
           "below are then fp32 ones).\n")
     md += markdown(mine, methods, tasks, models) + wall_note(state["runs"], shown, state.get("last_training_invocation"),
-                                                                   state.get("training_invocations")) + sweep_markdown(state["runs"])
+                                                                   state.get("training_invocations")) + sweep_markdown(
+        [x for x in state["runs"] if x["model"] in models and x["task"] in tasks and x["method"] in methods])
     if a.compare:
         with open(a.compare) as f:
             other = json.load(f)
