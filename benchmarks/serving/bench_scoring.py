@@ -14,7 +14,7 @@ of one (model, K) run back to back. The machine was shared with other jobs durin
 between neighbouring rows are more reliable than absolute figures.
 
     OMP_NUM_THREADS=1 python benchmarks/serving/bench_scoring.py [--models smollm2-135m,minilm-l6] [--ks 2,3,77]
-        [--json benchmarks/results/scoring_speed.json]
+        [--json benchmarks/results/scoring_speed_runs.json]
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def machine() -> dict:
         pass
     return {"cpu": name, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
             "cores": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "shared_machine": "yes: other jobs ran on the same 2 cores during the run"}
+            "load_average_1_5_15_min": os.getloadavg()}  # at the time of writing (after each configuration)
 
 
 def plot(rows: list, path: str) -> None:
@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--classify", type=int, default=64)
-    ap.add_argument("--json", default=os.path.join(RESULTS, "scoring_speed.json"))
+    ap.add_argument("--json", default=os.path.join(RESULTS, "scoring_speed_runs.json"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL:K:CONFIG in this process
     ap.add_argument("--skip", default="", help="K:CONFIG pairs not to run, e.g. 77:kpass,77:shared-input")
     ap.add_argument("--report", action="store_true", help="print the markdown table of --json and exit")
