@@ -41,7 +41,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE), HERE]
 import sync_results  # noqa: E402  (benchmarks/)
-from common import DATA, RESULTS, ROOT, atomic_json, group  # noqa: E402
+from common import DATA, RESULTS, ROOT, atomic_json, cpu_name, group  # noqa: E402
 from experiment import (DEFAULT_METHODS, RELATED_METHODS, TASK_METRIC, default_lr, load_spec,  # noqa: E402,F401
                         parse_method, spec_path)
 from table import (chart_methods, compare_markdown, delta_markdown, markdown, plot, precision,  # noqa: E402,F401
@@ -118,13 +118,7 @@ def torch_threads() -> int:
 
 def machine() -> str:
     """What ran a run: architecture, cores and the CPU's model name (from /proc/cpuinfo where there is one)."""
-    name = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cores, {name}"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}"
 
 
 def same_budget(old, new):

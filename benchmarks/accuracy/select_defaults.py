@@ -44,7 +44,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE), HERE]
-from common import RESULTS, ROOT, atomic_json  # noqa: E402  (benchmarks/)
+from common import RESULTS, ROOT, atomic_json, cpu_name  # noqa: E402  (benchmarks/)
 from experiment import default_lr, parse_method  # noqa: E402
 from run import code_version, same_budget  # noqa: E402
 from table import precision, row_lr, run_key  # noqa: E402
@@ -505,16 +505,8 @@ def _display(arg: str) -> str:
 
 def machine() -> dict:
     """CPU model, flags, cores, threads, load average (a shared machine: recorded, though nothing is timed)."""
-    import platform
-
     from ltuning.models.registry import cpu_flags
-    name = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    except OSError:
-        pass
-    return {"cpu": name, "flags": " ".join(sorted(f for f in cpu_flags() if f not in ("flags", ":"))), "cores": os.cpu_count(),
+    return {"cpu": cpu_name(), "flags": " ".join(sorted(f for f in cpu_flags() if f not in ("flags", ":"))), "cores": os.cpu_count(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": list(os.getloadavg())}
 
 

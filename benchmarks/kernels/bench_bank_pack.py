@@ -37,6 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))  # benchmarks/: common (imports nothing of ltuning)
+from common import git_commit  # noqa: E402
 
 SHAPES = {
     "minilm_onepass": dict(B=64, L=14, Hq=12, Hkv=12, D=32, N=1, P=912, causal=False),
@@ -92,14 +94,6 @@ def worker(reps: int, threads: int) -> dict:
                 ts.append(time.perf_counter() - t0)
             res[f"{name} {pname} ms"] = statistics.median(ts) * 1e3
     return res
-
-
-def git_commit(path: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
 
 
 def machine(threads: int) -> dict:

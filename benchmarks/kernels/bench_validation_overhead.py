@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # benchmarks/: common (imports nothing of ltuning)
+from common import git_commit  # noqa: E402
 SHAPE = dict(B=8, Hq=9, Hkv=3, L=128, P=20, D=64, N=2, causal=True)
 
 
@@ -160,14 +162,6 @@ def inprocess(before: Path, before_so: Path, reps: int, threads: int) -> dict:
                 fn()
             out[f"{dn} {label} us"] = round((time.perf_counter() - t0) / n * 1e6, 3)
     return out
-
-
-def git_commit(path: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
 
 
 def machine(threads: int) -> dict:

@@ -218,9 +218,9 @@ def test_bank_packing_validates_lengths():
         BilinearLabelHead(4)(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
-@pytest.mark.parametrize("scoring", ["kpass", "onepass", "shared-input"])
-def test_save_load_round_trip(minilm, scoring, tmp_path):
-    base, tok = minilm
+def save_perturbed_lt_prefix(base, tok, scoring, path):
+    """An lt-prefix adapter with ``scoring`` on ``base``, trainables moved off their initialisation, saved to
+    ``path`` and unpatched: (input_ids, attention_mask, its scores on them)."""
     m = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=NAMES3, label_texts=TEXTS3,
                                                 scoring=scoring), tok)
     try:
@@ -230,9 +230,16 @@ def test_save_load_round_trip(minilm, scoring, tmp_path):
         ids, mask = inputs(tok)
         with torch.no_grad():
             s = m(ids, mask)
-        m.save_pretrained(str(tmp_path))
+        m.save_pretrained(str(path))
     finally:
         ltuning.unpatch(m)
+    return ids, mask, s
+
+
+@pytest.mark.parametrize("scoring", ["kpass", "onepass", "shared-input"])
+def test_save_load_round_trip(minilm, scoring, tmp_path):
+    base, tok = minilm
+    ids, mask, s = save_perturbed_lt_prefix(base, tok, scoring, tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["method_config"]["scoring"] == scoring
     r = ltuning.LTuningModel.from_pretrained(base, str(tmp_path), tok)
@@ -321,19 +328,7 @@ def test_engine_budgets_rows_per_input_by_scoring(minilm, scoring, rows, tmp_pat
     """The serving engine's batch planner budgets K rows per input for K-pass and shared-input, one for one-pass
     (its input runs once whatever K), and its scores equal the model's own forward."""
     from ltuning.serving.engine import Engine
-    base, tok = minilm
-    m = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=NAMES3, label_texts=TEXTS3,
-                                                scoring=scoring), tok)
-    try:
-        with torch.no_grad():
-            for p in m.trainable_parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        ids, mask = inputs(tok)
-        with torch.no_grad():
-            want = m(ids, mask).float()
-        m.save_pretrained(str(tmp_path))
-    finally:
-        ltuning.unpatch(m)
+    ids, mask, want = save_perturbed_lt_prefix(*minilm, scoring, tmp_path)
     e = Engine({"a": str(tmp_path)}, dtype="fp32")  # its own base, loaded from disk
     a = e.adapters["a"]
     assert a.rows_per_input == rows
