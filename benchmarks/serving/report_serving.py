@@ -22,10 +22,11 @@ def _f(x, nd=1):
 def classify_table(rec) -> list:
     out = ["| model | data | system | dtype | examples | ex/s | tokens/s | peak RSS MB | matrix GFLOP/s | "
            "one-pass ceiling ex/s | of ceiling | x HF pipeline |", "|" + "---|" * 12]
-    base = {(r["model"], r["dataset"]): r["examples_per_s"] for r in rec["rows"]
+    # the HF pipeline runs in fp32 only: a row is compared with it in the same dtype (int8 = fp32 activations)
+    base = {(r["model"], r["dataset"], r["dtype"]): r["examples_per_s"] for r in rec["rows"]
             if r["system"] == "hf-pipeline-lora-merged"}
     for r in rec["rows"]:
-        hf = base.get((r["model"], r["dataset"]))
+        hf = base.get((r["model"], r["dataset"], r["dtype"]))
         out.append(f"| {r['model']} | {r['dataset']} | {r['system']} | {r['dtype']} | {r['examples']} | "
                    f"{_f(r['examples_per_s'])} | {_f(r.get('tokens_per_s'), 0)} | {_f(r['peak_rss_mb'], 0)} | "
                    f"{_f(r['matrix_gflops'])} | {_f(r.get('one_pass_ceiling_ex_s'))} | "
