@@ -75,7 +75,7 @@ def bank_of(model) -> Bank | None:
         keys, values = scoring.pack_blocks(keys, values, lengths)
         T = keys[0].shape[2]
         return Bank(keys, values, torch.tensor([T]), torch.tensor([start or 0]), 1, onepass=True)
-    rows = len(cfg.label_names) if m.label_conditioned else 1
+    rows = scoring.rows_per_input(model)  # kpass here (onepass / shared-input handled above): K or 1
     if m.kind == "prefix":
         keys, values = m.prefix()
         N, P = keys[0].shape[0], keys[0].shape[2]
@@ -90,7 +90,7 @@ def bank_of(model) -> Bank | None:
         start = torch.full((N,), n)
     else:  # a prompt concatenated to an encoder's input
         return None
-    if N != (rows if m.label_conditioned else 1):
+    if N != rows:
         return None
     return Bank(list(keys), list(values), lengths, start, rows)
 
