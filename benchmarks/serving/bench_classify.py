@@ -1,13 +1,43 @@
 """Offline classification throughput, side by side in ONE process: ltuning's engine (each method; fp32 / bf16 /
 dynamic int8) against what a user would run instead: Hugging Face ``pipeline("text-classification")`` on a
-LoRA-merged sequence-classification model, and a PEFT prefix-tuned model's batched forward (batches of 32 in input
-order). Also the streamed ``classify_file`` against the in-memory engine on the same inputs, and (with
-``--accuracy-adapter``) the accuracy of one trained adapter in fp32 / int8 / bf16 on the dev subset.
+LoRA-merged sequence-classification model (in fp32, and in bf16 too when bf16 rows are timed on a native-bf16
+CPU: the merged model ``.to(torch.bfloat16)``, the same pipeline call), and a PEFT prefix-tuned model's batched
+forward (fp32, batches of 32 in input order). Also the streamed ``classify_file`` against the in-memory engine on
+the same inputs, and (``--accuracy-adapter``, repeatable) the accuracy of trained adapters in fp32 / int8 / bf16
+on the dev set of each adapter's own dataset.
 
 Speed does not depend on the adapter's weights, so the throughput adapters are untrained (saved at
-initialisation); the matrix rate (median GFLOP/s of a (512, d) x (d, 4d)-class GEMM in the variant's dtype) is
-measured just before each variant, and the one-pass ceiling is ``rate / (2 * non-embedding parameters * real
-tokens per example)`` examples/s (one forward pass per example; attention flops ignored).
+initialisation).
+
+The one-pass ceiling, per row, from the model's OWN matrix products in the row's own numeric path:
+
+* After the Engine is loaded (bf16 conversion, LoRA merge, int8 dynamic quantization done), forward hooks on a
+  short warm batch find the Linear modules of the frozen transformer (``torch.nn.Linear`` and
+  ``torch.ao.nn.quantized.dynamic.Linear``) that run per token: called in the forward, with at least one row per
+  padded input token of the batch (so a BERT pooler, which sees one row per input, is out; the input embedding,
+  a tied lm_head and the classification head are not Linears of the transformer and are out). Each module counts
+  once per call per forward: ``P_lin = sum(in * out * calls per forward)``.
+* ``m`` = the median padded tokens (rows x padded length, K rows per input for label-conditioned K-pass methods)
+  of the forwards that the engine's planner (:func:`ltuning.batching.plan_batches`, the engine's own arguments)
+  makes of THESE inputs.
+* The probe: one sweep = every module (each as many times as it is called per forward) on a random (m, in)
+  input in the dtype the model feeds it (bf16 under the engine's bf16 autocast; fp32 for fp32 and for int8's
+  dynamic Linears), ``2 * m * P_lin`` flops. Rate = median over ``--probe-samples`` (>= 5) samples of whole
+  sweeps, each sample >= ``--probe-min-seconds`` (0.05 s). Measured BEFORE and AFTER the timed row; the row
+  uses the median of the two samples' sets (both recorded: a large gap says the machine's load changed).
+* ``one-pass ceiling (ex/s) = rate / (2 * P_lin * real tokens per example)``, real tokens = the unpadded input
+  tokens (prefix / bank tokens excluded: they are the method's extra work). ``utilisation = ex/s / ceiling``.
+
+So the ceiling counts only the per-token Linear products at the rate they run at in this model, shape and dtype;
+attention, padding, norms, activations, embedding, the head, the label side and Python overhead all count as lost
+time. Utilisation is therefore <= ~100 % by construction (above it only when the probe ran slow, e.g. under load:
+compare ``probe_gflops_before`` / ``_after``). A K-pass method runs K forwards per example against a one-pass
+ceiling, by design (that is its cost).
+
+Row fields (record version 2): ``probe_gflops_before``, ``probe_gflops_after``, ``probe_gflops`` (the median of
+both sets' samples), ``probe_m``, ``probe_modules``, ``p_lin``, ``tokens_per_example``, ``one_pass_ceiling_ex_s``,
+``utilisation``. The version-1 field ``matrix_gflops`` (one (512, d) x (d, 4d) GEMM in fp32/bf16 before the
+row) is gone; HF baseline rows carry no probe.
 
     OMP_NUM_THREADS=1 python benchmarks/serving/bench_classify.py --out benchmarks/results/serving_classify.json
 """
@@ -33,6 +63,7 @@ import torch  # noqa: E402
 
 import ltuning  # noqa: E402
 from ltuning.data import default_label_text, label_names_of, read_records  # noqa: E402
+from ltuning.io import read_adapter_config  # noqa: E402
 from ltuning.models import load_base  # noqa: E402
 from ltuning.serving import cpu  # noqa: E402
 from ltuning.serving.engine import Engine  # noqa: E402
@@ -63,9 +94,18 @@ class PeakRSS:
         self.mb = self.peak / 2**20
 
 
-def nonembed_params(base) -> int:
-    emb = base.get_input_embeddings().weight.numel()
-    return sum(p.numel() for p in base.parameters()) - emb
+def parse_accuracy_adapters(items: list, default_data: str = "sst2") -> list:
+    """``["DIR", "DIR@sst2", ...]`` -> ``[(DIR, dataset)]`` (a DIR that exists as given keeps any "@" in it);
+    each dataset must be a folder of the shared data with a dev.jsonl."""
+    out = []
+    for it in items:
+        d, sep, ds = it.rpartition("@")
+        if not sep or os.path.isdir(it):
+            d, ds = it, default_data
+        if not os.path.isfile(os.path.join(DATA, ds, "dev.jsonl")):
+            raise ValueError(f"--accuracy-adapter {it!r}: no dataset {ds!r} (expected {DATA}/{ds}/dev.jsonl)")
+        out.append((d, ds))
+    return out
 
 
 def make_adapter(model_name, method, labels, out):
@@ -82,24 +122,151 @@ def make_adapter(model_name, method, labels, out):
     return out
 
 
-def gemm_rate(dtype: str, d: int) -> float:
-    return cpu.gemm_gflops(torch.bfloat16 if dtype == "bf16" else torch.float32, m=512, k=d, n=4 * d, reps=5)
+def _linear_types() -> tuple:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    return (torch.nn.Linear, DynamicLinear)
 
 
-def run_engine(adapter_dir, dtype, quantize, ids_by_adapter, threads):
+def per_token_linears(model, base, run) -> list:
+    """``[(name, module, calls per forward)]``: the Linears of ``base`` (the frozen transformer) that run per token
+    when ``run()`` runs ``model`` (an ``LTuningModel``) on a batch of padded inputs of >= 2 tokens: called, each
+    call with >= B * T rows (B * T = the padded input tokens of that forward). Modules whose weight is the input
+    embedding's (tied) are out. Forward hooks count the calls (module docstring)."""
+    emb = base.get_input_embeddings()
+    emb_ptr = emb.weight.data_ptr() if emb is not None else None
+    forwards, calls, short = [], {}, set()
+    cands = [(n, mod) for n, mod in base.named_modules() if isinstance(mod, _linear_types())]
+
+    def pre(_, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        forwards.append(ids.shape[0] * ids.shape[1])
+
+    def hook(name, mod):
+        def fn(_, inputs, output):
+            x = inputs[0]
+            calls[name] = calls.get(name, 0) + 1
+            if x.numel() // mod.in_features < forwards[-1]:
+                short.add(name)
+        return fn
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True)]
+    handles += [mod.register_forward_hook(hook(n, mod)) for n, mod in cands]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    if not forwards or min(forwards) < 2:
+        raise ValueError("per_token_linears needs at least one forward of padded inputs of >= 2 tokens")
+    out = []
+    for n, mod in cands:
+        if n not in calls or n in short:
+            continue
+        w = getattr(mod, "weight", None)
+        w = w() if callable(w) else w  # dynamic int8 Linear: weight() is a method
+        if emb_ptr is not None and isinstance(w, torch.Tensor) and not w.is_quantized and w.data_ptr() == emb_ptr:
+            continue
+        per = calls[n] / len(forwards)
+        if per != int(per):
+            raise ValueError(f"{n}: {calls[n]} calls in {len(forwards)} forwards (not a whole number per forward)")
+        out.append((n, mod, int(per)))
+    return out
+
+
+def linear_params(mods: list) -> int:
+    """``P_lin = sum(in * out * calls per forward)`` of ``[(name, module, calls)]``."""
+    return sum(mod.in_features * mod.out_features * c for _, mod, c in mods)
+
+
+def one_pass_ceiling(rate_gflops: float, p_lin: int, tokens_per_example: float) -> float:
+    """Examples/s if every real input token went once through the per-token Linears at the probed rate:
+    ``rate * 1e9 / (2 * P_lin * tokens per example)``."""
+    return rate_gflops * 1e9 / (2 * p_lin * tokens_per_example)
+
+
+def planned_tokens(engine, adapter, ids) -> list:
+    """Padded rows x padded length of each forward the engine's planner makes of ``ids`` (the arguments of
+    :meth:`Engine.score_ids`)."""
+    from ltuning.batching import plan_batches
+    from ltuning.inference import overhead_tokens_of
+    lengths = [len(x) for x in ids]
+    overhead = overhead_tokens_of(adapter.model.head.weight.device)
+    batches = plan_batches(lengths, engine.max_batch_rows, overhead, adapter.rows_per_input,
+                           engine.max_batch_tokens, ties="smaller")
+    return [len(b) * adapter.rows_per_input * max(lengths[i] for i in b) for b in batches]
+
+
+def probe_samples(mods: list, m: int, dtype: str, samples: int = 5, min_seconds: float = 0.05) -> list:
+    """GFLOP/s of ``samples`` timed samples, each of whole sweeps over ``mods`` (each module ``calls`` times) on a
+    random (m, in_features) input in the dtype it is fed (``dtype`` "bf16": bf16 under the engine's autocast;
+    fp32 otherwise, which a dynamic int8 Linear takes), for >= ``min_seconds``."""
+    from ltuning.inference import autocast
+    g = torch.Generator().manual_seed(0)
+    xs = {}
+    for _, mod, _ in mods:
+        w = getattr(mod, "weight", None)
+        dt = w.dtype if isinstance(w, torch.Tensor) and not callable(w) and w.is_floating_point() else torch.float32
+        if (mod.in_features, dt) not in xs:
+            xs[(mod.in_features, dt)] = torch.randn(m, mod.in_features, generator=g).to(dt)
+    plan = []
+    for _, mod, c in mods:
+        w = getattr(mod, "weight", None)
+        dt = w.dtype if isinstance(w, torch.Tensor) and not callable(w) and w.is_floating_point() else torch.float32
+        plan += [(mod, xs[(mod.in_features, dt)])] * c
+    flops = 2 * m * linear_params(mods)
+
+    def sweep():
+        for mod, x in plan:
+            mod(x)
+    with torch.inference_mode(), autocast(dtype):
+        sweep()  # warm
+        t0 = time.perf_counter()
+        sweep()
+        inner = max(1, int(-(-min_seconds // max(time.perf_counter() - t0, 1e-9))))
+        rates = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                sweep()
+            rates.append(flops * inner / (time.perf_counter() - t0) / 1e9)
+    return rates
+
+
+def probe_engine(e, a, ids, samples: int = 5, min_seconds: float = 0.05) -> dict:
+    """What the probe needs from a loaded engine: the per-token Linears (found on a warm batch of ``ids``), P_lin,
+    the module count and ``m`` (the median planned padded tokens per forward of ``ids``)."""
+    warm = [x for x in ids if len(x) >= 2][:8] or [list(ids[0]) * 2]
+    mods = per_token_linears(a.model, e.base, lambda: e.score_ids(a, warm))
+    if not mods:
+        raise ValueError("no per-token Linear found in the engine's forward")
+    return {"mods": mods, "p_lin": linear_params(mods), "modules": len(mods),
+            "m": int(statistics.median(planned_tokens(e, a, ids))), "samples": samples, "min_seconds": min_seconds}
+
+
+def run_engine(adapter_dir, dtype, quantize, ids_by_adapter, threads, probe_samples_n=5, probe_min_seconds=0.05):
+    """Load, warm, probe (before), time ``score_ids`` over all inputs, probe (after). Returns
+    ``(engine, adapter, ids, scores, seconds, peak RSS MB, probe)``; ``probe``: the fields of a row (module
+    docstring)."""
     e = Engine({"a": adapter_dir}, dtype=dtype, quantize=quantize, threads=threads)
     a = e.adapters["a"]
     ids = e.tokenize(ids_by_adapter, a)
     e.score_ids(a, ids[:8])  # warm
+    pr = probe_engine(e, a, ids, probe_samples_n, probe_min_seconds)
+    before = probe_samples(pr["mods"], pr["m"], e.dtype, pr["samples"], pr["min_seconds"])
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         scores = e.score_ids(a, ids)
         dt = time.perf_counter() - t0
-    return e, a, ids, scores, dt, rss.mb
+    after = probe_samples(pr["mods"], pr["m"], e.dtype, pr["samples"], pr["min_seconds"])
+    probe = {"probe_gflops_before": statistics.median(before), "probe_gflops_after": statistics.median(after),
+             "probe_gflops": statistics.median(before + after), "probe_samples_before": before,
+             "probe_samples_after": after, "probe_m": pr["m"], "probe_modules": pr["modules"], "p_lin": pr["p_lin"]}
+    return e, a, ids, scores, dt, rss.mb, probe
 
 
-def hf_baselines(model_name, labels, records, threads, which):
-    """(name, seconds, rss) of HF pipeline on a LoRA-merged seq-cls model, and PEFT prefix batched forward."""
+def hf_baselines(model_name, labels, records, threads, which, pipeline_dtypes=("fp32",)):
+    """``(name, dtype, seconds, rss MB)`` of the HF pipeline on a LoRA-merged seq-cls model (once per dtype of
+    ``pipeline_dtypes``: "fp32", "bf16" = the merged model ``.to(torch.bfloat16)``), and of the PEFT prefix
+    batched forward (fp32); ``(name, dtype, None, error)`` when PEFT refuses the model."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -108,7 +275,8 @@ def hf_baselines(model_name, labels, records, threads, which):
     kw = {"gguf_file": gguf} if gguf else {}
     texts = [r["text"] if "text" in r else f"{r['premise']}\n{r['hypothesis']}" for r in records]
     out = []
-    for name in which:
+    jobs = [(n, d) for n in which for d in (pipeline_dtypes if n == "hf-pipeline-lora-merged" else ("fp32",))]
+    for name, dtype in jobs:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -117,6 +285,8 @@ def hf_baselines(model_name, labels, records, threads, which):
         m.eval()
         if name == "hf-pipeline-lora-merged":
             m = get_peft_model(m, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16)).merge_and_unload()
+            if dtype == "bf16":
+                m = m.to(torch.bfloat16)
             pipe = pipeline("text-classification", model=m, tokenizer=tok, device=-1, top_k=None)
             pipe(texts[:4], batch_size=4, truncation=True, max_length=128)
             with PeakRSS() as rss, torch.inference_mode():
@@ -135,13 +305,13 @@ def hf_baselines(model_name, labels, records, threads, which):
                 try:
                     run(m, texts[:4])
                 except ValueError as e:  # e.g. PEFT: BERT "does not support past key values"
-                    out.append((name, None, str(e)))
+                    out.append((name, dtype, None, str(e)))
                     continue
                 with PeakRSS() as rss:
                     t0 = time.perf_counter()
                     run(m, texts)
                     dt = time.perf_counter() - t0
-        out.append((name, dt, rss.mb))
+        out.append((name, dtype, dt, rss.mb))
         del m
     return out
 
@@ -159,17 +329,28 @@ def main(argv=None):
     ap.add_argument("--baselines", default="hf-pipeline-lora-merged,peft-prefix")
     ap.add_argument("--stream-check", action="store_true", help="also time classify_file vs in-memory (prefix fp32)")
     ap.add_argument("--stream-reps", type=int, default=3, help="alternated streamed / in-memory repetitions")
-    ap.add_argument("--accuracy-adapter", default=None, help="a trained SST-2 adapter: fp32 / int8 / bf16 accuracy")
-    ap.add_argument("--accuracy-n", type=int, default=872)
+    ap.add_argument("--accuracy-adapter", action="append", default=[],
+                    help="a trained adapter, DIR or DIR@DATASET (repeatable): its fp32 / int8 / bf16 accuracy on "
+                         "the dev set of its dataset")
+    ap.add_argument("--accuracy-data", default="sst2", help="the dataset of the adapters given without @DATASET")
+    ap.add_argument("--accuracy-n", type=int, default=None, help="the first N dev examples (default: all)")
+    ap.add_argument("--probe-samples", type=int, default=5, help="timed samples per probe (before and after a row)")
+    ap.add_argument("--probe-min-seconds", type=float, default=0.05, help="least duration of one probe sample")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    if a.probe_samples < 5 or a.probe_min_seconds <= 0:
+        ap.error("--probe-samples must be >= 5 and --probe-min-seconds > 0")
+    try:
+        accuracy_jobs = parse_accuracy_adapters(a.accuracy_adapter, a.accuracy_data)
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(a.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
            "command": "OMP_NUM_THREADS=%s python benchmarks/serving/bench_classify.py %s" % (
                os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:] if argv is None else argv)),
-           "machine": cpu.machine(), "preferred_dtype": cpu.preferred_dtype(),
+           "record_version": 2, "machine": cpu.machine(), "preferred_dtype": cpu.preferred_dtype(),
            "load_average_start": os.getloadavg(),
            "rows": [], "accuracy": []}
     tmp = tempfile.mkdtemp(prefix="bench_classify_")
@@ -180,23 +361,20 @@ def main(argv=None):
             json.dump(rec, f, indent=1)
 
     for model_name in [m for m in a.models.split(",") if m]:
-        base, _ = load_base(model_name)
-        n_params = nonembed_params(base)
-        d = base.config.hidden_size
-        del base
         for ds in a.datasets.split(","):
             dev = read_records(os.path.join(DATA, ds, "dev.jsonl"))
             labels = label_names_of(read_records(os.path.join(DATA, ds, "dev.jsonl")))
             if a.baselines:
                 recs = dev[:a.n]
-                rate = gemm_rate("fp32", d)
-                for name, dt, rss in hf_baselines(model_name, labels, recs, a.threads, a.baselines.split(",")):
+                hf_dtypes = ["fp32"] + (["bf16"] if "bf16" in a.dtypes.split(",") and cpu.native_bf16() else [])
+                for name, hdt, dt, rss in hf_baselines(model_name, labels, recs, a.threads, a.baselines.split(","),
+                                                       hf_dtypes):
                     if dt is None:
                         rec.setdefault("unsupported", []).append({"model": model_name, "system": name, "error": rss})
                         continue
-                    row = {"model": model_name, "dataset": ds, "system": name, "dtype": "fp32",
+                    row = {"model": model_name, "dataset": ds, "system": name, "dtype": hdt,
                            "examples": len(recs), "labels": len(labels), "seconds": dt,
-                           "examples_per_s": len(recs) / dt, "peak_rss_mb": rss, "matrix_gflops": rate,
+                           "examples_per_s": len(recs) / dt, "peak_rss_mb": rss,
                            "subset": f"first {len(recs)} of {len(dev)} dev"}
                     print(json.dumps(row), flush=True)
                     rec["rows"].append(row)
@@ -211,15 +389,15 @@ def main(argv=None):
                         continue
                     if dtype != "fp32" and method not in a.dtype_methods.split(","):
                         continue
-                    rate = gemm_rate("bf16" if dtype == "bf16" else "fp32", d)
-                    e, ad_, ids, _, dt, rss = run_engine(ad, "fp32" if dtype == "int8" else dtype,
-                                                         "int8" if dtype == "int8" else None, recs, a.threads)
-                    tokens = sum(len(x) for x in ids)
-                    ceiling = rate * 1e9 / (2 * n_params * tokens / len(ids))
+                    e, ad_, ids, _, dt, rss, probe = run_engine(
+                        ad, "fp32" if dtype == "int8" else dtype, "int8" if dtype == "int8" else None, recs,
+                        a.threads, a.probe_samples, a.probe_min_seconds)
+                    tokens = sum(len(x) for x in ids)  # real (unpadded) input tokens
+                    ceiling = one_pass_ceiling(probe["probe_gflops"], probe["p_lin"], tokens / len(ids))
                     row = {"model": model_name, "dataset": ds, "system": f"ltuning {method}", "dtype": dtype,
                            "examples": len(ids), "labels": len(labels), "tokens_per_example": tokens / len(ids),
                            "seconds": dt, "examples_per_s": len(ids) / dt, "tokens_per_s": tokens / dt,
-                           "peak_rss_mb": rss, "matrix_gflops": rate, "one_pass_ceiling_ex_s": ceiling,
+                           "peak_rss_mb": rss, **probe, "one_pass_ceiling_ex_s": ceiling,
                            "utilisation": len(ids) / dt / ceiling, "subset": f"first {len(ids)} of {len(dev)} dev"}
                     if a.stream_check and method == "prefix" and dtype == "fp32":
                         path = os.path.join(tmp, "in.jsonl")
@@ -240,19 +418,23 @@ def main(argv=None):
                     rec["rows"].append(row)
                     del e
                     save()
-    if a.accuracy_adapter:
-        dev = read_records(os.path.join(DATA, "sst2", "dev.jsonl"))[:a.accuracy_n]
+    for directory, ds in accuracy_jobs:
+        cfg = read_adapter_config(directory)
+        mc = cfg.get("method_config", {})
+        dev = read_records(os.path.join(DATA, ds, "dev.jsonl"))
+        dev = dev[:a.accuracy_n] if a.accuracy_n else dev
         for dtype in ("fp32", "int8", "bf16"):
             if dtype == "bf16" and not cpu.native_bf16():
                 continue
-            e = Engine({"a": a.accuracy_adapter}, dtype="fp32" if dtype == "int8" else dtype,
+            e = Engine({"a": directory}, dtype="fp32" if dtype == "int8" else dtype,
                        quantize="int8" if dtype == "int8" else None, threads=a.threads)
             t0 = time.perf_counter()
             preds = [p for p, _ in e.classify(dev)]
             dt = time.perf_counter() - t0
             acc = sum(p == r["label"] for p, r in zip(preds, dev)) / len(dev)
-            row = {"adapter": a.accuracy_adapter, "dtype": dtype, "examples": len(dev), "accuracy": acc,
-                   "examples_per_s": len(dev) / dt}
+            row = {"adapter": directory, "dataset": ds, "method": mc.get("method"),
+                   "scoring": mc.get("scoring", cfg.get("scoring")), "base_model": cfg.get("base_model"),
+                   "dtype": dtype, "examples": len(dev), "accuracy": acc, "examples_per_s": len(dev) / dt}
             print(json.dumps(row), flush=True)
             rec["accuracy"].append(row)
             del e

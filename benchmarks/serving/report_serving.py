@@ -2,6 +2,12 @@
 ``results/serving.md`` (embedded in RESULTS_serving.md, kept in sync by ``sync_results``) and
 ``results/serving_classify.png``.
 
+Reads both record versions of ``bench_classify.py``: version 2 (the probe of the model's own per-token Linears,
+see that script's docstring) in full; version 1 (a single GEMM probe, ``matrix_gflops``) with that rate marked
+"GEMM" and its one-pass ceiling and "of ceiling" dropped (that probe gave ceilings below the measured speed).
+"x HF pipeline" only against the pipeline row of the same model, dataset and dtype. Accuracy: one row per adapter
+(fp32 / int8 / bf16 and the deltas), from either version.
+
     python benchmarks/serving/report_serving.py --classify benchmarks/results/serving_classify.json \
         --serve benchmarks/results/serving_server.json --accuracy benchmarks/results/serving_int8_accuracy.json
 """
@@ -19,19 +25,59 @@ def _f(x, nd=1):
     return "" if x is None else f"{x:.{nd}f}"
 
 
+HF = "hf-pipeline-lora-merged"
+
+
+def hf_rate(rows: list, r: dict):
+    """ex/s of the HF pipeline row of ``r``'s model, dataset and dtype in ``rows`` (None if there is none: a row
+    is compared with the pipeline only in the same dtype; int8 has no pipeline row, so no ratio)."""
+    for h in rows:
+        if h["system"] == HF and (h["model"], h["dataset"], h["dtype"]) == (r["model"], r["dataset"], r["dtype"]):
+            return h["examples_per_s"]
+    return None
+
+
 def classify_table(rec) -> list:
-    out = ["| model | data | system | dtype | examples | ex/s | tokens/s | peak RSS MB | matrix GFLOP/s | "
-           "one-pass ceiling ex/s | of ceiling | x HF pipeline |", "|" + "---|" * 12]
-    # the HF pipeline runs in fp32 only: a row is compared with it in the same dtype (int8 = fp32 activations)
-    base = {(r["model"], r["dataset"], r["dtype"]): r["examples_per_s"] for r in rec["rows"]
-            if r["system"] == "hf-pipeline-lora-merged"}
+    """One row per timed system. Record version 2 (bench_classify's module docstring): the probe of the model's
+    own per-token Linears before / after the row, its m and module count, the one-pass ceiling and utilisation.
+    Version-1 rows (``matrix_gflops``: a single (512, d) x (d, 4d) GEMM before the row, known to swing and to
+    give ceilings below the measured speed) show that rate marked "GEMM" and no ceiling or utilisation."""
+    out = [("| model | data | system | dtype | examples | ex/s | tokens/s | peak RSS MB | probe GFLOP/s before / "
+            "after | m | Linears | one-pass ceiling ex/s | of ceiling | x HF pipeline (same dtype) |"),
+           "|" + "---|" * 14]
     for r in rec["rows"]:
-        hf = base.get((r["model"], r["dataset"], r["dtype"]))
+        hf = hf_rate(rec["rows"], r)
+        if "probe_gflops" in r:
+            probe = f"{_f(r['probe_gflops_before'])} / {_f(r['probe_gflops_after'])}"
+            m, mods = str(r["probe_m"]), str(r["probe_modules"])
+            ceiling, util = _f(r["one_pass_ceiling_ex_s"]), _f(100 * r["utilisation"], 0) + " %"
+        else:
+            probe = f"GEMM {_f(r['matrix_gflops'])}" if r.get("matrix_gflops") is not None else ""
+            m = mods = ceiling = util = ""
         out.append(f"| {r['model']} | {r['dataset']} | {r['system']} | {r['dtype']} | {r['examples']} | "
                    f"{_f(r['examples_per_s'])} | {_f(r.get('tokens_per_s'), 0)} | {_f(r['peak_rss_mb'], 0)} | "
-                   f"{_f(r['matrix_gflops'])} | {_f(r.get('one_pass_ceiling_ex_s'))} | "
-                   f"{_f(100 * r['utilisation'], 0) + ' %' if 'utilisation' in r else ''} | "
+                   f"{probe} | {m} | {mods} | {ceiling} | {util} | "
                    f"{_f(r['examples_per_s'] / hf, 2) if hf else ''} |")
+    return out
+
+
+def accuracy_table(rows: list) -> list:
+    """One row per (adapter, dataset): accuracy in fp32 / int8 / bf16 and the deltas to fp32 in points. Rows of
+    version-1 records carry no dataset (they were SST-2 only: shown as sst2) and no method / scoring (blank)."""
+    out = ["| adapter | data | method | scoring | examples | fp32 | int8 | bf16 | int8 - fp32 | bf16 - fp32 |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["adapter"], r.get("dataset", "sst2")), []).append(r)
+    for (adapter, ds), rs in groups.items():
+        acc = {r["dtype"]: 100 * r["accuracy"] for r in rs}
+        n = sorted({r["examples"] for r in rs})
+        first = rs[0]
+        delta = {d: f"{acc[d] - acc['fp32']:+.1f}" if d in acc and "fp32" in acc else "" for d in ("int8", "bf16")}
+        out.append(f"| `{os.path.basename(os.path.normpath(adapter))}` | {ds} | {first.get('method') or ''} | "
+                   f"{first.get('scoring') or ''} | {', '.join(map(str, n))} | "
+                   + " | ".join(f"{acc[d]:.1f} %" if d in acc else "" for d in ("fp32", "int8", "bf16"))
+                   + f" | {delta['int8']} | {delta['bf16']} |")
     return out
 
 
@@ -49,7 +95,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--classify", required=True, action="append", help="JSON of bench_classify (repeatable)")
     ap.add_argument("--serve", default=None)
-    ap.add_argument("--accuracy", default=None, help="JSON of a bench_classify --accuracy-adapter run")
+    ap.add_argument("--accuracy", default=None, help="JSON of a bench_classify --accuracy-adapter run (v1 or v2)")
     ap.add_argument("--out", default=os.path.join(BENCH, "results", "serving.md"))
     a = ap.parse_args(argv)
     lines, allrows = [], []
@@ -71,13 +117,10 @@ def main(argv=None):
                       f"{r['in_memory_seconds_median']:.2f} s, a loss of {100 * r['stream_loss']:.1f} %."]
     acc = json.load(open(a.accuracy)) if a.accuracy else {}
     if acc.get("accuracy"):
-        lines += ["", f"Accuracy of one quick trained adapter on SST-2 dev, by inference dtype (`{acc['command']}`; "
-                      f"commit {acc['commit']}, {acc['date']}; JSON `{os.path.relpath(a.accuracy, BENCH)}`):",
-                  "",
-                  "| adapter | dtype | examples | accuracy | ex/s |", "|---|---|---|---|---|"]
-        for r in acc["accuracy"]:
-            lines.append(f"| `{os.path.basename(r['adapter'])}` | {r['dtype']} | {r['examples']} | "
-                         f"{100 * r['accuracy']:.1f} % | {_f(r['examples_per_s'])} |")
+        lines += ["", f"Accuracy of trained adapters on the dev set of each adapter's dataset, by inference dtype "
+                      f"(deltas in points; `{acc['command']}`; commit {acc['commit']}, {acc['date']}; "
+                      f"JSON `{os.path.relpath(a.accuracy, BENCH)}`):", ""]
+        lines += accuracy_table(acc["accuracy"])
     if a.serve:
         s = json.load(open(a.serve))
         lines += ["", f"Server (`{s['command']}`; commit {s['commit']}, {s['date']}; {s['model']} {s['method']} "
