@@ -4,12 +4,20 @@ p99 latency, and the server's throughput as a fraction of offline classify (the 
 inputs, same threads, measured before the server starts), and the single-request forward time (median, in
 process) for the p99 target ``p99(1 client) <= 1.5 x forward + max-wait``.
 
+Clients hold one keep-alive connection each (``http.client``), so the load generator costs little CPU (its CPU
+seconds are recorded per level, with the server process's). Per level the server's ``/metrics`` are read before
+and after: engine batches, their mean size and size histogram, and the fraction of the time the engine was busy.
+A second offline reference runs the same inputs in engine calls of ``clients`` inputs in input order (what
+batches of that many one-input requests can reach without HTTP): ``fraction_of_offline`` splits into the batch
+composition (``offline_chunked / offline``) and the serving overhead (``fraction_of_offline_chunked``).
+
     OMP_NUM_THREADS=1 python benchmarks/serving/bench_serve.py --out benchmarks/results/serving_server.json
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import os
 import signal
@@ -21,6 +29,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+
+import psutil
 
 sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."),
                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
@@ -34,28 +44,50 @@ from ltuning.serving.engine import Engine  # noqa: E402
 from common import DATA  # noqa: E402
 
 
-def post(url, body, timeout=300):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.status, r.read()
+class Client:
+    """One keep-alive HTTP/1.1 connection (``http.client``), as a load generator or a production client holds it:
+    no TCP handshake per request, so the client spends little CPU beside the server."""
+
+    def __init__(self, port, timeout=300):
+        self.port, self.timeout, self.conn = port, timeout, None
+
+    def post(self, path, body):
+        payload = json.dumps(body).encode()
+        for attempt in (0, 1):  # one reconnect if the server closed an idle keep-alive connection
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            try:
+                self.conn.request("POST", path, body=payload, headers={"Content-Type": "application/json"})
+                r = self.conn.getresponse()
+                return r.status, r.read()
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
 
 
-def load(url, texts, clients, n_requests, max_seconds):
-    """Each client posts one input per request; returns (answered, seconds, latencies, errors)."""
+def load(port, texts, clients, n_requests, max_seconds):
+    """Each client posts one input per request on its own keep-alive connection; returns (answered, seconds,
+    latencies, errors)."""
     lat, errors, lock = [], [0], threading.Lock()
     counter = iter(range(n_requests))
     t_end = time.perf_counter() + max_seconds
 
     def client():
+        c = Client(port)
         while time.perf_counter() < t_end:
             with lock:
                 i = next(counter, None)
             if i is None:
-                return
+                break
             t0 = time.perf_counter()
             try:
-                code, _ = post(url, {"inputs": [texts[i % len(texts)]]})
+                code, _ = c.post("/v1/classify", {"inputs": [texts[i % len(texts)]]})
                 ok = code == 200
             except OSError:
                 ok = False
@@ -64,6 +96,7 @@ def load(url, texts, clients, n_requests, max_seconds):
                     lat.append(time.perf_counter() - t0)
                 else:
                     errors[0] += 1
+        c.close()
     t0 = time.perf_counter()
     ts = [threading.Thread(target=client) for _ in range(clients)]
     for t in ts:
@@ -71,6 +104,21 @@ def load(url, texts, clients, n_requests, max_seconds):
     for t in ts:
         t.join()
     return len(lat), time.perf_counter() - t0, lat, errors[0]
+
+
+def scrape(url) -> dict:
+    """The server's batch counters from ``/metrics``: engine batches run, inputs in them, engine seconds."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {"hist": {}}
+    for ln in text.splitlines():
+        if ln.startswith("ltuning_batch_examples_bucket{"):
+            out["hist"][ln.split('le="')[1].split('"')[0]] = float(ln.split()[-1])
+        for key, name in (("batches", "ltuning_batch_examples_count"), ("examples", "ltuning_batch_examples_sum"),
+                          ("engine_seconds", "ltuning_batch_seconds_sum")):
+            if ln.startswith(name + " "):
+                out[key] = float(ln.split()[1])
+    return out
 
 
 def pct(xs, q):
@@ -86,7 +134,9 @@ def main(argv=None):
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--requests", type=int, default=256, help="requests per client level (one input each)")
     ap.add_argument("--max-seconds", type=float, default=90)
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--offline-n", type=int, default=256, help="inputs of the in-process offline reference")
+    ap.add_argument("--max-wait-ms", type=float, default=20.0)
+    ap.add_argument("--max-idle-ms", type=float, default=5.0)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
@@ -104,18 +154,27 @@ def main(argv=None):
            "command": "OMP_NUM_THREADS=%s python benchmarks/serving/bench_serve.py %s" % (
                os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:] if argv is None else argv)),
            "machine": cpu.machine(), "model": a.model, "method": a.method, "dataset": a.dataset, "dtype": a.dtype,
-           "max_wait_ms": a.max_wait_ms, "threads": a.threads,
+           "max_wait_ms": a.max_wait_ms, "max_idle_ms": a.max_idle_ms, "threads": a.threads,
            "load_average_start": os.getloadavg(),
            "levels": []}
     # offline reference: the same engine, in process
     e = Engine({"a": ad}, dtype=a.dtype, threads=a.threads)
     ad_ = e.adapters["a"]
-    n_off = min(len(texts), a.requests)
+    n_off = min(len(texts), a.requests, a.offline_n)
     ids = e.tokenize([{"text": t} for t in texts[:n_off]], ad_)
     e.score_ids(ad_, ids[:8])
     t0 = time.perf_counter()
     e.score_ids(ad_, ids)
+    rec["offline_examples"] = n_off
     rec["offline_examples_per_s"] = n_off / (time.perf_counter() - t0)
+    # the same inputs in engine calls of `clients` inputs each, in input order: what the server's batches can
+    # reach at best with that many one-input clients (less length sorting, smaller batches), without any HTTP
+    rec["offline_chunked_examples_per_s"] = {}
+    for c in sorted({int(x) for x in a.clients.split(",")}):
+        t0 = time.perf_counter()
+        for s in range(0, n_off, c):
+            e.score_ids(ad_, ids[s:s + c])
+        rec["offline_chunked_examples_per_s"][str(c)] = n_off / (time.perf_counter() - t0)
     singles = []
     for i in range(15):
         t0 = time.perf_counter()
@@ -128,7 +187,8 @@ def main(argv=None):
         port = s.getsockname()[1]
     log = open(os.path.join(tmp, "server.log"), "w")
     proc = subprocess.Popen([sys.executable, "-m", "ltuning", "serve", "--adapter", f"a={ad}", "--port", str(port),
-                             "--dtype", a.dtype, "--threads", str(a.threads), "--max-wait-ms", str(a.max_wait_ms)],
+                             "--dtype", a.dtype, "--threads", str(a.threads), "--max-wait-ms", str(a.max_wait_ms),
+                             "--max-idle-ms", str(a.max_idle_ms)],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -140,11 +200,21 @@ def main(argv=None):
                         break
             except OSError:
                 time.sleep(0.5)
+        server = psutil.Process(proc.pid)
         for c in [int(x) for x in a.clients.split(",")]:
-            n, dt, lat, err = load(url + "/v1/classify", texts, c, a.requests, a.max_seconds)
+            m0, cpu_s0, cpu_c0 = scrape(url), sum(server.cpu_times()[:2]), time.process_time()
+            n, dt, lat, err = load(port, texts, c, a.requests, a.max_seconds)
+            m1, cpu_s1, cpu_c1 = scrape(url), sum(server.cpu_times()[:2]), time.process_time()
+            batches = m1["batches"] - m0["batches"]
             row = {"clients": c, "answered": n, "errors": err, "seconds": dt, "examples_per_s": n / dt,
                    "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99),
-                   "fraction_of_offline": n / dt / rec["offline_examples_per_s"]}
+                   "fraction_of_offline": n / dt / rec["offline_examples_per_s"],
+                   "fraction_of_offline_chunked": n / dt / rec["offline_chunked_examples_per_s"][str(c)],
+                   "engine_batches": batches,
+                   "mean_batch_examples": (m1["examples"] - m0["examples"]) / max(batches, 1),
+                   "batch_examples_histogram": {le: m1["hist"][le] - m0["hist"].get(le, 0.0) for le in m1["hist"]},
+                   "engine_busy_fraction": (m1["engine_seconds"] - m0["engine_seconds"]) / dt,
+                   "server_cpu_seconds": cpu_s1 - cpu_s0, "client_cpu_seconds": cpu_c1 - cpu_c0}
             print(json.dumps(row), flush=True)
             rec["levels"].append(row)
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:

@@ -49,8 +49,10 @@ def add_serve_args(s) -> None:
     add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     s.add_argument("--port", type=int, default=8080, help="TCP port")
-    s.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the batcher waits for more requests before running a batch")
+    s.add_argument("--max-wait-ms", type=float, default=20.0,
+                   help="longest a batch waits for more requests once the model is free to run it")
+    s.add_argument("--max-idle-ms", type=float, default=5.0,
+                   help="a batch runs early when no request arrived for this long (a lone request waits only this)")
     s.add_argument("--max-queue-examples", type=int, default=4096,
                    help="examples waiting at most; beyond it requests get 503 with Retry-After")
     s.add_argument("--max-inputs", type=int, default=256, help="inputs per request at most (else 413)")
@@ -160,6 +162,8 @@ def run_serve(a) -> dict:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     if a.max_wait_ms < 0:
         raise ValueError("--max-wait-ms must be >= 0")
+    if a.max_idle_ms < 0:
+        raise ValueError("--max-idle-ms must be >= 0")
     if not 0 < a.port < 65536:
         raise ValueError(f"--port {a.port}: expected 1..65535")
     from .engine import parse_adapter_args

@@ -72,11 +72,11 @@ class Metrics:
 class App:
     """The server state: the engine (loaded in a background thread), the batcher, the metrics, the limits."""
 
-    def __init__(self, load_engine, max_batch_tokens=4096, max_wait_ms=5.0, max_queue_examples=4096,
-                 max_inputs=256, max_body_bytes=1 << 20):
+    def __init__(self, load_engine, max_batch_tokens=4096, max_wait_ms=20.0, max_queue_examples=4096,
+                 max_inputs=256, max_body_bytes=1 << 20, max_idle_ms=5.0):
         self.load_engine = load_engine
         self.limits = dict(max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
-                           max_queue_examples=max_queue_examples)
+                           max_queue_examples=max_queue_examples, max_idle_ms=max_idle_ms)
         self.max_inputs, self.max_body_bytes = max_inputs, max_body_bytes
         self.engine = self.batcher = None
         self.ready = threading.Event()
@@ -102,7 +102,8 @@ class App:
             engine = self.load_engine()
             engine.warmup()
             self.batcher = Batcher(engine, self.limits["max_batch_tokens"], self.limits["max_wait_ms"],
-                                   self.limits["max_queue_examples"], self.metrics.on_batch)
+                                   self.limits["max_queue_examples"], self.metrics.on_batch,
+                                   max_idle_ms=self.limits["max_idle_ms"])
             self.engine = engine
             self.ready.set()
         except Exception as e:  # reported by serve(); the server stops
@@ -229,7 +230,7 @@ def serve(a, load_engine) -> None:
     import uvicorn
 
     state = App(load_engine, a.max_batch_tokens, a.max_wait_ms, a.max_queue_examples, a.max_inputs,
-                a.max_body_bytes)
+                a.max_body_bytes, a.max_idle_ms)
     config = uvicorn.Config(state.app, host=a.host, port=a.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=60, lifespan="on")
     server = uvicorn.Server(config)
