@@ -7,7 +7,15 @@
 * :func:`gemm_gflops`: the matrix rate, median of timed ``(m, k) @ (k, n)`` products, 2mkn flops each.
 * :func:`quantize_int8`: every ``nn.Linear`` of a frozen model becomes a PyTorch dynamic int8 Linear (weights int8
   per output channel, activations quantized per batch at run time; VNNI / AMX-INT8 kernels through oneDNN/FBGEMM).
-  Inference only.
+  Inference only. With ``calibrate`` (what the engine passes), the Linears are *smoothed* first (SmoothQuant,
+  Xiao et al. 2023): activation quantization is per tensor (one scale for a whole batch), so a few input channels
+  of outsized magnitude -- decoder MLP down-projections after SwiGLU have them -- leave every other channel a
+  handful of int8 levels. Per input channel j of each Linear, from the calibration run's ``max|x_j|`` and the
+  weight's ``max_i |W_ij|``: ``s_j = max|x_j|^alpha / max|W_:j|^(1 - alpha)`` (alpha = 0.5); the weight's
+  column j is multiplied by ``s_j`` and the input divided by it at run time (:class:`SmoothedLinear`: one
+  elementwise multiply before the int8 product), so ``y = (x / s) (W s)^T`` equals ``x W^T`` exactly in real
+  arithmetic and the outliers move into the per-channel weight scales, where they cost nothing. The calibration
+  inputs are :data:`CALIBRATION_TEXTS`, run through every adapter's model once at load (fp32, before quantizing).
 """
 from __future__ import annotations
 
@@ -82,12 +90,99 @@ def preferred_dtype() -> str:
     return "bf16" if bf16 >= 1.1 * fp32 else "fp32"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """In place: every ``nn.Linear`` of ``model`` -> a dynamic int8 Linear (CPU, fp32 weights expected). Forward
-    hooks on the Linears are carried over. Returns ``model``."""
+# Generic calibration sentences for int8 smoothing (statements, questions, reviews, requests, a premise/hypothesis
+# pair as the engine joins it on decoders): the outlier channels that smoothing moves are a property of the model,
+# present on any text, so a small varied set is enough; no dataset's data is in it.
+CALIBRATION_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "I loved this movie: the acting was superb and the story kept me hooked until the very end.",
+    "What a waste of two hours, the plot made no sense and the dialogue was painfully flat.",
+    "How do I reset my password if I no longer have access to my email address?",
+    "My card payment was declined at the shop this morning, can you tell me why?",
+    "The committee will meet on Tuesday to discuss the budget for next year.",
+    "A man is playing a guitar on a crowded street.\nA musician is performing outdoors.",
+    "Scientists have found that the new material conducts heat twice as well as copper.",
+    "Please cancel my order, I bought the wrong size.",
+    "It is neither the best nor the worst book I have read this year.",
+    "The weather turned cold overnight and the roads were covered with ice.",
+    "Can you transfer 200 dollars from my savings account to my checking account?",
+    "The results of the study were inconclusive, and the authors call for more research.",
+    "she said it was fine but i do not believe her at all",
+    "Two children are sitting at a table eating lunch.\nThe kids are asleep in their beds.",
+    "Breaking: the central bank raised interest rates by a quarter of a percentage point.",
+)
+
+
+class SmoothedLinear(nn.Module):
+    """``linear(x * inv_scale)``: the per-input-channel smoothing of :func:`quantize_int8` in front of a Linear
+    whose weight columns were multiplied by ``1 / inv_scale``. ``in_features`` / ``out_features`` as the Linear's."""
+
+    def __init__(self, linear: nn.Module, inv_scale: torch.Tensor):
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("inv_scale", inv_scale)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        return self.linear(x * self.inv_scale)
+
+
+def _input_absmax(model: nn.Module, calibrate) -> dict:
+    """``{module: max |x_j| over calibration tokens (in_features,)}`` of every ``nn.Linear`` that ``calibrate()``
+    runs (forward pre-hooks; padded positions included: they are real inputs of the products too)."""
+    stats, handles = {}, []
+
+    def hook(mod, args):
+        x = args[0].detach().float().reshape(-1, mod.in_features).abs().amax(0)
+        stats[mod] = torch.maximum(stats[mod], x) if mod in stats else x
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            calibrate()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def smooth_linears(model: nn.Module, calibrate, alpha: float = 0.5) -> int:
+    """In place: each ``nn.Linear`` of ``model`` that ``calibrate()`` runs gets its weight columns multiplied by
+    ``s`` and is replaced at its path by ``SmoothedLinear(linear, 1 / s)`` (module docstring; the Linear's forward
+    hooks move to the wrapper, so a hook still sees the unsmoothed input). Returns how many were smoothed."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smoothing alpha: expected a value in [0, 1], got {alpha}")
+    stats = _input_absmax(model, calibrate)
+    parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    done = 0
+    for lin, xmax in stats.items():
+        w = lin.weight.data
+        s = (xmax.clamp_min(1e-5).pow(alpha) / w.abs().amax(0).float().clamp_min(1e-5).pow(1 - alpha))
+        s = s.clamp(1e-4, 1e4).to(w.dtype)
+        w.mul_(s)
+        wrapper = SmoothedLinear(lin, 1.0 / s)
+        for d in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            src = getattr(lin, d, None)
+            if src:
+                getattr(wrapper, d).update(src)
+                src.clear()
+        parent, name = parents[id(lin)]
+        setattr(parent, name, wrapper)
+        done += 1
+    return done
+
+
+def quantize_int8(model: nn.Module, calibrate=None, alpha: float = 0.5) -> nn.Module:
+    """In place: every ``nn.Linear`` of ``model`` -> a dynamic int8 Linear (CPU, fp32 weights expected), smoothed
+    first when ``calibrate`` (a callable running the model on calibration inputs) is given (module docstring).
+    Forward hooks on the Linears are carried over. Returns ``model``."""
     p = next(model.parameters(), None)
     if p is not None and (p.device.type != "cpu" or p.dtype != torch.float32):
         raise ValueError(f"--quantize int8 needs an fp32 model on the CPU, got {p.dtype} on {p.device}")
+    if calibrate is not None:
+        smooth_linears(model, calibrate, alpha)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice (moving to torchao)
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic

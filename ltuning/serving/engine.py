@@ -167,10 +167,10 @@ class Engine:
             self.adapters[hooked[0]].model.method.merge()  # its hook then adds nothing
         if self.dtype == "bf16":
             self.base.to(torch.bfloat16)
-        if quantize == "int8":
-            cpu.quantize_int8(self.base)
-        self.fingerprint = fingerprint(self.base)
         self.lock = threading.Lock()  # one model call at a time
+        if quantize == "int8":
+            self._quantize_int8()
+        self.fingerprint = fingerprint(self.base)
         self.shared = None
         if shared_bank and len(self.adapters) > 1:
             # hooks that change the base (LoRA & co.) rule an adapter out; gate hooks (APT: prefix scales) do not
@@ -182,6 +182,24 @@ class Engine:
                     self.shared = None
                 if self.shared is not None and len(self.shared.members) < 2:
                     self.shared = None
+
+    def _quantize_int8(self) -> None:
+        """The base's Linears -> smoothed dynamic int8 (:func:`cpu.quantize_int8`), calibrated on
+        :data:`cpu.CALIBRATION_TEXTS` run through every adapter in fp32. Modules are replaced at their paths, so
+        the hook switch's detached entries are re-pointed to whatever module now sits at their path (a
+        :class:`cpu.SmoothedLinear`, whose hooks see the unsmoothed input), and the label-side caches filled by
+        the calibration run are dropped (they are recomputed on the int8 base at the first batch)."""
+        paths = {id(m): n for n, m in self.base.named_modules()}
+
+        def calibrate():
+            for a in self.adapters.values():
+                self.score_ids(a, self.tokenize([{"text": t} for t in cpu.CALIBRATION_TEXTS], a))
+        cpu.quantize_int8(self.base, calibrate)
+        now = dict(self.base.named_modules())
+        self.hooks.entries = {name: [(now[paths[id(m)]], d, key, fn) for m, d, key, fn in entries]
+                              for name, entries in self.hooks.entries.items()}
+        for a in self.adapters.values():
+            a.model.eval()
 
     # ---------------------------------------------------------------- inputs
     def adapter(self, name: str | None) -> Adapter:

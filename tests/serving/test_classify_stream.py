@@ -61,8 +61,17 @@ def test_int8_engine_runs_and_stays_close(adapters):
     assert e.dtype == "fp32" and e.quantize == "int8"
     s = torch.tensor([[v for v in d.values()] for _, d in e.classify(TEXTS)])
     assert (s - refs["lora"]).abs().max() < 0.5  # int8 error, not garbage
+    from ltuning.serving.cpu import SmoothedLinear
     q = e.base.encoder.layer[0].attention.self.query
-    assert "quantized" in type(q).__module__ and q.weight().qscheme() == torch.per_channel_affine
+    assert isinstance(q, SmoothedLinear)  # smoothed on the calibration texts, then int8
+    assert "quantized" in type(q.linear).__module__ and q.linear.weight().qscheme() == torch.per_channel_affine
+    # several adapters: LoRA's detached hooks must point at the modules now in the base, not the replaced Linears
+    e = Engine({m: str(tmp / m) for m in refs}, quantize="int8")
+    live = {id(m) for m in e.base.modules()}
+    entries = [m for es in e.hooks.entries.values() for m, *_ in es]
+    assert entries and all(id(m) in live for m in entries)
+    s = torch.tensor([[v for v in d.values()] for _, d in e.classify(TEXTS, "lora")])
+    assert (s - refs["lora"]).abs().max() < 0.5
     e = Engine({"a": str(tmp / "lt-prefix")}, dtype="bf16")  # bf16 base + autocast, fp32 scores
     assert next(e.base.parameters()).dtype == torch.bfloat16
     s = torch.tensor([[v for v in d.values()] for _, d in e.classify(TEXTS)])
