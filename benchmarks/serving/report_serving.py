@@ -95,7 +95,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--classify", required=True, action="append", help="JSON of bench_classify (repeatable)")
     ap.add_argument("--serve", default=None)
-    ap.add_argument("--accuracy", default=None, help="JSON of a bench_classify --accuracy-adapter run (v1 or v2)")
+    ap.add_argument("--accuracy", default=[], action="append",
+                    help="JSON of a bench_classify --accuracy-adapter run (v1 or v2; repeatable)")
     ap.add_argument("--out", default=os.path.join(BENCH, "results", "serving.md"))
     a = ap.parse_args(argv)
     lines, allrows = [], []
@@ -115,30 +116,42 @@ def main(argv=None):
         lines += ["", f"Streamed `classify_file` vs in-memory ({r['model']}, {r['dataset']}, {r['examples']} "
                       f"examples, medians of alternated runs): {r['stream_seconds_median']:.2f} s vs "
                       f"{r['in_memory_seconds_median']:.2f} s, a loss of {100 * r['stream_loss']:.1f} %."]
-    acc = json.load(open(a.accuracy)) if a.accuracy else {}
-    if acc.get("accuracy"):
+    acc_rows = []
+    for path in a.accuracy:
+        acc = json.load(open(path))
+        if not acc.get("accuracy"):
+            continue
+        acc_rows += acc["accuracy"]
         lines += ["", f"Accuracy of trained adapters on the dev set of each adapter's dataset, by inference dtype "
                       f"(deltas in points; `{acc['command']}`; commit {acc['commit']}, {acc['date']}; "
-                      f"JSON `{os.path.relpath(a.accuracy, BENCH)}`):", ""]
+                      f"{load_note(acc)}; JSON `{os.path.relpath(path, BENCH)}`):", ""]
         lines += accuracy_table(acc["accuracy"])
     if a.serve:
         s = json.load(open(a.serve))
         lines += ["", f"Server (`{s['command']}`; commit {s['commit']}, {s['date']}; {s['model']} {s['method']} "
-                      f"{s['dtype']}, {s['threads']} thread(s), `--max-wait-ms {s['max_wait_ms']}`; loopback; {load_note(s)}; "
+                      f"{s['dtype']}, {s['threads']} thread(s), `--max-wait-ms {s['max_wait_ms']}`"
+                      + (f", `--max-idle-ms {s['max_idle_ms']}`" if "max_idle_ms" in s else "")
+                      + f"; loopback; {load_note(s)}; "
                       f"JSON `{os.path.relpath(a.serve, BENCH)}`). Offline classify in the same run: "
                       f"{s['offline_examples_per_s']:.1f} ex/s; single-request forward "
                       f"{s['single_request_forward_ms']:.1f}"
                       f" ms, so the 1-client p99 target is {s['p99_target_ms_1_client']:.1f} ms; server exit code "
                       f"after SIGTERM: {s['server_exit_code']}.", "",
-                  "| clients | answered | errors | ex/s | p50 ms | p99 ms | of offline |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| clients | answered | errors | ex/s | p50 ms | p99 ms | of offline | engine batches | mean batch "
+                  "| offline in batches of `clients` ex/s | of that | engine busy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        chunked = s.get("offline_chunked_examples_per_s", {})
         for r in s["levels"]:
+            ch = chunked.get(str(r["clients"]))
             lines.append(f"| {r['clients']} | {r['answered']} | {r['errors']} | {_f(r['examples_per_s'])} | "
-                         f"{_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(100 * r['fraction_of_offline'], 0)} % |")
+                         f"{_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(100 * r['fraction_of_offline'], 0)} % | "
+                         f"{_f(r.get('engine_batches'), 0)} | {_f(r.get('mean_batch_examples'))} | {_f(ch)} | "
+                         f"{_f(100 * r['fraction_of_offline_chunked'], 0) + ' %' if 'fraction_of_offline_chunked' in r else ''} | "
+                         f"{_f(100 * r['engine_busy_fraction'], 0) + ' %' if 'engine_busy_fraction' in r else ''} |")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(os.path.splitext(a.out)[0] + ".json", "w") as f:  # the record of this report's figures
-        json.dump({"sources": a.classify + [a.serve, a.accuracy], "rows": allrows,
-                   "serve": json.load(open(a.serve)) if a.serve else None, "accuracy": acc.get("accuracy")}, f,
+        json.dump({"sources": a.classify + [a.serve] + a.accuracy, "rows": allrows,
+                   "serve": json.load(open(a.serve)) if a.serve else None, "accuracy": acc_rows}, f,
                   indent=1)
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")
