@@ -194,7 +194,7 @@ class Engine:
         def calibrate():
             for a in self.adapters.values():
                 self.score_ids(a, self.tokenize([{"text": t} for t in cpu.CALIBRATION_TEXTS], a))
-        cpu.quantize_int8(self.base, calibrate)
+        cpu.quantize_int8(self.base, calibrate, alpha=cpu.SMOOTH_ALPHA, max_outlier_ratio=cpu.MAX_OUTLIER_RATIO)
         now = dict(self.base.named_modules())
         self.hooks.entries = {name: [(now[paths[id(m)]], d, key, fn) for m, d, key, fn in entries]
                               for name, entries in self.hooks.entries.items()}

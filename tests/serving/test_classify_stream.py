@@ -62,9 +62,12 @@ def test_int8_engine_runs_and_stays_close(adapters):
     s = torch.tensor([[v for v in d.values()] for _, d in e.classify(TEXTS)])
     assert (s - refs["lora"]).abs().max() < 0.5  # int8 error, not garbage
     from ltuning.serving.cpu import SmoothedLinear
-    q = e.base.encoder.layer[0].attention.self.query
-    assert isinstance(q, SmoothedLinear)  # smoothed on the calibration texts, then int8
-    assert "quantized" in type(q.linear).__module__ and q.linear.weight().qscheme() == torch.per_channel_affine
+    wrapped = [m for m in e.base.modules() if isinstance(m, SmoothedLinear)]  # smoothed on the calibration texts
+    assert len(wrapped) == 36  # every per-token Linear of the 6 layers
+    q8 = [m.linear for m in wrapped if not m.keep_full_precision]
+    assert len(q8) >= 30 and all("quantized" in type(q).__module__ for q in q8)
+    assert all(q.weight().qscheme() == torch.per_channel_affine for q in q8)
+    assert all(type(m.linear) is torch.nn.Linear for m in wrapped if m.keep_full_precision)
     # several adapters: LoRA's detached hooks must point at the modules now in the base, not the replaced Linears
     e = Engine({m: str(tmp / m) for m in refs}, quantize="int8")
     live = {id(m) for m in e.base.modules()}

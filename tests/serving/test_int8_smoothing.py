@@ -26,8 +26,8 @@ def test_smoothing_is_an_identity_in_float64_and_hooks_see_the_raw_input():
     ref = m(x)
     seen = []
     m[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
-    n = cpu.smooth_linears(m, lambda: m(x))
-    assert n == 2 and all(isinstance(m[i], cpu.SmoothedLinear) for i in (0, 2))
+    n, kept = cpu.smooth_linears(m, lambda: m(x))
+    assert n == 2 and kept == 0 and all(isinstance(m[i], cpu.SmoothedLinear) for i in (0, 2))
     seen.clear()
     out = m(x)
     err = ((out - ref).norm() / ref.norm()).item()
@@ -57,3 +57,11 @@ def test_smoothing_rejects_a_bad_alpha():
         assert "alpha" in str(e)
     else:
         raise AssertionError("alpha 1.5 accepted")
+
+
+def test_a_linear_with_outliers_left_after_smoothing_stays_fp32():
+    m, x = _mlp(7)
+    x[:, 5] *= 1e4  # far beyond what alpha = 0.5 can flatten
+    cpu.quantize_int8(m, lambda: m(x), max_outlier_ratio=50.0)
+    assert m[0].keep_full_precision and type(m[0].linear) is nn.Linear
+    assert not m[2].keep_full_precision and "quantized" in type(m[2].linear).__module__
