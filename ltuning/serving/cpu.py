@@ -17,7 +17,8 @@
   arithmetic and the outliers move into the per-channel weight scales, where they cost nothing. The calibration
   inputs are :data:`CALIBRATION_TEXTS`, run through every adapter's model once at load (fp32, before quantizing).
   A Linear whose smoothed input still has a channel over ``MAX_OUTLIER_RATIO`` x the median channel's magnitude
-  stays fp32 (the few decoder down-projections with massive activations; on SmolLM2 6 of 210 Linears).
+  stays fp32 (the few decoder down-projections with massive activations; on SmolLM2 1 to 6 of its 210 Linears,
+  depending on the adapter, in ``benchmarks/results/int8_config.json``).
 """
 from __future__ import annotations
 
