@@ -10,8 +10,10 @@
   Among splits of equal cost, ``ties="larger"`` takes the one whose last batch is the largest, ``"smaller"`` the
   smallest (evaluation and ``Classifier`` use the first, the serving engine the second: the choice changes scores
   only by float round-off, kept so that each path's scores stay bit-identical). Without ``overhead_tokens`` (and budget): consecutive chunks of
-  ``max_inputs`` sorted inputs. Per-input row counts (a list ``rows_per_input``) run the same programme with a batch
-  bounded by the sum of its rows (the uniform case is the list ``[rows_per_input] * n``).
+  ``max_inputs`` sorted inputs. ``packed=True`` (batches that run packed, :mod:`ltuning.models.packing`): a batch
+  costs and is bounded by its real tokens instead of its padded ones. Per-input row counts (a list
+  ``rows_per_input``) run the same programme with a batch bounded by the sum of its rows (the uniform case is the
+  list ``[rows_per_input] * n``).
 * :func:`length_grouped_batches` (training): seeded shuffled batches whose inputs have similar lengths.
 
 Both return lists of input indices; callers restore the input order.
@@ -22,14 +24,15 @@ import random
 
 
 def plan_batches(lengths: list, max_rows: int, overhead_tokens: int | None = None, rows_per_input=1,
-                 max_tokens: int | None = None, ties: str = "larger") -> list:
+                 max_tokens: int | None = None, ties: str = "larger", packed: bool = False) -> list:
     """Batches of indices into ``lengths`` (lists), longest inputs first; see the module docstring.
     ``rows_per_input``: an int (every input), or a list with each input's own rows (a mixed batch of adapters,
     :mod:`ltuning.serving.shared_bank`). One dynamic programme for both: a batch of the sorted inputs ``i..j-1``
     holds ``r = rows[i] + ... + rows[j-1]`` rows, at most ``max_rows`` (one input at least), costs
     ``r * lengths[i] + overhead_tokens`` and holds at most ``max_tokens`` of those padded tokens (a lone input
     excepted); with an int, ``r = (j - i) * rows_per_input``: at most ``max(1, max_rows // rows_per_input)``
-    inputs."""
+    inputs. ``packed``: the batch runs packed (:mod:`ltuning.models.packing`), so it costs and is bounded by its
+    real tokens ``rows[i] * lengths[i] + ... + rows[j-1] * lengths[j-1]`` instead of its padded ones."""
     uniform = isinstance(rows_per_input, int)
     rows = [rows_per_input] * len(lengths) if uniform else list(rows_per_input)
     if max_rows < 1 or (uniform and rows_per_input < 1) or len(rows) != len(lengths) or any(r < 1 for r in rows) \
@@ -42,8 +45,10 @@ def plan_batches(lengths: list, max_rows: int, overhead_tokens: int | None = Non
     n = len(idx)
     ls = [lengths[i] for i in idx]
     cum = [0]  # cum[j]: rows of the first j sorted inputs
+    real = [0]  # real[j]: real tokens of the first j sorted inputs (over all their rows)
     for i in idx:
         cum.append(cum[-1] + rows[i])
+        real.append(real[-1] + rows[i] * lengths[i])
     if (overhead_tokens is None and max_tokens is None) or n <= 1:
         out, i = [], 0
         while i < n:  # greedy chunks of at most max_rows rows (one input at least)
@@ -59,7 +64,7 @@ def plan_batches(lengths: list, max_rows: int, overhead_tokens: int | None = Non
     for j in range(1, n + 1):
         for i in range(j - 1, -1, -1):  # last batch = sorted inputs i..j-1, padded to ls[i]
             r = cum[j] - cum[i]
-            tokens = r * ls[i]
+            tokens = real[j] - real[i] if packed else r * ls[i]
             if i < j - 1 and (r > max_rows or (max_tokens is not None and tokens > max_tokens)):
                 break  # smaller i only adds rows and tokens
             c = best[i] + tokens + overhead

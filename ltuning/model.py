@@ -67,6 +67,9 @@ class LTuningModel(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.prompt_as_prefix = self.info.causal  # see the module docstring; False: concatenate [p_e ; x]
+        # inference forwards of padded batches run packed (ltuning.models.packing); off by default, the serving
+        # engine turns it on for adapters whose layer hooks (if any) act per token
+        self.pack_inputs = False
         device = base.get_input_embeddings().weight.device
         self.method.to(device)
         self.head.to(device)

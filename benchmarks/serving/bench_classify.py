@@ -17,8 +17,8 @@ The one-pass ceiling, per row, from the model's OWN matrix products in the row's
   padded input token of the batch (so a BERT pooler, which sees one row per input, is out; the input embedding,
   a tied lm_head and the classification head are not Linears of the transformer and are out). Each module counts
   once per call per forward: ``P_lin = sum(in * out * calls per forward)``.
-* ``m`` = the median padded tokens (rows x padded length, K rows per input for label-conditioned K-pass methods)
-  of the forwards that the engine's planner (:func:`ltuning.batching.plan_batches`, the engine's own arguments)
+* ``m`` = the median tokens through the per-token layers (rows x padded length, K rows per input for
+  label-conditioned K-pass methods; the real tokens where the engine runs the batch packed) of the forwards that the engine's planner (:func:`ltuning.batching.plan_batches`, the engine's own arguments)
   makes of THESE inputs.
 * The probe: one sweep = every module (each as many times as it is called per forward) on a random (m, in)
   input in the dtype the model feeds it (bf16 under the engine's bf16 autocast; fp32 for fp32 and for int8's
@@ -130,7 +130,8 @@ def _linear_types() -> tuple:
 def per_token_linears(model, base, run) -> list:
     """``[(name, module, calls per forward)]``: the Linears of ``base`` (the frozen transformer) that run per token
     when ``run()`` runs ``model`` (an ``LTuningModel``) on a batch of padded inputs of >= 2 tokens: called, each
-    call with >= B * T rows (B * T = the padded input tokens of that forward). Modules whose weight is the input
+    call with >= B * T rows (B * T = the padded input tokens of that forward; its real tokens when the model runs
+    packed, :mod:`ltuning.models.packing`). Modules whose weight is the input
     embedding's (tied) are out. Forward hooks count the calls (module docstring)."""
     emb = base.get_input_embeddings()
     emb_ptr = emb.weight.data_ptr() if emb is not None else None
@@ -139,7 +140,9 @@ def per_token_linears(model, base, run) -> list:
 
     def pre(_, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        forwards.append(ids.shape[0] * ids.shape[1])
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        packed = getattr(model, "pack_inputs", False) and mask is not None  # the Linears see the real tokens
+        forwards.append(int(mask.sum()) if packed else ids.shape[0] * ids.shape[1])
 
     def hook(name, mod):
         def fn(_, inputs, output):
@@ -184,15 +187,10 @@ def one_pass_ceiling(rate_gflops: float, p_lin: int, tokens_per_example: float) 
 
 
 def planned_tokens(engine, adapter, ids) -> list:
-    """Padded rows x padded length of each forward the engine's planner makes of ``ids`` (the arguments of
-    :meth:`Engine.score_ids`)."""
-    from ltuning.batching import plan_batches
-    from ltuning.inference import overhead_tokens_of
+    """Tokens through the per-token layers of each forward the engine's planner makes of ``ids`` (the arguments
+    of :meth:`Engine.score_ids`): real tokens where the adapter runs packed, else padded rows x padded length."""
     lengths = [len(x) for x in ids]
-    overhead = overhead_tokens_of(adapter.model.head.weight.device)
-    batches = plan_batches(lengths, engine.max_batch_rows, overhead, adapter.rows_per_input,
-                           engine.max_batch_tokens, ties="smaller")
-    return [len(b) * adapter.rows_per_input * max(lengths[i] for i in b) for b in batches]
+    return [engine.batch_tokens(adapter, lengths, b) for b in engine.plan(adapter, lengths)]
 
 
 def probe_samples(mods: list, m: int, dtype: str, samples: int = 5, min_seconds: float = 0.05) -> list:
@@ -233,7 +231,7 @@ def probe_samples(mods: list, m: int, dtype: str, samples: int = 5, min_seconds:
 
 def probe_engine(e, a, ids, samples: int = 5, min_seconds: float = 0.05) -> dict:
     """What the probe needs from a loaded engine: the per-token Linears (found on a warm batch of ``ids``), P_lin,
-    the module count and ``m`` (the median planned padded tokens per forward of ``ids``)."""
+    the module count and ``m`` (the median planned tokens per forward of ``ids``, :func:`planned_tokens`)."""
     warm = [x for x in ids if len(x) >= 2][:8] or [list(ids[0]) * 2]
     mods = per_token_linears(a.model, e.base, lambda: e.score_ids(a, warm))
     if not mods:
@@ -242,11 +240,12 @@ def probe_engine(e, a, ids, samples: int = 5, min_seconds: float = 0.05) -> dict
             "m": int(statistics.median(planned_tokens(e, a, ids))), "samples": samples, "min_seconds": min_seconds}
 
 
-def run_engine(adapter_dir, dtype, quantize, ids_by_adapter, threads, probe_samples_n=5, probe_min_seconds=0.05):
+def run_engine(adapter_dir, dtype, quantize, ids_by_adapter, threads, probe_samples_n=5, probe_min_seconds=0.05,
+               pack=True):
     """Load, warm, probe (before), time ``score_ids`` over all inputs, probe (after). Returns
     ``(engine, adapter, ids, scores, seconds, peak RSS MB, probe)``; ``probe``: the fields of a row (module
-    docstring)."""
-    e = Engine({"a": adapter_dir}, dtype=dtype, quantize=quantize, threads=threads)
+    docstring). ``pack``: the engine's packed batches (False: padded, for the side-by-side rows)."""
+    e = Engine({"a": adapter_dir}, dtype=dtype, quantize=quantize, threads=threads, pack=pack)
     a = e.adapters["a"]
     ids = e.tokenize(ids_by_adapter, a)
     e.score_ids(a, ids[:8])  # warm
@@ -259,7 +258,8 @@ def run_engine(adapter_dir, dtype, quantize, ids_by_adapter, threads, probe_samp
     after = probe_samples(pr["mods"], pr["m"], e.dtype, pr["samples"], pr["min_seconds"])
     probe = {"probe_gflops_before": statistics.median(before), "probe_gflops_after": statistics.median(after),
              "probe_gflops": statistics.median(before + after), "probe_samples_before": before,
-             "probe_samples_after": after, "probe_m": pr["m"], "probe_modules": pr["modules"], "p_lin": pr["p_lin"]}
+             "probe_samples_after": after, "probe_m": pr["m"], "probe_modules": pr["modules"], "p_lin": pr["p_lin"],
+             "packed": bool(a.model.pack_inputs)}
     return e, a, ids, scores, dt, rss.mb, probe
 
 
@@ -334,6 +334,9 @@ def main(argv=None):
                          "the dev set of its dataset")
     ap.add_argument("--accuracy-data", default="sst2", help="the dataset of the adapters given without @DATASET")
     ap.add_argument("--accuracy-n", type=int, default=None, help="the first N dev examples (default: all)")
+    ap.add_argument("--padded-methods", default="",
+                    help="methods (of --methods) also run with padded batches (Engine pack=False), beside the "
+                         "packed default, in each of their dtypes: rows 'ltuning METHOD --no-pack'")
     ap.add_argument("--probe-samples", type=int, default=5, help="timed samples per probe (before and after a row)")
     ap.add_argument("--probe-min-seconds", type=float, default=0.05, help="least duration of one probe sample")
     ap.add_argument("--threads", type=int, default=1)
@@ -384,22 +387,25 @@ def main(argv=None):
                 name, opts = parse_method(method)
                 kpass = name.startswith("lt-") and opts.get("scoring", "kpass") == "kpass" and len(labels) > 2
                 recs = dev[:a.kpass_n if kpass else a.n]
-                for dtype in a.dtypes.split(","):
+                runs = [(d, p) for d in a.dtypes.split(",") for p in
+                        ((True, False) if method in a.padded_methods.split(",") else (True,))]
+                for dtype, pack in runs:
                     if dtype == "bf16" and not cpu.native_bf16():
                         continue
                     if dtype != "fp32" and method not in a.dtype_methods.split(","):
                         continue
                     e, ad_, ids, _, dt, rss, probe = run_engine(
                         ad, "fp32" if dtype == "int8" else dtype, "int8" if dtype == "int8" else None, recs,
-                        a.threads, a.probe_samples, a.probe_min_seconds)
+                        a.threads, a.probe_samples, a.probe_min_seconds, pack)
                     tokens = sum(len(x) for x in ids)  # real (unpadded) input tokens
                     ceiling = one_pass_ceiling(probe["probe_gflops"], probe["p_lin"], tokens / len(ids))
-                    row = {"model": model_name, "dataset": ds, "system": f"ltuning {method}", "dtype": dtype,
+                    system = f"ltuning {method}" + ("" if pack else " --no-pack")
+                    row = {"model": model_name, "dataset": ds, "system": system, "dtype": dtype,
                            "examples": len(ids), "labels": len(labels), "tokens_per_example": tokens / len(ids),
                            "seconds": dt, "examples_per_s": len(ids) / dt, "tokens_per_s": tokens / dt,
                            "peak_rss_mb": rss, **probe, "one_pass_ceiling_ex_s": ceiling,
                            "utilisation": len(ids) / dt / ceiling, "subset": f"first {len(ids)} of {len(dev)} dev"}
-                    if a.stream_check and method == "prefix" and dtype == "fp32":
+                    if a.stream_check and method == "prefix" and dtype == "fp32" and pack:
                         path = os.path.join(tmp, "in.jsonl")
                         with open(path, "w") as f:
                             f.write("".join(json.dumps(r) + "\n" for r in recs))

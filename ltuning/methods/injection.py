@@ -25,12 +25,20 @@ from __future__ import annotations
 import torch
 
 from ..models import PrefixInputs, capture_kv
+from ..models.packing import can_pack, packed_last_hidden
+
+
+def run_base(model, input_ids, mask, **kwargs):
+    """The base's last hidden states (R, L, d) on ``input_ids`` (R, L) with real-token ``mask`` (R, L) bool;
+    packed (one row of the real tokens, :mod:`ltuning.models.packing`) where :func:`can_pack` allows it."""
+    if can_pack(model, mask):
+        return packed_last_hidden(model.base, input_ids, mask, **kwargs)
+    return model.base(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
 
 
 def plain(model, input_ids, mask, entry_index):
     """Kind ``"none"``: the (hooked) base on the input alone."""
-    out = model.base(input_ids=input_ids, attention_mask=mask, use_cache=False)
-    return out.last_hidden_state, mask, 0
+    return run_base(model, input_ids, mask), mask, 0
 
 
 def prefix(model, input_ids, mask, entry_index):
@@ -45,8 +53,7 @@ def prefix(model, input_ids, mask, entry_index):
     if model.config.position_offset == "prefix":  # the input continues after its own prefix
         start = P if lengths is None else lengths.to(dev)[entry_index][:, None]
         kwargs["position_ids"] = torch.arange(L, device=dev)[None] + start
-    out = model.base(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs)
-    return out.last_hidden_state, mask, 0
+    return run_base(model, input_ids, mask, **kwargs), mask, 0
 
 
 def prompt_bank_kv(base, prompts, pmask):
@@ -67,8 +74,7 @@ def prompt_as_prefix(model, input_ids, mask, entry_index):
     keys, values, lengths = prompt_bank_kv(model.base, prompts, pmask.to(dev))
     kwargs = {"ltuning_prefix": PrefixInputs(keys, values, entry_index, None, model.config.backend, lengths),
               "position_ids": torch.arange(L, device=dev)[None] + n}
-    out = model.base(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs)
-    return out.last_hidden_state, mask, 0
+    return run_base(model, input_ids, mask, **kwargs), mask, 0
 
 
 def prompt_concat(model, input_ids, mask, entry_index):

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import PrefixInputs, capture_kv
-from .injection import prompt_bank_kv
+from .injection import prompt_bank_kv, run_base
 from .kv_maps import apply_kv_maps
 
 SCORINGS = ("kpass", "onepass", "shared-input")
@@ -194,7 +194,7 @@ def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
                                              model.config.backend, None)}
     if start is not None:
         kwargs["position_ids"] = torch.arange(L, device=dev)[None].expand(B, L) + start
-    h = model.base(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+    h = run_base(model, input_ids, mask, **kwargs)
     pooled = _fp32_at_least(pool_rows(h, mask, model.pooling))
     with torch.autocast(dev.type, enabled=False):
         return model.head(pooled, label_vectors(model).to(device=dev, dtype=pooled.dtype))

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kernels import prefix_attention
+from ..kernels import prefix_attention, prefix_attention_varlen
 
 IMPL_NAME = "ltuning"
 
@@ -48,8 +48,12 @@ class KVCapture:
 
 def ltuning_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                               ltuning_prefix: Optional[PrefixInputs] = None, ltuning_capture=None,
-                              **kwargs):
+                              ltuning_cu_seqlens: Optional[torch.Tensor] = None, **kwargs):
     """AttentionInterface function: q (B, Hq, L, D), k/v (B, Hkv, Lk, D) -> (out (B, L, Hq, D), None).
+
+    ``ltuning_cu_seqlens`` (R+1,) int: the forward is packed (:mod:`ltuning.models.packing`): B = 1 and the L
+    positions are R sequences side by side, sequence r at positions ``cu[r]:cu[r+1]``; each attends only to its
+    own tokens (and row r's bank entry), through the packed kernel (:func:`ltuning.kernels.prefix_attention_varlen`).
 
     ``attention_mask`` is the 2-D key-padding mask (B, Lk) bool or None (see :func:`_mask_2d`). Attention
     dropout is not applied: ltuning keeps the frozen base in eval mode. ``ltuning_capture``: a :class:`KVCapture`
@@ -84,6 +88,15 @@ def ltuning_attention_forward(module, query, key, value, attention_mask, scaling
             bank_k, bank_v = bank_k.to(query.dtype), bank_v.to(query.dtype)
     if key.dtype != query.dtype or value.dtype != query.dtype:  # autocast: rotary promotes q, k but not v
         key, value = key.to(query.dtype), value.to(query.dtype)  # (the kernels take one q/k/v dtype)
+    if ltuning_cu_seqlens is not None:
+        if query.shape[0] != 1 or attention_mask is not None or scale is not None and scale.shape[0] != \
+                ltuning_cu_seqlens.shape[0] - 1:
+            raise ValueError("ltuning packed attention: expected one packed row (B = 1), no padding mask and "
+                             "per-sequence prefix gates")
+        out = prefix_attention_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                                      ltuning_cu_seqlens, bank_k, bank_v, idx, causal=causal, prefix_scale=scale,
+                                      softmax_scale=scaling, prefix_lengths=lengths, backend=backend)
+        return out.unsqueeze(0), None  # (1, T, Hq, D)
     out = prefix_attention(query, key, value, bank_k, bank_v, idx, key_padding_mask=attention_mask, causal=causal,
                            prefix_scale=scale, softmax_scale=scaling, prefix_lengths=lengths, backend=backend)
     return out.transpose(1, 2), None

@@ -19,8 +19,8 @@ def add_engine_args(p, batch_rows_default: int = 64) -> None:
                         "through bitsandbytes 4-bit NF4 as 'ltuning train --quantize nf4' loads it; none: full "
                         "precision. Default: the adapters' recorded precision (nf4 if all were trained on NF4)")
     p.add_argument("--max-batch-tokens", type=int, default=4096,
-                   help="token budget of one forward: padded tokens x scored rows (K rows per input for "
-                        "label-conditioned methods)")
+                   help="token budget of one forward: tokens x scored rows (K rows per input for "
+                        "label-conditioned methods), real tokens when the batch runs packed, else padded")
     p.add_argument("--batch-size", "--max-batch-rows", dest="batch_size", type=int, default=batch_rows_default,
                    help="at most this many scored rows per forward")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -28,6 +28,9 @@ def add_engine_args(p, batch_rows_default: int = 64) -> None:
                    help="several prefix-family adapters (prefix, apt, sk-prefix, lt-prefix; prompts on decoders) "
                         "in one batch: their banks side by side, each row indexing its own entry and scored by "
                         "its own head (--no-shared-bank: one batch per adapter)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each batch packed, its inputs' real tokens side by side in one row (decoders, no "
+                        "padding through the Linears; batches planned by real tokens); --no-pack: padded batches")
 
 
 def add_classify_args(c) -> None:
@@ -75,7 +78,7 @@ def _engine(a):
     quantize = a.quantize if a.quantize is not None else recorded_quantize(adapters)
     return Engine(adapters, model=a.model, dtype=a.dtype, quantize=quantize,
                   max_batch_tokens=a.max_batch_tokens, max_batch_rows=a.batch_size, threads=a.threads,
-                  shared_bank=getattr(a, "shared_bank", True))
+                  shared_bank=getattr(a, "shared_bank", True), pack=getattr(a, "pack", True))
 
 
 def run_classify(a) -> dict:

@@ -8,9 +8,14 @@ is cached by :meth:`ltuning.model.LTuningModel.inference_cached` at the first ba
   ``max_length`` tokens (default 128), keeping its start; a premise/hypothesis pair is truncated longest-first on
   encoders, and joined by a newline then cut from the end on decoders (as in training);
 * token-budget batches (:func:`ltuning.batching.plan_batches`): inputs sorted by length and split so that a
-  batch's padded tokens, counted per scored row (label-conditioned methods score all K labels of an input: K
-  rows), stay within ``max_batch_tokens`` and its rows within ``max_batch_rows``, minimising padding plus a fixed
+  batch's tokens, counted per scored row (label-conditioned methods score all K labels of an input: K
+  rows), stay within ``max_batch_tokens`` and its rows within ``max_batch_rows``, minimising the tokens plus a fixed
   cost per forward (:data:`ltuning.inference.OVERHEAD_TOKENS`);
+* packed batches (``pack=True``, the default; :mod:`ltuning.models.packing`): on decoders, each batch runs as
+  one row of its inputs' real tokens side by side (the packed attention kernel keeps the inputs apart), so no
+  padding goes through the Linears and the planner counts real tokens only: inputs of any mix of lengths fill
+  one forward (the server's micro-batches of random lengths gain most). Adapters whose layer hooks read the
+  batch's (R, L) shape (APT, FL, CGC-LoRA) and encoders keep padded batches (:meth:`Engine.packable`);
 * the library's one inference path (:func:`ltuning.inference.run_batches`): ``torch.inference_mode``, bf16
   autocast when the base runs in bf16; all K labels of an input are scored by the model's own forward
   (``model(input_ids, attention_mask)`` -> (B, K)), so a cheaper scoring the model implements is used as is.
@@ -115,11 +120,12 @@ class Engine:
     ``ltuning train --quantize nf4`` loads it, :func:`ltuning.models.load_base`: double-quantized NF4 weights,
     bf16 compute inside the 4-bit Linears, everything else fp32; a single LoRA adapter is then not merged, its
     hook runs). ``model``: override the base recorded in the adapters. ``shared_bank``: mixed batches of the
-    prefix-family adapters (module docstring); False: one batch per adapter."""
+    prefix-family adapters (module docstring); False: one batch per adapter. ``pack``: run batches packed where
+    an adapter allows it (:meth:`packable`); False: padded batches everywhere."""
 
     def __init__(self, adapters: dict, model: str | None = None, dtype: str = "auto", quantize: str | None = None,
                  max_batch_tokens: int = 4096, max_batch_rows: int = 64, threads: int | None = None,
-                 shared_bank: bool = True):
+                 shared_bank: bool = True, pack: bool = True):
         if not adapters:
             raise ValueError("at least one adapter is needed")
         if quantize not in (None, "none", "int8", "nf4"):
@@ -159,6 +165,8 @@ class Engine:
                 m.config.method, scoring.rows_per_input(m),
                 {"method": m.config.method, "labels": list(m.label_names), "base_model": base_name,
                  "base_fingerprint": meta.base_fingerprint})
+        for name, a in self.adapters.items():
+            a.model.pack_inputs = pack and self.packable(a, bool(owned[name]))
         self.hooks = _HookSwitch()
         hooked = [n for n, ids in owned.items() if ids]
         if len(self.adapters) > 1 and hooked:
@@ -177,7 +185,8 @@ class Engine:
             fit = [a for n, a in self.adapters.items() if not owned[n] or a.model.method.prefix_scales() is not None]
             if len(fit) > 1:
                 try:
-                    self.shared = SharedBank(self.base, fit, self.dtype, self.hooks)
+                    self.shared = SharedBank(self.base, fit, self.dtype, self.hooks,
+                                             pack=pack and all(a.model.pack_inputs for a in fit))
                 except ValueError:
                     self.shared = None
                 if self.shared is not None and len(self.shared.members) < 2:
@@ -201,6 +210,20 @@ class Engine:
         for a in self.adapters.values():
             a.model.eval()
 
+    @staticmethod
+    def packable(adapter: Adapter, hooked: bool) -> bool:
+        """Whether ``adapter``'s batches can run packed (:mod:`ltuning.models.packing`): a decoder base, the
+        fused attention backend (its packed kernel; SDPA has none), and no layer hooks other than LoRA's, which act
+        on each token alone (``hooked``: the adapter installed hooks on the base)."""
+        from ..kernels import resolve_backend
+        m = adapter.model
+        device = m.head.weight.device.type
+        try:
+            backend = resolve_backend(m.config.backend, device)
+        except (ValueError, RuntimeError):
+            return False
+        return m.info.causal and backend in ("cpu", "triton") and (not hooked or adapter.method == "lora")
+
     # ---------------------------------------------------------------- inputs
     def adapter(self, name: str | None) -> Adapter:
         if name is None:
@@ -221,15 +244,29 @@ class Engine:
         """Scores (N, K) float32 of N token-id lists, input order (see the module docstring)."""
         if not ids:
             return torch.empty(0, len(adapter.label_names))
-        overhead = overhead_tokens_of(adapter.model.head.weight.device)
-        batches = plan_batches([len(x) for x in ids], self.max_batch_rows, overhead, adapter.rows_per_input,
-                               self.max_batch_tokens, ties="smaller")
+        batches = self.plan(adapter, [len(x) for x in ids])
         with self.lock:
             self.hooks.attach(adapter.name)
             try:
                 return run_batches(adapter.model, ids, batches, self.dtype)
             finally:
                 self.hooks.release(adapter.name)
+
+    def plan(self, adapter: Adapter, lengths: list) -> list:
+        """The batches (lists of input indices) :meth:`score_ids` runs inputs of these token ``lengths`` in:
+        :func:`ltuning.batching.plan_batches` with the engine's budgets, by real tokens where the adapter runs
+        packed, else by padded tokens."""
+        overhead = overhead_tokens_of(adapter.model.head.weight.device)
+        return plan_batches(lengths, self.max_batch_rows, overhead, adapter.rows_per_input, self.max_batch_tokens,
+                            ties="smaller", packed=adapter.model.pack_inputs)
+
+    def batch_tokens(self, adapter: Adapter, lengths: list, batch: list) -> int:
+        """The tokens one planned ``batch`` runs through the per-token layers: its real tokens when packed, its
+        padded rows x length otherwise (K rows per input for label-conditioned methods)."""
+        rows = adapter.rows_per_input
+        if adapter.model.pack_inputs:
+            return rows * sum(lengths[i] for i in batch)
+        return rows * len(batch) * max(lengths[i] for i in batch)
 
     def shares(self, adapter: Adapter) -> bool:
         """Whether ``adapter``'s inputs join mixed batches (:mod:`ltuning.serving.shared_bank`)."""
@@ -258,7 +295,7 @@ class Engine:
             first = self.adapters[adapters[mixed[0]].name].model
             overhead = overhead_tokens_of(first.head.weight.device)
             batches = plan_batches([len(ids[i]) for i in mixed], self.max_batch_rows, overhead, rows,
-                                   self.max_batch_tokens, ties="smaller")
+                                   self.max_batch_tokens, ties="smaller", packed=self.shared.pack)
             with self.lock:
                 for b in batches:
                     scores = self.shared.run([(adapters[mixed[j]].name, ids[mixed[j]]) for j in b],
@@ -286,5 +323,6 @@ class Engine:
     def describe(self) -> dict:
         return {"base_model": self.base_name, "dtype": self.dtype, "quantize": self.quantize,
                 "threads": torch.get_num_threads(),
+                "packed": sorted(n for n, a in self.adapters.items() if a.model.pack_inputs),
                 "shared_bank": sorted(self.shared.members) if self.shared is not None else [],
                 "adapters": {n: {**a.info, "max_length": a.max_length} for n, a in self.adapters.items()}}

@@ -46,6 +46,7 @@ from ..data import collate
 from ..inference import autocast
 from ..methods import injection, scoring
 from ..models import PrefixInputs
+from ..models.packing import packed_last_hidden
 
 
 @dataclass
@@ -121,10 +122,11 @@ class SharedBank:
     """The concatenated bank of ``adapters`` (engine ``Adapter`` objects; those whose :func:`bank_of` is None are
     left out, ValueError if none is left), computed once under ``dtype``'s autocast and kept in the compute dtype
     (bf16 for ``"bf16"``, else fp32). ``hooks``: the engine's hook switch (a gated adapter's gate hooks are
-    attached while a batch holding its rows runs)."""
+    attached while a batch holding its rows runs). ``pack``: run each mixed batch packed
+    (:mod:`ltuning.models.packing`; the engine decides, every member must allow it)."""
 
-    def __init__(self, base, adapters: list, dtype: str, hooks):
-        self.base, self.dtype, self.hooks = base, dtype, hooks
+    def __init__(self, base, adapters: list, dtype: str, hooks, pack: bool = False):
+        self.base, self.dtype, self.hooks, self.pack = base, dtype, hooks, pack
         self.members: dict = {}
         banks = []
         with torch.inference_mode(), autocast(dtype):
@@ -207,7 +209,11 @@ class SharedBank:
                                                          self.lengths)}
                 if self.any_start:
                     kwargs["position_ids"] = torch.arange(L, device=dev)[None] + self.start[index][:, None]
-                h = self.base(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+                if self.pack and not bool(mask.all()):
+                    h = packed_last_hidden(self.base, input_ids, mask, **kwargs)
+                else:
+                    h = self.base(input_ids=input_ids, attention_mask=mask, use_cache=False,
+                                  **kwargs).last_hidden_state
                 out = [None] * len(items)
                 for mem, first, n, pos in spans:
                     model = mem.adapter.model

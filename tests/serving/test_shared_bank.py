@@ -180,13 +180,25 @@ def test_batcher_groups_jobs_of_sharing_adapters():
 @pytest.mark.slow
 def test_mixed_batches_on_a_decoder(smollm, tmp_path):
     """SmolLM2: the label texts' own K/V (lt-prefix "kv", per-entry input positions), a gated prefix whose gate
-    reads the mean of each row's tokens, and a prompt prefilled once as a prefix."""
+    reads the mean of each row's tokens, and a prompt prefilled once as a prefix: padded mixed batches (the gate
+    hooks read the batch's (R, L) shape, so APT's presence keeps the bank's batches padded). Then adapters that
+    all run packed (ltuning.models.packing): the bank's mixed batches and LoRA's own batches (its hooks act per
+    token) run their real tokens in one row. Every row scores as its own adapter's (padded) ``Classifier``."""
     base, tok = smollm
     specs = {"prefix": ADAPTERS["prefix"], "lt": ADAPTERS["lt"], "apt": ADAPTERS["apt"],
-             "prompt": ("prompt", ["negative", "positive"], None, {"num_virtual_tokens": 4})}
+             "prompt": ("prompt", ["negative", "positive"], None, {"num_virtual_tokens": 4}),
+             "onepass": ADAPTERS["onepass"], "lora": ADAPTERS["lora"]}
     texts = TEXTS[:4]
     refs = {n: randomized("smollm2-135m", *spec, tmp_path / n, base, tok, 7 + i, texts)
             for i, (n, spec) in enumerate(specs.items())}
-    e = Engine({n: str(tmp_path / n) for n in specs}, dtype="fp32")
-    assert sorted(e.shared.members) == sorted(specs)
-    check_rows(e, refs, mixed_stream(list(specs), len(texts), 2), texts)
+    padded = ["prefix", "lt", "apt", "prompt"]
+    e = Engine({n: str(tmp_path / n) for n in padded}, dtype="fp32")
+    assert sorted(e.shared.members) == sorted(padded) and not e.shared.pack
+    check_rows(e, refs, mixed_stream(padded, len(texts), 2), texts)
+    del e
+    packed = ["prefix", "onepass", "lora"]  # every packable method, in float64: tests/models/test_packing.py
+    e = Engine({n: str(tmp_path / n) for n in packed}, dtype="fp32")
+    assert e.describe()["packed"] == sorted(packed) and e.shared.pack
+    assert sorted(e.shared.members) == ["onepass", "prefix"]
+    check_rows(e, refs, mixed_stream(packed, len(texts), 3), texts)
+

@@ -1,0 +1,126 @@
+"""Packed inference forwards (ltuning.models.packing): R padded rows run as one row of their real tokens give the
+padded forward's hidden states and scores, in float64, for every method the serving engine packs; the packed
+attention call validates its inputs; the planner counts real tokens for packed batches."""
+import pytest
+import torch
+
+import ltuning
+from ltuning.batching import plan_batches
+from ltuning.methods import injection
+from ltuning.models import PrefixInputs
+from ltuning.models.packing import can_pack, cu_seqlens, packed_last_hidden
+from method_helpers import LT_LABELS, LT_TEXTS, patched, randomize, tiny_base
+from testutil import max_rel
+
+TEXTS = ("great fun", "awful , just awful and long , so long that it pads the others", "ok", "it exists , sadly")
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    """A random 2-layer Llama (6 query / 2 KV heads: GQA) over SmolLM2's tokenizer, float64, ltuning attention."""
+    _, tok = smollm
+    base = tiny_base("decoder", tok).double()
+    ltuning.models.enable(base)
+    return base, tok
+
+
+def batch(tok, texts=TEXTS):
+    e = tok(list(texts), padding=True, return_tensors="pt")
+    assert tok.padding_side == "right" and not bool(e["attention_mask"].bool().all())
+    return e["input_ids"], e["attention_mask"].bool()
+
+
+def test_packed_hidden_equals_padded_with_bank_gates_and_offsets(tiny, seed):
+    """A random bank (entries of unequal real lengths), per-row gates and per-row position offsets: the packed
+    forward equals the padded one at every real position, and leaves zeros at the padded ones."""
+    base, tok = tiny
+    ids, mask = batch(tok)
+    R, L = ids.shape
+    ltuning.models.enable(base)  # (a previous test's unpatch may have restored the model's own attention)
+    cfg = base.config
+    Hkv, D, N, P = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, 3, 5
+    g = torch.Generator().manual_seed(seed)
+    keys = [torch.randn(N, Hkv, P, D, generator=g, dtype=torch.float64) for _ in range(cfg.num_hidden_layers)]
+    values = [torch.randn(N, Hkv, P, D, generator=g, dtype=torch.float64) for _ in range(cfg.num_hidden_layers)]
+    index = torch.tensor([2, 0, 1, 2])
+    scales = [torch.rand(R, P, generator=g, dtype=torch.float64) for _ in range(cfg.num_hidden_layers)]
+    lengths = torch.tensor([5, 0, 3])
+    pos = torch.arange(L)[None] + lengths[index][:, None]
+    prefix = PrefixInputs(keys, values, index, scales, "auto", lengths)
+    with torch.inference_mode():
+        ref = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                   ltuning_prefix=prefix).last_hidden_state
+        got = packed_last_hidden(base, ids, mask, position_ids=pos, ltuning_prefix=prefix)
+    assert got.shape == ref.shape
+    assert max_rel(got[mask], ref[mask]) < 1e-12, f"seed {seed}"
+    assert bool((got[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("method,options", [
+    ("prefix", {"num_virtual_tokens": 4}),
+    ("lt-prefix", {}),                                        # K-pass: K rows per input
+    ("lt-prefix", {"variant": "kv", "position_offset": "prefix"}),  # per-entry lengths and input positions
+    ("lt-prefix", {"scoring": "onepass"}),
+    ("prompt", {"num_virtual_tokens": 3}),                    # prefilled once, then a shared prefix
+    ("lora", {}),                                             # hooks that act per token
+    ("linear-probe", {}),
+])
+def test_packed_scores_equal_padded(tiny, seed, method, options, monkeypatch):
+    base, tok = tiny
+    ids, mask = batch(tok)
+    calls = []
+    real = injection.packed_last_hidden
+    monkeypatch.setattr(injection, "packed_last_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    labels = LT_LABELS if method.startswith("lt") else ["negative", "positive"]
+    extra = {"label_texts": LT_TEXTS} if method.startswith("lt") else {}
+    with patched(base, tok, method, labels=labels, **extra, **options) as m:
+        m.method.double()  # the base is float64 too; the head stays fp32 (scores are fp32 by contract)
+        if options.get("scoring") == "onepass":
+            m.head.double()  # the bilinear head takes the pooled states in their own (float64) dtype
+        torch.manual_seed(seed)
+        randomize(m)
+        m.eval()
+        with torch.inference_mode():
+            ref = m(ids, mask)
+            assert not calls
+            m.pack_inputs = True
+            assert can_pack(m, mask)
+            got = m(ids, mask)
+        assert calls, "the packed path did not run"
+        assert max_rel(got, ref) < 1e-6, f"seed {seed}"  # float64 forwards, the fp32 head's rounding
+        with torch.no_grad():
+            assert can_pack(m, mask)
+        with torch.enable_grad():
+            assert not can_pack(m, mask)  # training keeps the padded forward
+        assert not can_pack(m, torch.ones_like(mask))  # nothing to unpad
+
+
+def test_packed_attention_rejects_a_padded_batch(tiny):
+    base, tok = tiny
+    ids, mask = batch(tok)
+    ltuning.models.disable(base)
+    with pytest.raises(ValueError, match="needs the ltuning attention"):
+        packed_last_hidden(base, ids, mask)
+    ltuning.models.enable(base)
+    with torch.inference_mode(), pytest.raises(ValueError, match="one packed row"):
+        base(input_ids=ids, attention_mask=mask, use_cache=False, ltuning_cu_seqlens=cu_seqlens(mask))
+    with pytest.raises(ValueError, match="mask must be"):
+        packed_last_hidden(base, ids, mask.long())
+
+
+def test_cu_seqlens():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]).bool()
+    assert cu_seqlens(mask).tolist() == [0, 3, 4, 8]
+
+
+def test_planner_counts_real_tokens_when_packed():
+    """Packed, a long input no longer pads the short ones: with a fixed cost per forward the planner puts
+    inputs of very different lengths in one batch, and the token budget bounds real tokens."""
+    lengths = [40, 3, 3, 3, 3, 3, 3, 3]
+    padded = plan_batches(lengths, 64, overhead_tokens=48, max_tokens=4096)
+    packed = plan_batches(lengths, 64, overhead_tokens=48, max_tokens=4096, packed=True)
+    assert len(padded) == 2 and len(packed) == 1
+    assert sorted(i for b in packed for i in b) == list(range(len(lengths)))
+    budget = plan_batches(lengths, 64, overhead_tokens=48, max_tokens=45, packed=True)
+    assert all(sum(lengths[i] for i in b) <= 45 or len(b) == 1 for b in budget)
+    assert len(budget) == 2  # e.g. 40 + 3 | 3 x 6: two forwards, each within 45 real tokens
