@@ -36,7 +36,8 @@ ceiling, by design (that is its cost).
 
 Row fields (record version 2): ``probe_gflops_before``, ``probe_gflops_after``, ``probe_gflops`` (the median of
 both sets' samples), ``probe_m``, ``probe_modules``, ``p_lin``, ``tokens_per_example``, ``one_pass_ceiling_ex_s``,
-``utilisation``. The version-1 field ``matrix_gflops`` (one (512, d) x (d, 4d) GEMM in fp32/bf16 before the
+``utilisation``, ``packed`` (the engine ran the row's batches packed, :mod:`ltuning.models.packing`; rows of
+``--padded-methods`` repeat a method with padded batches, system ``"ltuning METHOD --no-pack"``). The version-1 field ``matrix_gflops`` (one (512, d) x (d, 4d) GEMM in fp32/bf16 before the
 row) is gone; HF baseline rows carry no probe.
 
     OMP_NUM_THREADS=1 python benchmarks/serving/bench_classify.py --out benchmarks/results/serving_classify.json

@@ -12,7 +12,8 @@ seconds are recorded per level, with the server process's). Per level the server
 and after: engine batches, their mean size and size histogram, and the fraction of the time the engine was busy.
 A second offline reference runs the same inputs in engine calls of ``clients`` inputs in input order (what
 batches of that many one-input requests can reach without HTTP): ``fraction_of_offline`` splits into the batch
-composition (``offline_chunked / offline``) and the serving overhead (``fraction_of_offline_chunked``).
+composition (``offline_chunked / offline``) and the serving overhead (``fraction_of_offline_chunked``). Both offline
+references run after a warm pass over all inputs, alternated ``--offline-reps`` times; medians (samples recorded).
 
     OMP_NUM_THREADS=1 python benchmarks/serving/bench_serve.py --out benchmarks/results/serving_server.json
 """
@@ -139,6 +140,8 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=256, help="requests per client level (one input each)")
     ap.add_argument("--max-seconds", type=float, default=90)
     ap.add_argument("--offline-n", type=int, default=256, help="inputs of the in-process offline reference")
+    ap.add_argument("--offline-reps", type=int, default=3,
+                    help="alternated repetitions of the offline references (whole stream, each chunk size); medians")
     ap.add_argument("--single-n", type=int, default=512,
                     help="inputs timed one per call for the 1-client target (those the 1-client level sends first)")
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
@@ -147,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    if a.offline_reps < 1 or a.single_n < 1:
+        ap.error("--offline-reps and --single-n must be >= 1")
     torch.set_num_threads(a.threads)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_classify import make_adapter
@@ -168,19 +173,26 @@ def main(argv=None):
     ad_ = e.adapters["a"]
     n_off = min(len(texts), a.requests, a.offline_n)
     ids = e.tokenize([{"text": t} for t in texts[:n_off]], ad_)
-    e.score_ids(ad_, ids[:8])
-    t0 = time.perf_counter()
-    e.score_ids(ad_, ids)
-    rec["offline_examples"] = n_off
-    rec["offline_examples_per_s"] = n_off / (time.perf_counter() - t0)
-    # the same inputs in engine calls of `clients` inputs each, in input order: what the server's batches can
-    # reach at best with that many one-input clients (less length sorting, smaller batches), without any HTTP
-    rec["offline_chunked_examples_per_s"] = {}
-    for c in sorted({int(x) for x in a.clients.split(",")}):
+    e.score_ids(ad_, ids)  # warm: the first pass at full batch size pays first-touch costs
+    # the whole stream (batches planned over all inputs, as `ltuning classify` runs them) and the same inputs in
+    # engine calls of `clients` inputs each, in input order (what batches of that many one-input requests can
+    # reach at best, without HTTP); alternated --offline-reps times, medians
+    levels = sorted({int(x) for x in a.clients.split(",")})
+    whole, chunked = [], {c: [] for c in levels}
+    for _ in range(a.offline_reps):
         t0 = time.perf_counter()
-        for s in range(0, n_off, c):
-            e.score_ids(ad_, ids[s:s + c])
-        rec["offline_chunked_examples_per_s"][str(c)] = n_off / (time.perf_counter() - t0)
+        e.score_ids(ad_, ids)
+        whole.append(n_off / (time.perf_counter() - t0))
+        for c in levels:
+            t0 = time.perf_counter()
+            for s in range(0, n_off, c):
+                e.score_ids(ad_, ids[s:s + c])
+            chunked[c].append(n_off / (time.perf_counter() - t0))
+    rec["offline_examples"] = n_off
+    rec["offline_examples_per_s"] = statistics.median(whole)
+    rec["offline_examples_per_s_samples"] = whole
+    rec["offline_chunked_examples_per_s"] = {str(c): statistics.median(v) for c, v in chunked.items()}
+    rec["offline_chunked_examples_per_s_samples"] = {str(c): v for c, v in chunked.items()}
     # one call per input, on the inputs the 1-client level sends (texts[0], texts[1], ...)
     n_single = min(len(texts), a.requests, a.single_n)
     single_ids = e.tokenize([{"text": t} for t in texts[:n_single]], ad_)
