@@ -205,14 +205,16 @@ struct Problem {
 };
 
 // A row tile of sequence b, KV head h: rows r0 + r = (position pos[r], query head head[r]) for r < m, padded
-// with zero rows to Mg (a multiple of 16).
+// with zero rows to Mg = m rounded up to 2 (the K dim of the backward's VNNI products must be even). Not to 16:
+// a short sequence's tile (one-pass label scoring: ~12 positions x 3 grouped heads = 36 rows against ~970
+// bank keys) would compute a third more rows than it has.
 struct Tile {
   int64_t b, m, Mg;
   int64_t pos[BM], head[BM];
   template <typename T>
   Tile(const Problem<T>& pb, int64_t b_, int64_t h, int64_t r0) : b(b_) {
     m = std::min(BM, pb.rows(b) - r0);
-    Mg = up(m, 16);
+    Mg = up(m, 2);
     int64_t i = r0 / pb.g, j = r0 % pb.g;
     for (int64_t r = 0; r < m; ++r) {
       pos[r] = i, head[r] = h * pb.g + j;
@@ -377,9 +379,10 @@ void softmax_block(A* x, int64_t ld, int64_t Mg, int64_t Nv, const int64_t* cnt,
   const V ninf(-std::numeric_limits<A>::infinity());
   logits(x, ld, Mg, Nv, cnt, scale, s, bias, alpha);
   for (int64_t r = 0; r < Mg; r += W) {  // alpha = exp(mx_old - mx_new), 1 while nothing is visible
-    const V mo = V::loadu(mx + r), mn = at::vec::maximum(mo, V::loadu(alpha + r));
-    vexp(V::blendv(mo - mn, V(A(0)), mn == ninf)).store(alpha + r);
-    mn.store(mx + r);
+    const int64_t w = std::min(W, Mg - r);  // Mg is even, not a multiple of W: rows past Mg are not touched
+    const V mo = V::loadu(mx + r, w), mn = at::vec::maximum(mo, V::loadu(alpha + r, w));
+    vexp(V::blendv(mo - mn, V(A(0)), mn == ninf)).store(alpha + r, w);
+    mn.store(mx + r, w);
   }
   for (int64_t r = 0; r < Mg; ++r) {
     A* xr = x + r * ld;
