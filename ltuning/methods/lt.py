@@ -58,7 +58,7 @@ from .base import Method, MethodConfig, register_method
 from .kv_maps import add_kv_maps, apply_kv_maps
 from .label_cache import encode_texts
 from .prefix_encoder import split_layers
-from .scoring import check_scoring
+from .scoring import check_scoring, pack_blocks
 
 
 @dataclass
@@ -170,6 +170,49 @@ class LTPrefix(LabelConditioned):
             self._lengths = None if bool(m.all()) else m.sum(-1)
             self._lengths_key = key
         return self._lengths
+
+    def real_token_index(self):
+        """(T,) flat indices into the K x l label positions of the real label tokens (label 1's, then label 2's,
+        ...; T = sum_k n_k), or None when the generator must see every position (see :meth:`packed_prefix`). A
+        constant of the label cache, worked out once per cache like :meth:`prefix_lengths`."""
+        if self.config.variant == "published" or self.prefix_lengths() is None:
+            return None
+        m = self.label_mask
+        key = (m.data_ptr(), m._version, m.device)
+        if getattr(self, "_real_index_key", None) != key:
+            self._real_index = m.reshape(-1).nonzero().squeeze(1)
+            self._real_index_key = key
+        return self._real_index
+
+    def packed_prefix(self):
+        """The one-pass bank (:mod:`.scoring`): per-layer lists of (1, Hkv, T, D) keys and values of the REAL label
+        tokens only, label 1's n_1 tokens, then label 2's, ... (T = sum_k n_k). Equal in value to
+        ``pack_blocks(*self.prefix(), self.prefix_lengths())`` but the generator runs on the T real tokens only,
+        not on the K x l padded positions, and its backward writes no padded gradient:
+          "pooling": Z(F(h)[real]) (T, layers * 2 * kv_dim), read as (T, layers, 2, Hkv, D), permuted once to
+                     (layers * 2, 1, Hkv, T, D) (layer i's keys at 2i, values at 2i + 1) and split with one
+                     ``unbind`` (per-layer indexing would make the backward add one full-size zero gradient per
+                     layer and per K/V);
+          "kv":      the label texts' own K/V (layers, K, Hkv, l, D) gathered to (layers, Hkv, T, D) first, then
+                     the per-layer maps.
+        ``variant="published"`` (its Linear mixes the l positions), ``mask_label_padding=False`` (the padding is
+        part of the prefix) or label texts of equal token counts (no padding): ``pack_blocks`` of :meth:`prefix`."""
+        idx = self.real_token_index()
+        if idx is None:
+            return pack_blocks(*self.prefix(), self.prefix_lengths())
+        info = self.info
+        L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
+        if self.config.variant == "kv":
+            def real(x):  # (layers, K, Hkv, l, D) -> (layers, Hkv, T, D)
+                n, K, _, l, _ = x.shape
+                return x.transpose(1, 2).reshape(n, H, K * l, D).index_select(2, idx)
+            k, v = apply_kv_maps(self, real(self.label_keys), real(self.label_values))
+            return list(k.unsqueeze(1).unbind(0)), list(v.unsqueeze(1).unbind(0))
+        F = self.pooled_label_tokens()  # (K, l, d)
+        z = self.transform(F.reshape(-1, F.shape[-1]).index_select(0, idx))  # (T, layers * 2 * kv_dim)
+        z = z.view(-1, L * 2, H, D).permute(1, 2, 0, 3).contiguous().unsqueeze(1)  # (layers * 2, 1, Hkv, T, D)
+        kv = z.unbind(0)  # one unbind: its backward stacks the layers' gradients once
+        return list(kv[0::2]), list(kv[1::2])
 
     def prefix(self):
         if self.config.variant == "kv":

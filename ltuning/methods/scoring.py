@@ -15,7 +15,8 @@ d = hidden size, layers of Hkv key/value heads of size D.
                                                              A, C (d, d) zero-initialised, LN without weights
   (:class:`BilinearLabelHead`, the model's ``head``). Each label block is p_k exactly as the K-pass protocol
   builds it (lt-prefix: the method's per-label K/V; lt-prompt: the K/V the frozen model computes on the label
-  prompt e(y_k), each prompt run on its own), packed without its padding.
+  prompt e(y_k), each prompt run on its own), packed without its padding (:func:`label_bank`; lt-prefix's
+  ``packed_prefix()`` runs its generator on the T real label tokens only, not on the K x l padded positions).
   Position layout ("parallel blocks"): every block keeps the positions it was computed with, 0..n_k-1 (RoPE is
   applied to K before the cache; block k never sees block j), and the input starts at l = max_k n_k
   (lt-prefix with position_offset "zero": at 0). Why: (1) each block is then exactly the K/V the frozen model
@@ -180,16 +181,29 @@ def label_blocks(model):
     return keys, values, lengths, prompts.shape[1]
 
 
+def label_bank(model):
+    """The one-pass bank, ``(keys, values, start)``: per-layer (1, Hkv, T, D) lists, the K label blocks of
+    :func:`label_blocks` without their padding (``pack_blocks``), ``start`` as there. lt-prefix builds it with
+    its ``packed_prefix()`` (the generator on the T = sum_k n_k real label tokens only, equal in value);
+    lt-prompt packs the blocks of :func:`label_blocks`."""
+    m = model.method
+    if m.kind == "prefix" and hasattr(m, "packed_prefix"):
+        keys, values = m.packed_prefix()
+        l = m.label_mask.shape[1]  # = the P of label_blocks: the longest label text
+        return keys, values, (l if model.config.position_offset == "prefix" else None)
+    keys, values, lengths, start = label_blocks(model)
+    keys, values = pack_blocks(keys, values, lengths)
+    return keys, values, start
+
+
 def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
     """(B, K) scores of the one-pass reading (module docstring)."""
     B, L = input_ids.shape
     dev = input_ids.device
     mask = attention_mask.to(dev).bool()
     model.method.begin_forward(input_ids, mask)
-    def bank():  # label-side only: built once per adapter state while inferring (LTuningModel.inference_cached)
-        keys, values, lengths, start = label_blocks(model)
-        return pack_blocks(keys, values, lengths), start
-    (pk, pv), start = model.inference_cached("onepass_bank", bank)
+    # label-side only: built once per adapter state while inferring (LTuningModel.inference_cached)
+    pk, pv, start = model.inference_cached("onepass_bank", lambda: label_bank(model))
     kwargs = {"ltuning_prefix": PrefixInputs(pk, pv, torch.zeros(B, dtype=torch.long, device=dev), None,
                                              model.config.backend, None)}
     if start is not None:

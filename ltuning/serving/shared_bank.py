@@ -22,7 +22,7 @@ its adapter's own batch (up to floating-point summation order in the matrix prod
 
 Which adapters share (:func:`bank_of` returns None for the others; they run in batches of their own):
 * kind ``"prefix"`` (prefix, apt, sk-prefix, lt-prefix K-pass or one-pass): the method's ``prefix()`` bank
-  (one-pass: the packed label blocks of :func:`ltuning.methods.scoring.label_blocks`);
+  (one-pass: the packed label blocks of :func:`ltuning.methods.scoring.label_bank`);
 * kind ``"prompt"`` where it runs as a prefix: decoders (prompt, sk-prompt, lt-prompt K-pass; the prompt bank
   prefilled once by :func:`ltuning.methods.injection.prompt_bank_kv`, input positions after the n prompt
   tokens), and one-pass lt-prompt on any model;
@@ -72,8 +72,7 @@ def bank_of(model) -> Bank | None:
     if mode == "shared-input":
         return None
     if mode == "onepass":
-        keys, values, lengths, start = scoring.label_blocks(model)
-        keys, values = scoring.pack_blocks(keys, values, lengths)
+        keys, values, start = scoring.label_bank(model)
         T = keys[0].shape[2]
         return Bank(keys, values, torch.tensor([T]), torch.tensor([start or 0]), 1, onepass=True)
     rows = scoring.rows_per_input(model)  # kpass here (onepass / shared-input handled above): K or 1

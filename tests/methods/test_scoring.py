@@ -112,6 +112,45 @@ def test_onepass_equals_reference_on_materialised_label_blocks(tiny, method, req
         ltuning.unpatch(m)
 
 
+@pytest.mark.parametrize("variant", ["pooling", "kv", "published"])
+def test_packed_prefix_equals_packed_padded_prefix(tiny, variant, request):
+    """lt-prefix ``packed_prefix()`` (the one-pass bank with the generator run on the real label tokens only) equals
+    ``pack_blocks`` of the padded per-label ``prefix()``: label texts of unequal token counts, random generator
+    weights, float64; every (1, Hkv, T, D) bank tensor in value and the gradient of a random weighted sum of them
+    w.r.t. every trainable of the method ("published" mixes positions: it falls back to that very expression)."""
+    from ltuning.methods.scoring import label_bank, pack_blocks
+    base, tok = tiny
+    seed = seed_of(request)
+    m = build(base, tok, "lt-prefix", "onepass", seed, variant=variant)
+    try:
+        meth, info = m.method, m.info
+        lengths = meth.prefix_lengths()
+        assert lengths is not None and len(set(lengths.tolist())) > 1
+        T = int(lengths.sum())
+        params = [p for p in meth.parameters() if p.requires_grad]
+        got, ref = meth.packed_prefix(), pack_blocks(*meth.prefix(), lengths)
+        g = torch.Generator().manual_seed(seed + 1)
+        ws = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in ref[0] + ref[1]]
+        assert len(got[0]) == len(got[1]) == len(ref[0]) == info.num_layers
+        for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+            assert a.dtype == torch.float64
+            assert a.shape == b.shape == (1, info.num_kv_heads, T, info.head_dim)
+            assert rel_err(a, b) < 1e-12, rel_err(a, b)
+
+        def grad_of(bank):
+            loss = sum((x * w).sum() for x, w in zip(bank[0] + bank[1], ws))
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+        for name, a, b in zip([n for n, p in meth.named_parameters() if p.requires_grad], grad_of(got), grad_of(ref)):
+            assert b is not None and b.abs().sum() > 0, name  # every generator parameter gets a gradient
+            assert a is not None and rel_err(a, b) < 1e-12, (name, rel_err(a, b))
+        keys, _, start = label_bank(m)  # what onepass_scores hands the kernel
+        assert all(torch.equal(a, b) for a, b in zip(keys, meth.packed_prefix()[0]))
+        assert start == (max(lengths.tolist()) if m.config.position_offset == "prefix" else None)
+    finally:
+        ltuning.unpatch(m)
+
+
 def pair_reference(base, m, ids, mask, suffix, causal):
     """Per (input b, label k): the base on the materialised sequence [x_b real tokens ; y_k real tokens] (encoders:
     a 4-D mask keeps the input from seeing the label, the one-directional cascade) -> pooled suffix -> head."""
