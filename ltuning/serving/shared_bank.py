@@ -203,7 +203,9 @@ class SharedBank:
             self.hooks.attach(name)
         try:
             with autocast(self.dtype):
-                scales = _MixedScales(R, self.P, gated, dev, self.keys[0].dtype) if gated else None
+                # float32 gates whatever the compute dtype: the kernels apply them in their fp32 accumulation,
+                # as the adapter's own batches do (rounding them to bf16 moved APT rows by ~3 % of the scores)
+                scales = _MixedScales(R, self.P, gated, dev, torch.float32) if gated else None
                 kwargs = {"ltuning_prefix": PrefixInputs(self.keys, self.values, index, scales, self.backend,
                                                          self.lengths)}
                 if self.any_start:
