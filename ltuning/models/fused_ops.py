@@ -90,12 +90,29 @@ def _make_rope_dispatcher(original):
     return apply_rotary_pos_emb
 
 
+ROPE_ARGS = ("q", "k", "cos", "sin", "unsqueeze_dim")
+
+
+def _plain_function(f):
+    """The Python function behind ``f``: ``f`` itself, or the function that a hub-kernel wrapper module calls.
+    transformers >= 5.25 decorates ``apply_rotary_pos_emb`` with ``use_kernel_forward_from_hub``, which (with the
+    ``kernels`` package installed) turns it into an ``nn.Module`` instance whose ``forward`` calls the original
+    function from its closure; the signature check below needs that function."""
+    if getattr(f, "__code__", None) is not None:
+        return f
+    forward = getattr(type(f), "forward", None)
+    for cell in getattr(forward, "__closure__", None) or ():
+        inner = cell.cell_contents
+        if getattr(inner, "__code__", None) is not None and inner.__code__.co_varnames[:5] == ROPE_ARGS:
+            return inner
+    return None
+
+
 def _rope_module_ok(modname: str) -> bool:
     mod = sys.modules.get(modname)
     f = getattr(mod, "apply_rotary_pos_emb", None)
-    f = getattr(f, "_ltuning_original", f)
-    return callable(f) and getattr(f, "__code__", None) is not None and \
-        f.__code__.co_varnames[:5] == ("q", "k", "cos", "sin", "unsqueeze_dim")
+    f = _plain_function(getattr(f, "_ltuning_original", f))
+    return callable(f) and f.__code__.co_varnames[:5] == ROPE_ARGS
 
 
 def _acquire_rope(modname: str) -> None:
