@@ -3,7 +3,8 @@
 Runs on CUDA when present, otherwise in the Triton interpreter on the CPU (``TRITON_INTERPRET=1`` is set before
 the kernels are imported). Every kernel output buffer is poisoned with NaN, so an element no program writes
 shows up as a NaN in the checked results. Shapes are tiny and the interpreter uses 16x16 blocks, so lengths
-17..40 cross block boundaries.
+17..40 cross block boundaries; the forward and dQ kernels tile ``Lq * GROUP`` packed (position, query head) rows,
+so with GQA shorter queries cross them too.
 """
 import os
 import subprocess
@@ -124,6 +125,12 @@ SHAPES = {
     "empty_rows_P3": dict(P=3, empty_rows=True),
     "d24_transposed": dict(D=24, transposed=True, B=3, N=5),
     "d64": dict(D=64, Lq=9, Lk=9, B=1, Hq=2, Hkv=1),
+    # GQA packed rows (row r = position r // 3 of head r % 3): Lq * 3 = 15, 21, 39 rows over 16-row tiles, so
+    # tiles end mid-position and mix the group's heads; causal with Lq < Lk (full + masked key blocks) and Lq > Lk
+    "pack5": dict(Hq=3, Hkv=1, Lq=5, Lk=8, P=4),
+    "pack7_hkv2": dict(Hq=6, Hkv=2, Lq=7, Lk=12, P=6, N=2),
+    "pack13_lk40": dict(Hq=6, Hkv=2, Lq=13, Lk=40, P=5, B=1),
+    "pack13_gt_lk": dict(Hq=3, Hkv=1, Lq=13, Lk=5, P=3, pad=0.0),
 }
 
 
@@ -136,7 +143,7 @@ def test_dense_fp32(shape, causal):
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape,causal", [("base", True), ("gqa8_odd", False), ("empty_rows_P3", False),
-                                          ("d24_transposed", True)])
+                                          ("d24_transposed", True), ("pack7_hkv2", True)])
 def test_dense_half(shape, causal, dtype):
     seed = 7 + sum(map(ord, shape))
     run_dense(make_case(seed, dtype=dtype, **SHAPES[shape]), causal, dtype, seed)
@@ -179,6 +186,37 @@ def test_varlen(causal, dtype):
                                                  compute_dtype=torch.float64)
 
     compare(tri, ref, [q, k, v, bk, bv, sc], dtype, 11)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_gqa3_packed(causal):
+    """Packed sequences of lengths 1, 0, 11 (3, 0, 33 packed rows) with GROUP = 3 and two KV heads."""
+    g = torch.Generator().manual_seed(31 + causal)
+    lens = [1, 0, 11]
+    B, Hq, Hkv, D, P, N, T = len(lens), 6, 2, 16, 7, 2, sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
+    q, k, v = (torch.randn(T, h, D, generator=g).to(DEV) for h in (Hq, Hkv, Hkv))
+    bk, bv = (torch.randn(N, Hkv, P, D, generator=g).to(DEV) for _ in range(2))
+    idx = torch.tensor([1, 0, 0], device=DEV)
+    sc = (torch.rand(B, P, generator=g) + 0.5).to(DEV)
+
+    def tri(q, k, v, bk, bv, sc):
+        return tpa.prefix_attention_varlen_triton(q, k, v, cu, bk, bv, idx, causal=causal, prefix_scale=sc)
+
+    def ref(q, k, v, bk, bv, sc):
+        return prefix_attention_varlen_reference(q, k, v, cu, bk, bv, idx, causal=causal, prefix_scale=sc,
+                                                 compute_dtype=torch.float64)
+
+    compare(tri, ref, [q, k, v, bk, bv, sc], torch.float32, 31)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=["fp32", "fp16"])
+def test_one_pass_like_gqa3(dtype):
+    """One-pass label scoring in miniature: a 100-key right-padded bank (lengths 100 and 61) shared by 12-token
+    causal inputs with key padding, GROUP = 3 (36 packed rows of each KV head); o, lse and every gradient."""
+    case = list(make_case(71, dtype=dtype, B=3, Hq=6, Hkv=2, Lq=12, Lk=12, P=100, N=2, pad=0.2))
+    case[5] = torch.tensor([0, 1, 0], device=DEV)
+    run_dense(tuple(case), True, dtype, 71, prefix_lengths=torch.tensor([100, 61], device=DEV))
 
 
 # Right-padded banks: P = 19 is not a multiple of the 16-wide interpreter blocks; entry 0 has length 0 and is used

@@ -2,12 +2,32 @@
 
 Each kernel is tuned over ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` from a per-head-dim space; the space of
 the smallest listed head dim >= ``D_PAD`` is used (the largest beyond 128). Configurations whose pipelined
-shared-memory footprint exceeds the device limit are pruned before benchmarking. The spaces were checked offline
-by lowering every kernel with every mask flag on to sm80 and sm90a cubins with ptxas: each space holds spill-free
-configurations on both (a few others spill a little on one arch and are left to the benchmark). The autotune
-key is the power-of-two length bucket, the padded head dim, the flags and the input dtypes. Under
-``TRITON_INTERPRET=1`` one small configuration (16 x 16 blocks) is used so the CPU tests stay fast and cross block
-boundaries on tiny shapes.
+shared-memory footprint exceeds the device limit are pruned before benchmarking. The autotune key is the
+power-of-two length bucket, the padded head dim, the flags and the input dtypes. Under ``TRITON_INTERPRET=1`` one
+small configuration (16 x 16 blocks) is used so the CPU tests stay fast and cross block boundaries on tiny shapes.
+
+The forward and dQ kernels tile ``Lq * GROUP`` packed rows (see :mod:`ltuning.kernels.triton.fwd`); their spaces
+end with small-M tiles (BLOCK_M 32 / 16, 4 warps) for short packed rows (one-pass label scoring: 12 positions x
+3 heads = 36 rows). Register check without a GPU (``benchmarks/kernels/triton_spills.py``: ptxas of triton 3.9.0,
+bf16, GROUP = 3, every mask flag on -- causal, key padding, prefix scale, prefix lengths -- the largest code):
+
+* small-M candidates: kept only when spill-free on both sm80 and sm90a. Kept: fwd D32 (32, 64, 4, 4),
+  (16, 128, 4, 3); fwd D64 (32, 64, 4, 4), (16, 64, 4, 4); dq D32 (16, 64, 4, 4), (16, 128, 4, 3); dq D64
+  (32, 64, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3). Dropped (spill bytes sm80 / sm90): fwd D32 (32, 128, 4, 3)
+  88 / 16, (16, 64, 4, 4) 0 / 32; fwd D64 (32, 128, 4, 3) 136 / 368, (16, 128, 4, 3) 0 / 164; dq D32 (32, 64, 4, 4)
+  0 / 160, (32, 128, 4, 3) 104 / 264; dq D64 (32, 128, 4, 3) 128 / 48; and every D128 candidate, fwd and dq
+  (32 or 16) x (64 or 128): 8..2416 bytes, the least (16, 64, 4, 3) with 8 / 32 (fwd) and 48 / 0 (dq).
+* the earlier configurations (kept unchanged): before packing, spill-free on both archs under these flags were
+  fwd D32 (64, 64, 4, 4), (64, 32, 4, 4); fwd D64 (64, 64, 4, 4); fwd D128 (128, 32, 8, 4), (64, 32, 4, 4); dq D32
+  (64, 64, 4, 4), (64, 32, 4, 4); dq D64 (128, 64, 8, 3), (64, 32, 4, 4); the rest spilled 20..4644 bytes. With
+  packing the per-row position / head vectors raise the pressure (ptxas reports 255 registers for almost all):
+  still spill-free are fwd D32 (64, 64, 4, 4), (64, 32, 4, 4); dq D32 (64, 64, 4, 4), (64, 32, 4, 4); dq D64
+  (64, 32, 4, 4); newly spilling e.g. fwd D64 (64, 64, 4, 4) 328 / 104 bytes, fwd D128 (128, 32, 8, 4)
+  792 / 448, (64, 32, 4, 4) 832 / 552, and fwd D128 (128, 128, 8, 2) on sm80 4644 -> 70992 (ptxas allotted 32
+  registers). Also with GROUP = 1 (identity mapping) fwd D128 (128, 32, 8, 4) spills 256 bytes on sm80. They are
+  kept (dropping them would leave the D64 forward and every D128 space empty) and left to the autotuner's
+  benchmark; reducing this pressure is open. dK/dV (code unchanged) is spill-free at D128 only in
+  (16, 32, 4, 3).
 """
 from __future__ import annotations
 
@@ -17,13 +37,16 @@ import triton
 from triton import knobs
 
 # head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ keep a BLOCK_M query tile resident and
-# stream K/V tiles ("kv"); dK/dV keep a BLOCK_N key tile resident and stream q/dO tiles ("q").
+# stream K/V tiles ("kv"); dK/dV keep a BLOCK_N key tile resident and stream q/dO tiles ("q"). The forward and
+# dQ spaces end with their spill-free small-M tiles for short packed rows (none at D128: see above).
 SPACES = {
-    "fwd": {32: [(128, 64, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4)],
-            64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)],
+    "fwd": {32: [(128, 64, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4), (32, 64, 4, 4), (16, 128, 4, 3)],
+            64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4),
+                 (32, 64, 4, 4), (16, 64, 4, 4)],
             128: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)]},
-    "dq": {32: [(128, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4)],
-           64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    "dq": {32: [(128, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3)],
+           64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4),
+                (16, 128, 4, 3)],
            128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 3)]},
     "dkdv": {32: [(32, 128, 4, 3), (64, 64, 4, 4), (32, 64, 4, 4)],
              64: [(64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 4)],

@@ -100,17 +100,22 @@ def _bank_args(bank_k, bank_v, idx, plen, kpm, scale, q):
     return ptrs, strides
 
 
-def _forward(q, k, v, bank_k, bank_v, idx, plen, kpm, scale, cu, m: _Meta):
+def _packed_grid(m: _Meta):
+    """Grid of the forward and dQ kernels: ``(B * Hkv, cdiv(Lq * GROUP, BLOCK_M))``, one program per block of
+    packed (position, query head of the KV group) rows (see :mod:`ltuning.kernels.triton.fwd`)."""
     import triton
+    return lambda meta: (m.B * m.Hkv, triton.cdiv(m.Lq * (m.Hq // m.Hkv), meta["BLOCK_M"]))
+
+
+def _forward(q, k, v, bank_k, bank_v, idx, plen, kpm, scale, cu, m: _Meta):
     from .fwd import fwd_kernel
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc(q.shape[:-1], torch.float32, q.device)
     consts, bucket = _consts(m, q, kpm, scale, plen)
     (bk, bv, ix, pl, km, sc), bstr = _bank_args(bank_k, bank_v, idx, plen, kpm, scale, q)
-    grid = lambda meta: (m.B * m.Hq, triton.cdiv(m.Lq, meta["BLOCK_M"]))  # noqa: E731
-    fwd_kernel[grid](q, k, v, bk, bv, ix, pl, km, sc, _ptr(cu, q), o, lse, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
-                     *_s4(o, m), *_s3(lse, m), m.Hq, m.Lq, m.Lk, m.P, m.sm_scale * math.log2(math.e), bucket,
-                     **consts)
+    fwd_kernel[_packed_grid(m)](
+        q, k, v, bk, bv, ix, pl, km, sc, _ptr(cu, q), o, lse, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
+        *_s4(o, m), *_s3(lse, m), m.Hkv, m.Lq, m.Lk, m.P, m.sm_scale * math.log2(math.e), bucket, **consts)
     return o, lse
 
 
@@ -135,9 +140,9 @@ def _backward(ctx, do, dlse):
     dq = dk = dv = dbk = dbv = dsc = None
     if need[0]:
         dq = _alloc(q.shape, q.dtype, q.device)
-        dq_kernel[lambda meta: (m.B * m.Hq, triton.cdiv(m.Lq, meta["BLOCK_M"]))](
+        dq_kernel[_packed_grid(m)](
             q, k, v, bk, bv, ix, pl, km, sc, cu, do, lse, delta, dq, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
-            *_s4(do, m), *_s3(lse, m), *_s4(dq, m), m.Hq, m.Lq, m.Lk, m.P, m.sm_scale, qk_scale, bucket, **consts)
+            *_s4(do, m), *_s3(lse, m), *_s4(dq, m), m.Hkv, m.Lq, m.Lk, m.P, m.sm_scale, qk_scale, bucket, **consts)
     if need[1] or need[2]:
         dk = _alloc(k.shape, k.dtype, k.device)
         dv = _alloc(v.shape, v.dtype, v.device)
