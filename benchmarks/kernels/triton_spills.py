@@ -1,10 +1,13 @@
 """Registers and spills of every Triton autotune configuration, without a GPU (ptxas only).
 
-Lowers each kernel with each configuration of its space in :data:`ltuning.kernels.triton.configs.SPACES`, for
-head dims 32 / 64 / 128, to sm80 and sm90a cubins (bf16, GROUP = 3, every mask flag on: the largest code) and
-prints ptxas' register count and spill bytes (stores + loads), one line per (kernel, head dim, config, arch)::
+Lowers each kernel with each configuration of its space (:func:`ltuning.kernels.triton.configs.space`, including
+the packed-only tiles of ``PACKED_EXTRA``, lowered in both modes), for head dims 32 / 64 / 128, to sm80 and sm90a
+cubins (bf16, GROUP = 3, every mask flag on: the largest code) and prints ptxas' register count and spill bytes
+(stores + loads), one line per (kernel, head dim, config, arch, and for the forward and dQ kernels
+``PACK_GQA`` = 0 / 1)::
 
-    TRITON_INTERPRET=0 python benchmarks/kernels/triton_spills.py [--spaces fwd dq] [--dims 64] [--archs 90]
+    TRITON_INTERPRET=0 python benchmarks/kernels/triton_spills.py [--spaces fwd dq] [--dims 64] [--archs 90] \
+        [--pack 0 1]
 
 Exit status 1 when a configuration spills. Needs triton's NVIDIA backend (ptxas), not a GPU.
 """
@@ -47,12 +50,13 @@ def signature(fn, consts):
     return {a: kind(a) for a in fn.arg_names}
 
 
-def ptxas_usage(kernel, d, config, cap):
-    """``(registers, spill bytes)`` of ``kernel`` at head dim ``d`` and ``config = (BM, BN, warps, stages)``."""
+def ptxas_usage(kernel, d, config, cap, pack=True):
+    """``(registers, spill bytes)`` of ``kernel`` at head dim ``d`` and ``config = (BM, BN, warps, stages)``
+    (``pack``: the ``PACK_GQA`` constexpr, for the kernels that have it)."""
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     bm, bn, warps, stages = config
-    consts = {a: v for a, v in {**FLAGS, "HEAD_DIM": d, "D_PAD": d, "BLOCK_M": bm, "BLOCK_N": bn}.items()
-              if a in fn.arg_names}
+    flags = {**FLAGS, "PACK_GQA": pack, "HEAD_DIM": d, "D_PAD": d, "BLOCK_M": bm, "BLOCK_N": bn}
+    consts = {a: v for a, v in flags.items() if a in fn.arg_names}
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         triton.compile(ASTSource(fn, signature(fn, consts), consts), target=GPUTarget("cuda", cap, 32),
@@ -68,20 +72,24 @@ def main(argv=None):
     ap.add_argument("--spaces", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     ap.add_argument("--dims", nargs="+", type=int, default=[32, 64, 128])
     ap.add_argument("--archs", nargs="+", type=int, default=[80, 90])
+    ap.add_argument("--pack", nargs="+", type=int, default=[0, 1], choices=[0, 1],
+                    help="PACK_GQA values of the forward and dQ kernels")
     args = ap.parse_args(argv)
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
     spilled = 0
     for space in args.spaces:
         for d in args.dims:
-            for config in configs.SPACES[space][d]:
+            for config in configs.space(space, d, pack=True):  # with the packed-only small-M tiles
                 for kernel in KERNELS[space]:
-                    for cap in args.archs:
-                        regs, spills = ptxas_usage(kernel, d, config, cap)
-                        spilled += spills > 0
-                        name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
-                        print(f"{space:5s} {name:20s} D={d:3d} {str(config):18s} sm{cap}: {regs:3d} regs, "
-                              f"{spills} spill bytes", flush=True)
+                    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+                    for pack in (args.pack if "PACK_GQA" in fn.arg_names else [None]):
+                        for cap in args.archs:
+                            regs, spills = ptxas_usage(kernel, d, config, cap, bool(pack))
+                            spilled += spills > 0
+                            tag = "" if pack is None else f" pack={pack}"
+                            print(f"{space:5s} {fn.__name__:20s} D={d:3d} {str(config):18s}{tag} sm{cap}: "
+                                  f"{regs:3d} regs, {spills} spill bytes", flush=True)
     return 1 if spilled else 0
 
 

@@ -43,8 +43,12 @@ def seq_key_range(start_r, Lk_b, shift, GROUP: tl.constexpr, BLOCK_M: tl.constex
     ``p_lo + shift + 1`` rounded down to a multiple of ``BLOCK_N`` (both clipped to ``[0, Lk_b]``).
     """
     if CAUSAL:
-        hi = tl.minimum(Lk_b, (start_r + BLOCK_M - 1) // GROUP + 1 + shift)
-        full = tl.minimum(tl.maximum(start_r // GROUP + shift + 1, 0) // BLOCK_N, Lk_b // BLOCK_N) * BLOCK_N
+        if GROUP == 1:  # unpacked rows (PACK_GQA = False): the expressions of the classic kernel
+            hi = tl.minimum(Lk_b, start_r + BLOCK_M + shift)
+            full = tl.minimum(tl.maximum(start_r + shift + 1, 0) // BLOCK_N, Lk_b // BLOCK_N) * BLOCK_N
+        else:
+            hi = tl.minimum(Lk_b, (start_r + BLOCK_M - 1) // GROUP + 1 + shift)
+            full = tl.minimum(tl.maximum(start_r // GROUP + shift + 1, 0) // BLOCK_N, Lk_b // BLOCK_N) * BLOCK_N
     else:
         hi = Lk_b
         full = (Lk_b // BLOCK_N) * BLOCK_N
@@ -92,13 +96,15 @@ def load_rows(base, rows, n_rows, s_row, s_d, HEAD_DIM: tl.constexpr, D_PAD: tl.
 
     ``base`` already holds the 64-bit (batch, head, first row) offset; in-slice offsets are 32-bit.
     """
-    return load_tile(base, rows * s_row, rows < n_rows, s_d, HEAD_DIM, D_PAD)
+    ptrs = base + rows[:, None] * s_row + tl.arange(0, D_PAD)[None, :] * s_d
+    return tl.load(ptrs, mask=_tile_mask(rows < n_rows, HEAD_DIM, D_PAD), other=0.0)
 
 
 @triton.jit
 def store_rows(base, x, rows, n_rows, s_row, s_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """``base[rows, :HEAD_DIM] = x`` for rows in ``[0, n_rows)`` (cast to the element type of ``base``)."""
-    store_tile(base, x, rows * s_row, rows < n_rows, s_d, HEAD_DIM, D_PAD)
+    ptrs = base + rows[:, None] * s_row + tl.arange(0, D_PAD)[None, :] * s_d
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=_tile_mask(rows < n_rows, HEAD_DIM, D_PAD))
 
 
 @triton.jit
