@@ -3,7 +3,9 @@
 Runs on CUDA when present, otherwise in the Triton interpreter on the CPU (``TRITON_INTERPRET=1`` is set before
 the kernels are imported). Every kernel output buffer is poisoned with NaN, so an element no program writes
 shows up as a NaN in the checked results. Shapes are tiny and the interpreter uses 16x16 blocks, so lengths
-17..40 cross block boundaries.
+17..40 cross block boundaries; with ``PACK_GQA`` the forward and dQ kernels tile ``Lq * GROUP`` packed (position,
+query head) rows, so with GQA shorter queries cross them too. The GQA tests force the launcher's ``pack_gqa``
+decision (fixture ``pack``) so both code paths -- one program per query head, and packed rows -- are checked.
 """
 import os
 import subprocess
@@ -36,6 +38,18 @@ def poison(monkeypatch):
     """Kernel outputs start as NaN: every element must be written."""
     monkeypatch.setattr(tpa, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                  device=device))
+
+
+@pytest.fixture
+def pack(request, monkeypatch):
+    """Forces the launcher's ``PACK_GQA`` decision: True packs whenever GROUP > 1 (any length), False never."""
+    on = request.param
+    monkeypatch.setattr(tpa, "pack_gqa", lambda group, max_lq: on and group > 1)
+    return on
+
+
+# both code paths of the forward and dQ kernels: one program per query head ("rows") and GQA-packed rows
+BOTH = pytest.mark.parametrize("pack", [False, True], ids=["rows", "packed"], indirect=True)
 
 
 def make_case(seed, B=2, Hq=4, Hkv=2, Lq=19, Lk=23, P=5, D=16, N=3, pad=0.3, scale=True, dtype=torch.float32,
@@ -124,27 +138,38 @@ SHAPES = {
     "empty_rows_P3": dict(P=3, empty_rows=True),
     "d24_transposed": dict(D=24, transposed=True, B=3, N=5),
     "d64": dict(D=64, Lq=9, Lk=9, B=1, Hq=2, Hkv=1),
+    # GQA packed rows (row r = position r // 3 of head r % 3): Lq * 3 = 15, 21, 39 rows over 16-row tiles, so
+    # tiles end mid-position and mix the group's heads; causal with Lq < Lk (full + masked key blocks) and Lq > Lk
+    "pack5": dict(Hq=3, Hkv=1, Lq=5, Lk=8, P=4),
+    "pack7_hkv2": dict(Hq=6, Hkv=2, Lq=7, Lk=12, P=6, N=2),
+    "pack13_lk40": dict(Hq=6, Hkv=2, Lq=13, Lk=40, P=5, B=1),
+    "pack13_gt_lk": dict(Hq=3, Hkv=1, Lq=13, Lk=5, P=3, pad=0.0),
 }
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_dense_fp32(shape, causal):
+@pytest.mark.parametrize("shape,pack", [(s, p) for s in SHAPES for p in (False, True)
+                                        if p is False or SHAPES[s].get("Hq", 4) != SHAPES[s].get("Hkv", 2)],
+                         ids=lambda x: x if isinstance(x, str) else ("packed" if x else "rows"), indirect=["pack"])
+def test_dense_fp32(shape, causal, pack):
     seed = sum(map(ord, shape)) + causal
     run_dense(make_case(seed, **SHAPES[shape]), causal, torch.float32, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("shape,causal", [("base", True), ("gqa8_odd", False), ("empty_rows_P3", False),
-                                          ("d24_transposed", True)])
-def test_dense_half(shape, causal, dtype):
+@pytest.mark.parametrize("shape,causal,pack", [("base", True, False), ("gqa8_odd", False, False),
+                                               ("empty_rows_P3", False, False), ("d24_transposed", True, False),
+                                               ("pack7_hkv2", True, True)], indirect=["pack"])
+def test_dense_half(shape, causal, dtype, pack):
     seed = 7 + sum(map(ord, shape))
     run_dense(make_case(seed, dtype=dtype, **SHAPES[shape]), causal, dtype, seed)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_dense_fuzz(seed):
-    """Random shapes: lengths 1..40, P 0..20, GQA ratio 1/2/3/8, padding, prefix scale, causal, custom scale."""
+def test_dense_fuzz(seed, monkeypatch):
+    """Random shapes: lengths 1..40, P 0..20, GQA ratio 1/2/3/8, padding, prefix scale, causal, custom scale;
+    odd seeds pack the GQA group (when GROUP > 1), even seeds keep one program per query head."""
+    monkeypatch.setattr(tpa, "pack_gqa", lambda group, max_lq: group > 1 and seed % 2 == 1)
     g = torch.Generator().manual_seed(1000 + seed)
 
     def pick(*xs):
@@ -157,9 +182,10 @@ def test_dense_fuzz(seed):
     run_dense(make_case(seed, dtype=dtype, **shape), causal, dtype, seed, softmax_scale=pick(None, 0.3))
 
 
-@pytest.mark.parametrize("dtype", DTYPES[:2], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype,pack", [(torch.float32, False), (torch.float32, True), (torch.float16, False)],
+                         ids=["fp32-rows", "fp32-packed", "fp16-rows"], indirect=["pack"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_varlen(causal, dtype):
+def test_varlen(causal, dtype, pack):
     """Packed sequences (one of length 0, one crossing two blocks) with a shared bank and prefix scale."""
     g = torch.Generator().manual_seed(11 + causal)
     lens = [5, 0, 33, 1, 16]
@@ -181,6 +207,38 @@ def test_varlen(causal, dtype):
     compare(tri, ref, [q, k, v, bk, bv, sc], dtype, 11)
 
 
+@BOTH
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_gqa3_packed(causal, pack):
+    """Packed sequences of lengths 1, 0, 11 (3, 0, 33 packed rows) with GROUP = 3 and two KV heads."""
+    g = torch.Generator().manual_seed(31 + causal)
+    lens = [1, 0, 11]
+    B, Hq, Hkv, D, P, N, T = len(lens), 6, 2, 16, 7, 2, sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
+    q, k, v = (torch.randn(T, h, D, generator=g).to(DEV) for h in (Hq, Hkv, Hkv))
+    bk, bv = (torch.randn(N, Hkv, P, D, generator=g).to(DEV) for _ in range(2))
+    idx = torch.tensor([1, 0, 0], device=DEV)
+    sc = (torch.rand(B, P, generator=g) + 0.5).to(DEV)
+
+    def tri(q, k, v, bk, bv, sc):
+        return tpa.prefix_attention_varlen_triton(q, k, v, cu, bk, bv, idx, causal=causal, prefix_scale=sc)
+
+    def ref(q, k, v, bk, bv, sc):
+        return prefix_attention_varlen_reference(q, k, v, cu, bk, bv, idx, causal=causal, prefix_scale=sc,
+                                                 compute_dtype=torch.float64)
+
+    compare(tri, ref, [q, k, v, bk, bv, sc], torch.float32, 31)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=["fp32", "fp16"])
+def test_one_pass_like_gqa3(dtype):
+    """One-pass label scoring in miniature: a 100-key right-padded bank (lengths 100 and 61) shared by 12-token
+    causal inputs with key padding, GROUP = 3 (36 packed rows of each KV head); o, lse and every gradient."""
+    case = list(make_case(71, dtype=dtype, B=3, Hq=6, Hkv=2, Lq=12, Lk=12, P=100, N=2, pad=0.2))
+    case[5] = torch.tensor([0, 1, 0], device=DEV)
+    run_dense(tuple(case), True, dtype, 71, prefix_lengths=torch.tensor([100, 61], device=DEV))
+
+
 # Right-padded banks: P = 19 is not a multiple of the 16-wide interpreter blocks; entry 0 has length 0 and is used
 # by sequence 0, whose keys are all padded (rows that see no key), entry 1 is full, entry 2 ends in the first
 # block, entry 3 one token into the second; entry 2 is shared by two sequences.
@@ -195,9 +253,10 @@ def plen_case(seed, dtype=torch.float32, scale=True, lengths_dtype=torch.int64):
     return tuple(case), torch.tensor(PLEN, device=DEV, dtype=lengths_dtype)
 
 
-@pytest.mark.parametrize("scale", [False, True], ids=["noscale", "scale"])
+@pytest.mark.parametrize("scale,pack", [(False, False), (True, True)], ids=["noscale-rows", "scale-packed"],
+                         indirect=["pack"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_prefix_lengths_dense_fp32(causal, scale):
+def test_prefix_lengths_dense_fp32(causal, scale, pack):
     seed = 40 + 2 * causal + scale
     case, lengths = plen_case(seed, scale=scale, lengths_dtype=torch.int32 if scale else torch.int64)
     run_dense(case, causal, torch.float32, seed, prefix_lengths=lengths)
@@ -208,8 +267,9 @@ def test_prefix_lengths_dense_fp16():
     run_dense(case, True, torch.float16, 45, prefix_lengths=lengths)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_prefix_lengths_varlen(causal):
+@pytest.mark.parametrize("causal,pack", [(False, False), (True, True)], ids=["full-rows", "causal-packed"],
+                         indirect=["pack"])
+def test_prefix_lengths_varlen(causal, pack):
     """Packed sequences over a right-padded bank (P = 21; lengths 21, 0, 9), with prefix scale."""
     g = torch.Generator().manual_seed(21 + causal)
     lens = [5, 0, 20, 1, 17]
@@ -307,6 +367,13 @@ def test_lse_only_and_mixed_bank_dtype():
         check("grad", a, b, 1e-2)
 
 
+def test_pack_gqa_rule():
+    """The launcher packs the GQA group only for GROUP > 1 and (max) query lengths up to PACK_MAX_LQ = 64."""
+    assert tpa.PACK_MAX_LQ == 64
+    assert tpa.pack_gqa(3, 12) and tpa.pack_gqa(8, 1) and tpa.pack_gqa(2, 64)
+    assert not tpa.pack_gqa(1, 12) and not tpa.pack_gqa(3, 65) and not tpa.pack_gqa(4, 4096)
+
+
 def test_dispatch_uses_triton():
     q, k, v, bk, bv, idx, mask, sc = make_case(2, Lq=5, Lk=5)
     o = prefix_attention(q, k, v, bk, bv, idx, key_padding_mask=mask, prefix_scale=sc, backend="triton")
@@ -331,7 +398,8 @@ def test_module_imports_without_triton():
 
 @pytest.mark.skipif(not INTERPRET, reason="on a GPU the kernels are compiled and run by the other tests")
 def test_kernels_compile_for_sm80_sm90():
-    """Without a GPU, lower every kernel to a cubin for sm80 and sm90a (ptxas) with a large tuning config.
+    """Without a GPU, lower every kernel to a cubin for sm80 and sm90a (ptxas) with a large tuning config, the
+    forward and dQ kernels with both PACK_GQA values.
 
     The interpreter accepts code the compiler rejects (e.g. non-constexpr globals); this catches it.
     """
@@ -353,10 +421,14 @@ def test_kernels_compile_for_sm80_sm90():
             consts = {a: v for a, v in {**flags, "BLOCK_M": bm, "BLOCK_N": bn}.items() if a in fn.arg_names}
             sig = {a: "constexpr" if a in consts else ptr.get(a, "*bf16" if a.isupper() and a not in ints
                    else "fp32" if a.endswith("scale") else "i32") for a in fn.arg_names}
-            for cap in (80, 90):
-                k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),
-                                   options=dict(num_warps=warps, num_stages=2))
-                assert k.asm["cubin"], (fn.__name__, cap)
+            for pack in ((False, True) if "PACK_GQA" in fn.arg_names else (None,)):
+                if pack is not None:
+                    consts["PACK_GQA"] = pack
+                    sig["PACK_GQA"] = "constexpr"
+                for cap in (80, 90):
+                    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cap, 32),
+                                       options=dict(num_warps=warps, num_stages=2))
+                    assert k.asm["cubin"], (fn.__name__, pack, cap)
     """, {"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
     if "No module named" in r.stderr or "ptxas" in r.stderr and "not found" in r.stderr:
         pytest.skip("triton's NVIDIA backend / ptxas is not installed")

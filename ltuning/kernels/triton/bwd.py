@@ -7,8 +7,11 @@ lse), ``E = dO v^T`` and ``Delta_i = rowsum(dO_i * O_i) - dlse_i``::
     dk_j = softmax_scale * s_j * sum_i dS_ij q_i       dv_j = s_j * sum_i P_ij dO_i
     ds_j = sum_i (dS_ij R_ij + P_ij E_ij)               (prefix keys only; s_j = 1 elsewhere)
 
-Kernels: ``preprocess_kernel`` (Delta), ``dq_kernel`` (a program per query block, loops over prefix + sequence
-keys), ``dkdv_seq_kernel`` (a program per sequence key block and KV head, sums the GROUP query heads and every
+Kernels: ``preprocess_kernel`` (Delta, a program per query head and block of positions), ``dq_kernel`` (the
+forward's tiling, same ``PACK_GQA`` decision: a program per (sequence, query head, block of positions), or with
+``PACK_GQA`` per (sequence, KV head, block of packed rows) -- packed row ``r`` is position ``r // GROUP`` of query
+head ``hk * GROUP + r % GROUP``, see :mod:`ltuning.kernels.triton.fwd` -- that loops over prefix + sequence keys),
+``dkdv_seq_kernel`` (a program per sequence key block and KV head, sums the GROUP query heads and every
 query block that can see it: the non-causal case loops over all of them), ``dkdv_prefix_kernel`` (Hydragen
 style: a program per (bank entry, KV head, prefix key block, split) folds the queries of every sequence that uses
 the entry, taken from a permutation of the sequences sorted by ``prefix_idx``; it writes fp32 partial sums per
@@ -19,7 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import key_scale, load_lse2, load_rows, mask_scores, prefix_len, seq_bounds, store_rows
+from .common import (key_scale, load_lse2, load_rows, load_tile, mask_scores, packed_rows, prefix_len, seq_bounds,
+                     seq_key_range, store_rows, store_tile)
 from .configs import autotune
 
 
@@ -45,10 +49,11 @@ def preprocess_kernel(O, DO, DLSE, CU, DELTA, s_ob, s_oh, s_om, s_od, s_db, s_dh
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, SC, s_sc,
-              lo, hi, n_keys, offs_m, shift, qk_scale,
+              lo, hi, n_keys, pos, shift, qk_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``dq += dS @ (s k)`` (unscaled by softmax_scale) over key blocks ``[lo, hi)`` of one key source."""
+    """``dq += dS @ (s k)`` (unscaled by softmax_scale) over key blocks ``[lo, hi)`` of one key source; ``pos``
+    is the query position of each row (causal mask)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(K, offs_n, n_keys, s_kn, s_kd, HEAD_DIM, D_PAD).to(q.dtype)
@@ -61,7 +66,7 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, S
             dp = dp * sc[None, :]
         else:
             s = s * qk_scale
-        s = mask_scores(s, offs_m, offs_n, n_keys, shift, KPM, s_mn, MASKED, CAUSAL, HAS_KPM)
+        s = mask_scores(s, pos, offs_n, n_keys, shift, KPM, s_mn, MASKED, CAUSAL, HAS_KPM)
         ds = tl.math.exp2(s - lse2[:, None]) * (dp - delta[:, None])
         if HAS_SCALE:
             ds = ds * sc[None, :]
@@ -76,27 +81,54 @@ def dq_kernel(
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_bkn, s_bkh, s_bkp, s_bkd, s_bvn, s_bvh, s_bvp, s_bvd, s_mb, s_mn, s_sb, s_sp,
     s_db, s_dh, s_dm, s_dd, s_lb, s_lh, s_lm, s_gb, s_gh, s_gm, s_gd,
-    Hq, Lq, Lk, P, sm_scale, qk_scale, LEN_BUCKET,
+    Hgrid, Lq, Lk, P, sm_scale, qk_scale, LEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_PLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PLEN: tl.constexpr, DOT_PREC: tl.constexpr, PACK_GQA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """dq[b, h, rows] for one query block; same key traversal and masks as the forward kernel."""
-    b = tl.program_id(0) // Hq
-    h = tl.program_id(0) % Hq
-    hk = h // GROUP
+    """dq of one tile; same tiles (``PACK_GQA``: packed rows of (sequence b, KV head hk), grid
+    ``(B * Hkv, cdiv(Lq * GROUP, BLOCK_M))``; otherwise positions of (sequence b, query head h), grid
+    ``(B * Hq, cdiv(Lq, BLOCK_M))``; ``Hgrid`` = Hkv or Hq), key traversal and masks as the forward kernel.
+
+    Packed: q, dO, lse and Delta rows are loaded and dq rows stored through the per-row offsets
+    ``(r % GROUP) * s_h + (r // GROUP) * s_m`` from the group's first query head ``hk * GROUP``.
+    """
+    b = tl.program_id(0) // Hgrid
+    if PACK_GQA:
+        hk = tl.program_id(0) % Hgrid
+        h = hk * GROUP  # first query head of the group
+    else:
+        h = tl.program_id(0) % Hgrid
+        hk = h // GROUP
     row0, Lq_b, Lk_b = seq_bounds(CU, b, Lq, Lk, IS_VARLEN)
+    if PACK_GQA:
+        n_rows = Lq_b * GROUP
+    else:
+        n_rows = Lq_b
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # heaviest causal blocks first
-    if start_m < Lq_b:
+    if start_m < n_rows:
         b64 = b.to(tl.int64)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(Q + b64 * s_qb + h * s_qh + row0 * s_qm, offs_m, Lq_b, s_qm, s_qd, HEAD_DIM, D_PAD)
-        do = load_rows(DO + b64 * s_db + h * s_dh + row0 * s_dm, offs_m, Lq_b, s_dm, s_dd, HEAD_DIM, D_PAD)
-        do = do.to(q.dtype)
-        lse_base = LSE + b64 * s_lb + h * s_lh + row0 * s_lm
-        lse2 = load_lse2(lse_base, offs_m, Lq_b, s_lm)
-        delta_ptrs = DELTA + b64 * s_lb + h * s_lh + (row0 + offs_m) * s_lm
-        delta = tl.load(delta_ptrs, mask=offs_m < Lq_b, other=0.0)
+        if PACK_GQA:
+            pos, g = packed_rows(start_m, GROUP, BLOCK_M)
+            live = pos < Lq_b
+            q = load_tile(Q + b64 * s_qb + h * s_qh + row0 * s_qm, g * s_qh + pos * s_qm, live, s_qd,
+                          HEAD_DIM, D_PAD)
+            do = load_tile(DO + b64 * s_db + h * s_dh + row0 * s_dm, g * s_dh + pos * s_dm, live, s_dd,
+                           HEAD_DIM, D_PAD).to(q.dtype)
+            l_base = b64 * s_lb + h * s_lh + row0 * s_lm
+            l_off = g * s_lh + pos * s_lm
+            lse2 = load_lse2(LSE + l_base, l_off, live)
+            delta = tl.load(DELTA + l_base + l_off, mask=live, other=0.0)
+        else:
+            pos = start_m + tl.arange(0, BLOCK_M)
+            q = load_rows(Q + b64 * s_qb + h * s_qh + row0 * s_qm, pos, Lq_b, s_qm, s_qd, HEAD_DIM, D_PAD)
+            do = load_rows(DO + b64 * s_db + h * s_dh + row0 * s_dm, pos, Lq_b, s_dm, s_dd, HEAD_DIM, D_PAD)
+            do = do.to(q.dtype)
+            lse_base = LSE + b64 * s_lb + h * s_lh + row0 * s_lm
+            lse2 = load_lse2(lse_base, pos * s_lm, pos < Lq_b)
+            delta_ptrs = DELTA + b64 * s_lb + h * s_lh + (row0 + pos) * s_lm
+            delta = tl.load(delta_ptrs, mask=pos < Lq_b, other=0.0)
         dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
         shift = Lk_b - Lq_b
         if HAS_PREFIX:
@@ -106,25 +138,24 @@ def dq_kernel(
             sc = SCALE + b64 * s_sb
             n_pre = prefix_len(PLEN, e, P, HAS_PLEN)
             dq = _dq_tiles(dq, q, do, lse2, delta, bk, bv, s_bkp, s_bkd, s_bvp, s_bvd, KPM, s_mn, sc, s_sp,
-                           0, n_pre, n_pre, offs_m, shift, qk_scale, True, False, False, HAS_SCALE,
+                           0, n_pre, n_pre, pos, shift, qk_scale, True, False, False, HAS_SCALE,
                            HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
-        if CAUSAL:
-            hi = tl.minimum(Lk_b, start_m + BLOCK_M + shift)
-            full = tl.minimum(tl.maximum(start_m + shift + 1, 0) // BLOCK_N, Lk_b // BLOCK_N) * BLOCK_N
-        else:
-            hi = Lk_b
-            full = (Lk_b // BLOCK_N) * BLOCK_N
+        full, hi = seq_key_range(start_m, Lk_b, shift, GROUP if PACK_GQA else 1, BLOCK_M, BLOCK_N, CAUSAL)
         kk = K + b64 * s_kb + hk * s_kh + row0 * s_kn
         vv = V + b64 * s_vb + hk * s_vh + row0 * s_vn
         kpm = KPM + b64 * s_mb
         dq = _dq_tiles(dq, q, do, lse2, delta, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp,
-                       0, full, Lk_b, offs_m, shift, qk_scale, False, CAUSAL, HAS_KPM, False,
+                       0, full, Lk_b, pos, shift, qk_scale, False, CAUSAL, HAS_KPM, False,
                        HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
         dq = _dq_tiles(dq, q, do, lse2, delta, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp,
-                       full, hi, Lk_b, offs_m, shift, qk_scale, True, CAUSAL, HAS_KPM, False,
+                       full, hi, Lk_b, pos, shift, qk_scale, True, CAUSAL, HAS_KPM, False,
                        HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
-        store_rows(DQ + b64 * s_gb + h * s_gh + row0 * s_gm, dq * sm_scale, offs_m, Lq_b, s_gm, s_gd,
-                   HEAD_DIM, D_PAD)
+        if PACK_GQA:
+            store_tile(DQ + b64 * s_gb + h * s_gh + row0 * s_gm, dq * sm_scale, g * s_gh + pos * s_gm, live, s_gd,
+                       HEAD_DIM, D_PAD)
+        else:
+            store_rows(DQ + b64 * s_gb + h * s_gh + row0 * s_gm, dq * sm_scale, pos, Lq_b, s_gm, s_gd,
+                       HEAD_DIM, D_PAD)
 
 
 @triton.jit
@@ -137,7 +168,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, s_qm, s_qd, s_dm, s_dd, s_lm,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_rows(Q, offs_m, n_q, s_qm, s_qd, HEAD_DIM, D_PAD)
         do = load_rows(DO, offs_m, n_q, s_dm, s_dd, HEAD_DIM, D_PAD).to(q.dtype)
-        lse2 = load_lse2(LSE, offs_m, n_q, s_lm)
+        lse2 = load_lse2(LSE, offs_m * s_lm, offs_m < n_q)
         delta = tl.load(DELTA + offs_m * s_lm, mask=offs_m < n_q, other=0.0)
         pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
         if MASKED:
@@ -259,7 +290,7 @@ def dkdv_prefix_kernel(
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 q = load_rows(qq, offs_m, Lq_b, s_qm, s_qd, HEAD_DIM, D_PAD)
                 do = load_rows(dd, offs_m, Lq_b, s_dm, s_dd, HEAD_DIM, D_PAD).to(q.dtype)
-                lse2 = load_lse2(LSE + row_off, offs_m, Lq_b, s_lm)
+                lse2 = load_lse2(LSE + row_off, offs_m * s_lm, offs_m < Lq_b)
                 delta = tl.load(DELTA + row_off + offs_m * s_lm, mask=offs_m < Lq_b, other=0.0)
                 rt = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
                 et = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)

@@ -82,7 +82,8 @@ def _consts(m: _Meta, q, kpm, scale, plen):
     return dict(GROUP=m.Hq // m.Hkv, HEAD_DIM=m.D, D_PAD=max(16, triton.next_power_of_2(m.D)),
                 HAS_PREFIX=m.P > 0, HAS_KPM=kpm is not None, HAS_SCALE=scale is not None, CAUSAL=m.causal,
                 IS_VARLEN=m.varlen, HAS_PLEN=plen is not None,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32"), \
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                PACK_GQA=pack_gqa(m.Hq // m.Hkv, m.Lq)), \
         len_bucket(max(m.Lq, m.Lk))
 
 
@@ -100,17 +101,35 @@ def _bank_args(bank_k, bank_v, idx, plen, kpm, scale, q):
     return ptrs, strides
 
 
-def _forward(q, k, v, bank_k, bank_v, idx, plen, kpm, scale, cu, m: _Meta):
+PACK_MAX_LQ = 64
+
+
+def pack_gqa(group: int, max_lq: int) -> bool:
+    """Whether the forward and dQ kernels pack the GQA group into the query tile (``PACK_GQA``): ``group > 1`` and
+    the (max) query length at most :data:`PACK_MAX_LQ` = 64, where one program per query head would hold a single
+    64- or 128-row tile, mostly empty for short queries (rule and reason: :mod:`ltuning.kernels.triton.fwd`).
+    The tests monkeypatch this function to force either tiling."""
+    return group > 1 and max_lq <= PACK_MAX_LQ
+
+
+def _rows_grid(m: _Meta, pack: bool):
+    """Grid of the forward and dQ kernels and its head count: packed, ``(B * Hkv, cdiv(Lq * GROUP, BLOCK_M))``
+    (blocks of (position, query head of the KV group) rows); else ``(B * Hq, cdiv(Lq, BLOCK_M))``."""
     import triton
+    heads, rows = (m.Hkv, m.Lq * (m.Hq // m.Hkv)) if pack else (m.Hq, m.Lq)
+    return (lambda meta: (m.B * heads, triton.cdiv(rows, meta["BLOCK_M"]))), heads
+
+
+def _forward(q, k, v, bank_k, bank_v, idx, plen, kpm, scale, cu, m: _Meta):
     from .fwd import fwd_kernel
     o = _alloc(q.shape, q.dtype, q.device)
     lse = _alloc(q.shape[:-1], torch.float32, q.device)
     consts, bucket = _consts(m, q, kpm, scale, plen)
     (bk, bv, ix, pl, km, sc), bstr = _bank_args(bank_k, bank_v, idx, plen, kpm, scale, q)
-    grid = lambda meta: (m.B * m.Hq, triton.cdiv(m.Lq, meta["BLOCK_M"]))  # noqa: E731
-    fwd_kernel[grid](q, k, v, bk, bv, ix, pl, km, sc, _ptr(cu, q), o, lse, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
-                     *_s4(o, m), *_s3(lse, m), m.Hq, m.Lq, m.Lk, m.P, m.sm_scale * math.log2(math.e), bucket,
-                     **consts)
+    grid, heads = _rows_grid(m, consts["PACK_GQA"])
+    fwd_kernel[grid](
+        q, k, v, bk, bv, ix, pl, km, sc, _ptr(cu, q), o, lse, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
+        *_s4(o, m), *_s3(lse, m), heads, m.Lq, m.Lk, m.P, m.sm_scale * math.log2(math.e), bucket, **consts)
     return o, lse
 
 
@@ -135,9 +154,10 @@ def _backward(ctx, do, dlse):
     dq = dk = dv = dbk = dbv = dsc = None
     if need[0]:
         dq = _alloc(q.shape, q.dtype, q.device)
-        dq_kernel[lambda meta: (m.B * m.Hq, triton.cdiv(m.Lq, meta["BLOCK_M"]))](
+        grid, heads = _rows_grid(m, consts["PACK_GQA"])
+        dq_kernel[grid](
             q, k, v, bk, bv, ix, pl, km, sc, cu, do, lse, delta, dq, *_s4(q, m), *_s4(k, m), *_s4(v, m), *bstr,
-            *_s4(do, m), *_s3(lse, m), *_s4(dq, m), m.Hq, m.Lq, m.Lk, m.P, m.sm_scale, qk_scale, bucket, **consts)
+            *_s4(do, m), *_s3(lse, m), *_s4(dq, m), heads, m.Lq, m.Lk, m.P, m.sm_scale, qk_scale, bucket, **consts)
     if need[1] or need[2]:
         dk = _alloc(k.shape, k.dtype, k.device)
         dv = _alloc(v.shape, v.dtype, v.device)
