@@ -7,16 +7,20 @@ cubins (bf16, GROUP = 3, every mask flag on: the largest code) and prints ptxas'
 ``PACK_GQA`` = 0 / 1)::
 
     TRITON_INTERPRET=0 python benchmarks/kernels/triton_spills.py [--spaces fwd dq] [--dims 64] [--archs 90] \
-        [--pack 0 1]
+        [--pack 0 1] [--json benchmarks/results/triton_spills.json]
 
-Exit status 1 when a configuration spills. Needs triton's NVIDIA backend (ptxas), not a GPU.
+``--json`` also writes the rows with the command, date, commit and triton version. Exit status 1 when a
+configuration spills. Needs triton's NVIDIA backend (ptxas), not a GPU.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import io
+import json
 import os
+import subprocess
 import re
 import sys
 
@@ -74,7 +78,9 @@ def main(argv=None):
     ap.add_argument("--archs", nargs="+", type=int, default=[80, 90])
     ap.add_argument("--pack", nargs="+", type=int, default=[0, 1], choices=[0, 1],
                     help="PACK_GQA values of the forward and dQ kernels")
+    ap.add_argument("--json", help="write the rows and the run's metadata to this file")
     args = ap.parse_args(argv)
+    rows = []
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
     spilled = 0
@@ -87,10 +93,28 @@ def main(argv=None):
                         for cap in args.archs:
                             regs, spills = ptxas_usage(kernel, d, config, cap, bool(pack))
                             spilled += spills > 0
+                            rows.append(dict(space=space, kernel=fn.__name__, head_dim=d, config=list(config),
+                                             pack_gqa=pack, arch=f"sm{cap}", registers=regs, spill_bytes=spills))
                             tag = "" if pack is None else f" pack={pack}"
                             print(f"{space:5s} {fn.__name__:20s} D={d:3d} {str(config):18s}{tag} sm{cap}: "
                                   f"{regs:3d} regs, {spills} spill bytes", flush=True)
+    if args.json:
+        _write(args.json, rows)
     return 1 if spilled else 0
+
+
+def _write(path, rows):
+    """The rows plus command, date, commit and triton version, atomically."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    record = dict(command="TRITON_INTERPRET=0 python benchmarks/kernels/triton_spills.py " + " ".join(sys.argv[1:]),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=commit,
+                  triton=triton.__version__, flags=FLAGS, dtype="bf16",
+                  spill_bytes="ptxas spill stores + spill loads", rows=rows)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

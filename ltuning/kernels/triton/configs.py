@@ -10,57 +10,15 @@ The forward and dQ kernels have two tilings (constexpr ``PACK_GQA``, part of the
 :mod:`ltuning.kernels.triton.fwd`): one program per query head (``PACK_GQA = False``: long queries or no GQA) uses
 ``SPACES`` -- the spaces from before packing, unchanged; packed rows (``GROUP > 1`` and ``Lq <= 64``) use ``SPACES``
 plus the small-M tiles of ``PACKED_EXTRA`` (BLOCK_M 32 / 16, 4 warps; one-pass label scoring: 12 positions x 3 heads
-= 36 rows). Register check without a GPU (``benchmarks/kernels/triton_spills.py``: ptxas of triton 3.9.0, bf16,
-GROUP = 3, every mask flag on -- causal, key padding, prefix scale, prefix lengths -- the largest code); spill
-bytes (stores + loads) sm80 / sm90a, "before" = the kernels before packing (3a831fe~1)::
+= 36 rows).
 
-    kernel D    config           before    PACK_GQA=0  PACK_GQA=1
-    fwd    32   (128, 64, 4, 4)  0/80      0/80        280/128
-    fwd    32   (64, 64, 4, 4)   0/0       0/0         0/0
-    fwd    32   (64, 32, 4, 4)   0/0       0/0         0/0
-    fwd    32   (32, 64, 4, 4)   0/0       0/0         0/0        packed only
-    fwd    32   (16, 128, 4, 3)  0/0       0/0         0/0        packed only
-    fwd    64   (128, 128, 8, 3) 20/324    20/324      524/596
-    fwd    64   (128, 64, 8, 3)  24/0      24/0        240/0
-    fwd    64   (128, 64, 4, 3)  744/480   744/480     1764/1328
-    fwd    64   (64, 64, 4, 4)   0/0       0/0         328/104
-    fwd    64   (64, 32, 4, 4)   80/0      80/0        0/0
-    fwd    64   (32, 64, 4, 4)   0/0       0/0         0/0        packed only
-    fwd    64   (16, 64, 4, 4)   0/0       0/0         0/0        packed only
-    fwd    128  (128, 128, 8, 2) 4644/1444 4644/1260   70992/3256 (sm80 packed: ptxas allotted 32 registers)
-    fwd    128  (128, 64, 8, 3)  580/120   580/104     1620/1032
-    fwd    128  (128, 32, 8, 4)  0/0       0/0         792/448
-    fwd    128  (64, 64, 4, 3)   40/296    40/296      1024/1372
-    fwd    128  (64, 32, 4, 4)   0/0       0/0         832/552
-    dq     32   (128, 64, 4, 3)  92/208    92/208      376/464
-    dq     32   (64, 64, 4, 4)   0/0       0/0         0/0
-    dq     32   (64, 32, 4, 4)   0/0       0/0         0/0
-    dq     32   (16, 64, 4, 4)   0/0       0/0         0/0        packed only
-    dq     32   (16, 128, 4, 3)  24/0      24/0        0/60       dropped (was packed only)
-    dq     64   (128, 64, 8, 3)  0/0       0/0         152/0
-    dq     64   (128, 32, 4, 3)  352/188   352/188     944/972
-    dq     64   (64, 64, 4, 3)   100/0     100/0       320/112
-    dq     64   (64, 32, 4, 4)   0/0       0/0         0/0
-    dq     64   (32, 64, 4, 4)   0/0       0/0         0/0        packed only
-    dq     64   (16, 64, 4, 4)   0/0       0/0         0/0        packed only
-    dq     64   (16, 128, 4, 3)  0/0       0/0         0/8        dropped (was packed only)
-    dq     128  (128, 64, 8, 2)  1428/336  1428/336    1916/1416
-    dq     128  (64, 64, 4, 3)   572/308   572/292     1236/1372
-    dq     128  (64, 32, 4, 4)   628/64    628/64      812/604
-    dq     128  (32, 64, 4, 3)   268/8     268/8       352/288
-
-``PACK_GQA = 0`` has the spill status of the kernels before packing in every configuration (sm80 spill bytes and
-registers identical; sm90a: the same spill-free set, three spilling configurations spill 16..184 bytes less, two
-spill-free ones differ by a few registers), so no configuration spills in both modes where it did not before.
-Packing raises the pressure (the per-row position / head vectors stay live through the key loops): newly spilling
-packed are fwd D32 (128, 64, 4, 4) on sm80, fwd D64 (64, 64, 4, 4), fwd D128 (128, 32, 8, 4) and (64, 32, 4, 4),
-dq D64 (128, 64, 8, 3) on sm80 and dq D64 (64, 64, 4, 3) on sm90a; all that spilled spill more, and only fwd D64
-(64, 32, 4, 4) spills less packed (80 / 0 -> 0 / 0). That is why
-long queries do not pack. The packed-only small-M tiles are kept only where spill-free packed on both archs (the
-two dQ (16, 128, 4, 3) tiles, spill-free in 3a831fe, now spill 60 / 8 bytes on sm90a and were dropped); there is
-none at D128 (every (32 or 16) x (64 or 128) candidate spilled 8..2416 bytes in 3a831fe), so packed D128 tunes
-over spilling tiles, left to the autotuner's benchmark; reducing that pressure is open. GPU speed is unmeasured.
-dK/dV (code unchanged) is spill-free at D128 only in (16, 32, 4, 3).
+Register check without a GPU: ``benchmarks/kernels/triton_spills.py`` lowers every forward / dQ configuration in
+both tilings to sm80 and sm90a with ptxas (bf16, GROUP = 3, every mask flag on) and records registers and spill
+bytes in ``benchmarks/results/triton_spills.json`` (summary: ``benchmarks/RESULTS_triton.md``). ``PACK_GQA = 0``
+is the pre-packing code path and keeps its spill profile; packing raises the pressure (the per-row position / head
+vectors stay live through the key loops), which is why long queries do not pack. The packed-only small-M tiles are
+kept only where spill-free packed on both archs; there is none at D128, so packed D128 tunes over spilling tiles,
+left to the autotuner's benchmark (reducing that pressure is open). GPU speed is unmeasured.
 """
 from __future__ import annotations
 
