@@ -5,7 +5,7 @@ and a bank (N, Hkv, P, D)::
 
     o = softmax(softmax_scale * q [s * bank_k[prefix_idx] ; k]^T) [s * bank_v[prefix_idx] ; v]    (B, Hq, Lq, D)
 
-(masks, GQA, prefix scales and lengths: :mod:`ltuning.kernels.reference`); ``prefix_attention_varlen`` is the
+(masks, GQA, prefix scales, lengths and biases: :mod:`ltuning.kernels.reference`); ``prefix_attention_varlen`` is the
 packed form, q (T, Hq, D), k/v (T, Hkv, D), ``cu_seqlens`` (B+1,). Both return ``o``, or ``(o, lse)`` with
 ``return_lse=True`` (lse (B, Hq, Lq) / (T, Hq), float32).
 
@@ -82,7 +82,7 @@ def _device_type(q, where: str) -> str:
 
 def prefix_attention(
     q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
-    prefix_scale=None, softmax_scale=None, prefix_lengths=None, backend="auto", return_lse=False,
+    prefix_scale=None, softmax_scale=None, prefix_lengths=None, prefix_bias=None, backend="auto", return_lse=False,
 ):
     """Attention of q over ``[bank[prefix_idx] ; k]`` (see :mod:`ltuning.kernels.reference` for shapes).
 
@@ -96,19 +96,23 @@ def prefix_attention(
               softmax_scale=softmax_scale)
     if prefix_lengths is not None:  # only passed when given, so every backend keeps its plain signature too
         kw["prefix_lengths"] = prefix_lengths
+    if prefix_bias is not None:
+        kw["prefix_bias"] = prefix_bias
     o, lse = BACKEND_TABLE[name].fwd(q, k, v, bank_k, bank_v, prefix_idx, **kw)
     return (o, lse) if return_lse else o
 
 
 def prefix_attention_varlen(
     q, k, v, cu_seqlens, bank_k=None, bank_v=None, prefix_idx=None, *, causal=False, prefix_scale=None,
-    softmax_scale=None, max_seqlen=None, prefix_lengths=None, backend="auto", return_lse=False,
+    softmax_scale=None, max_seqlen=None, prefix_lengths=None, prefix_bias=None, backend="auto", return_lse=False,
 ):
     """Packed variable-length form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,) int32."""
     name = resolve_backend(backend, _device_type(q, "prefix_attention_varlen"))
     kw = dict(causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale)
     if prefix_lengths is not None:
         kw["prefix_lengths"] = prefix_lengths
+    if prefix_bias is not None:
+        kw["prefix_bias"] = prefix_bias
     o, lse = BACKEND_TABLE[name].varlen(q, k, v, cu_seqlens, bank_k, bank_v, prefix_idx, max_seqlen=max_seqlen,
                                         **kw)
     return (o, lse) if return_lse else o

@@ -16,9 +16,15 @@ Semantics (shared by the C++ kernel, the Triton kernels and the SDPA fallback)::
     prefix_lengths (N,) int          optional real length (in [0, P]) of each bank entry (right-padded banks,
                                      e.g. label texts of unequal token counts): sequence b sees prefix tokens
                                      j < prefix_lengths[idx[b]] only; the rest get no probability and no gradient
+    prefix_bias  (N, P) float        optional additive logit of each bank token of each entry (finite, not
+                                     differentiated): S gains bias[idx[b], j] on prefix column j. A deduplicated
+                                     bank puts log m_j there: m identical (key, value) tokens attend exactly as
+                                     one token whose logit is raised by log m (one-pass label banks,
+                                     :func:`ltuning.methods.scoring.dedup_bank`)
     softmax_scale float              default 1 / sqrt(D)
 
-    S   = softmax_scale * q @ [s * bank_k[idx[b]] ; k_b]^T      (masked entries -> -inf)
+    S   = softmax_scale * q @ [s * bank_k[idx[b]] ; k_b]^T (+ prefix_bias[idx[b]] on the prefix columns)
+                                                                 (masked entries -> -inf)
     lse = logsumexp(S, -1)                                       (B, Hq, Lq) float32
     o   = softmax(S) @ [s * bank_v[idx[b]] ; v_b]                (B, Hq, Lq, D), dtype of q
 
@@ -61,15 +67,17 @@ def row_prefix_lengths(prefix_lengths, prefix_idx, P):
 
 def prefix_attention_reference(
     q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
-    prefix_scale=None, softmax_scale=None, compute_dtype=None, prefix_lengths=None,
+    prefix_scale=None, softmax_scale=None, compute_dtype=None, prefix_lengths=None, prefix_bias=None,
 ):
-    """Reference shared-prefix attention; returns ``(o, lse)``. Differentiable in every float input.
+    """Reference shared-prefix attention; returns ``(o, lse)``. Differentiable in every float input but
+    ``prefix_bias`` (a constant; its gradient is not defined by the kernels).
 
     ``compute_dtype`` (e.g. torch.float64) runs the math in that dtype; the output is cast back to q's dtype.
     """
     B, Hq, Lq, D, Hkv, Lk, P, _ = check_inputs(
         q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask, prefix_scale=prefix_scale,
-        prefix_lengths=prefix_lengths, softmax_scale=softmax_scale, where="prefix_attention_reference")
+        prefix_lengths=prefix_lengths, prefix_bias=prefix_bias, softmax_scale=softmax_scale,
+        where="prefix_attention_reference")
     if compute_dtype is not None and not compute_dtype.is_floating_point:
         raise KernelInputError(f"prefix_attention_reference: compute_dtype must be floating; got {compute_dtype}")
     out_dtype = q.dtype
@@ -88,6 +96,9 @@ def prefix_attention_reference(
     kk = kk.repeat_interleave(g, dim=1)
     vv = vv.repeat_interleave(g, dim=1)
     scores = torch.matmul(q.to(cd), kk.transpose(-1, -2)) * scale  # (B, Hq, Lq, P+Lk)
+    if P and prefix_bias is not None:
+        bias = prefix_bias.detach().to(cd)[prefix_idx.long()]  # (B, P)
+        scores = scores + torch.cat([bias, bias.new_zeros(B, Lk)], -1)[:, None, None, :]
     vis = visible_mask(B, Lq, Lk, P, key_padding_mask, causal, q.device,
                        row_prefix_lengths(prefix_lengths, prefix_idx, P))[:, None]
     scores = scores.masked_fill(~vis, float("-inf"))
@@ -101,7 +112,7 @@ def prefix_attention_reference(
 
 def prefix_attention_varlen_reference(
     q, k, v, cu_seqlens, bank_k=None, bank_v=None, prefix_idx=None, *, causal=False,
-    prefix_scale=None, softmax_scale=None, compute_dtype=None, prefix_lengths=None,
+    prefix_scale=None, softmax_scale=None, compute_dtype=None, prefix_lengths=None, prefix_bias=None,
 ):
     """Packed variable-length form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,) int.
 
@@ -109,7 +120,7 @@ def prefix_attention_varlen_reference(
     lse (T, Hq) float32. Each sequence is attended exactly as the dense reference with B = 1.
     """
     check_inputs(q, k, v, bank_k, bank_v, prefix_idx, prefix_scale=prefix_scale, prefix_lengths=prefix_lengths,
-                 softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, varlen=True,
+                 prefix_bias=prefix_bias, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, varlen=True,
                  where="prefix_attention_varlen_reference")
     outs, lses = [], []
     cu = [int(x) for x in cu_seqlens.tolist()]
@@ -122,7 +133,8 @@ def prefix_attention_varlen_reference(
         sc = prefix_scale[b:b + 1] if prefix_scale is not None else None
         o, lse = prefix_attention_reference(
             qb, kb, vb, bank_k, bank_v, idx, causal=causal, prefix_scale=sc,
-            softmax_scale=softmax_scale, compute_dtype=compute_dtype, prefix_lengths=prefix_lengths)
+            softmax_scale=softmax_scale, compute_dtype=compute_dtype, prefix_lengths=prefix_lengths,
+            prefix_bias=prefix_bias)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0].transpose(0, 1))
     return torch.cat(outs, 0), torch.cat(lses, 0)

@@ -17,12 +17,13 @@ from .validation import check_inputs
 
 def prefix_attention_sdpa(
     q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
-    prefix_scale=None, softmax_scale=None, prefix_lengths=None,
+    prefix_scale=None, softmax_scale=None, prefix_lengths=None, prefix_bias=None,
 ):
     """SDPA over the materialised ``[bank[idx] ; K]``. Returns ``(o, lse)``; lse is recomputed cheaply."""
     B, Hq, Lq, D, Hkv, Lk, P, _ = check_inputs(
         q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask, prefix_scale=prefix_scale,
-        prefix_lengths=prefix_lengths, softmax_scale=softmax_scale, where="prefix_attention_sdpa")
+        prefix_lengths=prefix_lengths, prefix_bias=prefix_bias, softmax_scale=softmax_scale,
+        where="prefix_attention_sdpa")
     mask = None
     rows = row_prefix_lengths(prefix_lengths, prefix_idx, P)
     if causal or key_padding_mask is not None or rows is not None:
@@ -31,7 +32,7 @@ def prefix_attention_sdpa(
             # a query row with no visible key: SDPA would return NaN; the reference defines it as 0
             return prefix_attention_reference(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask,
                                               causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale,
-                                              prefix_lengths=prefix_lengths)
+                                              prefix_lengths=prefix_lengths, prefix_bias=prefix_bias)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     kk, vv = k, v
     if P:
@@ -42,5 +43,12 @@ def prefix_attention_sdpa(
             pk, pv = pk * s, pv * s
         kk = torch.cat([pk, k], dim=2)
         vv = torch.cat([pv, v], dim=2)
+    if P and prefix_bias is not None:  # an additive float mask: 0 / -inf for visibility, plus the prefix bias
+        add = torch.zeros(B, 1, Lq, P + Lk, dtype=q.dtype, device=q.device)
+        if mask is not None:
+            add = add.masked_fill(~mask, float("-inf"))
+        bias = prefix_bias.detach().to(q.dtype)[prefix_idx.long()]
+        add[..., :P] += bias[:, None, None, :]
+        mask = add
     o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
     return o, None

@@ -6,16 +6,16 @@
 * ranks and sizes: dense q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D); packed q (T, Hq, D), k/v (T, Hkv, D);
   Hq, Hkv, D >= 1 and Hq % Hkv == 0 (B, L, T = 0 are a valid empty batch);
   bank_k/bank_v (N, Hkv, P, D); prefix_idx (B,); key_padding_mask (B, Lk); prefix_scale (B, P);
-  prefix_lengths (N,); cu_seqlens (B + 1,);
+  prefix_lengths (N,); prefix_bias (N, P); cu_seqlens (B + 1,);
 * dtypes: q, k, v one floating dtype (of the backend's ``dtypes``); bank_k, bank_v one floating dtype (it may
-  differ from q's: the entry points cast it); prefix_scale floating; prefix_idx, prefix_lengths, cu_seqlens
-  int32 or int64; key_padding_mask bool or integer (a float mask is refused: it is usually additive, 0 / -inf,
+  differ from q's: the entry points cast it); prefix_scale and prefix_bias floating; prefix_idx, prefix_lengths,
+  cu_seqlens int32 or int64; key_padding_mask bool or integer (a float mask is refused: it is usually additive, 0 / -inf,
   and casting it to bool would invert it);
 * devices: every tensor on q's device (and on ``device_type`` when the backend needs one);
-* values (``values=True``): 0 <= prefix_idx < N, 0 <= prefix_lengths <= P, cu_seqlens starts at 0, never
-  decreases and ends at T, ``max_seqlen`` >= the longest sequence. All value statistics are reduced on q's device
-  into one small tensor and read with ONE host transfer (one sync on a GPU); on the CPU small index tensors are
-  read directly.
+* values (``values=True``): 0 <= prefix_idx < N, 0 <= prefix_lengths <= P, prefix_bias finite, cu_seqlens starts
+  at 0, never decreases and ends at T, ``max_seqlen`` >= the longest sequence. The index statistics are reduced on
+  q's device into one small tensor and read with ONE host transfer (one sync on a GPU; prefix_bias's finiteness is
+  a second); on the CPU small index tensors are read directly.
 
 The C++ ops repeat every check in C++ (``TORCH_CHECK_VALUE``, also a ``ValueError``), so a direct call of
 ``torch.ops.ltuning.*`` is just as safe; the CPU entry point therefore leaves the O(B) value scans to C++
@@ -71,7 +71,8 @@ def _index_dtype(where, name, t):
 
 
 def check_inputs(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, prefix_scale=None,
-                 prefix_lengths=None, softmax_scale=None, cu_seqlens=None, max_seqlen=None, varlen=False,
+                 prefix_lengths=None, prefix_bias=None, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
+                 varlen=False,
                  dtypes: Optional[Sequence[torch.dtype]] = None, device_type: Optional[str] = None,
                  values: bool = True, where: str = "prefix_attention") -> Dims:
     """Validate the arguments of a shared-prefix attention call (see the module docstring); returns the sizes.
@@ -86,7 +87,7 @@ def check_inputs(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padd
             _tensor(where, name, t, optional=False)
     for name, t in (("bank_k", bank_k), ("bank_v", bank_v), ("prefix_idx", prefix_idx),
                     ("key_padding_mask", key_padding_mask), ("prefix_scale", prefix_scale),
-                    ("prefix_lengths", prefix_lengths), ("cu_seqlens", cu_seqlens)):
+                    ("prefix_lengths", prefix_lengths), ("prefix_bias", prefix_bias), ("cu_seqlens", cu_seqlens)):
         if t is not None and not isinstance(t, Tensor):
             _tensor(where, name, t)
     # ranks and sizes of q, k, v
@@ -163,6 +164,12 @@ def check_inputs(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padd
         if prefix_lengths.dim() != 1 or prefix_lengths.shape[0] != N or prefix_lengths.dtype not in INDEX_DTYPES:
             _fail(where, f"prefix_lengths must be an (N={N},) integer tensor (int32 or int64); got shape "
                          f"{_shape(prefix_lengths)}, {prefix_lengths.dtype}")
+    if prefix_bias is not None:
+        if prefix_bias.shape != (N, P):
+            _fail(where, f"prefix_bias must be (N={N}, P={P}) (one additive logit per bank token); got shape "
+                         f"{_shape(prefix_bias)}")
+        if not prefix_bias.is_floating_point():
+            _fail(where, f"prefix_bias must be floating point; got {prefix_bias.dtype}")
     if softmax_scale is not None:
         if isinstance(softmax_scale, Tensor) or not isinstance(softmax_scale, (int, float)) \
                 or isinstance(softmax_scale, bool) or not math.isfinite(softmax_scale):
@@ -182,9 +189,11 @@ def check_inputs(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padd
     on_cpu = dev.type == "cpu"
     for name, t in (("k", k), ("v", v), ("bank_k", bank_k), ("bank_v", bank_v), ("prefix_idx", prefix_idx),
                     ("key_padding_mask", key_padding_mask), ("prefix_scale", prefix_scale),
-                    ("prefix_lengths", prefix_lengths), ("cu_seqlens", cu_seqlens)):
+                    ("prefix_lengths", prefix_lengths), ("prefix_bias", prefix_bias), ("cu_seqlens", cu_seqlens)):
         if t is not None and (not t.is_cpu if on_cpu else t.device != dev):
             _fail(where, f"{name} must be on q's device {dev}; got {t.device}")
+    if values and prefix_bias is not None and prefix_bias.numel() and not bool(torch.isfinite(prefix_bias).all()):
+        _fail(where, "prefix_bias values must be finite (a masked bank token is one past prefix_lengths)")
     if values:
         check_values(prefix_idx if bank_k is not None else None, N, prefix_lengths, P,
                      cu_seqlens if varlen else None, Lq, max_seqlen, where)
