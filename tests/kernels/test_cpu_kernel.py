@@ -47,15 +47,17 @@ def make_inputs(B, Hq, Hkv, Lq, Lk, D, P, N, dtype, *, mask=False, scale=False, 
 
 
 def run_both(q, k, v, bank_k, bank_v, idx, kpm, ps, causal, grad=True, gen=None, softmax_scale=None,
-             prefix_lengths=None):
+             prefix_lengths=None, prefix_bias=None):
     """(ours, reference) lists [o, lse, dq, dk, dv, dbank_k, dbank_v, dprefix_scale] (None where absent)."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, bank_k, bank_v, ps)]
     ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, bank_k, bank_v, ps)]
     o, lse = cpa.prefix_attention_cpu(*leaves[:5], idx, key_padding_mask=kpm, causal=causal, prefix_scale=leaves[5],
-                                      softmax_scale=softmax_scale, prefix_lengths=prefix_lengths)
+                                      softmax_scale=softmax_scale, prefix_lengths=prefix_lengths,
+                                      prefix_bias=prefix_bias)
     ro, rlse = prefix_attention_reference(*ref_leaves[:5], idx, key_padding_mask=kpm, causal=causal,
                                           prefix_scale=ref_leaves[5], softmax_scale=softmax_scale,
-                                          prefix_lengths=prefix_lengths)
+                                          prefix_lengths=prefix_lengths,
+                                          prefix_bias=None if prefix_bias is None else prefix_bias.double())
     out, ref = [o, lse], [ro, rlse]
     if grad:  # loss = <o, go> + <lse, gl> over finite lse entries (exercises the lse gradient too)
         g = gen or torch.Generator().manual_seed(1)
@@ -379,7 +381,7 @@ class _NanFill:
         torch.use_deterministic_algorithms(self.prev)
 
 
-def run_varlen_both(lens, Hq, Hkv, D, P, N, dtype, idx, causal, gen, plen=None, scale=False):
+def run_varlen_both(lens, Hq, Hkv, D, P, N, dtype, idx, causal, gen, plen=None, scale=False, bias=None):
     """(ours, reference) lists [o, lse, dq, dk, dv, dbank_k, dbank_v, dprefix_scale] for the packed form; the loss
     is <o, go> + <lse, gl> over the finite lse entries."""
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
@@ -387,13 +389,15 @@ def run_varlen_both(lens, Hq, Hkv, D, P, N, dtype, idx, causal, gen, plen=None, 
     base = [torch.randn(T, Hq, D, generator=gen), torch.randn(T, Hkv, D, generator=gen),
             torch.randn(T, Hkv, D, generator=gen), torch.randn(N, Hkv, P, D, generator=gen),
             torch.randn(N, Hkv, P, D, generator=gen)]
-    base = [t.to(dtype) for t in base] + [(torch.rand(len(lens), P, generator=gen) + 0.5) if scale else None]
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32  # prefix_scale: fp32, or fp64 for fp64
+    base = [t.to(dtype) for t in base] + [(torch.rand(len(lens), P, generator=gen) + 0.5).to(sdt) if scale else None]
     leaves = [t.clone().requires_grad_() if t is not None else None for t in base]
     rleaves = [t.double().requires_grad_() if t is not None else None for t in base]
     o, lse = cpa.prefix_attention_varlen_cpu(*leaves[:3], cu, *leaves[3:5], idx, causal=causal,
-                                             prefix_scale=leaves[5], prefix_lengths=plen)
+                                             prefix_scale=leaves[5], prefix_lengths=plen, prefix_bias=bias)
     ro, rlse = prefix_attention_varlen_reference(*rleaves[:3], cu, *rleaves[3:5], idx, causal=causal,
-                                                 prefix_scale=rleaves[5], prefix_lengths=plen)
+                                                 prefix_scale=rleaves[5], prefix_lengths=plen,
+                                                 prefix_bias=None if bias is None else bias.double())
     go = torch.randn(o.shape, generator=gen).to(o.dtype)
     gl = torch.randn(lse.shape, generator=gen) * torch.isfinite(rlse)
     loss = (o.double() * go.double()).sum() + (lse.double().nan_to_num(0, 0, 0) * gl).sum()
@@ -459,3 +463,78 @@ def test_entries_of_unequal_length_some_unused(dtype, causal, scale, seed):
         assert (out[5][n, :, int(plen[n]):] == 0).all() and (out[6][n, :, int(plen[n]):] == 0).all(), f"{tag} n={n}"
     for n in (1, 4):
         assert (out[5][n] == 0).all() and (out[6][n] == 0).all(), f"{tag} unused entry {n}"
+
+
+def random_bias(N, P, gen):
+    """(N, P) fp32 prefix biases: log of multiplicities 1..5 (a deduplicated bank) minus a little noise."""
+    return (torch.randint(1, 6, (N, P), generator=gen).float().log() - 0.5 * torch.rand(N, P, generator=gen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_prefix_bias_matches_reference(dtype, causal, layout, seed):
+    """prefix_bias (N, P) adds bias[idx[b], j] to prefix logit j, in the forward and the backward alike; with
+    entries of unequal length (one zero-length, one unused), GQA 9/3, prefix_scale in the causal cases, odd P."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    Hq, Hkv, D, N, P = 9, 3, 32, 4, rng.randint(40, 90)
+    plen = torch.tensor([P, 0, rng.randint(1, P - 1), P])
+    bias = random_bias(N, P, gen)
+    tag = f"{dtype} causal={causal} {layout} P={P}"
+    with _NanFill():
+        if layout == "dense":
+            B, L = 6, rng.randint(3, 17)
+            idx = torch.tensor([0, 2, 1, 2, 0, 2])
+            inputs = make_inputs(B, Hq, Hkv, L, L, D, P, N, dtype, mask=not causal, scale=causal, gen=gen)
+            out, ref = run_both(*inputs[:5], idx, *inputs[6:], causal, gen=gen, prefix_lengths=plen,
+                                prefix_bias=bias)
+        else:
+            lens = [rng.randint(1, 15) for _ in range(7)]
+            idx = torch.tensor([2, 0, 1, 0, 2, 2, 0])
+            out, ref = run_varlen_both(lens, Hq, Hkv, D, P, N, dtype, idx, causal, gen, plen=plen, scale=causal,
+                                       bias=bias)
+    assert_all_written(out, tag)
+    check(out, ref, dtype, tag)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prefix_bias_log_multiplicity_equals_duplicated_tokens(dtype, seed):
+    """The identity a deduplicated bank relies on: a bank whose tokens repeat (m_j copies of token j) attends
+    exactly as the bank of its distinct tokens with bias log m_j, and the distinct token's bank gradient is the
+    sum of its copies' gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, L, D, U = 5, 9, 3, 11, 64, 23
+    mult = torch.randint(1, 5, (U,), generator=gen)
+    owner = torch.repeat_interleave(torch.arange(U), mult)  # full-bank token -> distinct token
+    owner = owner[torch.randperm(owner.numel(), generator=gen)]
+    uk, uv = (torch.randn(1, Hkv, U, D, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(B, Hq, L, D, generator=gen).to(dtype)
+    k, v = (torch.randn(B, Hkv, L, D, generator=gen).to(dtype) for _ in range(2))
+    idx = torch.zeros(B, dtype=torch.long)
+
+    def grads(bank_k, bank_v, bias):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bank_k, bank_v)]
+        o, lse = cpa.prefix_attention_cpu(*leaves, idx, causal=True, prefix_bias=bias)
+        go = torch.randn(o.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+        return [o, lse, *torch.autograd.grad((o * go).sum() + lse.sum(), leaves)]
+
+    full = grads(uk[:, :, owner], uv[:, :, owner], None)
+    dedup = grads(uk, uv, mult.to(dtype).log()[None])
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, a, r in zip(["o", "lse", "dq", "dk", "dv"], dedup, full):
+        assert max_rel(a, r) < tol, f"{name}: {max_rel(a, r):.2e}"
+    for name, a, r in zip(["dbank_k", "dbank_v"], dedup[5:], full[5:]):
+        summed = torch.zeros_like(a).index_add_(2, owner, r)  # copies' gradients summed per distinct token
+        assert max_rel(a, summed) < tol, f"{name}: {max_rel(a, summed):.2e}"
+
+
+def test_prefix_bias_validation():
+    q, k, v, bk, bv, idx, _, _ = make_inputs(2, 4, 2, 3, 3, 8, 5, 3, torch.float32)
+    for bias, msg in ((torch.zeros(3, 4), r"prefix_bias must be \(N=3, P=5\)"),
+                      (torch.zeros(3, 5, dtype=torch.long), "prefix_bias must be floating"),
+                      (torch.full((3, 5), float("inf")), "prefix_bias values must be finite")):
+        with pytest.raises(ValueError, match=msg):
+            cpa.prefix_attention_cpu(q, k, v, bk, bv, idx, prefix_bias=bias)
+    with pytest.raises(ValueError, match="prefix_bias values must be finite"):  # the raw op checks too
+        cpa._ext().forward(q, k, v, bk, bv, idx, None, None, None, False, 0.3, None, torch.full((3, 5), float("nan")))

@@ -51,9 +51,9 @@ def _layout_like(g: Tensor, t: Tensor) -> Tensor:
 def _fwd(q: Tensor, k: Tensor, v: Tensor, bank_k: Optional[Tensor], bank_v: Optional[Tensor],
          prefix_idx: Optional[Tensor], key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
          prefix_scale: Optional[Tensor], causal: bool, softmax_scale: float,
-         prefix_lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+         prefix_lengths: Optional[Tensor] = None, prefix_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     o, lse = _ext().forward(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale,
-                            causal, softmax_scale, prefix_lengths)
+                            causal, softmax_scale, prefix_lengths, prefix_bias)
     return _layout_like(o, q), lse
 
 
@@ -61,22 +61,22 @@ OP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 def check_op_args(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, softmax_scale,
-                  prefix_lengths, where="prefix_attention_cpu"):
+                  prefix_lengths, prefix_bias=None, where="prefix_attention_cpu"):
     """The C++ op's shape / dtype / device rules, in Python: run by the fake (meta) kernels, so a call whose
     tensors are not all on the CPU (the dispatcher then picks the fake kernel) or a traced call fails as the real
     op would. Index values are not looked at (fake tensors have none); the C++ op scans them."""
     check_inputs(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask, prefix_scale=prefix_scale,
-                 prefix_lengths=prefix_lengths, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
-                 varlen=cu_seqlens is not None, dtypes=OP_DTYPES, values=False, where=where)
+                 prefix_lengths=prefix_lengths, prefix_bias=prefix_bias, softmax_scale=softmax_scale,
+                 cu_seqlens=cu_seqlens, varlen=cu_seqlens is not None, dtypes=OP_DTYPES, values=False, where=where)
     if bank_k is not None and bank_k.dtype != q.dtype:
         raise KernelInputError(f"{where}: bank_k must have q's dtype {q.dtype}; got {bank_k.dtype}")
 
 
 @_fwd.register_fake
 def _(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, causal, softmax_scale,
-      prefix_lengths=None):
+      prefix_lengths=None, prefix_bias=None):
     check_op_args(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, softmax_scale,
-                  prefix_lengths)
+                  prefix_lengths, prefix_bias)
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype))
 
 
@@ -84,19 +84,19 @@ def _(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_
 def _bwd(grad_o: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, bank_k: Optional[Tensor],
          bank_v: Optional[Tensor], prefix_idx: Optional[Tensor], key_padding_mask: Optional[Tensor],
          cu_seqlens: Optional[Tensor], prefix_scale: Optional[Tensor], lse: Tensor, causal: bool,
-         softmax_scale: float, prefix_lengths: Optional[Tensor] = None
+         softmax_scale: float, prefix_lengths: Optional[Tensor] = None, prefix_bias: Optional[Tensor] = None
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _ext().backward(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens,
-                            prefix_scale, lse, causal, softmax_scale, prefix_lengths)
+                            prefix_scale, lse, causal, softmax_scale, prefix_lengths, prefix_bias)
     like = (q, k, v, bank_k, bank_v, prefix_scale)
     return tuple(q.new_empty(0) if g is None else g if t is None else _layout_like(g, t) for g, t in zip(grads, like))
 
 
 @_bwd.register_fake
 def _(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, lse,
-      causal, softmax_scale, prefix_lengths=None):
+      causal, softmax_scale, prefix_lengths=None, prefix_bias=None):
     check_op_args(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, cu_seqlens, prefix_scale, softmax_scale,
-                  prefix_lengths)
+                  prefix_lengths, prefix_bias)
     rows = tuple(q.shape[:-1])
     for name, t, want in (("grad_o", grad_o, tuple(q.shape)), ("lse", lse, rows), ("grad_lse", grad_lse, rows)):
         if t is not None and (tuple(t.shape) != want or t.device != q.device or not t.is_floating_point()):
@@ -109,18 +109,19 @@ def _(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask, c
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, causal, softmax_scale, plen = inputs
-    ctx.save_for_backward(q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, plen, output[1])  # not o
+    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, causal, softmax_scale, plen, pbias = inputs
+    ctx.save_for_backward(q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, plen, pbias,
+                          output[1])  # not o
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
 
 
 def _backward(ctx, grad_o, grad_lse):
-    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, plen, lse = ctx.saved_tensors
+    q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale, plen, pbias, lse = ctx.saved_tensors
     dq, dk, dv, dbk, dbv, dps = _bwd(grad_o, grad_lse, q, k, v, bank_k, bank_v, prefix_idx, mask, cu, prefix_scale,
-                                     lse, ctx.causal, ctx.softmax_scale, plen)
+                                     lse, ctx.causal, ctx.softmax_scale, plen, pbias)
     dbk, dbv = (none_if_empty(dbk), none_if_empty(dbv)) if bank_k is not None else (None, None)
     dps = none_if_empty(dps) if prefix_scale is not None else None
-    return dq, dk, dv, dbk, dbv, None, None, None, dps, None, None, None
+    return dq, dk, dv, dbk, dbv, None, None, None, dps, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -141,7 +142,7 @@ def _prepare(q, k, v, bank_k, bank_v, prefix_scale):
 
 
 def prefix_attention_cpu(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, key_padding_mask=None, causal=False,
-                         prefix_scale=None, softmax_scale=None, prefix_lengths=None):
+                         prefix_scale=None, softmax_scale=None, prefix_lengths=None, prefix_bias=None):
     """Fused attention of q (B, Hq, Lq, D) over ``[bank[prefix_idx] ; k]``; returns ``(o, lse)``.
 
     Differentiable w.r.t. q, k, v, bank_k, bank_v and prefix_scale; shapes as in the reference.
@@ -150,25 +151,27 @@ def prefix_attention_cpu(q, k, v, bank_k=None, bank_v=None, prefix_idx=None, *, 
     # except for a bank with P = 0, which the op is not given
     B, Hq, Lq, D, Hkv, Lk, P, _ = check_inputs(
         q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask, prefix_scale=prefix_scale,
-        prefix_lengths=prefix_lengths, softmax_scale=softmax_scale, dtypes=DTYPES, device_type="cpu",
-        values=bank_k is not None and bank_k.shape[2:3] == (0,), where="prefix_attention_cpu")
+        prefix_lengths=prefix_lengths, prefix_bias=prefix_bias, softmax_scale=softmax_scale, dtypes=DTYPES,
+        device_type="cpu", values=bank_k is not None and bank_k.shape[2:3] == (0,), where="prefix_attention_cpu")
     if not is_available():
         return prefix_attention_reference(q, k, v, bank_k, bank_v, prefix_idx, key_padding_mask=key_padding_mask,
                                           causal=causal, prefix_scale=prefix_scale, softmax_scale=softmax_scale,
-                                          prefix_lengths=prefix_lengths)
+                                          prefix_lengths=prefix_lengths, prefix_bias=prefix_bias)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     q_, k_, v_, bk, bv, ps = _prepare(q, k, v, bank_k if P else None, bank_v if P else None,
                                       prefix_scale if P else None)
     idx = prefix_idx.long() if P else None
     mask = key_padding_mask.bool() if key_padding_mask is not None else None
     plen = prefix_lengths.long() if (P and prefix_lengths is not None) else None
+    pbias = prefix_bias.detach() if (P and prefix_bias is not None) else None
     o, lse = torch.ops.ltuning.prefix_attention_cpu_fwd(q_, k_, v_, bk, bv, idx, mask, None, ps, causal, float(scale),
-                                                        plen)
+                                                        plen, pbias)
     return o.to(q.dtype), lse.float()
 
 
 def prefix_attention_varlen_cpu(q, k, v, cu_seqlens, bank_k=None, bank_v=None, prefix_idx=None, *, max_seqlen=None,
-                                causal=False, prefix_scale=None, softmax_scale=None, prefix_lengths=None):
+                                causal=False, prefix_scale=None, softmax_scale=None, prefix_lengths=None,
+                                prefix_bias=None):
     """Packed form: q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B+1,); returns o (T, Hq, D), lse (T, Hq).
 
     Sequence b owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``. ``max_seqlen`` is accepted for API parity with the
@@ -177,18 +180,20 @@ def prefix_attention_varlen_cpu(q, k, v, cu_seqlens, bank_k=None, bank_v=None, p
     # shapes, dtypes, devices here; index values in the C++ op (here too when max_seqlen is given, or P = 0)
     B, Hq, T, D, Hkv, _, P, _ = check_inputs(
         q, k, v, bank_k, bank_v, prefix_idx, prefix_scale=prefix_scale, prefix_lengths=prefix_lengths,
-        softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, varlen=True, dtypes=DTYPES,
+        prefix_bias=prefix_bias, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        varlen=True, dtypes=DTYPES,
         device_type="cpu", values=max_seqlen is not None or (bank_k is not None and bank_k.shape[2:3] == (0,)),
         where="prefix_attention_varlen_cpu")
     if not is_available():
         return prefix_attention_varlen_reference(q, k, v, cu_seqlens, bank_k, bank_v, prefix_idx, causal=causal,
                                                  prefix_scale=prefix_scale, softmax_scale=softmax_scale,
-                                                 prefix_lengths=prefix_lengths)
+                                                 prefix_lengths=prefix_lengths, prefix_bias=prefix_bias)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     q_, k_, v_, bk, bv, ps = _prepare(q, k, v, bank_k if P else None, bank_v if P else None,
                                       prefix_scale if P else None)
     idx = prefix_idx.long() if P else None
     plen = prefix_lengths.long() if (P and prefix_lengths is not None) else None
+    pbias = prefix_bias.detach() if (P and prefix_bias is not None) else None
     o, lse = torch.ops.ltuning.prefix_attention_cpu_fwd(q_, k_, v_, bk, bv, idx, None, cu_seqlens.long(), ps, causal,
-                                                        float(scale), plen)
+                                                        float(scale), plen, pbias)
     return o.to(q.dtype), lse.float()

@@ -3,7 +3,9 @@
 //   S = scale * q . [s * bank_k[idx[b]] ; k_b]^T (masked -> -inf),  lse = logsumexp(S),  o = softmax(S) [s * bank_v ; v_b]
 //
 // With prefix_lengths (N,), sequence b sees only the first prefix_lengths[idx[b]] keys of its entry: the rest
-// of the prefix block is masked exactly like padded sequence keys (per-row visible-column counts).
+// of the prefix block is masked exactly like padded sequence keys (per-row visible-column counts). With
+// prefix_bias (N, P), prefix column j's logit gains bias[idx[b], j] (a constant: no gradient), in the forward
+// and in the backward's recomputed probabilities alike.
 // Layout: a tile is BM "rows" = (query position i, query head of one KV group) pairs, position-major, so
 // GQA reads each KV head once and never copies it per query head. Every matmul is an ATen brgemm tile
 // (oneDNN ukernel: AVX512-BF16 / AMX for bf16 with fp32 accumulation; oneDNN fp32 otherwise).
@@ -188,6 +190,7 @@ struct Problem {
   const bool* mask = nullptr;
   const A* ps = nullptr;
   const int64_t* plen = nullptr;  // (N,) real length of each bank entry, or null: all P
+  const A* pbias = nullptr;       // (N, P16) additive logit of each bank token (zero past P), or null
   const T* bank_k = nullptr;
   const T* bank_v = nullptr;
   View<const T> q, k, v;
@@ -197,6 +200,8 @@ struct Problem {
   int64_t rows(int64_t b) const { return lq(b) * g; }
   // Prefix keys sequence b sees: the real length of its bank entry (the rest of a right-padded entry is masked).
   int64_t prefix_len(int64_t b) const { return plen ? plen[idx[b]] : P; }
+  // The prefix logits' additive bias of sequence b's entry (P16 readable values), or null.
+  const A* prefix_bias(int64_t b) const { return pbias ? pbias + idx[b] * P16 : nullptr; }
   // Number of sequence keys visible to query position i (causal: bottom-right aligned).
   int64_t visible(int64_t b, int64_t i) const { return causal ? clamp(i + lk(b) - lq(b) + 1, 0, lk(b)) : lk(b); }
   // ... to every row of a tile ending before row r_end.
@@ -517,7 +522,7 @@ void forward_impl(const Problem<T>& pb, View<T> out, View<acc_t<T>> lse) {
       if (P) {
         gemm(Mg, P16, Dp, w.qt, Dp, ktb, P16, w.S, SL, false, vnni);
         for (int64_t r = 0; r < Mg; ++r) w.cnt[r] = r < m ? pb.prefix_len(b) : 0;
-        softmax_block(w.S, SL, Mg, P16, w.cnt, pb.scale, pb.ps ? w.s : nullptr, (const A*)nullptr, w.mx, w.l,
+        softmax_block(w.S, SL, Mg, P16, w.cnt, pb.scale, pb.ps ? w.s : nullptr, pb.prefix_bias(b), w.mx, w.l,
                       w.O, Dp, w.alpha);
         pt = a_rows(w.pt, w.S, Mg, Pp, SL);
         gemm(Mg, Dp, Pp, pt, SL, vnb, Dp, w.O, Dp, !fresh, vnni);
@@ -753,7 +758,8 @@ void backward_impl(const Problem<T>& pb, const Grad<T>& gr, T* dbank_k, T* dbank
           gemm(Mg, P16, Dp, w.dot, Dp, w.vtb, P16, w.dP, SL, false, vnni);
           if (dps) std::copy_n(w.S, Mg * SL, w.xraw);
           for (int64_t r = 0; r < Mg; ++r) w.cnt[r] = w.lim[r] < 0 ? 0 : pb.prefix_len(b);
-          bwd_probs(w.S, w.dP, SL, Mg, P16, w.cnt, pb.scale, pb.ps ? w.s : nullptr, (const A*)nullptr, w.lse, w.racc);
+          bwd_probs(w.S, w.dP, SL, Mg, P16, w.cnt, pb.scale, pb.ps ? w.s : nullptr, pb.prefix_bias(b), w.lse,
+                    w.racc);
         }
         for (int64_t c0 = 0; c0 < nkt; c0 += KB) {
           const int64_t nv = std::min(KB, nkt - c0), Nb = up(nv, 16), j = 1 + c0 / KB;
@@ -835,7 +841,7 @@ void backward_impl(const Problem<T>& pb, const Grad<T>& gr, T* dbank_k, T* dbank
 // Entry points.
 
 struct Inputs {
-  at::Tensor q, k, v, bank_k, bank_v, idx, mask, cu, ps, plen;
+  at::Tensor q, k, v, bank_k, bank_v, idx, mask, cu, ps, plen, pbias;
   bool causal;
   double scale;
 };
@@ -876,7 +882,7 @@ Inputs normalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  const c10::optional<at::Tensor>& bank_v, const c10::optional<at::Tensor>& idx,
                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cu,
                  const c10::optional<at::Tensor>& ps, bool causal, double scale,
-                 const c10::optional<at::Tensor>& plen) {
+                 const c10::optional<at::Tensor>& plen, const c10::optional<at::Tensor>& pbias) {
   check_cpu(q, "q");
   check_cpu(k, "k");
   check_cpu(v, "v");
@@ -950,6 +956,19 @@ Inputs normalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
              lo, ", max ", hi);
     if (P > 0) in.plen = pl;
   }
+  if (pbias.has_value()) {
+    const at::Tensor& pbt = *pbias;
+    check_cpu(pbt, "prefix_bias");
+    PA_CHECK(pbt.is_floating_point(), "prefix_bias must be floating point; got ", pbt.scalar_type());
+    PA_CHECK(pbt.dim() == 2 && pbt.size(0) == N && pbt.size(1) == P, "prefix_bias must be (N=", N, ", P=", P,
+             "); got shape ", pbt.sizes());
+    PA_CHECK(at::isfinite(pbt).all().item<bool>(), "prefix_bias values must be finite");
+    if (P > 0) {  // (N, P16) in the accumulation type, zero past P: the logits read whole 16-column vectors
+      const int64_t P16 = (P + 15) / 16 * 16;
+      in.pbias = at::zeros({N, P16}, pbt.options().dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
+      in.pbias.narrow(1, 0, P).copy_(pbt);
+    }
+  }
   if (ps.has_value()) {
     const at::Tensor& s = *ps;
     check_cpu(s, "prefix_scale");
@@ -1017,6 +1036,7 @@ Problem<T> problem(const Inputs& in) {
   }
   pb.Pp = up(pb.P, 2);
   pb.P16 = up(pb.P, 16);
+  if (in.pbias.defined()) pb.pbias = in.pbias.data_ptr<acc_t<T>>();  // rows of P16 values
   pb.SL = std::max(KB, pb.P16);
   pb.causal = in.causal;
   pb.scale = static_cast<acc_t<T>>(in.scale);
@@ -1032,8 +1052,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& bank_k, const c10::optional<at::Tensor>& bank_v,
                                 const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& mask,
                                 const c10::optional<at::Tensor>& cu, const c10::optional<at::Tensor>& ps, bool causal,
-                                double scale, const c10::optional<at::Tensor>& plen) {
-  const Inputs in = normalize(q, k, v, bank_k, bank_v, idx, mask, cu, ps, causal, scale, plen);
+                                double scale, const c10::optional<at::Tensor>& plen,
+                                const c10::optional<at::Tensor>& pbias) {
+  const Inputs in = normalize(q, k, v, bank_k, bank_v, idx, mask, cu, ps, causal, scale, plen, pbias);
   at::Tensor o = at::empty_like(in.q);
   const auto acc = in.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse = at::empty(in.q.sizes().slice(0, in.q.dim() - 1), in.q.options().dtype(acc));
@@ -1049,8 +1070,9 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
                                  const c10::optional<at::Tensor>& bank_v, const c10::optional<at::Tensor>& idx,
                                  const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& cu,
                                  const c10::optional<at::Tensor>& ps, const at::Tensor& lse, bool causal,
-                                 double scale, const c10::optional<at::Tensor>& plen) {
-  const Inputs in = normalize(q, k, v, bank_k, bank_v, idx, mask, cu, ps, causal, scale, plen);
+                                 double scale, const c10::optional<at::Tensor>& plen,
+                                const c10::optional<at::Tensor>& pbias) {
+  const Inputs in = normalize(q, k, v, bank_k, bank_v, idx, mask, cu, ps, causal, scale, plen, pbias);
   check_backward(dout, dlse, q, lse);
   const at::Tensor do_ = last_contiguous(dout.to(q.scalar_type()));
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
