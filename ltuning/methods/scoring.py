@@ -24,7 +24,10 @@ d = hidden size, layers of Hkv key/value heads of size D.
   attention over a set of blocks at equal positions is invariant to their order, so s_{b,k} does not depend on
   where label k sits in the bank (a sequential layout would put label 77 at distance ~600 and label 1 at ~8 and
   exceed BERT's 512 positions at K = 77). Cost: the matmuls of B x L tokens (the dominant term) do not grow with
-  K; attention over T = sum n_k bank tokens does (B x L x T per layer, ~600 bank tokens at K = 77).
+  K; attention over T = sum n_k bank tokens does (B x L x T per layer, ~800 bank tokens at K = 77 on SmolLM2).
+  Shared label tokens are merged where they are equal by construction (decoders, variant "kv": labels whose
+  texts start alike have equal K/V over their common first tokens): one token with logit + log(multiplicity)
+  attends exactly as its copies (``LTPrefix.dedup_index``; 802 -> 299 bank tokens on SmolLM2 BANKING77).
   (:class:`BilinearLabelHead`: a dual-encoder metric that starts as the correlation of the two states.)
   Trainable: the method's label-side generator (as in kpass) + A, C, tau. A label is added at inference by
   encoding its text (:meth:`ltuning.model.LTuningModel.add_labels`): its block joins the bank and its u_k the
@@ -182,18 +185,21 @@ def label_blocks(model):
 
 
 def label_bank(model):
-    """The one-pass bank, ``(keys, values, start)``: per-layer (1, Hkv, T, D) lists, the K label blocks of
-    :func:`label_blocks` without their padding (``pack_blocks``), ``start`` as there. lt-prefix builds it with
-    its ``packed_prefix()`` (the generator on the T = sum_k n_k real label tokens only, equal in value);
-    lt-prompt packs the blocks of :func:`label_blocks`."""
+    """The one-pass bank, ``(keys, values, start, bias)``: per-layer (1, Hkv, T, D) lists, the K label blocks of
+    :func:`label_blocks` without their padding (``pack_blocks``), ``start`` as there, ``bias`` (1, T) float32
+    kernel ``prefix_bias`` or None. lt-prefix builds it with its ``onepass_bank()``: the generator on the
+    T = sum_k n_k real label tokens only (``packed_prefix()``, equal in value), or, where label tokens are equal
+    by construction (variant "kv" on decoders: labels sharing their first tokens), on the U < T distinct ones with
+    bias log(multiplicity), which attends exactly as the T tokens (``LTPrefix.dedup_index``). lt-prompt packs the
+    blocks of :func:`label_blocks`."""
     m = model.method
-    if m.kind == "prefix" and hasattr(m, "packed_prefix"):
-        keys, values = m.packed_prefix()
+    if m.kind == "prefix" and hasattr(m, "onepass_bank"):
+        keys, values, bias = m.onepass_bank()
         l = m.label_mask.shape[1]  # = the P of label_blocks: the longest label text
-        return keys, values, (l if model.config.position_offset == "prefix" else None)
+        return keys, values, (l if model.config.position_offset == "prefix" else None), bias
     keys, values, lengths, start = label_blocks(model)
     keys, values = pack_blocks(keys, values, lengths)
-    return keys, values, start
+    return keys, values, start, None
 
 
 def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
@@ -203,9 +209,9 @@ def onepass_scores(model, input_ids, attention_mask) -> torch.Tensor:
     mask = attention_mask.to(dev).bool()
     model.method.begin_forward(input_ids, mask)
     # label-side only: built once per adapter state while inferring (LTuningModel.inference_cached)
-    pk, pv, start = model.inference_cached("onepass_bank", lambda: label_bank(model))
+    pk, pv, start, bias = model.inference_cached("onepass_bank", lambda: label_bank(model))
     kwargs = {"ltuning_prefix": PrefixInputs(pk, pv, torch.zeros(B, dtype=torch.long, device=dev), None,
-                                             model.config.backend, None)}
+                                             model.config.backend, None, bias)}
     if start is not None:
         kwargs["position_ids"] = torch.arange(L, device=dev)[None].expand(B, L) + start
     h = run_base(model, input_ids, mask, **kwargs)

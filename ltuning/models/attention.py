@@ -24,13 +24,15 @@ IMPL_NAME = "ltuning"
 class PrefixInputs:
     """The prefix for one forward: per-layer banks ``keys[l]``/``values[l]`` (N, Hkv, P, D), shared by all rows;
     ``index`` (B,) selects the entry of each row; ``scales[l]`` optional (B, P) per-row gates; ``backend``;
-    ``lengths`` optional (N,) real length of each entry of a right-padded bank (same for every layer)."""
+    ``lengths`` optional (N,) real length of each entry of a right-padded bank (same for every layer); ``bias``
+    optional (N, P) additive logit of each bank token (same for every layer; the kernels' ``prefix_bias``)."""
     keys: Sequence[torch.Tensor]
     values: Sequence[torch.Tensor]
     index: torch.Tensor
     scales: Optional[Sequence[Optional[torch.Tensor]]] = None
     backend: str = "auto"
     lengths: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
 
 
 class KVCapture:
@@ -75,7 +77,7 @@ def ltuning_attention_forward(module, query, key, value, attention_mask, scaling
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
     causal = bool(getattr(module, "is_causal", False))
-    bank_k = bank_v = idx = scale = lengths = None
+    bank_k = bank_v = idx = scale = lengths = bias = None
     backend = "auto"
     if ltuning_prefix is not None:
         layer = module.layer_idx
@@ -84,6 +86,7 @@ def ltuning_attention_forward(module, query, key, value, attention_mask, scaling
             scale = ltuning_prefix.scales[layer]
         backend = ltuning_prefix.backend
         lengths = ltuning_prefix.lengths
+        bias = ltuning_prefix.bias
         if bank_k is not None and bank_k.dtype != query.dtype:
             bank_k, bank_v = bank_k.to(query.dtype), bank_v.to(query.dtype)
     if key.dtype != query.dtype or value.dtype != query.dtype:  # autocast: rotary promotes q, k but not v
@@ -95,10 +98,12 @@ def ltuning_attention_forward(module, query, key, value, attention_mask, scaling
                              "per-sequence prefix gates")
         out = prefix_attention_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                                       ltuning_cu_seqlens, bank_k, bank_v, idx, causal=causal, prefix_scale=scale,
-                                      softmax_scale=scaling, prefix_lengths=lengths, backend=backend)
+                                      softmax_scale=scaling, prefix_lengths=lengths, prefix_bias=bias,
+                                      backend=backend)
         return out.unsqueeze(0), None  # (1, T, Hq, D)
     out = prefix_attention(query, key, value, bank_k, bank_v, idx, key_padding_mask=attention_mask, causal=causal,
-                           prefix_scale=scale, softmax_scale=scaling, prefix_lengths=lengths, backend=backend)
+                           prefix_scale=scale, softmax_scale=scaling, prefix_lengths=lengths, prefix_bias=bias,
+                           backend=backend)
     return out.transpose(1, 2), None
 
 

@@ -53,13 +53,15 @@ from ..models.packing import packed_last_hidden
 class Bank:
     """One adapter's bank as a mixed batch uses it: per-layer ``keys`` / ``values`` (N_a, Hkv, P_a, D),
     ``lengths`` (N_a,) real entry lengths, ``start`` (N_a,) first input position of a row of each entry,
-    ``rows`` per input (K_a for K-pass label-conditioned methods, else 1) and ``onepass`` (bilinear label head)."""
+    ``rows`` per input (K_a for K-pass label-conditioned methods, else 1), ``onepass`` (bilinear label head) and
+    ``bias`` optional (N_a, P_a) additive logits of its tokens (a merged one-pass bank: log multiplicities)."""
     keys: list
     values: list
     lengths: torch.Tensor
     start: torch.Tensor
     rows: int
     onepass: bool = False
+    bias: torch.Tensor | None = None
 
 
 def bank_of(model) -> Bank | None:
@@ -72,9 +74,9 @@ def bank_of(model) -> Bank | None:
     if mode == "shared-input":
         return None
     if mode == "onepass":
-        keys, values, start = scoring.label_bank(model)
+        keys, values, start, bias = scoring.label_bank(model)
         T = keys[0].shape[2]
-        return Bank(keys, values, torch.tensor([T]), torch.tensor([start or 0]), 1, onepass=True)
+        return Bank(keys, values, torch.tensor([T]), torch.tensor([start or 0]), 1, onepass=True, bias=bias)
     rows = scoring.rows_per_input(model)  # kpass here (onepass / shared-input handled above): K or 1
     if m.kind == "prefix":
         keys, values = m.prefix()
@@ -156,6 +158,10 @@ class SharedBank:
         lengths = torch.cat(lengths).long()
         self.lengths = None if bool((lengths == P).all()) else lengths.to(dev)
         self.start = torch.cat(start).long().to(dev)
+        self.bias = None  # (N, P) float32 prefix_bias when some member has one (zero for the others' tokens)
+        if any(b.bias is not None for _, b in banks):
+            self.bias = torch.cat([F.pad(b.bias.float(), (0, P - b.keys[0].shape[2])) if b.bias is not None
+                                   else torch.zeros(b.keys[0].shape[0], P) for _, b in banks]).to(dev)
         self.any_start = bool((self.start != 0).any())
         backends = {a.model.config.backend for a, _ in banks}
         self.backend = backends.pop() if len(backends) == 1 else "auto"
@@ -207,7 +213,7 @@ class SharedBank:
                 # as the adapter's own batches do (rounding them to bf16 moved APT rows by ~3 % of the scores)
                 scales = _MixedScales(R, self.P, gated, dev, torch.float32) if gated else None
                 kwargs = {"ltuning_prefix": PrefixInputs(self.keys, self.values, index, scales, self.backend,
-                                                         self.lengths)}
+                                                         self.lengths, self.bias)}
                 if self.any_start:
                     kwargs["position_ids"] = torch.arange(L, device=dev)[None] + self.start[index][:, None]
                 if self.pack and not bool(mask.all()):

@@ -12,9 +12,10 @@ import torch
 
 import ltuning
 from ltuning.models import PrefixInputs
-from ltuning.methods.scoring import BilinearLabelHead
+from ltuning.methods.scoring import BilinearLabelHead, label_bank
 
 from method_helpers import tiny_base
+from conftest import shared_data
 from testutil import rel_err
 
 TEXTS3 = ["The sentiment is negative.", "The sentiment of the text is clearly positive.", "Neutral."]
@@ -118,7 +119,7 @@ def test_packed_prefix_equals_packed_padded_prefix(tiny, variant, request):
     ``pack_blocks`` of the padded per-label ``prefix()``: label texts of unequal token counts, random generator
     weights, float64; every (1, Hkv, T, D) bank tensor in value and the gradient of a random weighted sum of them
     w.r.t. every trainable of the method ("published" mixes positions: it falls back to that very expression)."""
-    from ltuning.methods.scoring import label_bank, pack_blocks
+    from ltuning.methods.scoring import pack_blocks
     base, tok = tiny
     seed = seed_of(request)
     m = build(base, tok, "lt-prefix", "onepass", seed, variant=variant)
@@ -144,9 +145,67 @@ def test_packed_prefix_equals_packed_padded_prefix(tiny, variant, request):
         for name, a, b in zip([n for n, p in meth.named_parameters() if p.requires_grad], grad_of(got), grad_of(ref)):
             assert b is not None and b.abs().sum() > 0, name  # every generator parameter gets a gradient
             assert a is not None and rel_err(a, b) < 1e-12, (name, rel_err(a, b))
-        keys, _, start = label_bank(m)  # what onepass_scores hands the kernel
-        assert all(torch.equal(a, b) for a, b in zip(keys, meth.packed_prefix()[0]))
+        keys, _, start, bias = label_bank(m)  # what onepass_scores hands the kernel
+        if meth.dedup_index() is None:  # else the merged bank: test_dedup_bank_is_exact
+            assert bias is None and all(torch.equal(a, b) for a, b in zip(keys, meth.packed_prefix()[0]))
         assert start == (max(lengths.tolist()) if m.config.position_offset == "prefix" else None)
+    finally:
+        ltuning.unpatch(m)
+
+
+def test_dedup_bank_is_exact(smollm, request):
+    """Decoder, variant "kv": label texts that start alike share bank tokens. The merged bank (distinct tokens,
+    prefix_bias = log multiplicity) gives the scores and every trainable's gradient of the full T-token bank
+    (float64, relative 1e-10), on the C++ kernel and the reference; the trie is what the texts say (TEXTS3: "The
+    sentiment" shared by two labels -> 2 tokens merged)."""
+    base, tok = tiny_base("decoder", smollm[1]).double(), smollm[1]
+    seed = seed_of(request)
+    m = build(base, tok, "lt-prefix", "onepass", seed)
+    try:
+        meth = m.method
+        assert m.config.variant == "kv"
+        idx, counts = meth.dedup_index()
+        lens = meth.label_mask.sum(-1)
+        ids3 = [tok(t)["input_ids"] for t in TEXTS3]
+        shared = next(i for i, (a, b) in enumerate(zip(ids3[0], ids3[1])) if a != b)  # common first tokens
+        assert shared >= 1 and idx.numel() == int(lens.sum()) - shared and int(counts.sum()) == int(lens.sum())
+        assert sorted(counts.tolist())[-shared:] == [2] * shared
+        keys, values, _, bias = label_bank(m)
+        assert keys[0].shape[2] == idx.numel() and torch.equal(bias, counts.double().log()[None])
+        ids, mask = inputs(tok)
+        for backend in ("cpu", "reference"):
+            m.config.backend = backend
+            meth.dedup_bank = True
+            s = m(ids, mask)
+            w = torch.randn(s.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=s.dtype)
+            g = grads(m, s, w)
+            meth.dedup_bank = False
+            assert meth.dedup_index() is None
+            s_full = m(ids, mask)
+            g_full = grads(m, s_full, w)
+            assert rel_err(s, s_full) < 1e-10, (backend, rel_err(s, s_full))
+            for a, b in zip(g, g_full):
+                assert rel_err(a, b) < 1e-9, (backend, rel_err(a, b))
+    finally:
+        ltuning.unpatch(m)
+
+
+def test_dedup_bank_on_banking77_label_texts(smollm):
+    """BANKING77's 77 default label texts ("The label of the text is <intent>.") on the SmolLM2 tokenizer: 802
+    real bank tokens, 299 distinct prefixes (the trie of the texts), each label still seeing its own n_k tokens."""
+    tok = smollm[1]
+    with open(os.path.join(shared_data("banking77"), "dev.jsonl")) as f:
+        names = sorted({json.loads(line)["label"] for line in f})
+    base = tiny_base("decoder", tok).double()
+    texts = [ltuning.data.default_label_text(n) for n in names]  # what the CLI passes
+    m = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=names, label_texts=texts,
+                                                scoring="onepass"), tok)
+    try:
+        idx, counts = m.method.dedup_index()
+        ids = [tuple(tok(t)["input_ids"]) for t in texts]
+        trie = {t[:j] for t in ids for j in range(1, len(t) + 1)}
+        assert int(counts.sum()) == sum(map(len, ids)) and idx.numel() == len(trie) < sum(map(len, ids))
+        print(f"banking77 bank tokens {sum(map(len, ids))} -> {idx.numel()} distinct")
     finally:
         ltuning.unpatch(m)
 
