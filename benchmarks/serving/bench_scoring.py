@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 from common import DATA, RESULTS, ROOT  # noqa: E402
 TASKS = {2: "sst2", 3: "snli", 77: "banking77"}
-CONFIGS = ["kpass", "onepass", "shared-input", "lora"]
+CONFIGS = ["kpass", "onepass", "shared-input", "lora"]  # also "onepass-unmerged" (merge_label_tokens=False)
 KPASS77 = {"steps": 1, "classify": 16}
 
 
@@ -75,6 +75,9 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
     torch.manual_seed(0)
     if config == "lora":
         cfg = ltuning.make_config("lora", label_names=names)
+    elif config == "onepass-unmerged":  # the one-pass bank without merging shared label tokens (to compare)
+        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring="onepass",
+                                  merge_label_tokens=False)
     else:
         cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring=config)
     model = ltuning.patch(base, cfg, tok)
@@ -106,7 +109,14 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
             "classify_examples_per_s": len(cls_ids) / cls_s, "mean_input_tokens": float(mask.sum(1).float().mean()),
             "rss_after_load_mb": rss_load, "peak_rss_mb": rss_mb(),
             "label_tokens": None if config == "lora" else int(model.method.label_mask.sum()),
+            "bank_tokens": bank_tokens(model) if config.startswith("onepass") else None,
             "threads": torch.get_num_threads()}
+
+
+def bank_tokens(model) -> int:
+    """Tokens of the one-pass bank the kernels read: the distinct label tokens when they are merged."""
+    merged = model.method.dedup_index()
+    return int(model.method.label_mask.sum()) if merged is None else int(merged[0].numel())
 
 
 def machine() -> dict:

@@ -20,7 +20,7 @@ Semantics (shared by the C++ kernel, the Triton kernels and the SDPA fallback)::
                                      differentiated): S gains bias[idx[b], j] on prefix column j. A deduplicated
                                      bank puts log m_j there: m identical (key, value) tokens attend exactly as
                                      one token whose logit is raised by log m (one-pass label banks,
-                                     :func:`ltuning.methods.scoring.dedup_bank`)
+                                     :meth:`ltuning.methods.lt.LTPrefix.dedup_index`)
     softmax_scale float              default 1 / sqrt(D)
 
     S   = softmax_scale * q @ [s * bank_k[idx[b]] ; k_b]^T (+ prefix_bias[idx[b]] on the prefix columns)

@@ -75,17 +75,21 @@ class LTConfig(MethodConfig):
 
 @dataclass
 class LTPrefixConfig(LTConfig):
-    cli_help: ClassVar[dict] = {**LTConfig.cli_help, 'variant': 'lt-prefix reading: kv (the label texts\' own K/V; default on decoders), pooling (default on encoders) or published (the released code\'s)', 'mask_label_padding': 'lt-prefix: hide the padding of label texts of unequal token counts from attention'}
+    cli_help: ClassVar[dict] = {**LTConfig.cli_help, 'variant': 'lt-prefix reading: kv (the label texts\' own K/V; default on decoders), pooling (default on encoders) or published (the released code\'s)', 'mask_label_padding': 'lt-prefix: hide the padding of label texts of unequal token counts from attention', 'merge_label_tokens': 'lt-prefix onepass on decoders (variant kv): merge the label tokens that label texts share (exact; off only to compare)'}
     """``variant``: "kv", "pooling" or "published"; None picks by family ("kv" for decoders, "pooling" for
     encoders, as measured). ``position_offset`` None: "prefix" for "kv" (the input continues after the label
     text), else "zero". Both are resolved into the config when the method is built (the adapter records them).
     ``mask_label_padding``: label texts of unequal token counts are right-padded to one length l; attention then
     sees only each label's real tokens (per-entry prefix lengths in the kernels) and, with position_offset
     "prefix", the input's positions start right after its own label text. Adapters saved before the option
-    existed load with False (the pad positions stay visible, as they were trained)."""
+    existed load with False (the pad positions stay visible, as they were trained). ``merge_label_tokens``
+    (one-pass scoring, variant "kv" on decoders): the bank keeps each distinct label-text prefix token once, with
+    logit + log(multiplicity) (:meth:`LTPrefix.dedup_index`); exact, so it is on for every adapter, old ones too;
+    False only to measure what it saves."""
     variant: Optional[str] = None
     position_offset: Optional[str] = None
     mask_label_padding: bool = True
+    merge_label_tokens: bool = True
     legacy_defaults: ClassVar[dict] = {"mask_label_padding": False}
 
 
@@ -214,12 +218,10 @@ class LTPrefix(LabelConditioned):
         kv = z.unbind(0)  # one unbind: its backward stacks the layers' gradients once
         return list(kv[0::2]), list(kv[1::2])
 
-    dedup_bank = True  # onepass_bank merges label tokens whose K/V are equal by construction (dedup_index)
-
     def dedup_index(self):
         """``(index, counts)`` of the one-pass bank's DISTINCT label tokens: (U,) flat indices into the K x l label
         positions (first occurrence, in label order) and (U,) how many label blocks hold each; None when nothing
-        can be merged (``dedup_bank`` off, variant other than "kv", an encoder, no shared tokens).
+        can be merged (``config.merge_label_tokens`` off, variant other than "kv", an encoder, no shared tokens).
 
         Why merging is exact: on a causal model with variant "kv" the bank token t of label k is the frozen model's
         K/V at position t given the label text's tokens 0..t, then the per-layer maps (token-wise). Two labels whose
@@ -230,7 +232,7 @@ class LTPrefix(LabelConditioned):
         token's gradient is the sum of the copies' gradients, so the scores and every gradient are unchanged. On an
         encoder every label token sees its whole text, and "pooling" / "published" re-weight tokens per label:
         nothing is merged there. A constant of the label cache, worked out once per cache."""
-        if not (self.dedup_bank and self.config.variant == "kv" and self.info.causal
+        if not (getattr(self.config, "merge_label_tokens", True) and self.config.variant == "kv" and self.info.causal
                 and self.config.mask_label_padding):
             return None
         m, e = self.label_mask, self.label_embeds

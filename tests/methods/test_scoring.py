@@ -175,11 +175,11 @@ def test_dedup_bank_is_exact(smollm, request):
         ids, mask = inputs(tok)
         for backend in ("cpu", "reference"):
             m.config.backend = backend
-            meth.dedup_bank = True
+            m.config.merge_label_tokens = True
             s = m(ids, mask)
             w = torch.randn(s.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=s.dtype)
             g = grads(m, s, w)
-            meth.dedup_bank = False
+            m.config.merge_label_tokens = False
             assert meth.dedup_index() is None
             s_full = m(ids, mask)
             g_full = grads(m, s_full, w)
