@@ -7,6 +7,7 @@ shows up as a NaN in the checked results. Shapes are tiny and the interpreter us
 query head) rows, so with GQA shorter queries cross them too. The GQA tests force the launcher's ``pack_gqa``
 decision (fixture ``pack``) so both code paths -- one program per query head, and packed rows -- are checked.
 """
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ pytest.importorskip("triton")
 from testutil import rel_err  # noqa: E402
 from ltuning.kernels import prefix_attention, prefix_attention_reference, prefix_attention_varlen_reference  # noqa: E402
 from ltuning.kernels.triton import prefix_attention as tpa  # noqa: E402
+from ltuning.kernels.validation import KernelInputError  # noqa: E402
 
 if not tpa.is_available():
     pytest.skip("triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -104,18 +106,20 @@ def compare(tri, ref, inputs, dtype, seed):
     ro, rl, rg = grads(ref, [t.double() if t is not None and t.is_floating_point() else t for t in inputs], seed)
     fwd_tol, grad_tol = TOL[dtype]
     assert to.dtype == dtype and tl_.dtype == torch.float32
-    check("o", to, ro, fwd_tol)
-    assert torch.equal(torch.isinf(tl_), torch.isinf(rl)), "lse = -inf exactly on rows that see no key"
+    check(f"o (seed {seed})", to, ro, fwd_tol)
+    assert torch.equal(torch.isinf(tl_), torch.isinf(rl)), f"lse = -inf exactly on rows that see no key (seed {seed})"
     fin = torch.isfinite(rl)
-    check("lse", tl_[fin], rl[fin], fwd_tol)
+    check(f"lse (seed {seed})", tl_[fin], rl[fin], fwd_tol)
     for name, a, b in zip(("dq", "dk", "dv", "dbank_k", "dbank_v", "dprefix_scale"), tg, rg):
         if b is not None:
-            check(name, a, b, grad_tol)
+            check(f"{name} (seed {seed})", a, b, grad_tol)
 
 
-def run_dense(case, causal, dtype, seed, softmax_scale=None, prefix_lengths=None):
+def run_dense(case, causal, dtype, seed, softmax_scale=None, prefix_lengths=None, prefix_bias=None):
     q, k, v, bk, bv, idx, mask, sc = case
     kw = dict(key_padding_mask=mask, causal=causal, softmax_scale=softmax_scale, prefix_lengths=prefix_lengths)
+    if prefix_bias is not None:
+        kw["prefix_bias"] = prefix_bias
 
     def tri(q, k, v, bk, bv, sc):
         return tpa.prefix_attention_triton(q, k, v, bk, bv, idx, prefix_scale=sc, **kw)
@@ -247,9 +251,9 @@ PLEN = [0, 19, 6, 17]
 PLEN_IDX = [0, 1, 2, 3, 2]
 
 
-def plen_case(seed, dtype=torch.float32, scale=True, lengths_dtype=torch.int64):
-    case = list(make_case(seed, dtype=dtype, scale=scale, **PLEN_SHAPE))
-    case[5] = torch.tensor(PLEN_IDX, device=DEV)
+def plen_case(seed, dtype=torch.float32, scale=True, lengths_dtype=torch.int64, **shape):
+    case = list(make_case(seed, dtype=dtype, scale=scale, **{**PLEN_SHAPE, **shape}))
+    case[5] = torch.tensor(PLEN_IDX[:case[0].shape[0]], device=DEV)
     return tuple(case), torch.tensor(PLEN, device=DEV, dtype=lengths_dtype)
 
 
@@ -337,6 +341,123 @@ def test_prefix_lengths_validation():
             tpa.prefix_attention_triton(q, k, v, bk, bv, idx, prefix_lengths=bad)
 
 
+def bias_values(seed, N, P, dtype=torch.float32):
+    """A random finite prefix bias (N, P): log multiplicities log(1..5) (dedup banks), and ~1/3 negative logits."""
+    g = torch.Generator().manual_seed(seed + 2)
+    mult = torch.randint(1, 6, (N, P), generator=g).double().log()
+    neg = -3.0 * torch.rand(N, P, generator=g, dtype=torch.float64)
+    return torch.where(torch.rand(N, P, generator=g) < 0.35, neg, mult).to(DEV, dtype)
+
+
+# prefix_bias over the right-padded banks of the prefix_lengths tests (entry 0: length 0 under a nonzero bias,
+# used by rows that see no key at all), GQA 9/3 or 4/2; the float64 bias case checks the cast to float32
+@pytest.mark.parametrize("shape,scale,causal,pack,bias_dtype", [
+    (dict(Hq=9, Hkv=3, Lq=7, Lk=10), True, False, False, torch.float32),
+    (dict(Hq=9, Hkv=3, Lq=7, Lk=10, B=3), False, True, True, torch.float64),
+    (dict(), False, True, False, torch.float32),
+], ids=["gqa3-scale-full-rows", "gqa3-causal-packed-f64bias", "gqa2-causal-rows"], indirect=["pack"])
+def test_prefix_bias_dense_fp32(shape, scale, causal, pack, bias_dtype):
+    seed = 80 + 2 * causal + scale + 4 * pack
+    case, lengths = plen_case(seed, scale=scale, **shape)
+    run_dense(case, causal, torch.float32, seed, prefix_lengths=lengths,
+              prefix_bias=bias_values(seed, len(PLEN), PLEN_SHAPE["P"], bias_dtype))
+
+
+def test_prefix_bias_dense_fp16():
+    case, lengths = plen_case(87, dtype=torch.float16)
+    run_dense(case, True, torch.float16, 87, prefix_lengths=lengths,
+              prefix_bias=bias_values(87, len(PLEN), PLEN_SHAPE["P"]))
+
+
+@pytest.mark.parametrize("causal,pack", [(False, False), (True, True)], ids=["full-rows", "causal-packed"],
+                         indirect=["pack"])
+def test_prefix_bias_varlen(causal, pack):
+    """Packed sequences (GQA 9/3) over a right-padded bank (P = 21; lengths 21, 0, 9) with a prefix bias and
+    prefix scale: o, lse and every gradient, prefix scale's included."""
+    seed = 90 + causal
+    g = torch.Generator().manual_seed(seed)
+    lens = [5, 0, 17, 1, 9]
+    B, Hq, Hkv, D, P, N, T = len(lens), 9, 3, 16, 21, 3, sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
+    q, k, v = (torch.randn(T, h, D, generator=g).to(DEV) for h in (Hq, Hkv, Hkv))
+    bk, bv = (torch.randn(N, Hkv, P, D, generator=g).to(DEV) for _ in range(2))
+    idx = torch.tensor([1, 0, 2, 1, 0], device=DEV)
+    lengths = torch.tensor([21, 0, 9], device=DEV)
+    sc = (torch.rand(B, P, generator=g) + 0.5).to(DEV)
+    bias = bias_values(seed, N, P)
+    kw = dict(causal=causal, prefix_lengths=lengths, prefix_bias=bias)
+
+    def tri(q, k, v, bk, bv, sc):
+        return tpa.prefix_attention_varlen_triton(q, k, v, cu, bk, bv, idx, prefix_scale=sc, max_seqlen=max(lens),
+                                                  **kw)
+
+    def ref(q, k, v, bk, bv, sc):
+        return prefix_attention_varlen_reference(q, k, v, cu, bk, bv, idx, prefix_scale=sc,
+                                                 compute_dtype=torch.float64, **kw)
+
+    compare(tri, ref, [q, k, v, bk, bv, sc], torch.float32, seed)
+
+
+def test_prefix_bias_is_token_multiplicity():
+    """Dedup identity: a bank token that appears twice attends exactly as one copy with bias + log 2 -- o, lse,
+    dq, dk, dv equal, and the merged token's d(bank) is the sum of its two copies'. Entry 0 repeats token 1 at
+    position 4; entry 1 (length 4 of 6) repeats token 0 at position 2. A zero bias is the no-bias result bitwise,
+    and a bias that requires grad is a constant (no gradient)."""
+    seed = 95
+    q, k, v, bk, bv, _, mask, _ = make_case(seed, B=3, Hq=4, Hkv=2, Lq=7, Lk=9, P=6, N=2, scale=False)
+    idx = torch.tensor([0, 1, 0], device=DEV)
+    bk[0, :, 4], bv[0, :, 4] = bk[0, :, 1], bv[0, :, 1]
+    bk[1, :, 2], bv[1, :, 2] = bk[1, :, 0], bv[1, :, 0]
+    bias = bias_values(seed, 2, 6)
+    bias[0, 4], bias[1, 2] = bias[0, 1], bias[1, 0]  # copies of one token carry the same logit
+    keep = [[0, 1, 2, 3, 5], [0, 1, 3, 4, 5]]  # the dedup bank (P = 5): second copies dropped
+    dk_, dv_ = (torch.stack([t[e][:, keep[e]] for e in range(2)]) for t in (bk, bv))
+    dbias = torch.stack([bias[e, keep[e]] for e in range(2)])
+    dbias[0, 1] += math.log(2)
+    dbias[1, 0] += math.log(2)
+    dbias.requires_grad_(True)
+
+    def run(bank_k, bank_v, lengths, b):
+        def fn(q, k, v, bk, bv):
+            return tpa.prefix_attention_triton(q, k, v, bk, bv, idx, key_padding_mask=mask, causal=True,
+                                               prefix_lengths=lengths, prefix_bias=b)
+        return grads(fn, [q, k, v, bank_k, bank_v], seed)
+
+    o, lse, g = run(bk, bv, torch.tensor([6, 4], device=DEV), bias)
+    o2, lse2, g2 = run(dk_, dv_, torch.tensor([5, 3], device=DEV), dbias)
+    check("o", o2, o, 1e-5)
+    check("lse", lse2, lse, 1e-5)
+    for name, a, b in zip(("dq", "dk", "dv"), g2, g):
+        check(name, a, b, 1e-5)
+    for name, a, b in zip(("dbank_k", "dbank_v"), g2[3:], g[3:]):
+        want = torch.stack([b[e][:, keep[e]] for e in range(2)])
+        want[0, :, 1] += b[0, :, 4]
+        want[1, :, 0] += b[1, :, 2]
+        check(name, a, want, 1e-5)
+    o3, _ = tpa.prefix_attention_triton(q, k, v, dk_, dv_, idx, prefix_bias=dbias)
+    assert not o3.requires_grad, "prefix_bias must be a constant (no gradient)"
+
+    zero = run(bk, bv, None, torch.zeros(2, 6, device=DEV))
+    none = run(bk, bv, None, None)
+    for a, b in zip((*zero[:2], *zero[2]), (*none[:2], *none[2])):
+        assert torch.equal(a, b), "a zero prefix_bias changed a result"
+
+
+def test_prefix_bias_validation():
+    (q, k, v, bk, bv, idx, mask, sc), lengths = plen_case(96)
+    N, P = bk.shape[0], bk.shape[2]
+    good = torch.zeros(N, P, device=DEV)
+    nonfinite = good.clone()
+    nonfinite[1, 3] = float("-inf")
+    cu = torch.tensor([0, 3, 3, 8, 9, 9], device=DEV, dtype=torch.int32)
+    qp, kp, vp = (t[0, :, :9].transpose(0, 1) for t in (q, k, v))  # packed (T = 9, H, D)
+    for bad in (good[:-1], good[:, :-1], good[0], good[None], good.long(), nonfinite):
+        with pytest.raises(KernelInputError, match="prefix_bias"):
+            tpa.prefix_attention_triton(q, k, v, bk, bv, idx, prefix_lengths=lengths, prefix_bias=bad)
+        with pytest.raises(KernelInputError, match="prefix_bias"):
+            tpa.prefix_attention_varlen_triton(qp, kp, vp, cu, bk, bv, idx, prefix_bias=bad)
+
+
 def test_bank_grad_split_is_deterministic(monkeypatch):
     """Prefix dK/dV split over 3 chunks of each entry's sequences: exact and bitwise reproducible."""
     monkeypatch.setattr(tpa, "prefix_splits", lambda *a: 3)
@@ -410,9 +531,9 @@ def test_kernels_compile_for_sm80_sm90():
         from ltuning.kernels.triton import bwd as bw, fwd as fw
 
         flags = dict(GROUP=4, HEAD_DIM=128, D_PAD=128, HAS_PREFIX=True, HAS_KPM=True, HAS_SCALE=True,
-                     CAUSAL=True, IS_VARLEN=False, HAS_DLSE=True, HAS_PLEN=True, DOT_PREC="tf32")
-        ptr = dict(IDX="*i64", PLEN="*i32", KPM="*u8", SCALE="*fp32", CU="*i32", LSE="*fp32", DELTA="*fp32",
-                   DLSE="*fp32", PERM="*i32", SEG="*i32", DBK="*fp32", DBV="*fp32", DSC="*fp32")
+                     CAUSAL=True, IS_VARLEN=False, HAS_DLSE=True, HAS_PLEN=True, HAS_PBIAS=True, DOT_PREC="tf32")
+        ptr = dict(IDX="*i64", PLEN="*i32", PBIAS="*fp32", KPM="*u8", SCALE="*fp32", CU="*i32", LSE="*fp32",
+                   DELTA="*fp32", DLSE="*fp32", PERM="*i32", SEG="*i32", DBK="*fp32", DBV="*fp32", DSC="*fp32")
         ints = ("P", "SPLIT", "LEN_BUCKET")
         for kern, bm, bn, warps in [(fw.fwd_kernel, 128, 64, 8), (bw.dq_kernel, 128, 64, 8),
                                     (bw.dkdv_seq_kernel, 64, 128, 8), (bw.dkdv_prefix_kernel, 64, 64, 4),

@@ -1,11 +1,14 @@
 """Backward Triton kernels of shared-prefix attention (FlashAttention-2 structure, deterministic, no atomics).
 
-With ``R = softmax_scale * q k^T``, scores ``S_ij = s_j R_ij``, ``P = softmax(S)`` (recomputed from the saved
-lse), ``E = dO v^T`` and ``Delta_i = rowsum(dO_i * O_i) - dlse_i``::
+With ``R = softmax_scale * q k^T``, scores ``S_ij = s_j R_ij (+ prefix_bias_j)``, ``P = softmax(S)`` (recomputed
+from the saved lse, bias included), ``E = dO v^T`` and ``Delta_i = rowsum(dO_i * O_i) - dlse_i``::
 
     dS = P * (s_j E - Delta)             dq_i = softmax_scale * sum_j dS_ij s_j k_j
     dk_j = softmax_scale * s_j * sum_i dS_ij q_i       dv_j = s_j * sum_i P_ij dO_i
     ds_j = sum_i (dS_ij R_ij + P_ij E_ij)               (prefix keys only; s_j = 1 elsewhere)
+
+The bias (constexpr ``HAS_PBIAS``, prefix keys only) is a constant: it changes P and nothing else, and gets no
+gradient.
 
 Kernels: ``preprocess_kernel`` (Delta, a program per query head and block of positions), ``dq_kernel`` (the
 forward's tiling, same ``PACK_GQA`` decision: a program per (sequence, query head, block of positions), or with
@@ -22,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (key_scale, load_lse2, load_rows, load_tile, mask_scores, packed_rows, prefix_len, seq_bounds,
-                     seq_key_range, store_rows, store_tile)
+from .common import (key_bias2, key_scale, load_lse2, load_rows, load_tile, mask_scores, packed_rows, prefix_len,
+                     seq_bounds, seq_key_range, store_rows, store_tile)
 from .configs import autotune
 
 
@@ -48,12 +51,14 @@ def preprocess_kernel(O, DO, DLSE, CU, DELTA, s_ob, s_oh, s_om, s_od, s_db, s_dh
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, SC, s_sc,
+def _dq_tiles(dq, q, do, lse2, delta, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, SC, s_sc, PB,
               lo, hi, n_keys, pos, shift, qk_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr,
-              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+              HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     """``dq += dS @ (s k)`` (unscaled by softmax_scale) over key blocks ``[lo, hi)`` of one key source; ``pos``
-    is the query position of each row (causal mask)."""
+    is the query position of each row (causal mask). ``HAS_BIAS``: key column ``j`` gains ``PB[j] * log2 e``
+    (P is recomputed with the bias the forward's lse includes)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(K, offs_n, n_keys, s_kn, s_kd, HEAD_DIM, D_PAD).to(q.dtype)
@@ -66,6 +71,8 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, S
             dp = dp * sc[None, :]
         else:
             s = s * qk_scale
+        if HAS_BIAS:
+            s = s + key_bias2(PB, offs_n, n_keys)[None, :]
         s = mask_scores(s, pos, offs_n, n_keys, shift, KPM, s_mn, MASKED, CAUSAL, HAS_KPM)
         ds = tl.math.exp2(s - lse2[:, None]) * (dp - delta[:, None])
         if HAS_SCALE:
@@ -77,15 +84,15 @@ def _dq_tiles(dq, q, do, lse2, delta, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, S
 @autotune("dq")
 @triton.jit
 def dq_kernel(
-    Q, K, V, BANK_K, BANK_V, IDX, PLEN, KPM, SCALE, CU, DO, LSE, DELTA, DQ,
+    Q, K, V, BANK_K, BANK_V, IDX, PLEN, PBIAS, KPM, SCALE, CU, DO, LSE, DELTA, DQ,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_bkn, s_bkh, s_bkp, s_bkd, s_bvn, s_bvh, s_bvp, s_bvd, s_mb, s_mn, s_sb, s_sp,
     s_db, s_dh, s_dm, s_dd, s_lb, s_lh, s_lm, s_gb, s_gh, s_gm, s_gd,
     Hgrid, Lq, Lk, P, sm_scale, qk_scale, LEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_PLEN: tl.constexpr, DOT_PREC: tl.constexpr, PACK_GQA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_PLEN: tl.constexpr, HAS_PBIAS: tl.constexpr, DOT_PREC: tl.constexpr, PACK_GQA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq of one tile; same tiles (``PACK_GQA``: packed rows of (sequence b, KV head hk), grid
     ``(B * Hkv, cdiv(Lq * GROUP, BLOCK_M))``; otherwise positions of (sequence b, query head h), grid
@@ -138,17 +145,17 @@ def dq_kernel(
             sc = SCALE + b64 * s_sb
             n_pre = prefix_len(PLEN, e, P, HAS_PLEN)
             dq = _dq_tiles(dq, q, do, lse2, delta, bk, bv, s_bkp, s_bkd, s_bvp, s_bvd, KPM, s_mn, sc, s_sp,
-                           0, n_pre, n_pre, pos, shift, qk_scale, True, False, False, HAS_SCALE,
-                           HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
+                           PBIAS + e * P, 0, n_pre, n_pre, pos, shift, qk_scale, True, False, False, HAS_SCALE,
+                           HAS_PBIAS, HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
         full, hi = seq_key_range(start_m, Lk_b, shift, GROUP if PACK_GQA else 1, BLOCK_M, BLOCK_N, CAUSAL)
         kk = K + b64 * s_kb + hk * s_kh + row0 * s_kn
         vv = V + b64 * s_vb + hk * s_vh + row0 * s_vn
         kpm = KPM + b64 * s_mb
-        dq = _dq_tiles(dq, q, do, lse2, delta, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp,
-                       0, full, Lk_b, pos, shift, qk_scale, False, CAUSAL, HAS_KPM, False,
+        dq = _dq_tiles(dq, q, do, lse2, delta, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp, PBIAS,
+                       0, full, Lk_b, pos, shift, qk_scale, False, CAUSAL, HAS_KPM, False, False,
                        HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
-        dq = _dq_tiles(dq, q, do, lse2, delta, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp,
-                       full, hi, Lk_b, pos, shift, qk_scale, True, CAUSAL, HAS_KPM, False,
+        dq = _dq_tiles(dq, q, do, lse2, delta, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp, PBIAS,
+                       full, hi, Lk_b, pos, shift, qk_scale, True, CAUSAL, HAS_KPM, False, False,
                        HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
         if PACK_GQA:
             store_tile(DQ + b64 * s_gb + h * s_gh + row0 * s_gm, dq * sm_scale, g * s_gh + pos * s_gm, live, s_gd,
@@ -236,13 +243,13 @@ def dkdv_seq_kernel(
 @autotune("dkdv")
 @triton.jit
 def dkdv_prefix_kernel(
-    Q, BANK_K, BANK_V, PLEN, SCALE, CU, DO, LSE, DELTA, PERM, SEG, DBK, DBV, DSC,
+    Q, BANK_K, BANK_V, PLEN, PBIAS, SCALE, CU, DO, LSE, DELTA, PERM, SEG, DBK, DBV, DSC,
     s_qb, s_qh, s_qm, s_qd, s_bkn, s_bkh, s_bkp, s_bkd, s_bvn, s_bvh, s_bvp, s_bvd, s_sb, s_sp,
     s_db, s_dh, s_dm, s_dd, s_lb, s_lh, s_lm, s_gs, s_gn, s_gh, s_gp, s_gd, s_cb, s_ch, s_cp,
     Hkv, Lq, P, SPLIT, sm_scale, qk_scale, LEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_SCALE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_PLEN: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_PBIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Partial d(bank) of one (entry, KV head, prefix key block) over split ``pid 2`` of the entry's sequences.
 
@@ -250,7 +257,9 @@ def dkdv_prefix_kernel(
     takes the ``t``-th of ``SPLIT`` equal chunks. Writes ``DBK/DBV[t, e, hk, keys]`` (fp32, zero for empty
     chunks) and ``DSC[b, hk, keys]`` for each of its sequences ``b``. The prefix is visible to every query, up to
     the entry's length ``n_pre`` with ``HAS_PLEN``: columns ``>= n_pre`` get zero probability, hence exactly zero
-    dk, dv, ds (still stored), and a block entirely past ``n_pre`` skips the query loop.
+    dk, dv, ds (still stored), and a block entirely past ``n_pre`` skips the query loop. ``HAS_PBIAS``: key
+    ``j`` of the entry gains the logit ``PBIAS[e * P + j]`` (log2 units ``* log2 e``) in the recomputed P; the
+    bias is a constant, so dS, dk, dv and ds keep their form.
     """
     e = tl.program_id(0) // Hkv
     hk = tl.program_id(0) % Hkv
@@ -269,6 +278,8 @@ def dkdv_prefix_kernel(
     v = v.to(Q.dtype.element_ty)
     if HAS_PLEN:
         live = offs_n < n_pre
+    if HAS_PBIAS:
+        pb2 = key_bias2(PBIAS + e64 * P, offs_n, n_pre)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     for t in range(lo, hi):
@@ -295,17 +306,20 @@ def dkdv_prefix_kernel(
                 rt = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
                 et = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
                 if HAS_SCALE:
-                    pt = tl.math.exp2(rt * (qk_scale * sc)[:, None] - lse2[None, :])
-                    if HAS_PLEN:
-                        pt = tl.where(live[:, None], pt, 0.0)
+                    st = rt * (qk_scale * sc)[:, None]
+                else:
+                    st = rt * qk_scale
+                if HAS_PBIAS:
+                    st = st + pb2[:, None]
+                pt = tl.math.exp2(st - lse2[None, :])
+                if HAS_PLEN:
+                    pt = tl.where(live[:, None], pt, 0.0)
+                if HAS_SCALE:
                     dst = pt * (et * sc[:, None] - delta[None, :])
                     dsc += tl.sum(dst * rt * sm_scale + pt * et, 1)
                     pt = pt * sc[:, None]
                     dst = dst * sc[:, None]
                 else:
-                    pt = tl.math.exp2(rt * qk_scale - lse2[None, :])
-                    if HAS_PLEN:
-                        pt = tl.where(live[:, None], pt, 0.0)
                     dst = pt * (et - delta[None, :])
                 dv = tl.dot(pt.to(q.dtype), do, dv, input_precision=DOT_PREC)
                 dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)

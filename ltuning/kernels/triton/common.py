@@ -3,6 +3,8 @@
 Scores live in log2 units: ``s2 = (softmax_scale * log2 e) * q.k`` (times the prefix scale), so softmax uses
 ``exp2``. A query row's ``lse`` is stored in natural log; the backward reloads it as ``lse2 = lse * log2 e``
 with ``+inf`` for rows that see no key, which makes every probability of such a row ``exp2(-inf) = 0``.
+The optional prefix bias (an additive natural-log logit) enters the log2 scores as ``bias * log2 e``
+(:func:`key_bias2`), after the softmax / prefix scale, so the saved lse includes it.
 """
 from __future__ import annotations
 
@@ -118,6 +120,13 @@ def load_lse2(LSE, row_off, live):
 def key_scale(SC, cols, n_cols, s_c):
     """Prefix scale ``s_j`` of key columns ``cols`` as float32 (0 past ``n_cols``)."""
     return tl.load(SC + cols * s_c, mask=cols < n_cols, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def key_bias2(PB, cols, n_cols):
+    """Prefix bias of key columns ``cols`` in the scores' log2 units (``bias * log2 e``, float32; 0 past
+    ``n_cols``). ``PB`` points at the entry's row of the contiguous float32 (N, P) ``prefix_bias``."""
+    return tl.load(PB + cols, mask=cols < n_cols, other=0.0) * LOG2E
 
 
 @triton.jit

@@ -50,7 +50,7 @@ _STREAMED = {"fwd": "kv", "dq": "kv", "dkdv": "q"}
 _INTERPRET = (16, 16, 1, 1)
 
 LEN_KEY = ["LEN_BUCKET", "D_PAD", "HAS_PREFIX", "HAS_KPM", "HAS_SCALE", "CAUSAL", "IS_VARLEN", "HAS_PLEN",
-           "PACK_GQA"]
+           "HAS_PBIAS", "PACK_GQA"]
 
 
 def interpreting() -> bool:

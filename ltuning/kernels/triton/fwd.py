@@ -23,7 +23,8 @@ are given), then the sequence's own keys of its KV head, with an online softmax 
     m' = max(m, rowmax s2);  l = l * 2^(m - m') + rowsum 2^(s2 - m');  acc = acc * 2^(m - m') + 2^(s2 - m') @ v~
     o = acc / l,  lse = (m + log2 l) / log2 e      (rows with l = 0: o = 0, lse = -inf)
 
-where ``s2 = softmax_scale * log2(e) * s_j * q.k_j`` and ``v~_j = s_j v_j`` (``s_j = 1`` off the prefix).
+where ``s2 = softmax_scale * log2(e) * s_j * q.k_j (+ log2(e) * prefix_bias[e, j])`` and ``v~_j = s_j v_j``
+(``s_j = 1`` and no bias off the prefix; the bias only with ``HAS_PBIAS``).
 Sequence tiles fully inside the key range and the causal band of the tile's positions skip the bound / causal
 masks (the short prefix always takes the masked path).
 
@@ -43,18 +44,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, key_scale, load_rows, load_tile, mask_scores, packed_rows, prefix_len, seq_bounds,
-                     seq_key_range, store_rows, store_tile)
+from .common import (LOG2E, key_bias2, key_scale, load_rows, load_tile, mask_scores, packed_rows, prefix_len,
+                     seq_bounds, seq_key_range, store_rows, store_tile)
 from .configs import autotune
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, SC, s_sc,
+def _fwd_tiles(acc, m_i, l_i, q, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, SC, s_sc, PB,
                lo, hi, n_keys, pos, shift, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     """Online-softmax update of ``(acc, m_i, l_i)`` with key blocks ``[lo, hi)`` of one key source; ``pos`` is
-    the query position of each row (causal mask)."""
+    the query position of each row (causal mask). ``HAS_BIAS``: key column ``j`` gains ``PB[j] * log2 e``."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(K, offs_n, n_keys, s_kn, s_kd, HEAD_DIM, D_PAD).to(q.dtype)
@@ -64,6 +66,8 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, SC, s_
             s = s * (qk_scale * sc)[None, :]
         else:
             s = s * qk_scale
+        if HAS_BIAS:
+            s = s + key_bias2(PB, offs_n, n_keys)[None, :]
         s = mask_scores(s, pos, offs_n, n_keys, shift, KPM, s_mn, MASKED, CAUSAL, HAS_KPM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -81,15 +85,15 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, s_kn, s_kd, s_vn, s_vd, KPM, s_mn, SC, s_
 @autotune("fwd")
 @triton.jit
 def fwd_kernel(
-    Q, K, V, BANK_K, BANK_V, IDX, PLEN, KPM, SCALE, CU, O, LSE,
+    Q, K, V, BANK_K, BANK_V, IDX, PLEN, PBIAS, KPM, SCALE, CU, O, LSE,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_bkn, s_bkh, s_bkp, s_bkd, s_bvn, s_bvh, s_bvp, s_bvd, s_mb, s_mn, s_sb, s_sp,
     s_ob, s_oh, s_om, s_od, s_lb, s_lh, s_lm,
     Hgrid, Lq, Lk, P, qk_scale, LEN_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SCALE: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_PLEN: tl.constexpr, DOT_PREC: tl.constexpr, PACK_GQA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_PLEN: tl.constexpr, HAS_PBIAS: tl.constexpr, DOT_PREC: tl.constexpr, PACK_GQA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """o and lse of one tile. ``PACK_GQA``: ``BLOCK_M`` packed rows of (sequence b, KV head hk), i.e. rows
     ``(i, h)`` with ``h`` in ``hk * GROUP + [0, GROUP)``, grid ``(B * Hkv, cdiv(Lq * GROUP, BLOCK_M))``; otherwise
@@ -97,7 +101,8 @@ def fwd_kernel(
     head count of grid axis 0 (Hkv or Hq). ``LEN_BUCKET`` is only an autotune key.
 
     ``HAS_PLEN``: entry ``e`` holds ``prefix_len(PLEN, e, P)`` real tokens; only those are streamed (the rest are
-    masked like keys past the end of the bank).
+    masked like keys past the end of the bank). ``HAS_PBIAS``: prefix column ``j`` of entry ``e`` gains the
+    logit ``PBIAS[e * P + j]`` (contiguous float32 (N, P)), in log2 units ``* log2 e``; lse includes it.
     """
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest causal blocks first
@@ -135,17 +140,17 @@ def fwd_kernel(
             sc = SCALE + b64 * s_sb
             n_pre = prefix_len(PLEN, e, P, HAS_PLEN)
             acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, bk, bv, s_bkp, s_bkd, s_bvp, s_bvd, KPM, s_mn, sc, s_sp,
-                                       0, n_pre, n_pre, pos, shift, qk_scale, True, False, False, HAS_SCALE,
-                                       HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
+                                       PBIAS + e * P, 0, n_pre, n_pre, pos, shift, qk_scale, True, False, False,
+                                       HAS_SCALE, HAS_PBIAS, HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
         full, hi = seq_key_range(start_m, Lk_b, shift, GROUP if PACK_GQA else 1, BLOCK_M, BLOCK_N, CAUSAL)
         kk = K + b64 * s_kb + hk * s_kh + row0 * s_kn
         vv = V + b64 * s_vb + hk * s_vh + row0 * s_vn
         kpm = KPM + b64 * s_mb
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp,
-                                   0, full, Lk_b, pos, shift, qk_scale, False, CAUSAL, HAS_KPM, False,
+                                   PBIAS, 0, full, Lk_b, pos, shift, qk_scale, False, CAUSAL, HAS_KPM, False, False,
                                    HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, kk, vv, s_kn, s_kd, s_vn, s_vd, kpm, s_mn, SCALE, s_sp,
-                                   full, hi, Lk_b, pos, shift, qk_scale, True, CAUSAL, HAS_KPM, False,
+                                   PBIAS, full, hi, Lk_b, pos, shift, qk_scale, True, CAUSAL, HAS_KPM, False, False,
                                    HEAD_DIM, D_PAD, BLOCK_N, DOT_PREC)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         o = acc / l_safe[:, None]
