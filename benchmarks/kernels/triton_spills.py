@@ -35,9 +35,9 @@ from ltuning.kernels.triton import bwd, configs, fwd  # noqa: E402
 
 KERNELS = {"fwd": [fwd.fwd_kernel], "dq": [bwd.dq_kernel], "dkdv": [bwd.dkdv_seq_kernel, bwd.dkdv_prefix_kernel]}
 FLAGS = dict(GROUP=3, HAS_PREFIX=True, HAS_KPM=True, HAS_SCALE=True, CAUSAL=True, IS_VARLEN=False, HAS_DLSE=True,
-             HAS_PLEN=True, DOT_PREC="tf32")
-POINTERS = dict(IDX="*i64", PLEN="*i32", KPM="*u8", SCALE="*fp32", CU="*i32", LSE="*fp32", DELTA="*fp32",
-                DLSE="*fp32", PERM="*i32", SEG="*i32", DBK="*fp32", DBV="*fp32", DSC="*fp32")
+             HAS_PLEN=True, HAS_PBIAS=False, DOT_PREC="tf32")  # the recorded table: no prefix_bias
+POINTERS = dict(IDX="*i64", PLEN="*i32", PBIAS="*fp32", KPM="*u8", SCALE="*fp32", CU="*i32", LSE="*fp32",
+                DELTA="*fp32", DLSE="*fp32", PERM="*i32", SEG="*i32", DBK="*fp32", DBV="*fp32", DSC="*fp32")
 INTS = ("P", "SPLIT", "LEN_BUCKET")
 
 
