@@ -204,14 +204,9 @@ class LTPrefix(LabelConditioned):
         idx = self.real_token_index()
         if idx is None:
             return pack_blocks(*self.prefix(), self.prefix_lengths())
-        info = self.info
-        L, H, D = info.num_layers, info.num_kv_heads, info.head_dim
         if self.config.variant == "kv":
-            def real(x):  # (layers, K, Hkv, l, D) -> (layers, Hkv, T, D)
-                n, K, _, l, _ = x.shape
-                return x.transpose(1, 2).reshape(n, H, K * l, D).index_select(2, idx)
-            k, v = apply_kv_maps(self, real(self.label_keys), real(self.label_values))
-            return list(k.unsqueeze(1).unbind(0)), list(v.unsqueeze(1).unbind(0))
+            return self._kv_bank(idx)
+        L, H, D = self.info.num_layers, self.info.num_kv_heads, self.info.head_dim
         F = self.pooled_label_tokens()  # (K, l, d)
         z = self.transform(F.reshape(-1, F.shape[-1]).index_select(0, idx))  # (T, layers * 2 * kv_dim)
         z = z.view(-1, L * 2, H, D).permute(1, 2, 0, 3).contiguous().unsqueeze(1)  # (layers * 2, 1, Hkv, T, D)
@@ -266,15 +261,22 @@ class LTPrefix(LabelConditioned):
             keys, values = self.packed_prefix()
             return keys, values, None
         idx, counts = dedup
+        keys, values = self._kv_bank(idx)
+        bias = counts.to(torch.float64 if keys[0].dtype == torch.float64 else torch.float32).log()[None]  # never a half
+        return keys, values, bias
+
+    def _kv_bank(self, idx: torch.Tensor):
+        """Variant "kv": the label tokens at flat positions ``idx`` (U,) of the K x l label grid, gathered from the
+        label texts' own K/V (layers, K, Hkv, l, D) to (layers, Hkv, U, D) BEFORE the per-layer maps (so the maps
+        run on U tokens only), returned as per-layer lists of (1, Hkv, U, D) keys and values."""
         H, D = self.info.num_kv_heads, self.info.head_dim
 
-        def distinct(x):  # (layers, K, Hkv, l, D) -> (layers, Hkv, U, D)
+        def gather(x):
             n, K, _, l, _ = x.shape
             return x.transpose(1, 2).reshape(n, H, K * l, D).index_select(2, idx)
 
-        k, v = apply_kv_maps(self, distinct(self.label_keys), distinct(self.label_values))
-        bias = counts.to(torch.float64 if k.dtype == torch.float64 else torch.float32).log()[None]  # never a half
-        return list(k.unsqueeze(1).unbind(0)), list(v.unsqueeze(1).unbind(0)), bias
+        k, v = apply_kv_maps(self, gather(self.label_keys), gather(self.label_values))
+        return list(k.unsqueeze(1).unbind(0)), list(v.unsqueeze(1).unbind(0))
 
     def prefix(self):
         if self.config.variant == "kv":

@@ -271,19 +271,26 @@ def test_prefix_lengths_dense_fp16():
     run_dense(case, True, torch.float16, 45, prefix_lengths=lengths)
 
 
+def varlen_bank_case(seed, lens, Hq, Hkv, D=16, P=21):
+    """Packed sequences of lengths ``lens`` over a right-padded bank of N = 3 entries (P = 21; lengths 21, 0, 9),
+    rows indexing entries 1, 0, 2, 1, 0: ``cu_seqlens, (q, k, v, bank_k, bank_v, prefix_scale), idx, lengths``."""
+    g = torch.Generator().manual_seed(seed)
+    B, N, T = len(lens), 3, sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
+    q, k, v = (torch.randn(T, h, D, generator=g).to(DEV) for h in (Hq, Hkv, Hkv))
+    bk, bv = (torch.randn(N, Hkv, P, D, generator=g).to(DEV) for _ in range(2))
+    idx = torch.tensor([1, 0, 2, 1, 0][:B], device=DEV)
+    lengths = torch.tensor([21, 0, 9], device=DEV)
+    sc = (torch.rand(B, P, generator=g) + 0.5).to(DEV)
+    return cu, (q, k, v, bk, bv, sc), idx, lengths
+
+
 @pytest.mark.parametrize("causal,pack", [(False, False), (True, True)], ids=["full-rows", "causal-packed"],
                          indirect=["pack"])
 def test_prefix_lengths_varlen(causal, pack):
     """Packed sequences over a right-padded bank (P = 21; lengths 21, 0, 9), with prefix scale."""
-    g = torch.Generator().manual_seed(21 + causal)
     lens = [5, 0, 20, 1, 17]
-    B, Hq, Hkv, D, P, N, T = len(lens), 4, 2, 16, 21, 3, sum(lens)
-    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
-    q, k, v = (torch.randn(T, h, D, generator=g).to(DEV) for h in (Hq, Hkv, Hkv))
-    bk, bv = (torch.randn(N, Hkv, P, D, generator=g).to(DEV) for _ in range(2))
-    idx = torch.tensor([1, 0, 2, 1, 0], device=DEV)
-    lengths = torch.tensor([21, 0, 9], device=DEV)
-    sc = (torch.rand(B, P, generator=g) + 0.5).to(DEV)
+    cu, (q, k, v, bk, bv, sc), idx, lengths = varlen_bank_case(21 + causal, lens, Hq=4, Hkv=2)
 
     def tri(q, k, v, bk, bv, sc):
         return tpa.prefix_attention_varlen_triton(q, k, v, cu, bk, bv, idx, causal=causal, prefix_scale=sc,
@@ -375,16 +382,9 @@ def test_prefix_bias_varlen(causal, pack):
     """Packed sequences (GQA 9/3) over a right-padded bank (P = 21; lengths 21, 0, 9) with a prefix bias and
     prefix scale: o, lse and every gradient, prefix scale's included."""
     seed = 90 + causal
-    g = torch.Generator().manual_seed(seed)
     lens = [5, 0, 17, 1, 9]
-    B, Hq, Hkv, D, P, N, T = len(lens), 9, 3, 16, 21, 3, sum(lens)
-    cu = torch.tensor([0] + lens).cumsum(0).to(DEV, torch.int32)
-    q, k, v = (torch.randn(T, h, D, generator=g).to(DEV) for h in (Hq, Hkv, Hkv))
-    bk, bv = (torch.randn(N, Hkv, P, D, generator=g).to(DEV) for _ in range(2))
-    idx = torch.tensor([1, 0, 2, 1, 0], device=DEV)
-    lengths = torch.tensor([21, 0, 9], device=DEV)
-    sc = (torch.rand(B, P, generator=g) + 0.5).to(DEV)
-    bias = bias_values(seed, N, P)
+    cu, (q, k, v, bk, bv, sc), idx, lengths = varlen_bank_case(seed, lens, Hq=9, Hkv=3)
+    bias = bias_values(seed, 3, 21)
     kw = dict(causal=causal, prefix_lengths=lengths, prefix_bias=bias)
 
     def tri(q, k, v, bk, bv, sc):
