@@ -31,10 +31,14 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE),
+                os.path.join(os.path.dirname(HERE), "accuracy")]
 from common import DATA, RESULTS, ROOT  # noqa: E402
+from experiment import parse_method  # noqa: E402
 TASKS = {2: "sst2", 3: "snli", 77: "banking77"}
-CONFIGS = ["kpass", "onepass", "shared-input", "lora"]  # also "onepass-unmerged" (merge_label_tokens=False)
+# also "onepass-unmerged" (merge_label_tokens=False) and any "<scoring>:<field>=<value>+..." lt-prefix config,
+# e.g. "onepass:variant=pooled"
+CONFIGS = ["kpass", "onepass", "shared-input", "lora"]
 KPASS77 = {"steps": 1, "classify": 16}
 
 
@@ -79,7 +83,8 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
         cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring="onepass",
                                   merge_label_tokens=False)
     else:
-        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring=config)
+        scoring, opts = parse_method(config)
+        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring=scoring, **opts)
     model = ltuning.patch(base, cfg, tok)
     rng = random.Random(0)
     sample = rng.sample(recs, batch_size + n_classify)
@@ -114,9 +119,13 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
 
 
 def bank_tokens(model) -> int:
-    """Tokens of the one-pass bank the kernels read: the distinct label tokens when they are merged."""
-    merged = model.method.dedup_index()
-    return int(model.method.label_mask.sum()) if merged is None else int(merged[0].numel())
+    """Tokens of the one-pass bank the kernels read (the distinct label tokens when they are merged, K with
+    variant "pooled")."""
+    import torch
+
+    from ltuning.methods.scoring import label_bank
+    with torch.no_grad():
+        return int(label_bank(model)[0][0].shape[2])
 
 
 def machine() -> dict:
@@ -180,15 +189,14 @@ def report(path: str) -> str:
     lines += ["", "Targets (issue 20), per model:", ""]
     for m in sorted({r["model"] for r in rows}):
         kp77, lo77 = get.get((m, 77, "kpass")), get.get((m, 77, "lora"))
-        lt77 = [get[(m, 77, c)] for c in ("onepass", "shared-input") if (m, 77, c) in get]
-        if lo77 and lt77:
-            best = max(lt77, key=lambda r: r["train_examples_per_s"])
-            tr = best["train_examples_per_s"] / lo77["train_examples_per_s"]
+        lt77 = [r for r in rows if r["model"] == m and r["K"] == 77 and r["config"] not in ("kpass", "lora")]
+        for r in (lt77 if lo77 else []):  # every cheap reading measured; which is "best" is an accuracy question
+            tr = r["train_examples_per_s"] / lo77["train_examples_per_s"]
             cl = "classify vs kpass: kpass not measured"
             if kp77:
-                x = best["classify_examples_per_s"] / kp77["classify_examples_per_s"]
+                x = r["classify_examples_per_s"] / kp77["classify_examples_per_s"]
                 cl = f"classify {x:.1f}x kpass (target >= 30: {'met' if x >= 30 else 'NOT met'})"
-            lines.append(f"- {m}, K=77, best LT reading ({best['config']}): train {tr:.2f}x LoRA (target >= 0.7: "
+            lines.append(f"- {m}, K=77, {r['config']}: train {tr:.2f}x LoRA (target >= 0.7: "
                          f"{'met' if tr >= 0.7 else 'NOT met'}); {cl}")
         kp2 = get.get((m, 2, "kpass"))
         for c in ("onepass", "shared-input"):

@@ -8,7 +8,8 @@ time of one step, split into four parts by what each op works on.
   as (layers, Hkv x T, D));
 * ``model matmuls``: every other matrix product (the frozen model's Linears over the padded batch, forward and
   input-gradient backward, LoRA's own);
-* ``other``: everything else (norms, activations, copies, the optimizer).
+* ``other``: everything else (norms, activations, copies, the optimizer); its 12 largest ops by self time are
+  listed per row (``other_top_ms``).
 
 Same batch as ``bench_scoring.py`` (16 seeded BANKING77 training examples, AdamW), two warm-up steps, then the median
 of ``--steps`` timed steps and one profiled step (its total is the profiler's, a little above the timed median).
@@ -89,15 +90,19 @@ def profile(model_name: str, config: str, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
-    ms = dict.fromkeys(PARTS, 0.0)
+    ms, other = dict.fromkeys(PARTS, 0.0), {}
     for ev in prof.key_averages(group_by_input_shape=True):
-        ms[part_of(ev.key, ev.input_shapes, bank_tokens)] += ev.self_cpu_time_total / 1000
+        part = part_of(ev.key, ev.input_shapes, bank_tokens)
+        ms[part] += ev.self_cpu_time_total / 1000
+        if part == "other":
+            other[ev.key] = other.get(ev.key, 0.0) + ev.self_cpu_time_total / 1000
     total = sum(ms.values())
     return {"model": model_name, "config": config, "bank_tokens": bank_tokens,
             "padded_input_tokens": int(b["attention_mask"].numel()),
             "real_input_tokens": int(b["attention_mask"].sum()), "step_times_s": times,
             "median_step_s": statistics.median(times), "train_examples_per_s": 16 / statistics.median(times),
-            "profiled_total_ms": total, "parts_ms": ms, "parts_share": {k: v / total for k, v in ms.items()}}
+            "profiled_total_ms": total, "parts_ms": ms, "parts_share": {k: v / total for k, v in ms.items()},
+            "other_top_ms": dict(sorted(other.items(), key=lambda kv: -kv[1])[:12])}
 
 
 def main() -> None:

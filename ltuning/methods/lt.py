@@ -22,6 +22,13 @@ h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter text
   frozen model on "[y_k ; x]" at initialisation, whatever the label lengths (tested). Motivation: on a decoder an
   MLP-generated prefix moves K/V far from the model's own statistics, while the model's own K/V of a text keep
   them (``benchmarks/train_step/feature_probe.py``; figures in ``benchmarks/RESULTS.md``).
+  ``variant="pooled"`` (ours, for one-pass scoring at large K): ONE prefix token per label and layer,
+      p_k = Z_psi(sum_t a_t h_{k,t}),  a = softmax_t(h_k w) over real tokens (w zero-initialised: the mean),
+  Z_psi the same per-token MLP as "pooling". The attention-pooled label vector replaces the l per-token rows, so
+  the label side costs K rows instead of sum_k n_k (77 vs 967 on BANKING77 with MiniLM), in the generator and in
+  every input token's attention over the one-pass bank. It drops the within-label token structure the paper's
+  prefix keeps; how much that costs is measured (``benchmarks/RESULTS_scoring.md``), and no default uses it
+  unless validation picks it.
   ``variant="published"`` follows the released code instead: every token squashed to one scalar
   s_t = h_{k,t} w, then Linear(l, l * layers * 2 * kv_dim) on the vector s.
 ``lt-prompt`` -- e(y_k) = G_omega(h_k) in R^{l x d} prepended to E(x). Our reading:
@@ -75,8 +82,8 @@ class LTConfig(MethodConfig):
 
 @dataclass
 class LTPrefixConfig(LTConfig):
-    cli_help: ClassVar[dict] = {**LTConfig.cli_help, 'variant': 'lt-prefix reading: kv (the label texts\' own K/V; default on decoders), pooling (default on encoders) or published (the released code\'s)', 'mask_label_padding': 'lt-prefix: hide the padding of label texts of unequal token counts from attention', 'merge_label_tokens': 'lt-prefix onepass on decoders (variant kv): merge the label tokens that label texts share (exact; off only to compare)'}
-    """``variant``: "kv", "pooling" or "published"; None picks by family ("kv" for decoders, "pooling" for
+    cli_help: ClassVar[dict] = {**LTConfig.cli_help, 'variant': 'lt-prefix reading: kv (the label texts\' own K/V; default on decoders), pooling (default on encoders), pooled (one prefix token per label: the attention-pooled label text) or published (the released code\'s)', 'mask_label_padding': 'lt-prefix: hide the padding of label texts of unequal token counts from attention', 'merge_label_tokens': 'lt-prefix onepass on decoders (variant kv): merge the label tokens that label texts share (exact; off only to compare)'}
+    """``variant``: "kv", "pooling", "pooled" or "published"; None picks by family ("kv" for decoders, "pooling" for
     encoders, as measured). ``position_offset`` None: "prefix" for "kv" (the input continues after the label
     text), else "zero". Both are resolved into the config when the method is built (the adapter records them).
     ``mask_label_padding``: label texts of unequal token counts are right-padded to one length l; attention then
@@ -147,7 +154,7 @@ class LTPrefix(LabelConditioned):
         if config.variant != "kv":
             self.pool = nn.Linear(d, 1, bias=False)  # a bias is a constant shift: softmax and Z's bias absorb it
             nn.init.zeros_(self.pool.weight)
-        if config.variant == "pooling":
+        if config.variant in ("pooling", "pooled"):
             self.transform = nn.Sequential(nn.Linear(d, r), nn.Tanh(), nn.Linear(r, out))
         elif config.variant == "published":
             nn.init.normal_(self.pool.weight, std=d ** -0.5)
@@ -155,7 +162,7 @@ class LTPrefix(LabelConditioned):
         elif config.variant == "kv":
             add_kv_maps(self, info.num_layers, info.head_dim)
         else:
-            raise ValueError(f"variant must be 'pooling', 'kv' or 'published', not {config.variant!r}")
+            raise ValueError(f"variant must be 'pooling', 'pooled', 'kv' or 'published', not {config.variant!r}")
 
     def pooled_label_tokens(self) -> torch.Tensor:
         """F_theta(h): (K, l, d), real tokens re-weighted by n_k * softmax(h w + b), padding -> 0."""
@@ -163,10 +170,17 @@ class LTPrefix(LabelConditioned):
         a = self.pool(h).squeeze(-1).masked_fill(~m, float("-inf")).softmax(-1)
         return h * (a * m.sum(-1, keepdim=True))[..., None]
 
+    def pooled_label_vectors(self) -> torch.Tensor:
+        """Variant "pooled": (K, d) = sum_t softmax_t(h_k w)_t h_{k,t} over each label text's real tokens."""
+        h, m = self.label_hidden, self.label_mask
+        a = self.pool(h).squeeze(-1).masked_fill(~m, float("-inf")).softmax(-1)
+        return (h * a[..., None]).sum(1)
+
     def prefix_lengths(self):
-        """(K,) token counts of the label texts when they differ (masked padding), else None. A constant of the
-        label cache: worked out once per cache (no device sync per forward)."""
-        if not self.config.mask_label_padding:
+        """(K,) token counts of the label texts when they differ (masked padding), else None (also for variant
+        "pooled": one token per label). A constant of the label cache: worked out once per cache (no device sync
+        per forward)."""
+        if not self.config.mask_label_padding or self.config.variant == "pooled":
             return None
         m = self.label_mask
         key = (m.data_ptr(), m._version, m.device)
@@ -284,6 +298,8 @@ class LTPrefix(LabelConditioned):
             return list(k.unbind(0)), list(v.unbind(0))
         if self.config.variant == "pooling":
             z = self.transform(self.pooled_label_tokens())
+        elif self.config.variant == "pooled":
+            z = self.transform(self.pooled_label_vectors())[:, None]  # (K, 1, layers * 2 * kv_dim)
         else:
             s = self.pool(self.label_hidden).squeeze(-1) * self.label_mask
             K, l = s.shape

@@ -60,6 +60,24 @@ def inputs(tok):
     return x["input_ids"], x["attention_mask"]
 
 
+def reference_onepass_scores(m, ids, mask, bank_k, bank_v, start):
+    """(B, K) one-pass scores from the float64 reference attention over ONE materialised bank entry (per-layer
+    (1, Hkv, P, D) lists), the input's positions starting at ``start``, then the bilinear head on u_k (the frozen
+    model's pooled encoding of each label text)."""
+    B, T = ids.shape
+    pos = torch.arange(T)[None].expand(B, T) + start
+    out = m.base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                 ltuning_prefix=PrefixInputs(bank_k, bank_v, torch.zeros(B, dtype=torch.long), None, "reference"))
+    h = out.last_hidden_state
+    if m.pooling == "last":
+        pooled = h[torch.arange(B), mask.sum(-1) - 1]
+    else:
+        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    hid, lens = m.method.label_hidden, m.method.label_mask.sum(-1).tolist()
+    u = torch.stack([hid[i, n - 1] if m.pooling == "last" else hid[i, :n].mean(0) for i, n in enumerate(lens)])
+    return m.head(pooled, u)
+
+
 @pytest.mark.parametrize("method", ["lt-prefix", "lt-prompt"])
 def test_onepass_equals_reference_on_materialised_label_blocks(tiny, method, request):
     """One pass of the input over ONE bank entry [p_1[:n_1]; ...; p_K[:n_K]] (packed in-kernel path) equals the
@@ -91,24 +109,49 @@ def test_onepass_equals_reference_on_materialised_label_blocks(tiny, method, req
         bank_k = [torch.cat([b[0][j] for b in blocks], 1)[None] for j in range(L)]
         bank_v = [torch.cat([b[1][j] for b in blocks], 1)[None] for j in range(L)]
         assert bank_k[0].shape[2] == sum(lens)
-        B, T = ids.shape
-        pos = torch.arange(T)[None].expand(B, T) + start
-        out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                   ltuning_prefix=PrefixInputs(bank_k, bank_v, torch.zeros(B, dtype=torch.long), None, "reference"))
-        h = out.last_hidden_state
-        if m.pooling == "last":
-            pooled = h[torch.arange(B), mask.sum(-1) - 1]
-        else:
-            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        hid = meth.label_hidden
-        u = torch.stack([hid[i, n - 1] if m.pooling == "last" else hid[i, :n].mean(0) for i, n in enumerate(lens)])
-        ref = m.head(pooled, u)
+        ref = reference_onepass_scores(m, ids, mask, bank_k, bank_v, start)
         g_ref = grads(m, ref, w)
         assert s.dtype == torch.float64
         assert rel_err(s, ref) < 1e-10, rel_err(s, ref)
         for a, b in zip(g, g_ref):
             assert rel_err(a, b) < 1e-9
         assert any(a.abs().sum() > 0 for a in g[:-3])  # the label-side generator gets a gradient too
+    finally:
+        ltuning.unpatch(m)
+
+
+def test_pooled_variant_is_one_token_per_label(tiny, request):
+    """lt-prefix ``variant="pooled"``, one-pass: the bank is K tokens per layer, token k = Z(sum_t a_t h_{k,t}) with
+    a = softmax over label k's REAL tokens of h_k w (built here in plain torch from the label cache), and the
+    scores and every trainable's gradient equal the float64 reference over that materialised bank (float64, random
+    generator and pooling weights, label texts of unequal token counts)."""
+    base, tok = tiny
+    seed = seed_of(request)
+    m = build(base, tok, "lt-prefix", "onepass", seed, variant="pooled")
+    try:
+        ids, mask = inputs(tok)
+        s = m(ids, mask)
+        w = torch.randn(s.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=s.dtype)
+        g = grads(m, s, w)
+        meth, info = m.method, m.info
+        hid, lens = meth.label_hidden, meth.label_mask.sum(-1).tolist()
+        assert len(set(lens)) > 1 and meth.prefix_lengths() is None
+        vecs = []
+        for k, n in enumerate(lens):
+            a = torch.softmax(hid[k, :n] @ meth.pool.weight[0], 0)
+            vecs.append((a[:, None] * hid[k, :n]).sum(0))
+        K, L, H, D = len(lens), info.num_layers, info.num_kv_heads, info.head_dim
+        z = meth.transform(torch.stack(vecs)).view(K, L, 2, H, D)
+        bank_k = [z[:, i, 0].transpose(0, 1)[None] for i in range(L)]  # (1, Hkv, K, D)
+        bank_v = [z[:, i, 1].transpose(0, 1)[None] for i in range(L)]
+        keys, _, start, bias = label_bank(m)
+        assert keys[0].shape == (1, H, K, D) and bias is None and start is None
+        ref = reference_onepass_scores(m, ids, mask, bank_k, bank_v, 0)
+        g_ref = grads(m, ref, w)
+        assert rel_err(s, ref) < 1e-10, rel_err(s, ref)
+        for a, b in zip(g, g_ref):
+            assert rel_err(a, b) < 1e-9
+        assert meth.pool.weight.grad is not None and meth.pool.weight.grad.abs().sum() > 0
     finally:
         ltuning.unpatch(m)
 
