@@ -232,7 +232,7 @@ def main() -> None:
             write_report(a.report_out, a.json, text)
         return
     if a.one:
-        m, k, c = a.one.split(":")
+        m, k, c = a.one.split(":", 2)
         k = int(k)
         slow = c == "kpass" and k == 77
         res = run_one(m, k, c, a.batch_size, KPASS77["steps"] if slow else a.steps,
