@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import UserError
 from .methods import config_from_dict, injection, method_class, scoring
-from .models import disable, enable, fingerprint, load_base, model_info
+from .models import disable, enable, fingerprint, load_base, model_info, packing
 from .models.registry import base_identity
 from .outputs import atomic_write_files
 from .io import (CONFIG_NAME, WEIGHTS_NAME, AdapterMeta, read_adapter_meta, read_adapter_weights,
@@ -67,12 +67,12 @@ class LTuningModel(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.prompt_as_prefix = self.info.causal  # see the module docstring; False: concatenate [p_e ; x]
-        # inference forwards of padded batches run packed (ltuning.models.packing); off by default, the serving
-        # engine turns it on for adapters whose layer hooks (if any) act per token
-        self.pack_inputs = False
         device = base.get_input_embeddings().weight.device
         self.method.to(device)
         self.head.to(device)
+        # padded batches run packed, in training and inference, wherever that is the same function
+        # (ltuning.models.packing.packable: decoders, a packed kernel, per-token hooks only); settable
+        self.pack_inputs = packing.packable(self)
 
     # ---------------------------------------------------------------- modes and bookkeeping
     def train(self, mode: bool = True):

@@ -36,8 +36,8 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE),
 from common import DATA, RESULTS, ROOT  # noqa: E402
 from experiment import parse_method  # noqa: E402
 TASKS = {2: "sst2", 3: "snli", 77: "banking77"}
-# also "onepass-unmerged" (merge_label_tokens=False) and any "<scoring>:<field>=<value>+..." lt-prefix config,
-# e.g. "onepass:variant=pooled"
+# also "onepass-unmerged" (merge_label_tokens=False), any "<scoring>:<field>=<value>+..." lt-prefix config,
+# e.g. "onepass:variant=pooled", and ":pack=false" on any of them (padded batches; decoders pack by default)
 CONFIGS = ["kpass", "onepass", "shared-input", "lora"]
 KPASS77 = {"steps": 1, "classify": 16}
 
@@ -77,15 +77,18 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
     assert len(names) == K, (len(names), K)
     texts = [default_label_text(n) for n in names]
     torch.manual_seed(0)
-    if config == "lora":
-        cfg = ltuning.make_config("lora", label_names=names)
-    elif config == "onepass-unmerged":  # the one-pass bank without merging shared label tokens (to compare)
+    name, opts = parse_method(config)
+    pack = opts.pop("pack", None)  # "<config>:pack=false": padded batches (the default packs on decoders)
+    if name == "lora":
+        cfg = ltuning.make_config("lora", label_names=names, **opts)
+    elif name == "onepass-unmerged":  # the one-pass bank without merging shared label tokens (to compare)
         cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring="onepass",
-                                  merge_label_tokens=False)
+                                  merge_label_tokens=False, **opts)
     else:
-        scoring, opts = parse_method(config)
-        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring=scoring, **opts)
+        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring=name, **opts)
     model = ltuning.patch(base, cfg, tok)
+    if pack is not None:
+        model.pack_inputs = bool(pack)
     rng = random.Random(0)
     sample = rng.sample(recs, batch_size + n_classify)
     enc = encode(sample, tok, names, 128, model.info.causal)
@@ -113,8 +116,10 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
             "classify_examples": len(cls_ids), "classify_seconds": cls_s,
             "classify_examples_per_s": len(cls_ids) / cls_s, "mean_input_tokens": float(mask.sum(1).float().mean()),
             "rss_after_load_mb": rss_load, "peak_rss_mb": rss_mb(),
-            "label_tokens": None if config == "lora" else int(model.method.label_mask.sum()),
-            "bank_tokens": bank_tokens(model) if config.startswith("onepass") else None,
+            "label_tokens": None if name == "lora" else int(model.method.label_mask.sum()),
+            "bank_tokens": bank_tokens(model) if name.startswith("onepass") else None,
+            "packed": bool(model.pack_inputs), "real_input_tokens": int(mask.sum()),
+            "padded_input_tokens": int(mask.numel()),
             "threads": torch.get_num_threads()}
 
 
@@ -171,25 +176,35 @@ def plot(rows: list, path: str) -> None:
 def report(path: str) -> str:
     """Markdown: the table of ``path`` and the issue's targets, each marked met / not met."""
     rows = [r for p in path.split(",") for r in json.load(open(p))["rows"]]
-    get = {(r["model"], r["K"], r["config"]): r for r in rows}
-    lines = ["| model | K (task) | scoring | train ex/s | x kpass | x LoRA | classify ex/s | x kpass | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+
+    def base_of(r, name):
+        """The ``name`` row (kpass / lora) of r's model and K run with r's packing (``packed``; absent in old
+        records), so a ":pack=false" row is divided by a padded baseline."""
+        return next((x for x in rows if x["model"] == r["model"] and x["K"] == r["K"] and x.get("packed")
+                     == r.get("packed") and parse_method(x["config"])[0] == name), None)
+
+    lines = ["| model | K (task) | scoring | packed | train ex/s | x kpass | x LoRA | classify ex/s | x kpass | "
+             "peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        kp, lo = get.get((r["model"], r["K"], "kpass")), get.get((r["model"], r["K"], "lora"))
+        kp, lo = base_of(r, "kpass"), base_of(r, "lora")
         f = lambda a, b, key: f"{a[key] / b[key]:.2f}" if a and b else "-"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['K']} ({r['task']}) | {r['config']} | {r['train_examples_per_s']:.2f} | "
-                     f"{f(r, kp, 'train_examples_per_s')} | {f(r, lo, 'train_examples_per_s')} | "
-                     f"{r['classify_examples_per_s']:.2f} | {f(r, kp, 'classify_examples_per_s')} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+        packed = {None: "-", True: "yes", False: "no"}[r.get("packed")]
+        lines.append(f"| {r['model']} | {r['K']} ({r['task']}) | {r['config']} | {packed} | "
+                     f"{r['train_examples_per_s']:.2f} | {f(r, kp, 'train_examples_per_s')} | "
+                     f"{f(r, lo, 'train_examples_per_s')} | {r['classify_examples_per_s']:.2f} | "
+                     f"{f(r, kp, 'classify_examples_per_s')} | {r['peak_rss_mb']:.0f} |")
     failed = [f for p in path.split(",") for f in json.load(open(p)).get("failed", [])]
     if failed:
         lines += ["", "Not measured (the configuration's subprocess died):", ""]
         lines += [f"- {f['model']}, K={f['K']} ({f['task']}), {f['config']}, batch {f['batch_size']}: {f['failed']}"
                   for f in failed]
-    lines += ["", "Targets (issue 20), per model:", ""]
-    for m in sorted({r["model"] for r in rows}):
-        kp77, lo77 = get.get((m, 77, "kpass")), get.get((m, 77, "lora"))
-        lt77 = [r for r in rows if r["model"] == m and r["K"] == 77 and r["config"] not in ("kpass", "lora")]
+    lines += ["", "Targets (issue 20), per model, library defaults (rows without ``pack=false``):", ""]
+    default = [r for r in rows if "pack" not in parse_method(r["config"])[1]]
+    for m in sorted({r["model"] for r in default}):
+        at = lambda K, name: next((r for r in default if r["model"] == m and r["K"] == K  # noqa: E731
+                                   and r["config"] == name), None)
+        kp77, lo77 = at(77, "kpass"), at(77, "lora")
+        lt77 = [r for r in default if r["model"] == m and r["K"] == 77 and r["config"] not in ("kpass", "lora")]
         for r in (lt77 if lo77 else []):  # every cheap reading measured; which is "best" is an accuracy question
             tr = r["train_examples_per_s"] / lo77["train_examples_per_s"]
             cl = "classify vs kpass: kpass not measured"
@@ -198,9 +213,9 @@ def report(path: str) -> str:
                 cl = f"classify {x:.1f}x kpass (target >= 30: {'met' if x >= 30 else 'NOT met'})"
             lines.append(f"- {m}, K=77, {r['config']}: train {tr:.2f}x LoRA (target >= 0.7: "
                          f"{'met' if tr >= 0.7 else 'NOT met'}); {cl}")
-        kp2 = get.get((m, 2, "kpass"))
+        kp2 = at(2, "kpass")
         for c in ("onepass", "shared-input"):
-            r = get.get((m, 2, c))
+            r = at(2, c)
             if kp2 and r:
                 tr = r["train_examples_per_s"] / kp2["train_examples_per_s"]
                 cl = r["classify_examples_per_s"] / kp2["classify_examples_per_s"]

@@ -1,4 +1,4 @@
-"""Packed (unpadded) inference forwards: R right-padded rows run as one row of their T real tokens.
+"""Packed (unpadded) forwards: R right-padded rows run as one row of their T real tokens.
 
 A batch of R rows padded to length L costs the per-token layers (the Linears, norms and MLP, most of a forward)
 R x L tokens. Packed, it costs T = the sum of the real lengths, so inputs of mixed lengths can share one forward
@@ -12,11 +12,14 @@ to the packed kernel (:func:`ltuning.kernels.prefix_attention_varlen`): sequence
 (causally on decoders) and to row r's bank entry only. The last hidden states (1, T, d) are scattered back to
 (R, L, d), zeros at the padded positions (which pooling never reads).
 
-The same function as the padded forward; results differ by float summation order only (matrix products of another
-shape). Where it applies (:func:`can_pack`): no autograd (inference), a decoder (its positions come from position
-ids; an encoder's absolute position and token-type buffers would need more), the ltuning attention enabled, and
-no layer hooks that read the batch's (R, L) shape: the serving engine turns it on per adapter
-(``LTuningModel.pack_inputs``).
+The same function as the padded forward, forward and backward (the packed kernel has its own backward, the
+scatter back to (R, L, d) is differentiable); results differ by float summation order only (matrix products of
+another shape; on one CPU thread they came out bit-identical). Where it applies (:func:`packable`, decided once per
+model, and :func:`can_pack`, per batch): a decoder (its positions come from position ids; an encoder's absolute
+position and token-type buffers would need more), the ltuning attention with a packed kernel (the C++ CPU op or
+Triton; SDPA and the reference have none), and no layer hooks that read the batch's (R, L) shape (LoRA's act per
+token; APT's gates, FL's and CGC-LoRA's do not). ``LTuningModel.pack_inputs`` starts as :func:`packable`, so
+training and inference on decoders pack by default; the serving engine sets it per adapter.
 """
 from __future__ import annotations
 
@@ -25,11 +28,27 @@ import torch
 from .attention import IMPL_NAME
 
 
+PER_TOKEN_HOOK_METHODS = ("lora",)  # methods whose layer hooks act on each token alone
+
+
+def packable(model) -> bool:
+    """Whether ``model`` (an ``LTuningModel``) can run packed at all (module docstring): a decoder base, an
+    attention backend with a packed kernel on the model's device, and no layer hooks but per-token ones."""
+    from ..kernels import resolve_backend
+    if not model.info.causal:
+        return False
+    try:
+        backend = resolve_backend(model.config.backend, model.head.weight.device.type)
+    except (ValueError, RuntimeError):
+        return False
+    hooked = bool(getattr(model.method, "_hook_handles", None))
+    return backend in ("cpu", "triton") and (not hooked or model.config.method in PER_TOKEN_HOOK_METHODS)
+
+
 def can_pack(model, mask: torch.Tensor) -> bool:
     """Whether ``model`` (an ``LTuningModel``) runs this (R, L) bool ``mask``'s batch packed: its
-    ``pack_inputs`` flag is on, autograd is off, the base is causal and some position is padding."""
-    return (bool(getattr(model, "pack_inputs", False)) and not torch.is_grad_enabled() and model.info.causal
-            and not bool(mask.all()))
+    ``pack_inputs`` flag is on, the base is causal and some position is padding (with or without autograd)."""
+    return bool(getattr(model, "pack_inputs", False)) and model.info.causal and not bool(mask.all())
 
 
 def cu_seqlens(mask: torch.Tensor) -> torch.Tensor:

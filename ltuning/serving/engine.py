@@ -46,6 +46,7 @@ from ..io import read_adapter_config, read_adapter_meta
 from ..methods import scoring
 from ..models import enable, fingerprint, load_base
 from . import cpu
+from ..models.packing import packable
 from .shared_bank import SharedBank
 
 class _HookSwitch:
@@ -166,7 +167,7 @@ class Engine:
                 {"method": m.config.method, "labels": list(m.label_names), "base_model": base_name,
                  "base_fingerprint": meta.base_fingerprint})
         for name, a in self.adapters.items():
-            a.model.pack_inputs = pack and self.packable(a, bool(owned[name]))
+            a.model.pack_inputs = pack and packable(a.model)  # decoders, a packed kernel, per-token hooks only
         self.hooks = _HookSwitch()
         hooked = [n for n, ids in owned.items() if ids]
         if len(self.adapters) > 1 and hooked:
@@ -209,20 +210,6 @@ class Engine:
                               for name, entries in self.hooks.entries.items()}
         for a in self.adapters.values():
             a.model.eval()
-
-    @staticmethod
-    def packable(adapter: Adapter, hooked: bool) -> bool:
-        """Whether ``adapter``'s batches can run packed (:mod:`ltuning.models.packing`): a decoder base, the
-        fused attention backend (its packed kernel; SDPA has none), and no layer hooks other than LoRA's, which act
-        on each token alone (``hooked``: the adapter installed hooks on the base)."""
-        from ..kernels import resolve_backend
-        m = adapter.model
-        device = m.head.weight.device.type
-        try:
-            backend = resolve_backend(m.config.backend, device)
-        except (ValueError, RuntimeError):
-            return False
-        return m.info.causal and backend in ("cpu", "triton") and (not hooked or adapter.method == "lora")
 
     # ---------------------------------------------------------------- inputs
     def adapter(self, name: str | None) -> Adapter:

@@ -48,6 +48,7 @@ def _peft_model(base, seed, projection):
 def _ours(model, enc):
     """Last hidden states (B, L, d) and pooled features (B, d) of an ``LTuningModel``."""
     seen = {}
+    model.pack_inputs = False  # read off the base's own (B, L, d) output; packed = padded: tests/models/test_packing.py
     hook = model.base.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o.last_hidden_state))
     try:
         with torch.no_grad():

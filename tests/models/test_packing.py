@@ -1,6 +1,9 @@
-"""Packed inference forwards (ltuning.models.packing): R padded rows run as one row of their real tokens give the
-padded forward's hidden states and scores, in float64, for every method the serving engine packs; the packed
-attention call validates its inputs; the planner counts real tokens for packed batches."""
+"""Packed forwards (ltuning.models.packing): R padded rows run as one row of their real tokens give the padded
+forward's hidden states, scores, loss and every trainable's gradient, in float64, for every method that packs;
+which models pack by default; the packed attention call validates its inputs; the planner counts real tokens for
+packed batches."""
+import contextlib
+
 import pytest
 import torch
 
@@ -8,7 +11,7 @@ import ltuning
 from ltuning.batching import plan_batches
 from ltuning.methods import injection
 from ltuning.models import PrefixInputs
-from ltuning.models.packing import can_pack, cu_seqlens, packed_last_hidden
+from ltuning.models.packing import can_pack, cu_seqlens, packable, packed_last_hidden
 from method_helpers import LT_LABELS, LT_TEXTS, patched, randomize, tiny_base
 from testutil import max_rel
 
@@ -56,16 +59,23 @@ def test_packed_hidden_equals_padded_with_bank_gates_and_offsets(tiny, seed):
     assert bool((got[~mask] == 0).all())
 
 
-@pytest.mark.parametrize("method,options", [
+PACKED_METHODS = [
     ("prefix", {"num_virtual_tokens": 4}),
     ("lt-prefix", {}),                                        # K-pass: K rows per input
     ("lt-prefix", {"variant": "kv", "position_offset": "prefix"}),  # per-entry lengths and input positions
     ("lt-prefix", {"scoring": "onepass"}),
+    ("lt-prefix", {"scoring": "onepass", "variant": "pooled"}),
+    ("lt-prompt", {}),
     ("prompt", {"num_virtual_tokens": 3}),                    # prefilled once, then a shared prefix
     ("lora", {}),                                             # hooks that act per token
     ("linear-probe", {}),
-])
-def test_packed_scores_equal_padded(tiny, seed, method, options, monkeypatch):
+]
+
+
+@contextlib.contextmanager
+def packed_and_padded(tiny, seed, method, options, monkeypatch):
+    """``(model, ids, mask, calls)``: ``method`` patched on the tiny float64 decoder with random trainables,
+    ``pack_inputs`` off; ``calls`` records every packed forward."""
     base, tok = tiny
     ids, mask = batch(tok)
     calls = []
@@ -74,11 +84,19 @@ def test_packed_scores_equal_padded(tiny, seed, method, options, monkeypatch):
     labels = LT_LABELS if method.startswith("lt") else ["negative", "positive"]
     extra = {"label_texts": LT_TEXTS} if method.startswith("lt") else {}
     with patched(base, tok, method, labels=labels, **extra, **options) as m:
+        assert m.pack_inputs  # a decoder with the C++ kernel and no shape-reading hooks packs by default
+        m.pack_inputs = False
         m.method.double()  # the base is float64 too; the head stays fp32 (scores are fp32 by contract)
         if options.get("scoring") == "onepass":
             m.head.double()  # the bilinear head takes the pooled states in their own (float64) dtype
         torch.manual_seed(seed)
         randomize(m)
+        yield m, ids, mask, calls
+
+
+@pytest.mark.parametrize("method,options", PACKED_METHODS)
+def test_packed_scores_equal_padded(tiny, seed, method, options, monkeypatch):
+    with packed_and_padded(tiny, seed, method, options, monkeypatch) as (m, ids, mask, calls):
         m.eval()
         with torch.inference_mode():
             ref = m(ids, mask)
@@ -88,11 +106,48 @@ def test_packed_scores_equal_padded(tiny, seed, method, options, monkeypatch):
             got = m(ids, mask)
         assert calls, "the packed path did not run"
         assert max_rel(got, ref) < 1e-6, f"seed {seed}"  # float64 forwards, the fp32 head's rounding
-        with torch.no_grad():
-            assert can_pack(m, mask)
-        with torch.enable_grad():
-            assert not can_pack(m, mask)  # training keeps the padded forward
         assert not can_pack(m, torch.ones_like(mask))  # nothing to unpad
+
+
+@pytest.mark.parametrize("method,options", PACKED_METHODS)
+def test_packed_training_loss_and_gradients_equal_padded(tiny, seed, method, options, monkeypatch):
+    """Training packs too: the loss and the gradient of every trainable (label-side generators, banks, LoRA,
+    head) equal the padded forward's."""
+    with packed_and_padded(tiny, seed, method, options, monkeypatch) as (m, ids, mask, calls):
+        m.train()
+        labels = torch.tensor([0, 1, 1, 0]) % len(m.label_names)
+        out = {}
+        for pack in (False, True):
+            m.pack_inputs = pack
+            m.zero_grad(set_to_none=True)
+            loss, _ = m.loss(ids, mask, labels)
+            loss.backward()
+            out[pack] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                         if p.requires_grad and p.grad is not None})
+        assert calls, "the packed path did not run"
+        (l0, g0), (l1, g1) = out[False], out[True]
+        assert max_rel(l1, l0) < 1e-6, f"seed {seed}"
+        assert g0.keys() == g1.keys()
+        if method != "linear-probe":  # the method's own trainables get a gradient through the packed kernel
+            assert any(g.abs().sum() > 0 for n, g in g0.items() if n.startswith("method.")), sorted(g0)
+        for name in g0:
+            assert max_rel(g1[name], g0[name]) < 1e-5, (name, f"seed {seed}")
+
+
+def test_which_models_pack(tiny, minilm):
+    """Decoders with a packed kernel pack by default; an encoder, the SDPA backend and methods whose layer hooks
+    read the batch's (R, L) shape (APT's gates, FL's, CGC-LoRA's) do not."""
+    base, tok = tiny
+    with patched(base, tok, "lora") as m:
+        assert m.pack_inputs and packable(m)
+    for method in ("apt", "fl", "cgc-lora"):
+        with patched(base, tok, method) as m:
+            assert not m.pack_inputs, method
+    with patched(base, tok, "prefix", backend="sdpa") as m:
+        assert not m.pack_inputs
+    enc = tiny_base("encoder", minilm[1]).double()
+    with patched(enc, minilm[1], "prefix") as m:
+        assert not m.pack_inputs
 
 
 def test_packed_attention_rejects_a_padded_batch(tiny):
