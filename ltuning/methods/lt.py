@@ -48,7 +48,8 @@ Defaults and how they were chosen (the figures: ``benchmarks/RESULTS.md``, accur
 (cross-entropy over the K label-conditioned scores) rather than the paper's ``"pairwise"`` (binary
 matched/unmatched, sampled negatives): equal within noise, and pairwise collapsed on a seed. ``variant`` by family:
 ``"kv"`` on decoders, ``"pooling"`` (our reading of the paper's F/Z, the paper's own construction) on encoders;
-``"published"`` collapsed on a seed. ``scale_to_embeddings=True``. These were chosen by GLUE dev scores (SST-2,
+``"published"`` collapsed on a seed; ``"pooled"`` is never a default (validation over SST-2, RTE and SNLI prefers it
+for one-pass scoring on MiniLM, not confirmed leave-one-task-out: ``benchmarks/RESULTS_scoring.md``). ``scale_to_embeddings=True``. These were chosen by GLUE dev scores (SST-2,
 500 training examples, 3 seeds), not by a validation split carved from train: a known weakness, to be redone by
 validation selection (issue 20). Label semantics matter on decoders: meaningless label texts ("The text is in
 class A/B.") lower the ``"kv"`` scores.
