@@ -15,11 +15,14 @@ to the packed kernel (:func:`ltuning.kernels.prefix_attention_varlen`): sequence
 The same function as the padded forward, forward and backward (the packed kernel has its own backward, the
 scatter back to (R, L, d) is differentiable); results differ by float summation order only (matrix products of
 another shape; on one CPU thread they came out bit-identical). Where it applies (:func:`packable`, decided once per
-model, and :func:`can_pack`, per batch): a decoder (its positions come from position ids; an encoder's absolute
-position and token-type buffers would need more), the ltuning attention with a packed kernel (the C++ CPU op or
-Triton; SDPA and the reference have none), and no layer hooks that read the batch's (R, L) shape (LoRA's act per
-token; APT's gates, FL's and CGC-LoRA's do not). ``LTuningModel.pack_inputs`` starts as :func:`packable`, so
-training and inference on decoders pack by default; the serving engine sets it per adapter.
+model, and :func:`can_pack`, per batch): a base whose positions come from position ids alone -- a decoder, or a
+BERT with absolute position embeddings (its packed row gets each input's own 0..n-1 and, as in the padded forward,
+token type 0 everywhere: ltuning never passes token types; a RoBERTa derives positions from the padding index, so it
+stays padded) --, the ltuning attention with a packed kernel (the C++ CPU op or Triton; SDPA and the reference have
+none; the kernel attends causally on decoders, over the whole sequence on encoders), and no layer hooks that read
+the batch's (R, L) shape (LoRA's act per token; APT's gates, FL's and CGC-LoRA's do not).
+``LTuningModel.pack_inputs`` starts as :func:`packable`, so training and inference pack by default where they can;
+the serving engine sets it per adapter.
 """
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ PER_TOKEN_HOOK_METHODS = ("lora",)  # methods whose layer hooks act on each toke
 
 
 def packable(model) -> bool:
-    """Whether ``model`` (an ``LTuningModel``) can run packed at all (module docstring): a decoder base, an
-    attention backend with a packed kernel on the model's device, and no layer hooks but per-token ones."""
+    """Whether ``model`` (an ``LTuningModel``) can run packed at all (module docstring): a decoder or an absolute-
+    position BERT, an attention backend with a packed kernel on the model's device, and no layer hooks but
+    per-token ones."""
     from ..kernels import resolve_backend
-    if not model.info.causal:
+    if not (model.info.causal or positions_are_ids(model.base)):
         return False
     try:
         backend = resolve_backend(model.config.backend, model.head.weight.device.type)
@@ -45,10 +49,18 @@ def packable(model) -> bool:
     return backend in ("cpu", "triton") and (not hooked or model.config.method in PER_TOKEN_HOOK_METHODS)
 
 
+def positions_are_ids(base) -> bool:
+    """An encoder whose embeddings read absolute positions 0..L-1 from ``position_ids`` (BERT), so a packed row
+    with each input's own positions is the padded forward."""
+    cfg = base.config
+    return cfg.model_type == "bert" and getattr(cfg, "position_embedding_type", "absolute") == "absolute"
+
+
 def can_pack(model, mask: torch.Tensor) -> bool:
     """Whether ``model`` (an ``LTuningModel``) runs this (R, L) bool ``mask``'s batch packed: its
-    ``pack_inputs`` flag is on, the base is causal and some position is padding (with or without autograd)."""
-    return bool(getattr(model, "pack_inputs", False)) and model.info.causal and not bool(mask.all())
+    ``pack_inputs`` flag is on (:func:`packable` decided it) and some position is padding (with or without
+    autograd)."""
+    return bool(getattr(model, "pack_inputs", False)) and not bool(mask.all())
 
 
 def cu_seqlens(mask: torch.Tensor) -> torch.Tensor:

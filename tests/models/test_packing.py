@@ -27,6 +27,15 @@ def tiny(smollm):
     return base, tok
 
 
+@pytest.fixture(scope="module")
+def tiny_enc(minilm):
+    """A random 2-layer BERT over MiniLM's tokenizer, float64, ltuning attention."""
+    _, tok = minilm
+    base = tiny_base("encoder", tok).double()
+    ltuning.models.enable(base)
+    return base, tok
+
+
 def batch(tok, texts=TEXTS):
     e = tok(list(texts), padding=True, return_tensors="pt")
     assert tok.padding_side == "right" and not bool(e["attention_mask"].bool().all())
@@ -72,6 +81,16 @@ PACKED_METHODS = [
 ]
 
 
+ENCODER_METHODS = [
+    ("prefix", {"num_virtual_tokens": 4}),
+    ("lt-prefix", {}),                                        # K-pass, the pooling variant
+    ("lt-prefix", {"scoring": "onepass"}),
+    ("lt-prefix", {"scoring": "onepass", "variant": "pooled"}),
+    ("lora", {}),
+    ("linear-probe", {}),
+]
+
+
 @contextlib.contextmanager
 def packed_and_padded(tiny, seed, method, options, monkeypatch):
     """``(model, ids, mask, calls)``: ``method`` patched on the tiny float64 decoder with random trainables,
@@ -84,7 +103,7 @@ def packed_and_padded(tiny, seed, method, options, monkeypatch):
     labels = LT_LABELS if method.startswith("lt") else ["negative", "positive"]
     extra = {"label_texts": LT_TEXTS} if method.startswith("lt") else {}
     with patched(base, tok, method, labels=labels, **extra, **options) as m:
-        assert m.pack_inputs  # a decoder with the C++ kernel and no shape-reading hooks packs by default
+        assert m.pack_inputs  # the C++ kernel, positions from ids and no shape-reading hooks: packs by default
         m.pack_inputs = False
         m.method.double()  # the base is float64 too; the head stays fp32 (scores are fp32 by contract)
         if options.get("scoring") == "onepass":
@@ -94,8 +113,15 @@ def packed_and_padded(tiny, seed, method, options, monkeypatch):
         yield m, ids, mask, calls
 
 
-@pytest.mark.parametrize("method,options", PACKED_METHODS)
-def test_packed_scores_equal_padded(tiny, seed, method, options, monkeypatch):
+FAMILY_CASES = ([pytest.param("tiny", m, o, id=f"decoder-{m}-{'-'.join(map(str, o.values()))}")
+                 for m, o in PACKED_METHODS]
+                + [pytest.param("tiny_enc", m, o, id=f"encoder-{m}-{'-'.join(map(str, o.values()))}")
+                   for m, o in ENCODER_METHODS])
+
+
+@pytest.mark.parametrize("family,method,options", FAMILY_CASES)
+def test_packed_scores_equal_padded(request, family, seed, method, options, monkeypatch):
+    tiny = request.getfixturevalue(family)
     with packed_and_padded(tiny, seed, method, options, monkeypatch) as (m, ids, mask, calls):
         m.eval()
         with torch.inference_mode():
@@ -109,10 +135,11 @@ def test_packed_scores_equal_padded(tiny, seed, method, options, monkeypatch):
         assert not can_pack(m, torch.ones_like(mask))  # nothing to unpad
 
 
-@pytest.mark.parametrize("method,options", PACKED_METHODS)
-def test_packed_training_loss_and_gradients_equal_padded(tiny, seed, method, options, monkeypatch):
+@pytest.mark.parametrize("family,method,options", FAMILY_CASES)
+def test_packed_training_loss_and_gradients_equal_padded(request, family, seed, method, options, monkeypatch):
     """Training packs too: the loss and the gradient of every trainable (label-side generators, banks, LoRA,
-    head) equal the padded forward's."""
+    head) equal the padded forward's, on a decoder (causal) and on a BERT (bidirectional within each input)."""
+    tiny = request.getfixturevalue(family)
     with packed_and_padded(tiny, seed, method, options, monkeypatch) as (m, ids, mask, calls):
         m.train()
         labels = torch.tensor([0, 1, 1, 0]) % len(m.label_names)
@@ -134,9 +161,10 @@ def test_packed_training_loss_and_gradients_equal_padded(tiny, seed, method, opt
             assert max_rel(g1[name], g0[name]) < 1e-5, (name, f"seed {seed}")
 
 
-def test_which_models_pack(tiny, minilm):
-    """Decoders with a packed kernel pack by default; an encoder, the SDPA backend and methods whose layer hooks
-    read the batch's (R, L) shape (APT's gates, FL's, CGC-LoRA's) do not."""
+def test_which_models_pack(tiny, tiny_enc):
+    """Decoders and absolute-position BERTs with a packed kernel pack by default; a BERT with relative positions,
+    the SDPA backend and methods whose layer hooks read the batch's (R, L) shape (APT's gates, FL's, CGC-LoRA's)
+    do not."""
     base, tok = tiny
     with patched(base, tok, "lora") as m:
         assert m.pack_inputs and packable(m)
@@ -145,9 +173,15 @@ def test_which_models_pack(tiny, minilm):
             assert not m.pack_inputs, method
     with patched(base, tok, "prefix", backend="sdpa") as m:
         assert not m.pack_inputs
-    enc = tiny_base("encoder", minilm[1]).double()
-    with patched(enc, minilm[1], "prefix") as m:
-        assert not m.pack_inputs
+    enc, etok = tiny_enc
+    with patched(enc, etok, "lora") as m:
+        assert m.pack_inputs
+    enc.config.position_embedding_type = "relative_key"
+    try:
+        with patched(enc, etok, "lora") as m:
+            assert not m.pack_inputs
+    finally:
+        enc.config.position_embedding_type = "absolute"
 
 
 def test_packed_attention_rejects_a_padded_batch(tiny):
