@@ -18,22 +18,23 @@ from testutil import max_rel
 TEXTS = ("great fun", "awful , just awful and long , so long that it pads the others", "ok", "it exists , sadly")
 
 
-@pytest.fixture(scope="module")
-def tiny(smollm):
-    """A random 2-layer Llama (6 query / 2 KV heads: GQA) over SmolLM2's tokenizer, float64, ltuning attention."""
-    _, tok = smollm
-    base = tiny_base("decoder", tok).double()
+def float64_tiny(family, tok):
+    """A random 2-layer model of ``family`` over the real tokenizer, float64, ltuning attention enabled."""
+    base = tiny_base(family, tok).double()
     ltuning.models.enable(base)
     return base, tok
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    """A random 2-layer Llama (6 query / 2 KV heads: GQA) over SmolLM2's tokenizer."""
+    return float64_tiny("decoder", smollm[1])
 
 
 @pytest.fixture(scope="module")
 def tiny_enc(minilm):
-    """A random 2-layer BERT over MiniLM's tokenizer, float64, ltuning attention."""
-    _, tok = minilm
-    base = tiny_base("encoder", tok).double()
-    ltuning.models.enable(base)
-    return base, tok
+    """A random 2-layer BERT over MiniLM's tokenizer."""
+    return float64_tiny("encoder", minilm[1])
 
 
 def batch(tok, texts=TEXTS):
