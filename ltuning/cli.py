@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation metric that picks the best step (macro_f1: a constant prediction of the "
                         "majority class, which accuracy can prefer on a small imbalanced split, scores low)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="train on packed batches (each batch's real tokens side by side in one row: the same loss "
+                        "and gradients without computing padding; decoders and BERT, where the method allows); "
+                        "--no-pack: padded batches")
     t.add_argument("--fsdp", action="store_true",
                    help="torchrun only: shard the frozen base's transformer layers over the ranks with FSDP2 "
                         "(each rank stores 1/N of their weights, all-gathered layer by layer); the trainable "
@@ -150,7 +154,7 @@ def cmd_train(a) -> dict:
                       weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, schedule=a.schedule, dtype=a.dtype,
                       eval_every=a.eval_every, patience=a.patience, seed=a.seed,
                       gradient_checkpointing=a.gradient_checkpointing, max_steps=a.max_steps,
-                      select_metric=a.select_metric, fsdp=a.fsdp)
+                      select_metric=a.select_metric, fsdp=a.fsdp, pack=a.pack)
     common = dict(max_train_examples=a.max_train_examples, max_dev_examples=a.max_dev_examples,
                   max_length=a.max_length, val_fraction=a.val_fraction, stratify_validation=a.stratify_validation,
                   resume=a.resume, keep_checkpoint=a.keep_checkpoint, progress=not a.quiet)

@@ -43,7 +43,9 @@ class TrainConfig:
     ``default_lr``. ``head_lr``: the head's rate next to other trainables (None: ``lr``; a model that trains only its
     head uses ``lr``). ``cache_features``: a model whose features cannot change (``features_are_frozen``) computes
     them once. ``fsdp``: under torchrun, shard the frozen base's transformer layers over the ranks with FSDP2
-    (:func:`ltuning.distributed.shard_frozen_base`) before training; the trainables stay replicated."""
+    (:func:`ltuning.distributed.shard_frozen_base`) before training; the trainables stay replicated. ``pack``: run
+    padded batches packed where the model can (``LTuningModel.pack_inputs``, :mod:`ltuning.models.packing`: the
+    same loss and gradients without padding); False trains on padded batches."""
     epochs: float = 3.0
     batch_size: int = 16
     lr: Optional[float] = None
@@ -62,6 +64,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     cache_features: bool = True
     fsdp: bool = False
+    pack: bool = True
 
     def __post_init__(self):
         if self.select_metric not in SELECT_METRICS:
@@ -176,6 +179,8 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, checkpoint_dir: O
     if cfg.lr is None:
         cfg = replace(cfg, lr=model.method.default_lr)
     torch.manual_seed(cfg.seed)
+    if not cfg.pack:
+        model.pack_inputs = False
     shards = distributed.shard_frozen_base(model) if cfg.fsdp else None  # before the optimizer and the device
     if cfg.gradient_checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

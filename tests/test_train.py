@@ -286,6 +286,34 @@ def test_linear_probe_caches_features_with_the_same_result(minilm, sst2_dir):
     unpatch(clf.model)
 
 
+def test_fit_packed_and_padded_train_the_same_adapter(minilm, sst2_dir, monkeypatch):
+    """``fit(pack=False)`` trains on padded batches, the default on packed ones (MiniLM is an absolute-position BERT,
+    so it packs): after three optimizer steps from the same seed the adapters agree to float32 rounding."""
+    import torch
+
+    from ltuning import Classifier, unpatch
+    from testutil import max_rel
+
+    from ltuning.methods import injection
+
+    model, tok = minilm
+    train = random.Random(1).sample(load_split(sst2_dir, "train"), 48)
+    states, calls = {}, []
+    real = injection.packed_last_hidden
+    monkeypatch.setattr(injection, "packed_last_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for pack in (True, False):
+        calls.clear()
+        clf = Classifier("minilm-l6", "lora", base=model, tokenizer=tok, max_length=32)
+        clf.fit(train, progress=False, epochs=1, batch_size=16, max_steps=3, seed=5, pack=pack)
+        assert clf.model.pack_inputs is pack and bool(calls) is pack  # the packed forward ran, or never
+        states[pack] = {k: v.detach().clone() for k, v in clf.model.named_parameters() if v.requires_grad}
+        unpatch(clf.model)
+    assert states[True].keys() == states[False].keys()
+    assert any(float(v.abs().sum()) > 0 for k, v in states[True].items() if k.endswith(".B"))  # B moved off 0
+    for k in states[True]:
+        assert max_rel(states[True][k], states[False][k]) < 1e-4, k
+
+
 def test_python_api_and_cli_share_the_training_defaults():
     """One place defines the defaults: every training flag of ``ltuning train`` defaults to TrainConfig's field, and
     a TrainConfig without ``lr`` trains at the method's default_lr (the head at DEFAULT_HEAD_LR)."""
