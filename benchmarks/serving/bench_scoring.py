@@ -65,8 +65,7 @@ def rss_mb() -> float:
 def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n_classify: int) -> dict:
     import torch
 
-    import ltuning
-    from ltuning.data import collate, default_label_text, encode, label_names_of
+    from ltuning.data import collate, encode, label_names_of
     from ltuning.inference import predict_scores
     from ltuning.models import load_base
 
@@ -75,20 +74,9 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
     recs = load_task(K)
     names = label_names_of(recs)
     assert len(names) == K, (len(names), K)
-    texts = [default_label_text(n) for n in names]
     torch.manual_seed(0)
-    name, opts = parse_method(config)
-    pack = opts.pop("pack", None)  # "<config>:pack=false": padded batches (the default packs on decoders)
-    if name == "lora":
-        cfg = ltuning.make_config("lora", label_names=names, **opts)
-    elif name == "onepass-unmerged":  # the one-pass bank without merging shared label tokens (to compare)
-        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring="onepass",
-                                  merge_label_tokens=False, **opts)
-    else:
-        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring=name, **opts)
-    model = ltuning.patch(base, cfg, tok)
-    if pack is not None:
-        model.pack_inputs = bool(pack)
+    name = parse_method(config)[0]
+    model = make_model(config, base, tok, names)
     rng = random.Random(0)
     sample = rng.sample(recs, batch_size + n_classify)
     enc = encode(sample, tok, names, 128, model.info.causal)
@@ -121,6 +109,28 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
             "packed": bool(model.pack_inputs), "real_input_tokens": int(mask.sum()),
             "padded_input_tokens": int(mask.numel()),
             "threads": torch.get_num_threads()}
+
+
+def make_model(config: str, base, tok, names):
+    """``config`` patched on ``base``: "lora", "onepass-unmerged", or an lt-prefix scoring ("kpass", "onepass",
+    "shared-input") with ``:<field>=<value>+...`` config fields (label texts: the default template) and ``pack=false``
+    for padded batches."""
+    import ltuning
+    from ltuning.data import default_label_text
+
+    name, opts = parse_method(config)
+    pack = opts.pop("pack", None)  # "<config>:pack=false": padded batches (the default packs where it can)
+    if name == "lora":
+        cfg = ltuning.make_config("lora", label_names=names, **opts)
+    else:
+        texts = [default_label_text(n) for n in names]
+        if name == "onepass-unmerged":  # the one-pass bank without merging shared label tokens (to compare)
+            name, opts = "onepass", {**opts, "merge_label_tokens": False}
+        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring=name, **opts)
+    model = ltuning.patch(base, cfg, tok)
+    if pack is not None:
+        model.pack_inputs = bool(pack)
+    return model
 
 
 def bank_tokens(model) -> int:

@@ -31,7 +31,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE), HERE]
-from bench_scoring import load_task, machine  # noqa: E402
+from bench_scoring import bank_tokens, load_task, machine, make_model  # noqa: E402
 from common import ROOT  # noqa: E402
 
 PARTS = ("bank attention", "label generator", "model matmuls", "other")
@@ -51,24 +51,15 @@ def profile(model_name: str, config: str, steps: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    import ltuning
-    from ltuning.data import collate, default_label_text, encode, label_names_of
+    from ltuning.data import collate, encode, label_names_of
     from ltuning.models import load_base
 
     base, tok = load_base(model_name)
     recs = load_task(77)
     names = label_names_of(recs)
     torch.manual_seed(0)
-    if config == "lora":
-        cfg = ltuning.make_config("lora", label_names=names)
-    else:
-        cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=[default_label_text(n) for n in names],
-                                  scoring="onepass")
-    model = ltuning.patch(base, cfg, tok)
-    bank_tokens = None
-    if config != "lora":
-        merged = model.method.dedup_index()
-        bank_tokens = int(model.method.label_mask.sum()) if merged is None else int(merged[0].numel())
+    model = make_model(config, base, tok, names)  # "onepass", "onepass:variant=pooled", "lora", ...
+    tokens = None if config == "lora" else bank_tokens(model)
     sample = random.Random(0).sample(recs, 16)
     enc = encode(sample, tok, names, 128, model.info.causal)
     b = collate(enc.input_ids, tok.pad_token_id, enc.labels)
@@ -92,12 +83,12 @@ def profile(model_name: str, config: str, steps: int) -> dict:
         step()
     ms, other = dict.fromkeys(PARTS, 0.0), {}
     for ev in prof.key_averages(group_by_input_shape=True):
-        part = part_of(ev.key, ev.input_shapes, bank_tokens)
+        part = part_of(ev.key, ev.input_shapes, tokens)
         ms[part] += ev.self_cpu_time_total / 1000
         if part == "other":
             other[ev.key] = other.get(ev.key, 0.0) + ev.self_cpu_time_total / 1000
     total = sum(ms.values())
-    return {"model": model_name, "config": config, "bank_tokens": bank_tokens,
+    return {"model": model_name, "config": config, "bank_tokens": tokens,
             "padded_input_tokens": int(b["attention_mask"].numel()),
             "real_input_tokens": int(b["attention_mask"].sum()), "step_times_s": times,
             "median_step_s": statistics.median(times), "train_examples_per_s": 16 / statistics.median(times),
