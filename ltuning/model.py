@@ -71,7 +71,8 @@ class LTuningModel(nn.Module):
         self.method.to(device)
         self.head.to(device)
         # padded batches run packed, in training and inference, wherever that is the same function
-        # (ltuning.models.packing.packable: decoders, a packed kernel, per-token hooks only); settable
+        # (ltuning.models.packing.packable: decoders and absolute-position BERTs, a packed kernel, per-token
+        # hooks only); settable
         self.pack_inputs = packing.packable(self)
 
     # ---------------------------------------------------------------- modes and bookkeeping

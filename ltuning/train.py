@@ -45,7 +45,8 @@ class TrainConfig:
     them once. ``fsdp``: under torchrun, shard the frozen base's transformer layers over the ranks with FSDP2
     (:func:`ltuning.distributed.shard_frozen_base`) before training; the trainables stay replicated. ``pack``: run
     padded batches packed where the model can (``LTuningModel.pack_inputs``, :mod:`ltuning.models.packing`: the
-    same loss and gradients without padding); False trains on padded batches."""
+    same loss and gradients without padding); False turns ``pack_inputs`` off, so the model trains and then
+    infers on padded batches."""
     epochs: float = 3.0
     batch_size: int = 16
     lr: Optional[float] = None

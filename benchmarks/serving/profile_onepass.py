@@ -31,7 +31,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE), HERE]
-from bench_scoring import bank_tokens, load_task, machine, make_model  # noqa: E402
+from bench_scoring import bank_tokens, load_task, machine, make_model, parse_method  # noqa: E402
 from common import ROOT  # noqa: E402
 
 PARTS = ("bank attention", "label generator", "model matmuls", "other")
@@ -59,7 +59,7 @@ def profile(model_name: str, config: str, steps: int) -> dict:
     names = label_names_of(recs)
     torch.manual_seed(0)
     model = make_model(config, base, tok, names)  # "onepass", "onepass:variant=pooled", "lora", ...
-    tokens = None if config == "lora" else bank_tokens(model)
+    tokens = None if parse_method(config)[0] == "lora" else bank_tokens(model)
     sample = random.Random(0).sample(recs, 16)
     enc = encode(sample, tok, names, 128, model.info.causal)
     b = collate(enc.input_ids, tok.pad_token_id, enc.labels)

@@ -167,7 +167,7 @@ class Engine:
                 {"method": m.config.method, "labels": list(m.label_names), "base_model": base_name,
                  "base_fingerprint": meta.base_fingerprint})
         for name, a in self.adapters.items():
-            a.model.pack_inputs = pack and packable(a.model)  # decoders, a packed kernel, per-token hooks only
+            a.model.pack_inputs = pack and packable(a.model)  # see ltuning.models.packing.packable
         self.hooks = _HookSwitch()
         hooked = [n for n, ids in owned.items() if ids]
         if len(self.adapters) > 1 and hooked:
