@@ -71,14 +71,17 @@ from .scoring import check_scoring, pack_blocks
 
 @dataclass
 class LTConfig(MethodConfig):
-    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label, default), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); see ltuning.methods.scoring'}
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label, default), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); see ltuning.methods.scoring', 'label_weights': 'onepass: add a free per-label vector to the bilinear label score (zero-initialised; labels added at inference get none)'}
     """``scoring``: "kpass" (one row per (input, label) pair, the paper's protocol), "onepass" (all K label
     blocks in one prefix, the input once, a bilinear label head) or "shared-input" (the input once, the label
-    texts as suffixes attending to its K/V): see :mod:`.scoring`. Adapters without the key are kpass."""
+    texts as suffixes attending to its K/V): see :mod:`.scoring`. Adapters without the key are kpass.
+    ``label_weights`` (onepass only): the bilinear head gets a free per-label vector w_k, s_{b,k} += LN(h_b).w_k /
+    sqrt(d) (:class:`.scoring.BilinearLabelHead`); off by default, adapters without the key load without it."""
     encoder_hidden_size: int = 512
     objective: str = "listwise"
     num_negatives: int = 1
     scoring: str = "kpass"
+    label_weights: bool = False
 
 
 @dataclass
@@ -127,6 +130,9 @@ class LabelConditioned(Method):
     def refresh_cache(self, base, tokenizer) -> None:
         res = encode_texts(base, tokenizer, self.config.resolved_label_texts(), with_kv=self.uses_label_kv)
         for name, t in zip(self.cache_keys(), res):
+            old = getattr(self, name, None)  # a refresh (add_labels) keeps a cast model's dtype (.double(), bf16)
+            if isinstance(old, torch.Tensor) and old.is_floating_point() and t.is_floating_point():
+                t = t.to(old.dtype)
             self.register_buffer(name, t)
 
     def cache_keys(self) -> list:

@@ -96,15 +96,29 @@ class BilinearLabelHead(nn.Module):
     sides stay in the same space; a bilinear map with a free label-side projection fits the trained labels but
     scores an unseen label at chance (nothing ties its projection to the trained ones). The 1/sqrt(d)
     keeps Adam's per-entry steps from swamping the identity at the head's learning rate. tau = exp(log_tau),
-    log_tau starts at log 10."""
+    log_tau starts at log 10.
 
-    def __init__(self, d: int):
+    ``n_label_weights`` = K > 0 (``config.label_weights``) adds a free, zero-initialised per-label vector w_k:
+    s_{b,k} += h'_b . w_k / sqrt(d), a linear probe's term on top of the shared metric. It gives the trained labels
+    what a probe learns beyond their texts (at K = 77 intents the label texts alone under-separate); a label added
+    at inference gets w_k = 0 and is scored by the shared metric alone, as without the option."""
+
+    def __init__(self, d: int, n_label_weights: int = 0):
         super().__init__()
         self.query_delta = nn.Parameter(torch.zeros(d, d))
         self.key_delta = nn.Parameter(torch.zeros(d, d))
         self.log_tau = nn.Parameter(torch.tensor(math.log(10.0)))
+        # (K, d) free per-label vectors (config.label_weights), or None
+        self.label_weight = nn.Parameter(torch.zeros(n_label_weights, d)) if n_label_weights else None
         self.d = d
         self.no_weight_decay = ("log_tau",)
+
+    def add_label_rows(self, n: int) -> None:
+        """Labels added at inference: n zero rows of ``label_weight`` (their score is the shared metric alone)."""
+        if self.label_weight is not None and n > 0:
+            w = self.label_weight.data
+            self.label_weight = nn.Parameter(torch.cat([w, w.new_zeros(n, self.d)]),
+                                             requires_grad=self.label_weight.requires_grad)
 
     @property
     def weight(self) -> torch.Tensor:  # the model's device is read from ``head.weight``
@@ -118,13 +132,21 @@ class BilinearLabelHead(nn.Module):
         hn, un = F.layer_norm(h, h.shape[-1:]), F.layer_norm(u, u.shape[-1:])
         q = hn + hn @ self.query_delta * r
         k = un + un @ self.key_delta * r
-        return self.log_tau.exp() * (q @ k.T) / self.d
+        s = self.log_tau.exp() * (q @ k.T) / self.d
+        if self.label_weight is None:
+            return s
+        if self.label_weight.shape[0] != u.shape[0]:
+            raise ValueError(f"u has {u.shape[0]} labels but the head's label_weight {self.label_weight.shape[0]}")
+        return s + hn @ self.label_weight.T * r
 
 
 def make_head(config, info, n_out: int) -> nn.Module:
     """The model's head: the bilinear label head for onepass, else ``Linear(d, n_out)`` (as before)."""
     if check_scoring(config) == "onepass":
-        return BilinearLabelHead(info.hidden_size)
+        return BilinearLabelHead(info.hidden_size, len(config.label_names) if getattr(config, "label_weights", False)
+                                 else 0)
+    if getattr(config, "label_weights", False):
+        raise ValueError("label_weights applies to scoring 'onepass' only")
     return nn.Linear(info.hidden_size, n_out)
 
 
@@ -299,3 +321,5 @@ def add_labels(model, names, texts=None) -> None:
         model.config.label_names, model.config.label_texts = old, old_texts
         m.refresh_cache(model.base, model.tokenizer)
         raise
+    if isinstance(model.head, BilinearLabelHead):
+        model.head.add_label_rows(len(names))

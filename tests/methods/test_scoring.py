@@ -475,3 +475,77 @@ def test_engine_budgets_rows_per_input_by_scoring(minilm, scoring, rows, tmp_pat
     assert a.rows_per_input == rows
     got = e.score_ids(a, [row[mk.bool()].tolist() for row, mk in zip(ids, mask)])
     assert rel_err(got, want) < 1e-5
+
+
+def reference_bilinear(head, h, u):
+    """float64 reference of BilinearLabelHead with per-label weights, written out from its docstring."""
+    d = h.shape[1]
+    ln = lambda x: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    hn, un = ln(h), ln(u)
+    q = hn @ (torch.eye(d, dtype=h.dtype) + head.query_delta / d ** 0.5)
+    k = un @ (torch.eye(d, dtype=h.dtype) + head.key_delta / d ** 0.5)
+    s = torch.exp(head.log_tau) * (q @ k.T) / d
+    return s + hn @ head.label_weight.T / d ** 0.5
+
+
+def test_label_weights_head_equals_reference_forward_and_backward(request):
+    seed = seed_of(request)
+    g = torch.Generator().manual_seed(seed)
+    d, B, K = 24, 5, 7
+    head = BilinearLabelHead(d, K).double()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    h = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(K, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(B, K, generator=g, dtype=torch.float64)
+    s, r = head(h, u), reference_bilinear(head, h, u)
+    assert s.shape == (B, K) and torch.isfinite(s).all()
+    assert ((s - r).norm() / r.norm()).item() < 1e-12, seed
+    got = torch.autograd.grad((s * w).sum(), [h, u, *head.parameters()])
+    ref = torch.autograd.grad((r * w).sum(), [h, u, *head.parameters()])
+    for a, b in zip(got, ref):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-30)).item() < 1e-12, seed
+    assert head.label_weight.grad is None  # autograd.grad above, nothing accumulated
+    with pytest.raises(ValueError, match="label_weight"):
+        head(h, u[:3])
+
+
+def test_label_weights_in_model_add_labels_save_load(minilm, tmp_path, request):
+    """onepass lt-prefix with label_weights: every label's score moves with its w_k; add_labels keeps the trained
+    rows and appends a zero row; the adapter round-trips; kpass refuses the option."""
+    tok = minilm[1]
+    base = tiny_base("encoder", tok).double()
+    seed = seed_of(request)
+    m = build(base, tok, "lt-prefix", "onepass", seed, label_weights=True)
+    try:
+        ids, mask = inputs(tok)
+        assert m.head.label_weight.shape == (3, m.info.hidden_size)
+        assert "head.label_weight" in dict(m.named_parameters()) and m.head.label_weight.requires_grad
+        with torch.no_grad():
+            s = m(ids, mask)
+            w = m.head.label_weight.data.clone()
+            m.head.label_weight.data.zero_()
+            s0 = m(ids, mask)
+            m.head.label_weight.data.copy_(w)
+        # the difference is the per-label term on the pooled input: rank <= d, nonzero in every label's column
+        assert ((s - s0).abs().amax(0) > 1e-6).all()
+        m.save_pretrained(str(tmp_path))
+        with torch.no_grad():
+            m.add_labels(["other"], ["Something else entirely."])
+            s4 = m(ids, mask)
+        # (the old labels' scores move: the input now also attends the new label's bank block)
+        assert s4.shape == (3, 4) and torch.isfinite(s4).all()
+        assert torch.equal(m.head.label_weight[:3], w) and torch.equal(m.head.label_weight[3], torch.zeros_like(w[0]))
+    finally:
+        ltuning.unpatch(m)
+    r = ltuning.LTuningModel.from_pretrained(base, str(tmp_path), tok)
+    try:
+        assert r.config.label_weights is True
+        r.double()  # (loaded into the fp32 model first, then cast: fp32 rounding of the saved weights)
+        with torch.no_grad():
+            assert ((r(ids, mask) - s).abs().max() / s.abs().max()).item() < 1e-6
+    finally:
+        ltuning.unpatch(r)
+    with pytest.raises(ValueError, match="label_weights"):
+        ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=NAMES3, label_weights=True), tok)
