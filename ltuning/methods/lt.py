@@ -171,17 +171,18 @@ class LTPrefix(LabelConditioned):
         else:
             raise ValueError(f"variant must be 'pooling', 'pooled', 'kv' or 'published', not {config.variant!r}")
 
+    def label_token_attention(self) -> torch.Tensor:
+        """(K, l): softmax_t(h_{k,t} w + b) over each label text's real tokens (0 on padding)."""
+        return self.pool(self.label_hidden).squeeze(-1).masked_fill(~self.label_mask, float("-inf")).softmax(-1)
+
     def pooled_label_tokens(self) -> torch.Tensor:
         """F_theta(h): (K, l, d), real tokens re-weighted by n_k * softmax(h w + b), padding -> 0."""
-        h, m = self.label_hidden, self.label_mask
-        a = self.pool(h).squeeze(-1).masked_fill(~m, float("-inf")).softmax(-1)
-        return h * (a * m.sum(-1, keepdim=True))[..., None]
+        a = self.label_token_attention()
+        return self.label_hidden * (a * self.label_mask.sum(-1, keepdim=True))[..., None]
 
     def pooled_label_vectors(self) -> torch.Tensor:
         """Variant "pooled": (K, d) = sum_t softmax_t(h_k w)_t h_{k,t} over each label text's real tokens."""
-        h, m = self.label_hidden, self.label_mask
-        a = self.pool(h).squeeze(-1).masked_fill(~m, float("-inf")).softmax(-1)
-        return (h * a[..., None]).sum(1)
+        return (self.label_hidden * self.label_token_attention()[..., None]).sum(1)
 
     def prefix_lengths(self):
         """(K,) token counts of the label texts when they differ (masked padding), else None (also for variant

@@ -435,9 +435,12 @@ def test_cli_bad_scoring_is_one_line_exit_2(tmp_path, sst2_dir, capsys, minilm):
 BANK_CLASSES = ["card_arrival", "exchange_rate", "lost_or_stolen_phone", "age_limit", "top_up_failed"]
 
 
-def test_onepass_label_added_at_inference_scores_above_chance(minilm, sst2_dir):
+@pytest.mark.parametrize("label_weights", [False, True])
+def test_onepass_label_added_at_inference_scores_above_chance(minilm, sst2_dir, label_weights):
     """Train one-pass lt-prefix on 4 BANKING77 intents, then add a 5th (held back from training) by encoding its
-    text only: on that intent's dev examples the new label is the top-1 of the 5 well above chance (1/5)."""
+    text only: on that intent's dev examples the new label is the top-1 of the 5 well above chance (1/5). With
+    ``label_weights`` the trained labels have free vectors the new one lacks (w = 0): it must still win its own
+    examples."""
     path = os.path.join(os.path.dirname(sst2_dir), "banking77")  # beside the shared SST-2
     if not os.path.isdir(path):
         pytest.skip(f"{path} not found")
@@ -448,12 +451,15 @@ def test_onepass_label_added_at_inference_scores_above_chance(minilm, sst2_dir):
     base, tok = minilm
     torch.manual_seed(0)
     clf = ltuning.Classifier("minilm-l6", "lt-prefix", label_names=BANK_CLASSES[:-1], base=base, tokenizer=tok,
-                             scoring="onepass")
+                             scoring="onepass", label_weights=label_weights)
     try:
         clf.fit(train, val=train[::6], epochs=4, batch_size=16, lr=1e-3, head_lr=1e-2, progress=False, seed=0)
         dev_held = [r for r in recs["dev"] if r["label"] == held]
         dev_seen = [r for r in recs["dev"] if r["label"] in BANK_CLASSES[:-1]][::2]
         clf.add_labels([held])
+        if label_weights:  # the 4 trained labels' vectors moved; the added label has none
+            w = clf.model.head.label_weight
+            assert w.shape[0] == 5 and bool((w[:4].abs().amax(1) > 0).all()) and not bool(w[4].any())
         assert clf.label_names[-1] == held and clf.model.config.label_texts[-1].endswith("top up failed.")
         top1_held = sum(p == held for p in clf.predict(dev_held)) / len(dev_held)
         acc_seen = sum(p == r["label"] for p, r in zip(clf.predict(dev_seen), dev_seen)) / len(dev_seen)
