@@ -314,3 +314,23 @@ def test_on_the_committed_accuracy_table(sel, tmp_path):
     lr = by["minilm-l6", "lr"]
     assert {"sst2", "rte", "cola"} <= set(lr["tasks"]) and len(lr["loto"]) == len(lr["tasks"])
     assert lr["choice"] in lr["candidates"]
+
+
+def test_decide_reading_compares_configurations_differing_in_several_options(sel, tmp_path):
+    """--decide-reading: candidates are whole method strings (here two options apart); the bare method is the
+    library default; runs match by configuration (``scoring=kpass`` spelled out is the bare method); the same
+    pooled / leave-one-task-out protocol; malformed groups are one line, exit 2."""
+    cheap = "lt-prefix:scoring=onepass+variant=pooled+label_weights=true"
+    runs = three_tasks({t: {"lt-prefix:scoring=kpass": ([60, 62], [60, 61]), cheap: ([70, 70], [62, 63]),
+                            "lt-prefix:scoring=onepass": ([65, 65], [50, 50])} for t in "abc"})
+    (d,), md = select(sel, tmp_path, runs, "--decide-reading", f"lt-prefix;{cheap}")
+    assert d["kind"] == "reading" and d["candidates"] == ["lt-prefix", cheap]
+    assert d["library_default"] == "lt-prefix" and d["choice"] == cheap and d["confirmed"]
+    assert d["per_task"]["a"]["lt-prefix"]["method"] == "lt-prefix:scoring=kpass"
+    assert abs(d["pooled_val"]["lt-prefix"] - 61) < 1e-9 and abs(d["pooled_val"][cheap] - 70) < 1e-9
+    assert "--decide-reading" in md and "Choice: **B**" in md and f"B: `{cheap}`" in md
+    for bad in ("lt-prefix", "lt-prefix;lora", "lt-prefix;lt-prefix", "lt-prefix;lt-prefix:lr=0.1+scoring=onepass"):
+        assert sel.main(["--inputs", write(tmp_path, "x.json", runs), "--decide-reading", bad,
+                         "--out", str(tmp_path / "y.json")]) == 2, bad
+    with pytest.raises(Exception):  # two spellings of one configuration
+        sel.decide(runs, "m", sel.parse_reading_decision("lt-prefix;lt-prefix:scoring=kpass"))

@@ -5,7 +5,9 @@ quantized base are ignored). A *decision* is a model, a base method (``lt-prefix
 and candidates differing in ONE option: ``--decide "lt-prefix:scoring=kpass|onepass|shared-input"`` (the decided
 option is the last ``key=a|b|c`` of the string; for ``label_texts``, whose value is itself ``|``-separated, the
 candidates are separated by ``||``; the candidate ``default`` is the option left out), or the learning rate, ``--decide-lr lt-prefix:scoring=onepass`` (candidates:
-the method's ``lr_grid``, from its sweep's grid runs at ``--grid-seed``). A candidate equal to the library default
+the method's ``lr_grid``, from its sweep's grid runs at ``--grid-seed``), or whole configurations of one method,
+``--decide-reading "lt-prefix;lt-prefix:scoring=onepass+variant=pooled+label_weights=true"`` (candidates that
+differ in several options at once; the library default is the candidate equal to the bare method). A candidate equal to the library default
 (``ltuning.make_config``; a field left None there is resolved by the model's family as the library does when it
 builds the method, see ``FAMILY_DEFAULTS``) also matches the method string without that option: ``kpass`` is
 ``lt-prefix``. Runs are matched by configuration, not by spelling: options at their default are dropped first.
@@ -252,6 +254,24 @@ def parse_lr_decision(text: str, grid_seed: int) -> dict:
             "labels": [f"{g:g}" for g in grid], "grid_seed": grid_seed}
 
 
+def parse_reading_decision(text: str) -> dict:
+    """``"lt-prefix;lt-prefix:scoring=onepass+variant=pooled"`` (``--decide-reading``) -> a decision between whole
+    configurations of ONE method, which may differ in several options (each candidate a method string, matched
+    by configuration; the library default is the candidate equal to the bare method, if any)."""
+    specs = [x.strip() for x in text.split(";") if x.strip()]
+    names = {parse_method(x)[0] for x in specs}
+    if len(specs) < 2 or len(set(specs)) != len(specs):
+        raise UserError(f"{text!r}: expected at least two distinct method strings separated by ';'", "--decide-reading")
+    if len(names) != 1 or next(iter(names)) not in METHODS:
+        raise UserError(f"{text!r}: every candidate must be a configuration of one known method (got "
+                        f"{', '.join(sorted(names))})", "--decide-reading")
+    if any("lr" in parse_method(x)[1] for x in specs):
+        raise UserError(f"{text!r}: each candidate's lr is its sweep's pick; leave lr= out", "--decide-reading")
+    name = next(iter(names))
+    return {"kind": "reading", "text": text, "base": name, "method": name, "option": "reading",
+            "candidates": specs, "labels": specs}
+
+
 def candidate_method(dec: dict, value) -> str:
     """The method string of a candidate (for matching by configuration)."""
     if dec["kind"] == "lr" or value is None:
@@ -341,6 +361,13 @@ def decide(runs: list, model: str, dec: dict, tasks_filter: list | None = None) 
     if dec["kind"] == "lr":
         default = float(default_lr(dec["base"]))
         targets = [config_of(model, dec["base"])] * len(cands)
+    elif dec["kind"] == "reading":
+        targets = [config_of(model, c) for c in cands]
+        if len(set(targets)) < len(targets):
+            raise UserError(f"{dec['text']!r}: on {model} two candidates are the same configuration",
+                            "--decide-reading")
+        bare = config_of(model, name)
+        default = next((c for c, t in zip(cands, targets) if t == bare), name)
     else:
         default = library_default(model, name, dec["option"])
         cands = [default if v is DEFAULT else v for v in cands]
@@ -439,7 +466,7 @@ def markdown(res: dict) -> str:
             if res["kind"] == "lr" and res["tasks"] else res["option"])
     default = res["library_default"] or repr(res["library_default_value"]) + " (not a candidate)"
     lines = [f"\n### {res['model']}: {res['base']}, {what} in {{{', '.join(names)}}}\n",
-             f"`--decide{'-lr' if res['kind'] == 'lr' else ''} \"{res['decision']}\"`.{legend}", "",
+             f"`--decide{'' if res['kind'] == 'option' else '-' + res['kind']} \"{res['decision']}\"`.{legend}", "",
              f"Library default: {default}. Tasks: {', '.join(res['tasks']) or 'none'}."]
     for d in res["dropped_tasks"]:
         lines.append(f"Dropped {d['task']}: {d['reason']}.")
@@ -518,6 +545,8 @@ def main(argv=None) -> int:
                     help="a decision over one option (repeatable)")
     ap.add_argument("--decide-lr", action="append", default=[], metavar="METHOD",
                     help="the lr of METHOD (with its options) over its lr_grid, from the grid runs (repeatable)")
+    ap.add_argument("--decide-reading", action="append", default=[], metavar="METHOD[:opts];METHOD:opts[;...]",
+                    help="a decision between whole configurations of one method, separated by ';' (repeatable)")
     ap.add_argument("--models", default="", help="comma-separated (default: every model with runs of the method)")
     ap.add_argument("--tasks", default="", help="comma-separated tasks to consider (default: all in the inputs)")
     ap.add_argument("--grid-seed", type=int, default=0, help="seed of the sweep's grid runs (run.py --grid-seed)")
@@ -541,9 +570,10 @@ def _main(a, argv) -> int:
         if fam not in ("decoder", "encoder") or not model:
             raise UserError(f"{f!r}: expected MODEL=decoder|encoder", "--family")
         _FAMILIES[model] = fam
-    decs = [parse_decision(d) for d in a.decide] + [parse_lr_decision(d, a.grid_seed) for d in a.decide_lr]
+    decs = ([parse_decision(d) for d in a.decide] + [parse_lr_decision(d, a.grid_seed) for d in a.decide_lr]
+            + [parse_reading_decision(d) for d in a.decide_reading])
     if not decs:
-        raise UserError("give at least one decision", "--decide/--decide-lr")
+        raise UserError("give at least one decision", "--decide/--decide-lr/--decide-reading")
     paths = [p for p in a.inputs.split(",") if p]
     runs, budget, inputs = load_runs(paths)
     models = [m for m in a.models.split(",") if m]
@@ -554,7 +584,7 @@ def _main(a, argv) -> int:
         for m in ms:
             results.append(decide(runs, m, dec, tasks))
     cmd = " ".join(["benchmarks/accuracy/select_defaults.py"]
-                   + [f'"{x}"' if any(c in x for c in " |") else x for x in (argv if argv is not None
+                   + [f'"{x}"' if any(c in x for c in " |;") else x for x in (argv if argv is not None
                                                                           else sys.argv[1:])])
     state = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "code": code_version(),
              "machine": machine(), "inputs": inputs, "budget": budget,
