@@ -16,14 +16,15 @@ from serving_helpers import TEXTS, write_jsonl
 from testutil import max_rel
 
 # name -> (method, labels, label texts, options): three different tasks (2, 3 and 4 labels), label texts of unequal
-# token counts (masked bank entries of unequal lengths), a gated prefix (APT), one-pass scoring, and LoRA
+# token counts (masked bank entries of unequal lengths), a gated prefix (APT), one-pass scoring (with per-label
+# weights in its head), and LoRA
 ADAPTERS = {
     "prefix": ("prefix", ["negative", "positive"], None, {"num_virtual_tokens": 5}),
     "lt": ("lt-prefix", ["bad", "good", "so so"],
            {"bad": "it is bad", "good": "good", "so so": "it is neither good nor bad"}, {}),
     "sk": ("sk-prefix", ["negative", "positive"], None, {}),
     "apt": ("apt", ["a", "b", "c", "d"], None, {"num_virtual_tokens": 3}),
-    "onepass": ("lt-prefix", ["negative", "positive"], None, {"scoring": "onepass"}),
+    "onepass": ("lt-prefix", ["negative", "positive"], None, {"scoring": "onepass", "label_weights": True}),
     "lora": ("lora", ["negative", "positive"], None, {}),
 }
 DECODER_ADAPTERS = ("prefix", "lt", "apt", "prompt")
