@@ -4,6 +4,7 @@ the whole runs the command line starts: :func:`train` (``ltuning train``) and :f
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Optional
 
@@ -134,6 +135,21 @@ class Classifier:
         return clf
 
 
+MANY_LABELS = 8  # from here on, a K-pass label-conditioned run gets a note about one-pass scoring
+
+
+def scoring_hint(method: str, method_options: dict, n_labels: int) -> Optional[str]:
+    """A one-line note for ``ltuning train`` when a label-conditioned method scores K >= ``MANY_LABELS`` labels
+    with the K-pass protocol (every input runs K times per step), else None."""
+    from .methods import method_class
+    if not method_class(method).label_conditioned or method_options.get("scoring", "kpass") != "kpass" \
+            or n_labels < MANY_LABELS:
+        return None
+    return (f"ltuning: {n_labels} labels with --scoring kpass run every input {n_labels} times per step; "
+            "--scoring onepass runs it once (on encoders with --variant pooled --label-weights, the reading "
+            "validation chose; README, Label scoring)")
+
+
 def train(train_records: list, dev: list, label_names: list, out: str, model: str, method: str, method_options: dict,
           cfg: TrainConfig, label_texts: Optional[dict] = None, max_length: int = 128, quantize: Optional[str] = None,
           max_train_examples: Optional[int] = None, max_dev_examples: Optional[int] = None, val_fraction: float = 0.1,
@@ -145,6 +161,9 @@ def train(train_records: list, dev: list, label_names: list, out: str, model: st
     subsample misses is still scored). Returns the metrics."""
     train_records = subsample(train_records, max_train_examples, cfg.seed)
     dev = subsample(dev, max_dev_examples, cfg.seed)
+    hint = scoring_hint(method, method_options, len(label_names))
+    if hint and is_main():
+        print(hint, file=sys.stderr)
     clf = Classifier(model, method, label_names=label_names, label_texts=label_texts, dtype=cfg.dtype,
                      max_length=max_length, quantize=quantize, **method_options)
     hist = clf.fit(train_records, out_dir=out, resume=resume, val_fraction=val_fraction,
