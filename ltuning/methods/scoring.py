@@ -29,9 +29,11 @@ d = hidden size, layers of Hkv key/value heads of size D.
   texts start alike have equal K/V over their common first tokens): one token with logit + log(multiplicity)
   attends exactly as its copies (``LTPrefix.dedup_index``; 802 -> 299 bank tokens on SmolLM2 BANKING77).
   (:class:`BilinearLabelHead`: a dual-encoder metric that starts as the correlation of the two states.)
-  Trainable: the method's label-side generator (as in kpass) + A, C, tau. A label is added at inference by
-  encoding its text (:meth:`ltuning.model.LTuningModel.add_labels`): its block joins the bank and its u_k the
-  score, no retraining (nothing in the model is per-label; ``variant="published"`` excepted when l grows).
+  Trainable: the method's label-side generator (as in kpass) + A, C, tau (+ one free vector w_k per label with
+  ``label_weights``: s_{b,k} += LN(h_b).w_k / sqrt(d)). A label is added at inference by encoding its text
+  (:meth:`ltuning.model.LTuningModel.add_labels`): its block joins the bank and its u_k the score, no retraining
+  (nothing else in the model is per-label: with ``label_weights`` the new label gets w_k = 0;
+  ``variant="published"`` excepted when l grows).
   Encoders: the input attends to all label blocks bidirectionally, the blocks do not see the input (they are a
   prefix); as in kpass lt-prefix on encoders.
 
