@@ -14,7 +14,7 @@ from . import tasks
 from .data import Encoded, default_label_text, encode, label_names_of, load_split, split_validation, subsample
 from .distributed import is_main
 from .io import read_adapter_meta
-from .methods import make_config
+from .methods import make_config, method_class
 from .metrics import classification_metrics
 from .model import LTuningModel
 from .models import load_base
@@ -141,7 +141,6 @@ MANY_LABELS = 8  # from here on, a K-pass label-conditioned run gets a note abou
 def scoring_hint(method: str, method_options: dict, n_labels: int) -> Optional[str]:
     """A one-line note for ``ltuning train`` when a label-conditioned method scores K >= ``MANY_LABELS`` labels
     with the K-pass protocol (every input runs K times per step), else None."""
-    from .methods import method_class
     if not method_class(method).label_conditioned or method_options.get("scoring", "kpass") != "kpass" \
             or n_labels < MANY_LABELS:
         return None

@@ -332,5 +332,5 @@ def test_decide_reading_compares_configurations_differing_in_several_options(sel
     for bad in ("lt-prefix", "lt-prefix;lora", "lt-prefix;lt-prefix", "lt-prefix;lt-prefix:lr=0.1+scoring=onepass"):
         assert sel.main(["--inputs", write(tmp_path, "x.json", runs), "--decide-reading", bad,
                          "--out", str(tmp_path / "y.json")]) == 2, bad
-    with pytest.raises(Exception):  # two spellings of one configuration
+    with pytest.raises(sel.UserError, match="same configuration"):  # two spellings of one configuration
         sel.decide(runs, "m", sel.parse_reading_decision("lt-prefix;lt-prefix:scoring=kpass"))

@@ -77,6 +77,8 @@ def check_scoring(config) -> str:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}; got {scoring!r}")
     if scoring != "kpass" and getattr(config, "objective", "listwise") != "listwise":
         raise ValueError(f"scoring {scoring!r} needs objective 'listwise' (got {config.objective!r})")
+    if getattr(config, "label_weights", False) and scoring != "onepass":
+        raise ValueError(f"label_weights applies to scoring 'onepass' only (got scoring {scoring!r})")
     return scoring
 
 
@@ -145,10 +147,7 @@ class BilinearLabelHead(nn.Module):
 def make_head(config, info, n_out: int) -> nn.Module:
     """The model's head: the bilinear label head for onepass, else ``Linear(d, n_out)`` (as before)."""
     if check_scoring(config) == "onepass":
-        return BilinearLabelHead(info.hidden_size, len(config.label_names) if getattr(config, "label_weights", False)
-                                 else 0)
-    if getattr(config, "label_weights", False):
-        raise ValueError("label_weights applies to scoring 'onepass' only")
+        return BilinearLabelHead(info.hidden_size, len(config.label_names) if config.label_weights else 0)
     return nn.Linear(info.hidden_size, n_out)
 
 
