@@ -83,6 +83,9 @@ class Classifier:
             # same order as the CLI: seed, load the base if needed, build)
             torch.manual_seed(cfg.seed)
             self.build(self.label_names or label_names_of(train))
+        note = scoring_hint(self.model.config, len(self.label_names))
+        if note and progress and is_main():
+            print(note, file=sys.stderr)
         if val is None:
             train, val = split_validation(train, val_fraction, cfg.seed, stratify=stratify_validation)
         tr, va = self.encode(train), self.encode(val)
@@ -138,15 +141,15 @@ class Classifier:
 MANY_LABELS = 8  # from here on, a K-pass label-conditioned run gets a note about one-pass scoring
 
 
-def scoring_hint(method: str, method_options: dict, n_labels: int) -> Optional[str]:
-    """A one-line note for ``ltuning train`` when a label-conditioned method scores K >= ``MANY_LABELS`` labels
-    with the K-pass protocol (every input runs K times per step), else None."""
-    if not method_class(method).label_conditioned or method_options.get("scoring", "kpass") != "kpass" \
+def scoring_hint(config, n_labels: int) -> Optional[str]:
+    """A one-line note (printed by :meth:`Classifier.fit` with progress on, so by ``ltuning train``) when a built
+    label-conditioned model (``config``: its resolved config) scores K >= ``MANY_LABELS`` labels with the K-pass
+    protocol (every input runs K times per step), else None."""
+    if not method_class(config.method).label_conditioned or getattr(config, "scoring", None) != "kpass" \
             or n_labels < MANY_LABELS:
         return None
     return (f"ltuning: {n_labels} labels with --scoring kpass run every input {n_labels} times per step; "
-            "--scoring onepass runs it once (on encoders with --variant pooled --label-weights, the reading "
-            "validation chose; README, Label scoring)")
+            "--scoring onepass runs it once (the default of lt-prefix on encoders; README, Label scoring)")
 
 
 def train(train_records: list, dev: list, label_names: list, out: str, model: str, method: str, method_options: dict,
@@ -160,9 +163,6 @@ def train(train_records: list, dev: list, label_names: list, out: str, model: st
     subsample misses is still scored). Returns the metrics."""
     train_records = subsample(train_records, max_train_examples, cfg.seed)
     dev = subsample(dev, max_dev_examples, cfg.seed)
-    hint = scoring_hint(method, method_options, len(label_names))
-    if hint and is_main():
-        print(hint, file=sys.stderr)
     clf = Classifier(model, method, label_names=label_names, label_texts=label_texts, dtype=cfg.dtype,
                      max_length=max_length, quantize=quantize, **method_options)
     hist = clf.fit(train_records, out_dir=out, resume=resume, val_fraction=val_fraction,

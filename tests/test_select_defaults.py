@@ -43,6 +43,8 @@ def select(sel, tmp_path, runs, *args, inputs=None):
     """Run the CLI on ``runs``; returns (the JSON's decisions, the markdown)."""
     path = inputs or write(tmp_path, "acc.json", runs)
     out, rep = tmp_path / "sel.json", tmp_path / "rep"
+    if "--family" not in args:  # the synthetic model "m" is a decoder: lt-prefix's bare string is kpass there
+        args = (*args, "--family", "m=decoder")
     assert sel.main(["--inputs", path, "--out", str(out), "--report-out", str(rep), *args]) == 0
     md = (tmp_path / "rep.md").read_text()
     assert max(len(ln) for ln in md.splitlines()) <= 120
@@ -229,18 +231,24 @@ def test_lr_decision_from_the_grid_runs(sel, tmp_path):
 
 
 def test_family_dependent_default(sel, tmp_path):
-    """variant's default is None in make_config and resolved by family: kv on a decoder, pooling on an encoder, so
-    the bare method string is the kv candidate on the one and the pooling candidate on the other."""
+    """variant's default is None in make_config and resolved by family (and, on encoders, by scoring): kv on a
+    decoder, pooling on an encoder with kpass, so the method string without it is the kv candidate on the one and
+    the pooling candidate on the other. On the encoder the bare ``lt-prefix`` is one-pass (pooled, label weights):
+    not a candidate of a decision with ``scoring=kpass`` fixed."""
     runs = [r for m in ("dec", "enc") for t in "ab" for r in
-            runs_of(m, t, "lt-prefix", [80], [80]) + runs_of(m, t, "lt-prefix:variant=published", [70], [70])
-            + runs_of(m, t, "lt-prefix:variant=kv" if m == "enc" else "lt-prefix:variant=pooling", [60], [60])]
-    decs, _ = select(sel, tmp_path, runs, "--decide", "lt-prefix:variant=kv|pooling|published",
+            runs_of(m, t, "lt-prefix:scoring=kpass", [80], [80])
+            + runs_of(m, t, "lt-prefix:scoring=kpass+variant=published", [70], [70])
+            + runs_of(m, t, "lt-prefix:scoring=kpass+variant=kv" if m == "enc" else
+                      "lt-prefix:scoring=kpass+variant=pooling", [60], [60])
+            + runs_of(m, t, "lt-prefix", [99], [99])]
+    decs, _ = select(sel, tmp_path, runs, "--decide", "lt-prefix:scoring=kpass+variant=kv|pooling|published",
                      "--family", "dec=decoder", "--family", "enc=encoder")
     by = {d["model"]: d for d in decs}
     assert by["dec"]["library_default"] == "kv" and by["dec"]["choice"] == "kv"
     assert by["enc"]["library_default"] == "pooling" and by["enc"]["choice"] == "pooling"
-    assert by["dec"]["per_task"]["a"]["kv"]["method"] == "lt-prefix"
-    assert by["enc"]["per_task"]["a"]["pooling"]["method"] == "lt-prefix"
+    assert by["dec"]["per_task"]["a"]["kv"]["method"] in ("lt-prefix", "lt-prefix:scoring=kpass")
+    assert by["enc"]["per_task"]["a"]["pooling"]["method"] == "lt-prefix:scoring=kpass"
+    assert abs(by["enc"]["pooled_val"]["pooling"] - 80) < 1e-9
 
 
 def test_bad_arguments_are_one_line_exit_2(sel, tmp_path, capsys):
@@ -270,13 +278,28 @@ def test_family_defaults_match_the_library(sel, tmp_path):
         sel._FAMILIES.clear()
         assert sel.model_family(path) == family
         base, tok = load_base(path)
-        model = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=["bad", "good"]), tok)
-        try:
-            assert model.method.config.variant == sel.FAMILY_DEFAULTS["variant"][family]
-            assert model.pooling == sel.FAMILY_DEFAULTS["pooling"][family]
-            assert sel.library_default(path, "lt-prefix", "variant") == model.method.config.variant
-        finally:
-            ltuning.unpatch(model)
+        for opts in ({}, {"scoring": "kpass"}, {"scoring": "onepass"}, {"scoring": "shared-input"}):
+            model = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=["bad", "good"], **opts), tok)
+            try:
+                cfg = model.method.config
+                assert model.pooling == sel.FAMILY_DEFAULTS["pooling"][family]
+                for option in ("scoring", "variant", "label_weights", "position_offset"):
+                    if option not in opts:
+                        assert sel.library_default(path, "lt-prefix", option, opts) == getattr(cfg, option), \
+                            (family, opts, option)
+            finally:
+                ltuning.unpatch(model)
+        # the configuration each family gets by default (validation's choice; ltuning/methods/lt.py)
+        bare = sel.config_of(path, "lt-prefix")
+        if family == "encoder":
+            assert sel.config_of(path, "lt-prefix:scoring=onepass+variant=pooled+label_weights=true") == bare
+            assert sel.config_of(path, "lt-prefix:scoring=kpass+variant=pooling") == \
+                sel.config_of(path, "lt-prefix:scoring=kpass") != bare
+            assert sel.config_of(path, "lt-prefix:label_weights=false") == \
+                sel.config_of(path, "lt-prefix:scoring=onepass+label_weights=false")
+        else:
+            assert sel.config_of(path, "lt-prefix:scoring=kpass+variant=kv+label_weights=false") == bare
+            assert sel.config_of(path, "lt-prefix:scoring=onepass") != bare
 
 
 def test_gguf_header_family(sel):
@@ -332,5 +355,7 @@ def test_decide_reading_compares_configurations_differing_in_several_options(sel
     for bad in ("lt-prefix", "lt-prefix;lora", "lt-prefix;lt-prefix", "lt-prefix;lt-prefix:lr=0.1+scoring=onepass"):
         assert sel.main(["--inputs", write(tmp_path, "x.json", runs), "--decide-reading", bad,
                          "--out", str(tmp_path / "y.json")]) == 2, bad
+    sel._FAMILIES["m"] = "decoder"
+    sel._CONFIGS.clear()
     with pytest.raises(sel.UserError, match="same configuration"):  # two spellings of one configuration
         sel.decide(runs, "m", sel.parse_reading_decision("lt-prefix;lt-prefix:scoring=kpass"))

@@ -101,7 +101,11 @@ def run_one(bases, model, task, method, seed, lr, a) -> dict:
         if clf.model is not None:
             ltuning.unpatch(clf.model)
     trainable, _ = clf.model.count_parameters()
-    return {"model": model, "task": task, "method": method, "seed": seed, "lr": lr, "quantize": a.quantize,
+    # the configuration the method string resolved to (family-dependent defaults filled in): what the run means
+    # whatever later defaults make of the string; label names and texts are the task's
+    config = {k: v for k, v in clf.model.config.to_dict().items() if k not in ("label_names", "label_texts")}
+    return {"model": model, "task": task, "method": method, "config": config, "seed": seed, "lr": lr,
+            "quantize": a.quantize,
             "accuracy": m["accuracy"],
             "mcc": m["mcc"], "macro_f1": m["macro_f1"], "metric": TASK_METRIC[task], "score": m[TASK_METRIC[task]],
             "best_val": hist["best_val"], "trainable_parameters": trainable,

@@ -57,11 +57,12 @@ from ltuning.methods import METHODS, method_class  # noqa: E402
 
 TIE = 1e-9
 DEFAULT = object()  # the candidate ``default``: the option left out (its library default on each model)
-# Config fields whose make_config default is None, resolved by the model's family when the method is built:
-# lt-prefix's variant in ltuning/methods/lt.py (LTPrefix.__init__), the pooling in ltuning/model.py
-# (LTuningModel). tests/test_select_defaults.py checks this table against the library on a tiny BERT and Llama.
-FAMILY_DEFAULTS = {"variant": {"decoder": "kv", "encoder": "pooling"},
-                   "pooling": {"decoder": "last", "encoder": "mean"}}
+# Config fields whose make_config default is None and that the library resolves by the model's family when it
+# builds the method: the method's own ones through ``Method.resolve_defaults`` (lt-prefix: scoring, variant,
+# label_weights, position_offset; ltuning/methods/lt.py), which this module calls, and the pooling, resolved in
+# ltuning/model.py (LTuningModel) by this table. tests/test_select_defaults.py checks both against the library on a
+# tiny BERT and Llama.
+FAMILY_DEFAULTS = {"pooling": {"decoder": "last", "encoder": "mean"}}
 
 
 # ---------------------------------------------------------------------------------------------- model family
@@ -131,16 +132,25 @@ def model_family(model: str) -> str:
     return family
 
 
-def library_default(model: str, name: str, option: str):
+def library_default(model: str, name: str, option: str, others: dict | None = None):
     """The value ``option`` takes when a method string leaves it out: ``lr`` -> the method's ``default_lr``; a
-    config field -> ``make_config(name)``'s value, resolved by ``model``'s family where that is None and the
-    library resolves it by family (``FAMILY_DEFAULTS``)."""
+    config field -> ``make_config(name, **others)``'s value (``others``: the string's other options, on which a
+    default may depend: lt-prefix's variant on its scoring), resolved by ``model``'s family where that is None, as
+    the library does when it builds the method (``Method.resolve_defaults``, the pooling by ``FAMILY_DEFAULTS``)."""
     if option == "lr":
         return float(method_class(name).default_lr)
-    cfg = make_config(name)
+    fields = set(make_config(name).to_dict())
+    cfg = make_config(name, **{k: v for k, v in (others or {}).items() if k != option and k in fields})
     value = getattr(cfg, option)
-    if value is None and option in FAMILY_DEFAULTS:
-        value = FAMILY_DEFAULTS[option][model_family(model)]
+    if value is None:
+        probe = make_config(name)
+        method_class(name).resolve_defaults(probe, True)  # is the option resolved by family at all?
+        if getattr(probe, option) is not None or option in FAMILY_DEFAULTS:
+            decoder = model_family(model) == "decoder"
+            method_class(name).resolve_defaults(cfg, decoder)
+            value = getattr(cfg, option)
+            if value is None and option in FAMILY_DEFAULTS:
+                value = FAMILY_DEFAULTS[option]["decoder" if decoder else "encoder"]
     return value
 
 
@@ -153,7 +163,10 @@ _CONFIGS: dict = {}
 
 def config_of(model: str, method: str) -> tuple:
     """A method string as ``(name, frozenset of (option, value))`` with every option at its library default
-    dropped: two strings of one configuration (``lt-prefix`` and ``lt-prefix:scoring=kpass``) are equal."""
+    (given the string's other options) dropped: two strings of one configuration are equal (on an encoder
+    ``lt-prefix`` and ``lt-prefix:scoring=onepass+variant=pooled+label_weights=true``; ``lt-prefix:scoring=kpass``
+    and ``lt-prefix:scoring=kpass+variant=pooling``). Exact because a default depends only on options that do not
+    depend on it (scoring -> variant -> position_offset; scoring -> label_weights)."""
     if (model, method) not in _CONFIGS:
         _CONFIGS[model, method] = _config_of(model, method)
     return _CONFIGS[model, method]
@@ -170,7 +183,7 @@ def _config_of(model: str, method: str) -> tuple:
             kept[k] = _freeze(v)
             continue
         try:
-            d = library_default(model, name, k)
+            d = library_default(model, name, k, opts)
         except UserError:  # a family-dependent default of a model whose family is unknown: not comparable here
             kept[k] = _freeze(v)  # (a decision over that option asks for --family itself)
             continue
@@ -369,7 +382,7 @@ def decide(runs: list, model: str, dec: dict, tasks_filter: list | None = None) 
         bare = config_of(model, name)
         default = next((c for c, t in zip(cands, targets) if t == bare), name)
     else:
-        default = library_default(model, name, dec["option"])
+        default = library_default(model, name, dec["option"], parse_method(dec["base"])[1])
         cands = [default if v is DEFAULT else v for v in cands]
         if len({repr(v) for v in cands}) < len(cands):
             raise UserError(f"{dec['text']!r}: on {model} two candidates are the same configuration "

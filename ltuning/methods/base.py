@@ -95,6 +95,11 @@ class Method(nn.Module):
         self.info = info
         self._hook_handles = []
 
+    @classmethod
+    def resolve_defaults(cls, config: MethodConfig, causal: bool) -> None:
+        """Fill, in place, the config options the method leaves None to be chosen by model family (``causal``:
+        a decoder). Called when the method is built; a method without such options does nothing."""
+
     def add_hook(self, handle):
         """Keep a hook ``handle`` (from ``register_forward_hook`` & co. on a base module) for :meth:`uninstall`."""
         self._hook_handles.append(handle)
@@ -157,6 +162,16 @@ def method_class(name: str) -> type:
     return METHODS[name]
 
 
+def _cli_kind(f) -> str:
+    """"bool", "int" or "str" for a config field: from its default, or from its annotation when the default is None
+    (an option resolved by model family, e.g. ``label_weights: Optional[bool] = None``)."""
+    d = f.default
+    if d is None:
+        ann = str(f.type)
+        return "bool" if "bool" in ann else "int" if "int" in ann else "str"
+    return "bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "str"
+
+
 def cli_options() -> dict:
     """``{field: (help, kind)}`` of every config field some registered method exposes on the command line
     (:attr:`MethodConfig.cli_help`); kind is ``"int"``, ``"bool"`` (a switch) or ``"str"``, from the field's default.
@@ -164,10 +179,9 @@ def cli_options() -> dict:
     out = {}
     for name in sorted(METHODS):
         cfg = METHODS[name].config_class
-        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        fields = {f.name: f for f in dataclasses.fields(cfg)}
         for fname, help_ in cfg.cli_help.items():
-            d = defaults[fname]
-            kind = "bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "str"
+            kind = _cli_kind(fields[fname])
             prev = out.get(fname)
             if prev is not None and prev[1] != kind:
                 raise TypeError(f"config field {fname!r} is {prev[1]} in one method and {kind} in {name}")

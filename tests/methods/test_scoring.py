@@ -558,11 +558,11 @@ def test_label_weights_in_model_add_labels_save_load(minilm, tmp_path, request):
 
 
 def test_train_notes_onepass_when_kpass_meets_many_labels():
-    """``ltuning train`` prints one note when a label-conditioned method would run every input K >= 8 times."""
+    """``ltuning train`` prints one note when a built label-conditioned model runs every input K >= 8 times."""
     from ltuning.classifier import MANY_LABELS, scoring_hint
-    note = scoring_hint("lt-prefix", {}, 77)
+    note = scoring_hint(ltuning.make_config("lt-prefix", scoring="kpass"), 77)
     assert note and "77 labels" in note and "--scoring onepass" in note and "\n" not in note
-    assert scoring_hint("lt-prompt", {"scoring": "kpass"}, MANY_LABELS)
-    assert scoring_hint("lt-prefix", {}, MANY_LABELS - 1) is None
-    assert scoring_hint("lt-prefix", {"scoring": "onepass"}, 77) is None
-    assert scoring_hint("lora", {}, 77) is None
+    assert scoring_hint(ltuning.make_config("lt-prompt", scoring="kpass"), MANY_LABELS)
+    assert scoring_hint(ltuning.make_config("lt-prefix", scoring="kpass"), MANY_LABELS - 1) is None
+    assert scoring_hint(ltuning.make_config("lt-prefix", scoring="onepass"), 77) is None
+    assert scoring_hint(ltuning.make_config("lora"), 77) is None
