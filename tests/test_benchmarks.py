@@ -290,9 +290,12 @@ def test_plan_lists_the_runs_left_with_estimated_times():
 
 def test_chart_shows_plain_methods_and_leaves_variants_to_the_table():
     chart_methods = _load("accuracy/run").chart_methods
-    rows = ["linear-probe", "lt-prefix", "lt-prefix:variant=kv", "prefix:num_virtual_tokens=5"]
-    assert chart_methods(rows) == ["linear-probe", "lt-prefix"]
-    assert chart_methods(rows[2:]) == rows[2:]  # an invocation of variants only still gets its chart
+    rows = ["linear-probe", "lt-prefix", "lt-prefix:variant=kv", "prefix:num_virtual_tokens=5", "prefix"]
+    assert chart_methods(rows) == ["linear-probe", "lt-prefix", "prefix"]
+    assert chart_methods(rows[2:4]) == rows[2:4]  # an invocation of variants only still gets its chart
+    # a method without a plain row is charted by its first variant row (the table's lt-prefix:scoring=kpass)
+    assert chart_methods(["lora", "lt-prefix:scoring=kpass", "lt-prefix:scoring=kpass+variant=kv"]) == [
+        "lora", "lt-prefix:scoring=kpass"]
 
 
 def test_report_states_the_summed_wall_time_of_its_runs():
@@ -427,7 +430,7 @@ def test_runs_on_a_quantized_base_never_mix_with_full_precision_ones(tmp_path, c
     assert "-5.0 (seed 0), +1.0 (seed 1) | -2.0 ± 4.2 |" in md and "Against fp32.json" not in md  # fp32 rows not shown
     spec = acc.load_spec("nf4")
     assert (spec["quantize"], spec["models"], spec["methods"], spec["seeds"]) == ("nf4", "smollm2-135m",
-                                                                                  "lora,lt-prefix", "0,1,2")
+                                                                                  "lora,lt-prefix:scoring=kpass", "0,1,2")
     with pytest.raises(SystemExit):
         acc.main(common + ["--plan", "--quantize", "nf8"])
     assert "--quantize: invalid choice: 'nf8'" in capsys.readouterr().err

@@ -326,12 +326,13 @@ def test_on_the_committed_accuracy_table(sel, tmp_path):
     """The committed table: smollm2's variant kv|pooling (pooling ran on SST-2 only: one task, no LOTO, said so) and
     MiniLM's lt-prefix lr over its grids; whatever the table holds, nothing crashes and the report is well formed."""
     path = os.path.join(ROOT, "benchmarks", "results", "accuracy.json")
-    decs, md = select(sel, tmp_path, [], "--decide", "lt-prefix:variant=kv|pooling", "--decide-lr", "lt-prefix",
+    decs, md = select(sel, tmp_path, [], "--decide", "lt-prefix:scoring=kpass+variant=kv|pooling", "--decide-lr",
+                      "lt-prefix:scoring=kpass",
                       "--family", "smollm2-135m=decoder", "--family", "minilm-l6=encoder", inputs=path)
     by = {(d["model"], d["kind"]): d for d in decs}
     v = by["smollm2-135m", "option"]
     assert v["library_default"] == "kv" and "sst2" in v["tasks"]
-    assert all(c["method"] == "lt-prefix" for c in (v["per_task"][t]["kv"] for t in v["tasks"]))
+    assert all(c["method"] == "lt-prefix:scoring=kpass" for c in (v["per_task"][t]["kv"] for t in v["tasks"]))
     if len(v["tasks"]) < 2:
         assert v["loto"] == [] and v["confirmation"].startswith("Not confirmable") and "Not confirmable" in md
     lr = by["minilm-l6", "lr"]

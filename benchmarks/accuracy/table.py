@@ -235,9 +235,17 @@ def delta_markdown(deltas: list, name: str) -> str:
 
 
 def chart_methods(methods: list) -> list:
-    """The rows the chart shows: the plain methods (a variant row, ``method:options``, is in the table only, so
-    that the bars stay readable and one colour means one method), or every row when all are variants."""
-    return [m for m in methods if ":" not in m] or list(methods)
+    """The rows the chart shows: one per method, so that the bars stay readable and one colour means one method:
+    its plain row, or where it has none its first variant row (``lt-prefix:scoring=kpass``); the other variant
+    rows (``method:options``) are in the table only."""
+    plain = {m for m in methods if ":" not in m}
+    out, seen = [], set()
+    for m in methods:
+        name = m.partition(":")[0]
+        if m in plain or (name not in plain and name not in seen):
+            out.append(m)
+            seen.add(name)
+    return out
 
 
 def plot(rows: list, methods: list, tasks: list, models: list, path: str) -> None:

@@ -131,11 +131,11 @@ class LabelConditioned(Method):
     @classmethod
     def resolve_defaults(cls, config, causal: bool) -> None:
         """Fill the options left None, by model family (in place; the adapter records the result): ``scoring``
-        -> "kpass" on decoders, ``encoder_scoring`` on encoders; ``label_weights`` -> True only for one-pass
-        scoring on an encoder of a method whose encoder default is one-pass (the reading validation chose, see
-        the module docstring), else False."""
+        -> "kpass" on decoders and with the pairwise objective (a K-pass objective), else ``encoder_scoring``;
+        ``label_weights`` -> True only for one-pass scoring on an encoder of a method whose encoder default is
+        one-pass (the reading validation chose, see the module docstring), else False."""
         if config.scoring is None:
-            config.scoring = "kpass" if causal else cls.encoder_scoring
+            config.scoring = "kpass" if causal or config.objective == "pairwise" else cls.encoder_scoring
         if config.label_weights is None:
             config.label_weights = bool(not causal and config.scoring == "onepass" and cls.encoder_scoring == "onepass")
 

@@ -156,10 +156,15 @@ class Engine:
         enable(self.base)  # the attention patch and fused ops once, before any adapter's own hooks
         self.adapters: dict = {}
         owned = {}
+        self.hooks = _HookSwitch()
         for name, d in adapters.items():
             before = _HookSwitch.hook_ids(self.base)
             m = LTuningModel.from_pretrained(self.base, d, self.tokenizer).eval()
             owned[name] = _HookSwitch.hook_ids(self.base) - before
+            if len(adapters) > 1 and owned[name]:
+                # off the base before the next adapter loads: its label cache (recomputed when the base's
+                # fingerprint differs from the saved one, e.g. an NF4 base) must see the frozen base alone
+                self.hooks.detach(self.base, {name: owned[name]})
             meta = metas[name]
             self.adapters[name] = Adapter(
                 name, d, m, list(m.label_names), meta.max_length,
@@ -168,11 +173,8 @@ class Engine:
                  "base_fingerprint": meta.base_fingerprint})
         for name, a in self.adapters.items():
             a.model.pack_inputs = pack and packable(a.model)  # see ltuning.models.packing.packable
-        self.hooks = _HookSwitch()
         hooked = [n for n, ids in owned.items() if ids]
-        if len(self.adapters) > 1 and hooked:
-            self.hooks.detach(self.base, owned)
-        elif hooked and self.adapters[hooked[0]].method == "lora" and quantize != "nf4":
+        if len(self.adapters) == 1 and hooked and self.adapters[hooked[0]].method == "lora" and quantize != "nf4":
             self.adapters[hooked[0]].model.method.merge()  # its hook then adds nothing
         if self.dtype == "bf16":
             self.base.to(torch.bfloat16)

@@ -49,7 +49,7 @@ def test_label_cache_is_one_forward_of_all_texts(minilm):
 def test_kway_batch_equals_one_label_at_a_time(real_model, method):
     model, tok = real_model
     name, opts = build(method)
-    cfg = ltuning.make_config(name, label_names=LABELS, label_texts=TEXTS, **opts)
+    cfg = ltuning.make_config(name, label_names=LABELS, label_texts=TEXTS, scoring="kpass", **opts)
     m = ltuning.patch(model, cfg, tok)
     with torch.no_grad():
         for p in m.method.parameters():
@@ -170,12 +170,26 @@ def test_lt_prompt_is_label_embeddings_plus_scaled_mlp(real_model, scaled):
 
 
 def test_lt_prefix_variant_default_by_family(real_model):
-    """Decoders default to the label texts' own K/V with positions after them; encoders to the pooling reading."""
+    """Options left None resolve by family when the method is built (and the adapter records them): decoders get
+    the K-pass protocol on the label texts' own K/V with positions after them; encoders one-pass scoring with the
+    pooled bank and label weights (validation's choice), the pooling reading with kpass; pairwise is K-pass."""
     model, tok = real_model
-    m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS[:2]), tok)
+    causal = None
+    for opts, enc_want in (({}, ("onepass", "pooled", "zero", True)),
+                           ({"scoring": "kpass"}, ("kpass", "pooling", "zero", False)),
+                           ({"objective": "pairwise"}, ("kpass", "pooling", "zero", False)),
+                           ({"scoring": "onepass", "variant": "pooling"}, ("onepass", "pooling", "zero", True)),
+                           ({"scoring": "shared-input"}, ("shared-input", "pooling", "zero", False))):
+        m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS[:2], **opts), tok)
+        ltuning.unpatch(m)
+        causal = m.info.causal
+        c = m.config
+        dec_want = (opts.get("scoring", "kpass"), opts.get("variant", "kv"),
+                    "prefix" if opts.get("variant", "kv") == "kv" else "zero", False)
+        assert (c.scoring, c.variant, c.position_offset, c.label_weights) == (dec_want if causal else enc_want), opts
+    m = ltuning.patch(model, ltuning.make_config("lt-prompt", label_names=LABELS[:2]), tok)
     ltuning.unpatch(m)
-    want = ("kv", "prefix") if m.info.causal else ("pooling", "zero")
-    assert (m.config.variant, m.config.position_offset) == want
+    assert (m.config.scoring, m.config.label_weights) == ("kpass", False)
 
 
 def test_changed_label_texts_recompute_cache(minilm, tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 import ltuning
 from ltuning.models import PrefixInputs
+from ltuning.models.families import model_info
 from ltuning.methods.scoring import BilinearLabelHead, label_bank
 
 from method_helpers import tiny_base
@@ -39,6 +40,13 @@ def tiny(request):
 
 
 def build(base, tok, method, scoring, seed, **kw):
+    """A float64 model of ``method`` with ``scoring``, every trainable moved off its initialisation. One-pass
+    lt-prefix on an encoder keeps the per-token ``pooling`` bank and no label weights unless ``kw`` says otherwise
+    (the encoder default is the pooled bank with label weights; each has tests of its own below)."""
+    if scoring == "onepass":
+        kw.setdefault("label_weights", False)
+        if method == "lt-prefix" and not model_info(base).causal:
+            kw.setdefault("variant", "pooling")
     m = ltuning.patch(base, ltuning.make_config(method, label_names=NAMES3, label_texts=TEXTS3, scoring=scoring,
                                                 encoder_hidden_size=16, **kw), tok)
     m.double()
@@ -554,7 +562,8 @@ def test_label_weights_in_model_add_labels_save_load(minilm, tmp_path, request):
     finally:
         ltuning.unpatch(r)
     with pytest.raises(ValueError, match="label_weights"):
-        ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=NAMES3, label_weights=True), tok)
+        ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=NAMES3, scoring="kpass", label_weights=True),
+                      tok)
 
 
 def test_train_notes_onepass_when_kpass_meets_many_labels():

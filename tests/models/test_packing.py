@@ -84,9 +84,10 @@ PACKED_METHODS = [
 
 ENCODER_METHODS = [
     ("prefix", {"num_virtual_tokens": 4}),
-    ("lt-prefix", {}),                                        # K-pass, the pooling variant
-    ("lt-prefix", {"scoring": "onepass"}),
-    ("lt-prefix", {"scoring": "onepass", "variant": "pooled"}),
+    ("lt-prefix", {"scoring": "kpass"}),                      # K-pass, the pooling variant
+    ("lt-prefix", {"scoring": "onepass", "variant": "pooling"}),
+    ("lt-prefix", {"scoring": "onepass", "variant": "pooled", "label_weights": False}),
+    ("lt-prefix", {}),                                        # the encoder default: onepass, pooled, label weights
     ("lora", {}),
     ("linear-probe", {}),
 ]
@@ -107,7 +108,7 @@ def packed_and_padded(tiny, seed, method, options, monkeypatch):
         assert m.pack_inputs  # the C++ kernel, positions from ids and no shape-reading hooks: packs by default
         m.pack_inputs = False
         m.method.double()  # the base is float64 too; the head stays fp32 (scores are fp32 by contract)
-        if options.get("scoring") == "onepass":
+        if m.config.scoring == "onepass":
             m.head.double()  # the bilinear head takes the pooled states in their own (float64) dtype
         torch.manual_seed(seed)
         randomize(m)

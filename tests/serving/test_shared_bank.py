@@ -21,7 +21,7 @@ from testutil import max_rel
 ADAPTERS = {
     "prefix": ("prefix", ["negative", "positive"], None, {"num_virtual_tokens": 5}),
     "lt": ("lt-prefix", ["bad", "good", "so so"],
-           {"bad": "it is bad", "good": "good", "so so": "it is neither good nor bad"}, {}),
+           {"bad": "it is bad", "good": "good", "so so": "it is neither good nor bad"}, {"scoring": "kpass"}),
     "sk": ("sk-prefix", ["negative", "positive"], None, {}),
     "apt": ("apt", ["a", "b", "c", "d"], None, {"num_virtual_tokens": 3}),
     "onepass": ("lt-prefix", ["negative", "positive"], None, {"scoring": "onepass", "label_weights": True}),
