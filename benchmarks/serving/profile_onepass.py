@@ -13,9 +13,13 @@ time of one step, split into four parts by what each op works on.
 
 Same batch as ``bench_scoring.py`` (16 seeded BANKING77 training examples, AdamW), two warm-up steps, then the median
 of ``--steps`` timed steps and one profiled step (its total is the profiler's, a little above the timed median).
+``--mode classify``: the same split of one inference forward (eval, ``inference_mode``, the label bank built once
+and cached as ``ltuning classify`` does) over ``--batch`` seeded BANKING77 examples instead of a training step.
 
     OMP_NUM_THREADS=1 python benchmarks/serving/profile_onepass.py --models minilm-l6,smollm2-135m \
         --json benchmarks/results/profile_onepass_k77.json
+    OMP_NUM_THREADS=1 python benchmarks/serving/profile_onepass.py --mode classify --batch 64 --models smollm2-135m \
+        --json benchmarks/results/profile_onepass_k77_classify.json
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ def part_of(name: str, shapes, bank_tokens) -> str:
     return "other"
 
 
-def profile(model_name: str, config: str, steps: int) -> dict:
+def profile(model_name: str, config: str, steps: int, mode: str = "train", batch: int = 16) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -60,17 +64,24 @@ def profile(model_name: str, config: str, steps: int) -> dict:
     torch.manual_seed(0)
     model = make_model(config, base, tok, names)  # "onepass", "onepass:variant=pooled", "lora", ...
     tokens = None if parse_method(config)[0] == "lora" else bank_tokens(model)
-    sample = random.Random(0).sample(recs, 16)
+    sample = random.Random(0).sample(recs, batch)
     enc = encode(sample, tok, names, 128, model.info.causal)
     b = collate(enc.input_ids, tok.pad_token_id, enc.labels)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-    model.train()
+    if mode == "classify":
+        model.eval()
 
-    def step():
-        loss, _ = model.loss(b["input_ids"], b["attention_mask"], b["labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def step():
+            with torch.inference_mode():
+                model(b["input_ids"], b["attention_mask"])
+    else:
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+        model.train()
+
+        def step():
+            loss, _ = model.loss(b["input_ids"], b["attention_mask"], b["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
     for _ in range(2):
         step()
@@ -88,10 +99,12 @@ def profile(model_name: str, config: str, steps: int) -> dict:
         if part == "other":
             other[ev.key] = other.get(ev.key, 0.0) + ev.self_cpu_time_total / 1000
     total = sum(ms.values())
-    return {"model": model_name, "config": config, "bank_tokens": tokens,
+    per_s = batch / statistics.median(times)
+    return {"model": model_name, "config": config, "mode": mode, "batch": batch, "bank_tokens": tokens,
             "padded_input_tokens": int(b["attention_mask"].numel()),
             "real_input_tokens": int(b["attention_mask"].sum()), "step_times_s": times,
-            "median_step_s": statistics.median(times), "train_examples_per_s": 16 / statistics.median(times),
+            "median_step_s": statistics.median(times),
+            ("classify_examples_per_s" if mode == "classify" else "train_examples_per_s"): per_s,
             "profiled_total_ms": total, "parts_ms": ms, "parts_share": {k: v / total for k, v in ms.items()},
             "other_top_ms": dict(sorted(other.items(), key=lambda kv: -kv[1])[:12])}
 
@@ -101,14 +114,17 @@ def main() -> None:
     ap.add_argument("--models", default="minilm-l6,smollm2-135m")
     ap.add_argument("--configs", default="onepass,lora")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--mode", choices=("train", "classify"), default="train")
+    ap.add_argument("--batch", type=int, default=16, help="examples per step / forward")
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
     rows = []
     for m in a.models.split(","):
         for c in a.configs.split(","):
-            r = profile(m, c, a.steps)
+            r = profile(m, c, a.steps, a.mode, a.batch)
             rows.append(r)
-            print(f"{m:14s} {c:8s} {r['train_examples_per_s']:6.2f} ex/s  " + "  ".join(
+            rate = r.get("classify_examples_per_s", r.get("train_examples_per_s"))
+            print(f"{m:14s} {c:8s} {rate:6.2f} ex/s  " + "  ".join(
                 f"{k} {v:6.0f} ms ({100 * r['parts_share'][k]:.0f} %)" for k, v in r["parts_ms"].items()), flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = {"command": "OMP_NUM_THREADS=1 python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
