@@ -50,9 +50,11 @@ family (:meth:`LTPrefix.resolve_defaults`): on encoders one-pass scoring with th
 weights, the reading that validation carved from train (pooled over SST-2, RTE and SNLI on MiniLM) chose over the
 K-pass protocol and plain one-pass, confirmed leave-one-task-out; with ``scoring="kpass"`` the encoder variant
 stays ``"pooling"`` (our reading of the paper's F/Z). On decoders the K-pass protocol with ``"kv"``: validation on
-SmolLM2 keeps kpass against plain one-pass (confirmed over SST-2 and RTE). ``objective="listwise"`` (cross-entropy
-over the K label-conditioned scores) rather than the paper's ``"pairwise"`` (binary matched/unmatched, sampled
-negatives; K-pass only); ``"published"`` collapsed on a seed. ``scale_to_embeddings=True``. The older choices
+SmolLM2 keeps kpass against one-pass with and without label weights (confirmed over SST-2 and RTE).
+``objective="listwise"`` (cross-entropy over the K label-conditioned scores) rather than the paper's ``"pairwise"``
+(binary matched/unmatched, sampled negatives; K-pass only, so choosing it makes ``scoring`` default to kpass):
+validation on MiniLM prefers pairwise for kpass but does not confirm it, and the encoder one-pass default beats both;
+``"published"`` collapsed on a seed. ``scale_to_embeddings=True``. The older choices
 (objective, ``"kv"`` on decoders, scale_to_embeddings) were first made by GLUE dev scores (SST-2, 500 training
 examples, 3 seeds); what validation says of each since is in ``RESULTS_scoring.md`` (Defaults by validation).
 Label semantics matter on decoders: meaningless label texts ("The text is in class A/B.") lower the ``"kv"`` scores.
