@@ -275,7 +275,7 @@ def plot(rows: list, methods: list, tasks: list, models: list, path: str) -> Non
         ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=color[m]) for m in methods]
     fig.legend(handles, methods, fontsize=7, loc="lower center", ncol=min(len(methods), 5), title_fontsize=7,
-               title="mean ± std over seeds; variant rows (method:options) are in the table only")
+               title="mean ± std over seeds; one row per method (its plain or first row); other variants in the table only")
     fig.subplots_adjust(bottom=0.28)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
