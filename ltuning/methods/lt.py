@@ -27,8 +27,8 @@ h_k = M_frozen(y_k) in R^{l x d} (l = longest label text in tokens; shorter text
   Z_psi the same per-token MLP as "pooling". The attention-pooled label vector replaces the l per-token rows, so
   the label side costs K rows instead of sum_k n_k (77 vs 967 on BANKING77 with MiniLM), in the generator and in
   every input token's attention over the one-pass bank. It drops the within-label token structure the paper's
-  prefix keeps; how much that costs is measured (``benchmarks/RESULTS_scoring.md``), and no default uses it
-  unless validation picks it.
+  prefix keeps; how much that costs is measured (``benchmarks/RESULTS_scoring.md``); validation picked it,
+  with label weights, for one-pass scoring on encoders, where it is the default.
   ``variant="published"`` follows the released code instead: every token squashed to one scalar
   s_t = h_{k,t} w, then Linear(l, l * layers * 2 * kv_dim) on the vector s.
 ``lt-prompt`` -- e(y_k) = G_omega(h_k) in R^{l x d} prepended to E(x). Our reading:

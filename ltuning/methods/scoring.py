@@ -4,7 +4,8 @@ Label-conditioned methods (``lt-prefix``, ``lt-prompt``) score every (input, lab
 of L tokens (right-padded, n_b real), K labels, label k's text y_k has n_k tokens (right-padded to l = max n_k),
 d = hidden size, layers of Hkv key/value heads of size D.
 
-``kpass`` (default; today's protocol, ``LTuningModel.forward``): B x K rows ``[p_k ; x_b]``, one per pair,
+``kpass`` (the paper's protocol and the default on decoders, ``LTuningModel.forward``; encoders default to
+``onepass`` for lt-prefix, :meth:`ltuning.methods.lt.LTPrefix.resolve_defaults`): B x K rows ``[p_k ; x_b]``, one per pair,
   s_{b,k} = C(pool(M(x_b; p_k))). Cost: B x K x L tokens through every layer, forward and backward.
 
 ``onepass``: the prefix holds ALL K label blocks at once and the input runs ONCE, B x L tokens:
