@@ -17,6 +17,7 @@ module it holds, so nothing else needs an edit.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -168,13 +169,14 @@ def _cli_kind(f) -> str:
     d = f.default
     if d is None:
         ann = str(f.type)
-        return "bool" if "bool" in ann else "int" if "int" in ann else "str"
+        return "bool" if re.search(r"\bbool\b", ann) else "int" if re.search(r"\bint\b", ann) else "str"
     return "bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "str"
 
 
 def cli_options() -> dict:
     """``{field: (help, kind)}`` of every config field some registered method exposes on the command line
-    (:attr:`MethodConfig.cli_help`); kind is ``"int"``, ``"bool"`` (a switch) or ``"str"``, from the field's default.
+    (:attr:`MethodConfig.cli_help`); kind is ``"int"``, ``"bool"`` (a switch) or ``"str"``, from the field's default
+    (its annotation when the default is None: :func:`_cli_kind`).
     The first method (by name) that declares a field gives its help."""
     out = {}
     for name in sorted(METHODS):
