@@ -94,7 +94,7 @@ class LTConfig(MethodConfig):
 
 @dataclass
 class LTPrefixConfig(LTConfig):
-    cli_help: ClassVar[dict] = {**LTConfig.cli_help, 'variant': 'lt-prefix reading: kv (the label texts\' own K/V; default on decoders), pooling (default on encoders with kpass / shared-input), pooled (one prefix token per label: the attention-pooled label text; default on encoders with onepass) or published (the released code\'s)', 'mask_label_padding': 'lt-prefix: hide the padding of label texts of unequal token counts from attention', 'merge_label_tokens': 'lt-prefix onepass on decoders (variant kv): merge the label tokens that label texts share (exact; off only to compare)'}
+    cli_help: ClassVar[dict] = {**LTConfig.cli_help, 'variant': 'lt-prefix reading: kv (the label texts\' own K/V; default on decoders), pooling (default on encoders with kpass / shared-input), pooled (one prefix token per label: the attention-pooled label text; default on encoders with onepass) or published (the released code\'s)', 'mask_label_padding': 'lt-prefix: hide the padding of label texts of unequal token counts from attention', 'merge_label_tokens': 'lt-prefix onepass on decoders (variant kv): merge the label tokens that label texts share (exact; off only to compare)', 'bank_tokens': 'lt-prefix onepass on decoders (variant kv): all (every label token: the exact one-pass reading) or last (the tokens all label texts share + each label\'s last token: a smaller bank, ~K tokens; an approximation, see ltuning.methods.lt)'}
     """``variant``: "kv", "pooling", "pooled" or "published"; None picks by family and scoring ("kv" for decoders;
     on encoders "pooled" with one-pass scoring, else "pooling"). ``position_offset`` None: "prefix" for "kv" (the input continues after the label
     text), else "zero". Both are resolved into the config when the method is built (the adapter records them).
@@ -104,11 +104,14 @@ class LTPrefixConfig(LTConfig):
     existed load with False (the pad positions stay visible, as they were trained). ``merge_label_tokens``
     (one-pass scoring, variant "kv" on decoders): the bank keeps each distinct label-text prefix token once, with
     logit + log(multiplicity) (:meth:`LTPrefix.dedup_index`); exact, so it is on for every adapter, old ones too;
-    False only to measure what it saves."""
+    False only to measure what it saves. ``bank_tokens`` (one-pass scoring, variant "kv" on decoders): "all" (the
+    default: every real label token, the exact one-pass reading) or "last" (the tokens every label text shares plus
+    each label's last token, :meth:`LTPrefix.bank_index`): a bank of ~K tokens instead of the trie's ~4K."""
     variant: Optional[str] = None
     position_offset: Optional[str] = None
     mask_label_padding: bool = True
     merge_label_tokens: bool = True
+    bank_tokens: str = "all"
     legacy_defaults: ClassVar[dict] = {**LTConfig.legacy_defaults, "mask_label_padding": False}
 
 
@@ -181,6 +184,15 @@ class LTPrefix(LabelConditioned):
 
     def __init__(self, config: LTPrefixConfig, info, base, tokenizer, cache=None):
         self.resolve_defaults(config, info.causal)
+        bank_tokens = getattr(config, "bank_tokens", "all")
+        if bank_tokens not in ("all", "last"):
+            raise ValueError(f"bank_tokens must be 'all' or 'last', not {bank_tokens!r}")
+        if bank_tokens == "last" and not (config.scoring == "onepass" and config.variant == "kv" and info.causal
+                                          and config.mask_label_padding):
+            raise ValueError("bank_tokens='last' needs scoring 'onepass' with variant 'kv' on a decoder (label "
+                             f"padding masked); got scoring {config.scoring!r}, variant {config.variant!r} on "
+                             f"{'a decoder' if info.causal else 'an encoder'} (encoders: variant 'pooled' is one "
+                             "token per label)")
         shared_input = config.scoring == "shared-input"
         self.uses_label_kv = config.variant == "kv" and not shared_input
         super().__init__(config, info, base, tokenizer, cache)
@@ -266,6 +278,36 @@ class LTPrefix(LabelConditioned):
         kv = z.unbind(0)  # one unbind: its backward stacks the layers' gradients once
         return list(kv[0::2]), list(kv[1::2])
 
+    def label_trie(self):
+        """The trie of the label texts' tokens, ``(index, counts, ends)`` lists over its U nodes in label order: the
+        flat K x l position of each node's first occurrence, how many label blocks hold it, how many labels END at
+        it. Two positions are one node when their texts agree on every token up to and including it (tokens compared
+        as embedding rows, exactly). A constant of the label cache, worked out once per cache."""
+        m, e = self.label_mask, self.label_embeds
+        key = (m.data_ptr(), m._version, e.data_ptr(), e._version, m.device)
+        if getattr(self, "_trie_key", None) != key:
+            K, l = m.shape
+            _, tok = torch.unique(e.reshape(K * l, -1), dim=0, return_inverse=True)  # exact row equality
+            tok, lens = tok.view(K, l).tolist(), m.sum(-1).tolist()
+            nodes, index, counts, ends = {}, [], [], []
+            for k in range(K):
+                parent = -1
+                for t in range(lens[k]):  # right-padded cache: a label's real tokens come first
+                    node = nodes.setdefault((parent, tok[k][t]), len(index))
+                    if node == len(index):
+                        index.append(k * l + t)
+                        counts.append(0)
+                        ends.append(0)
+                    counts[node] += 1
+                    parent = node
+                ends[parent] += 1
+            self._trie = (index, counts, ends)
+            self._trie_key = key
+        return self._trie
+
+    def _trie_applies(self) -> bool:
+        return self.config.variant == "kv" and self.info.causal and self.config.mask_label_padding
+
     def dedup_index(self):
         """``(index, counts)`` of the one-pass bank's DISTINCT label tokens: (U,) flat indices into the K x l label
         positions (first occurrence, in label order) and (U,) how many label blocks hold each; None when nothing
@@ -274,42 +316,55 @@ class LTPrefix(LabelConditioned):
         Why merging is exact: on a causal model with variant "kv" the bank token t of label k is the frozen model's
         K/V at position t given the label text's tokens 0..t, then the per-layer maps (token-wise). Two labels whose
         texts start with the same t + 1 token embeddings therefore carry identical K/V at positions 0..t (a trie of
-        the label texts: "The label of the text is ..." shares its first 6 tokens across BANKING77's 77 labels, 802
-        real tokens of which 299 are distinct on SmolLM2). Attention over m identical (key, value) tokens equals
-        attention over one of them with its logit raised by log m (the kernels' ``prefix_bias``), and the kept
-        token's gradient is the sum of the copies' gradients, so the scores and every gradient are unchanged. On an
-        encoder every label token sees its whole text, and "pooling" / "published" re-weight tokens per label:
-        nothing is merged there. A constant of the label cache, worked out once per cache."""
-        if not (getattr(self.config, "merge_label_tokens", True) and self.config.variant == "kv" and self.info.causal
-                and self.config.mask_label_padding):
+        the label texts, :meth:`label_trie`: "The label of the text is ..." shares its first 6 tokens across
+        BANKING77's 77 labels, 802 real tokens of which 299 are distinct on SmolLM2). Attention over m identical
+        (key, value) tokens equals attention over one of them with its logit raised by log m (the kernels'
+        ``prefix_bias``), and the kept token's gradient is the sum of the copies' gradients, so the scores and every
+        gradient are unchanged. On an encoder every label token sees its whole text, and "pooling" / "published"
+        re-weight tokens per label: nothing is merged there."""
+        if not (getattr(self.config, "merge_label_tokens", True) and self._trie_applies()):
             return None
-        m, e = self.label_mask, self.label_embeds
-        key = (m.data_ptr(), m._version, e.data_ptr(), e._version, m.device)
-        if getattr(self, "_dedup_key", None) != key:
-            K, l = m.shape
-            _, tok = torch.unique(e.reshape(K * l, -1), dim=0, return_inverse=True)  # exact row equality
-            tok, lens = tok.view(K, l).tolist(), m.sum(-1).tolist()
-            nodes, index, counts = {}, [], []
-            for k in range(K):
-                parent = -1
-                for t in range(lens[k]):  # right-padded cache: a label's real tokens come first
-                    node = nodes.setdefault((parent, tok[k][t]), len(index))
-                    if node == len(index):
-                        index.append(k * l + t)
-                        counts.append(0)
-                    counts[node] += 1
-                    parent = node
-            merged = len(index) < sum(lens)
-            self._dedup = (torch.tensor(index, device=m.device), torch.tensor(counts, device=m.device)) \
-                if merged else None
-            self._dedup_key = key
+        index, counts, _ = self.label_trie()
+        if getattr(self, "_dedup_key", None) != self._trie_key:
+            dev = self.label_mask.device
+            merged = len(index) < sum(counts)
+            self._dedup = (torch.tensor(index, device=dev), torch.tensor(counts, device=dev)) if merged else None
+            self._dedup_key = self._trie_key
         return self._dedup
+
+    def last_token_index(self):
+        """``bank_tokens="last"``: ``(index, counts)`` of a smaller one-pass bank, (V,) flat K x l positions and
+        (V,) multiplicities: the trie nodes every label text holds (their common first tokens, "The label of the
+        text is" on the default template; multiplicity K, as in the full bank) and each label's LAST real token
+        (multiplicity: the labels ending there, 1 unless two texts are equal). Our reading, not exact: on a causal
+        model label k's last token is the frozen model's K/V given the whole text y_k, its summary (the label
+        vector u_k of the bilinear head is that token's hidden state too), so the input attends to K summaries
+        instead of sum_k n_k tokens. Its cost: V = K + (common tokens) bank tokens (83 instead of 299 on SmolLM2
+        BANKING77); what it costs in accuracy is measured (``benchmarks/RESULTS_scoring.md``)."""
+        index, counts, ends = self.label_trie()
+        if getattr(self, "_last_key", None) != self._trie_key:
+            K = self.label_mask.shape[0]
+            keep = [i for i in range(len(index)) if counts[i] == K or ends[i] > 0]
+            dev = self.label_mask.device
+            self._last = (torch.tensor([index[i] for i in keep], device=dev),
+                          torch.tensor([K if counts[i] == K else ends[i] for i in keep], device=dev))
+            self._last_key = self._trie_key
+        return self._last
+
+    def bank_index(self):
+        """``(index, counts)`` of the one-pass bank's tokens on the K x l label grid with their multiplicities
+        (:meth:`last_token_index` for ``bank_tokens="last"``, else :meth:`dedup_index`), or None for the packed
+        real tokens (:meth:`packed_prefix`)."""
+        if getattr(self.config, "bank_tokens", "all") == "last":
+            return self.last_token_index()
+        return self.dedup_index()
 
     def onepass_bank(self):
         """The one-pass bank as the kernels read it: ``(keys, values, bias)``, per-layer (1, Hkv, U, D) lists and
-        bias (1, U) float32 (float64 for a float64 model) = log(multiplicity) of each token, or None. With :meth:`dedup_index` the U distinct
-        label tokens (their K/V through the maps); else :meth:`packed_prefix` (U = T real tokens) and no bias."""
-        dedup = self.dedup_index()
+        bias (1, U) float32 (float64 for a float64 model) = log(multiplicity) of each token, or None. With
+        :meth:`bank_index` its U label tokens (the distinct ones, or with ``bank_tokens="last"`` the common and
+        last ones; their K/V through the maps); else :meth:`packed_prefix` (U = T real tokens) and no bias."""
+        dedup = self.bank_index()
         if dedup is None:
             keys, values = self.packed_prefix()
             return keys, values, None

@@ -261,6 +261,81 @@ def test_dedup_bank_on_banking77_label_texts(smollm):
         ltuning.unpatch(m)
 
 
+def test_last_token_bank_equals_reference_on_materialised_tokens(smollm, request):
+    """``bank_tokens="last"`` (decoder, variant "kv"): the one-pass scores and every trainable's gradient equal the
+    float64 reference attention over a bank materialised by hand from the label blocks (``prefix()``): K copies of
+    each token every label text shares (their common first tokens), then each label's last real token; no bias
+    (the copies stand for it). On the C++ kernel and the reference backend; kpass and encoders refuse it."""
+    tok = smollm[1]
+    base = tiny_base("decoder", tok).double()
+    seed = seed_of(request)
+    texts = ["The sentiment is negative.", "The sentiment of the text is clearly positive.", "The end."]
+    m = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=NAMES3, label_texts=texts,
+                                                scoring="onepass", bank_tokens="last", encoder_hidden_size=16), tok)
+    m.double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    try:
+        meth = m.method
+        ids3 = [tok(t)["input_ids"] for t in texts]
+        common = next(i for i, col in enumerate(zip(*ids3)) if len(set(col)) > 1)  # shared by all three
+        lens = [len(t) for t in ids3]
+        assert common >= 1 and meth.label_mask.sum(-1).tolist() == lens
+        idx, counts = meth.bank_index()
+        assert idx.numel() == common + 3 and counts.tolist() == [3] * common + [1, 1, 1]
+        keys, values = meth.prefix()  # (K, Hkv, l, D) per layer
+        L = len(keys)
+        bank_k = [torch.cat([keys[j][0:1, :, :common].expand(3, -1, -1, -1).transpose(0, 1).flatten(1, 2)]
+                            + [keys[j][k, :, n - 1:n] for k, n in enumerate(lens)], 1)[None] for j in range(L)]
+        bank_v = [torch.cat([values[j][0:1, :, :common].expand(3, -1, -1, -1).transpose(0, 1).flatten(1, 2)]
+                            + [values[j][k, :, n - 1:n] for k, n in enumerate(lens)], 1)[None] for j in range(L)]
+        assert bank_k[0].shape[2] == 3 * common + 3
+        ids, mask = inputs(tok)
+        ref = reference_onepass_scores(m, ids, mask, bank_k, bank_v, max(lens))
+        w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=ref.dtype)
+        g_ref = grads(m, ref, w)
+        for backend in ("cpu", "reference"):
+            m.config.backend = backend
+            s = m(ids, mask)
+            g_got = grads(m, s, w)
+            assert rel_err(s, ref) < 1e-10, (backend, rel_err(s, ref))
+            for a, b in zip(g_got, g_ref):
+                assert rel_err(a, b) < 1e-9, (backend, rel_err(a, b))
+        assert any(a.abs().sum() > 0 for a in g_ref[:-3])  # the label-side maps get a gradient
+        m.config.bank_tokens = "all"  # the full bank scores differently: "last" is not a no-op
+        assert rel_err(m(ids, mask), ref) > 1e-6
+    finally:
+        ltuning.unpatch(m)
+    for kw in ({"scoring": "kpass"}, {"scoring": "onepass", "variant": "pooling"}, {"bank_tokens": "some"}):
+        cfg = ltuning.make_config("lt-prefix", label_names=NAMES3, label_texts=texts, encoder_hidden_size=16,
+                                  **{"scoring": "onepass", "bank_tokens": "last", **kw})
+        with pytest.raises(ValueError, match="bank_tokens"):
+            ltuning.patch(base, cfg, tok)
+
+
+def test_last_token_bank_on_banking77_label_texts(smollm):
+    """BANKING77's default label texts on SmolLM2 with ``bank_tokens="last"``: the 6 template tokens every text
+    shares + one last token per label = 83 bank tokens (299 for the full merged bank)."""
+    tok = smollm[1]
+    with open(os.path.join(shared_data("banking77"), "dev.jsonl")) as f:
+        names = sorted({json.loads(line)["label"] for line in f})
+    base = tiny_base("decoder", tok).double()
+    texts = [ltuning.data.default_label_text(n) for n in names]
+    m = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=names, label_texts=texts,
+                                                scoring="onepass", bank_tokens="last"), tok)
+    try:
+        ids = [tuple(tok(t)["input_ids"]) for t in texts]
+        common = next(i for i, col in enumerate(zip(*ids)) if len(set(col)) > 1)
+        idx, counts = m.method.bank_index()
+        assert len(set(ids)) == 77 and idx.numel() == common + 77
+        assert counts.tolist().count(77) == common and label_bank(m)[0][0].shape[2] == common + 77
+        print(f"banking77 bank_tokens=last: {idx.numel()} bank tokens ({common} shared)")
+    finally:
+        ltuning.unpatch(m)
+
+
 def pair_reference(base, m, ids, mask, suffix, causal):
     """Per (input b, label k): the base on the materialised sequence [x_b real tokens ; y_k real tokens] (encoders:
     a 4-D mask keeps the input from seeing the label, the one-directional cascade) -> pooled suffix -> head."""
