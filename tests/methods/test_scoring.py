@@ -513,6 +513,12 @@ def test_cli_bad_scoring_is_one_line_exit_2(tmp_path, sst2_dir, capsys, minilm):
     rc = main(["train", "--model", "minilm-l6", "--method", "lora", "--scoring", "onepass", "--data", sst2_dir,
                "--out", str(tmp_path / "y"), "--quiet"])
     assert rc == 2
+    capsys.readouterr()
+    rc = main(["train", "--model", "minilm-l6", "--method", "lt-prefix", "--bank-tokens", "last", "--data", sst2_dir,
+               "--out", str(tmp_path / "z"), "--max-train-examples", "20", "--quiet"])  # "last": decoders only
+    err = [e for e in capsys.readouterr().err.strip().splitlines() if e.startswith("ltuning")]  # not the loading bars
+    assert rc == 2 and len(err) == 1 and "bank_tokens" in err[0] and "decoder" in err[0], err
+    assert not os.path.exists(tmp_path / "z" / "adapter_config.json")
 
 
 BANK_CLASSES = ["card_arrival", "exchange_rate", "lost_or_stolen_phone", "age_limit", "top_up_failed"]
