@@ -222,6 +222,39 @@ def test_accuracy_sweep_reuses_runs_and_reports_the_pick(tmp_path, minilm, sst2_
     assert [(r["seed"], r["lr"]) for r in again[len(runs):]] == [(2, pick)]
 
 
+def test_extend_edge_tries_one_lr_beyond_an_edge_pick(tmp_path, minilm, sst2_dir, monkeypatch):
+    """--extend-edge 1: a pick at the grid's top edge adds the next half-decade (3e-3 -> 1e-2) to the sweep; an
+    interior pick adds nothing; the row's lr stays the best validation score over every grid run."""
+    acc = _load("accuracy/run")
+    assert (acc.beyond_edge([3e-4, 1e-3, 3e-3], 3e-3), acc.beyond_edge([3e-4, 1e-3, 3e-3], 3e-4),
+            acc.beyond_edge([3e-4, 1e-3, 3e-3], 1e-3), acc.beyond_edge([3e-3, 1e-2, 3e-2], 3e-2)) == (1e-2, 1e-4, None, 0.1)
+    scores = {}
+
+    def fake_run(bases, model, task, method, seed, lr, a):
+        v = scores[lr]
+        return {"model": model, "task": task, "method": method, "seed": seed, "lr": lr, "best_val": v, "score": v,
+                "accuracy": v, "metric": "accuracy", "train_examples_per_s": 1.0, "wall_seconds": 1.0,
+                "quantize": "none", "trainable_parameters": 1, "train_examples": 1, "dev_examples": 1}
+
+    monkeypatch.setattr(acc, "run_one", fake_run)
+
+    def swept(name, extend, vals):
+        scores.clear()
+        scores.update(vals)
+        out = tmp_path / f"{name}.json"
+        assert acc.main(["--models", "minilm-l6", "--tasks", "sst2", "--methods", "linear-probe", "--seeds", "0",
+                         "--sweep", "--extend-edge", str(extend), "--out", str(out),
+                         "--data", os.path.dirname(sst2_dir)]) == 0
+        runs = json.loads(out.read_text())["runs"]
+        return sorted(r["lr"] for r in runs if r.get("sweep")), acc.row_lr(runs, "minilm-l6", "sst2", "linear-probe")
+
+    edge = {3e-3: 0.5, 1e-2: 0.7, 3e-2: 0.9, 0.1: 0.6}  # the probe's grid is (3e-3, 1e-2, 3e-2): top edge wins
+    assert swept("edge", 1, edge) == ([3e-3, 1e-2, 3e-2, 0.1], 3e-2)  # tried beyond, kept the better 3e-2
+    assert swept("edge0", 0, edge) == ([3e-3, 1e-2, 3e-2], 3e-2)  # without the option: the grid only
+    assert swept("up", 1, {**edge, 0.1: 0.95}) == ([3e-3, 1e-2, 3e-2, 0.1], 0.1)  # the new edge is the pick
+    assert swept("inner", 1, {3e-3: 0.5, 1e-2: 0.9, 3e-2: 0.6}) == ([3e-3, 1e-2, 3e-2], 1e-2)  # interior: nothing
+
+
 def test_results_docs_embed_the_current_reports(tmp_path):
     """The tables in benchmarks/RESULTS*.md are copies of the reports the scripts write
     (``<!-- report: results/X.md -->`` blocks): every committed copy equals its file, and sync_results rewrites

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -202,6 +203,21 @@ def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, swee
     return todo
 
 
+def beyond_edge(grid, lr: float):
+    """The next lr of the half-decade ladder (..., 1e-3, 3e-3, 1e-2, ...) beyond the grid's edge when ``lr`` (the
+    pick) is its highest or lowest value, else None: 3e-3 -> 1e-2, 3e-4 -> 1e-4."""
+    ladder = [m * 10.0 ** e for e in range(-7, 1) for m in (1, 3)]
+
+    def rung(x):
+        return min(range(len(ladder)), key=lambda i: abs(math.log(ladder[i] / x)))
+
+    if lr == max(grid) and rung(lr) + 1 < len(ladder):
+        return float(f"{ladder[rung(lr) + 1]:.0e}")
+    if lr == min(grid) and rung(lr) > 0 and len(grid) > 1:
+        return float(f"{ladder[rung(lr) - 1]:.0e}")
+    return None
+
+
 def plan_text(todo: list, jobs: int) -> str:
     known = [t[5] for t in todo if t[5] is not None]
     lines = [f"{m} {t} {meth} seed={s} lr={lr:g}: " + (f"~{est:.0f} min" if est is not None else "no timing yet")
@@ -307,6 +323,10 @@ def main(argv=None) -> int:
                          "without the key are full precision); without --sweep each row trains at the lr of the "
                          "full-precision row of --lrs-from")
     ap.add_argument("--sweep", action="store_true", help="pick each method's lr on the validation split")
+    ap.add_argument("--extend-edge", type=int, default=0, metavar="N",
+                    help="with --sweep: while a row's validation pick is the grid's highest (lowest) lr, try the next "
+                         "half-decade above (below) it too, at most N times per row (default 0: the method's grid "
+                         "only). The pick stays the best validation score over every grid run in the JSON")
     ap.add_argument("--grid-seed", type=int, default=0,
                     help="seed of the sweep's grid runs (whatever --seeds lists: adding seeds to a swept row with "
                          "--seeds 1,2 reuses the seed-0 grid already in --out/--include)")
@@ -419,15 +439,22 @@ def main(argv=None) -> int:
                     continue
                 if a.sweep:
                     grid = list(method_class(parse_method(method)[0]).lr_grid)
-                    for g in grid:
-                        if (model, task, method, a.grid_seed, True, g, q) not in done:
-                            r = same_run(state["runs"], (model, task, method, a.grid_seed, False, g, q), sweep=True)
-                            r = r or run_one(bases, model, task, method, a.grid_seed, g, a)
-                            r["sweep"] = True
-                            state["runs"].append(r)
-                            atomic_json(a.out, state)
-                            print(f"sweep {model} {task} {method} lr={g}: val {r['best_val']:.4f}", flush=True)
-                    lr = row_lr(state["runs"], model, task, method, q)
+                    for _ in range(1 + a.extend_edge):
+                        for g in grid:
+                            if (model, task, method, a.grid_seed, True, g, q) not in done:
+                                r = same_run(state["runs"], (model, task, method, a.grid_seed, False, g, q),
+                                             sweep=True)
+                                r = r or run_one(bases, model, task, method, a.grid_seed, g, a)
+                                r["sweep"] = True
+                                state["runs"].append(r)
+                                done.add(key(r))
+                                atomic_json(a.out, state)
+                                print(f"sweep {model} {task} {method} lr={g}: val {r['best_val']:.4f}", flush=True)
+                        lr = row_lr(state["runs"], model, task, method, q)
+                        beyond = beyond_edge(grid, lr)
+                        if beyond is None:
+                            break
+                        grid.append(beyond)  # --extend-edge: the pick sits at the grid's edge
                 for seed in seeds:
                     if (model, task, method, seed, False, lr, q) in done:
                         continue

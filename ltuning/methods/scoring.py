@@ -29,6 +29,9 @@ d = hidden size, layers of Hkv key/value heads of size D.
   Shared label tokens are merged where they are equal by construction (decoders, variant "kv": labels whose
   texts start alike have equal K/V over their common first tokens): one token with logit + log(multiplicity)
   attends exactly as its copies (``LTPrefix.dedup_index``; 802 -> 299 bank tokens on SmolLM2 BANKING77).
+  ``bank_tokens="last"`` (lt-prefix, variant "kv" on decoders; an approximation, ``LTPrefix.last_token_index``)
+  keeps only the tokens every label text shares and each label's last token, the causal summary of its text
+  (83 bank tokens on SmolLM2 BANKING77), for large K where the bank's attention is a visible share of the forward.
   (:class:`BilinearLabelHead`: a dual-encoder metric that starts as the correlation of the two states.)
   Trainable: the method's label-side generator (as in kpass) + A, C, tau (+ one free vector w_k per label with
   ``label_weights``: s_{b,k} += LN(h_b).w_k / sqrt(d)). A label is added at inference by encoding its text
