@@ -391,13 +391,17 @@ def main(argv=None) -> int:
         state["commands"].append(cmd)
     state.update(budget=budget, command=cmd, machine=machine())
     key = run_key
+    merged = []
     for path in filter(None, a.include.split(",")):
         with open(path) as f:
             other = json.load(f)
         if same_budget(other.get("budget"), budget) is False:
             raise SystemExit(f"{path}: made with budget {other.get('budget')}, not {budget}")
         have = {key(r) for r in state["runs"]}
-        state["runs"] += [r for r in other["runs"] if key(r) not in have]
+        new = [r for r in other["runs"] if key(r) not in have]
+        state["runs"] += new
+        if other["runs"]:  # the report says where they came from (their invocations are in that file)
+            merged.append((os.path.relpath(path), len(other["runs"])))
     if not a.sweep:
         have = {key(r) for r in state["runs"]}
         rows = {(m, t, x) for m in models for t in tasks for x in methods}
@@ -488,7 +492,7 @@ def main(argv=None) -> int:
           f"trains at its own {q} sweep's pick if it has one, else at the full-precision row's lr (the sweeps listed "
           "below are then fp32 ones).\n")
     md += markdown(mine, methods, tasks, models) + wall_note(state["runs"], shown, state.get("last_training_invocation"),
-                                                                   state.get("training_invocations")) + sweep_markdown(
+                                                                   state.get("training_invocations"), merged) + sweep_markdown(
         [x for x in state["runs"] if x["model"] in models and x["task"] in tasks and x["method"] in methods])
     if a.compare:
         with open(a.compare) as f:

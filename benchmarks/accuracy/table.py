@@ -91,12 +91,14 @@ def markdown(rows: list, methods: list, tasks: list, models: list) -> str:
     return "\n".join(out) + "\n"
 
 
-def wall_note(runs: list, rows: list, invocation: dict | None = None, invocations: list | None = None) -> str:
+def wall_note(runs: list, rows: list, invocation: dict | None = None, invocations: list | None = None,
+              merged: list | None = None) -> str:
     """One line for the report: the summed wall time of the runs averaged into ``rows``, and of every run in the
     JSON (sweep grids and other lrs too; a run reused from another, ``copied_from``, is counted once there); and
     the elapsed time of the last ``invocation`` that trained runs (``state["last_training_invocation"]``), or,
     when several did (``state["training_invocations"]``: a table stopped with ``--stop-after`` and resumed),
-    each one's and their total, with the code each ran."""
+    each one's and their total, with the code each ran. ``merged``: (file, runs) merged from ``--include`` files,
+    named after that (the invocations above are the --out file's; each included file records its own)."""
     keys = {(x["model"], x["task"], x["method"], precision(x)) for x in rows}
     in_rows = [r for r in row_runs(runs) if "wall_seconds" in r
                and (r["model"], r["task"], r["method"], precision(r)) in keys]
@@ -105,6 +107,9 @@ def wall_note(runs: list, rows: list, invocation: dict | None = None, invocation
     out = (f"\nWall time (summed over runs, as recorded in the JSON): the {len(in_rows)} runs averaged into these "
            f"rows took {hours(in_rows):.1f} h; all {len(own)} runs in the JSON (sweep grids, other learning rates "
            f"and rows not shown too) {hours(own):.1f} h.\n")
+    if merged:
+        out += ("Runs merged from other records (`--include`; their invocations, code and dates are in each file): "
+                + ", ".join(f"{n} from `{f}`" for f, n in merged) + ". The invocations below are this file's own.\n")
     if invocations and len(invocations) > 1:
         codes = {i.get("code") for i in invocations}
         same = (f"all with the code of commit {codes.pop()}" if len(codes) == 1 and None not in codes
