@@ -320,6 +320,18 @@ def test_plan_lists_the_runs_left_with_estimated_times():
     todo = acc.plan(grid[:1], ["m"], ["sst2"], ["fl"], [0, 1], True, 0)
     assert [(t[3], t[4]) for t in todo] == [(0, 1e-3), (0, 3e-3), (1, 1e-3)]  # seed 1 at the default for now
 
+    # --extend-edge 1: the top-edge pick 3e-3 also lists its seed-0 run at 1e-2; once run, the pick is the best of all
+    assert list(method_class("fl").lr_grid)[-1] == 3e-3
+    todo = acc.plan(grid, ["m"], ["sst2"], ["fl"], [0, 1, 2], True, 0, extend_edge=1)
+    assert [(t[3], t[4]) for t in todo] == [(0, 1e-2), (1, 3e-3), (2, 3e-3)]
+    for val, pick in ((0.7, 3e-3), (0.95, 1e-2)):
+        todo = acc.plan(grid + [run("fl", 0, 1e-2, 120, sweep=True, val=val)], ["m"], ["sst2"], ["fl"], [0, 1, 2],
+                        True, 0, extend_edge=1)
+        assert [(t[3], t[4]) for t in todo] == [(1, pick), (2, pick)]
+    inner = [dict(r, best_val=v) for r, v in zip(grid, (0.5, 0.9, 0.6))]  # an interior pick: nothing beyond
+    todo = acc.plan(inner, ["m"], ["sst2"], ["fl"], [0, 1], True, 0, extend_edge=1)
+    assert [(t[3], t[4]) for t in todo] == [(1, 1e-3)]
+
 
 def test_chart_shows_plain_methods_and_leaves_variants_to_the_table():
     chart_methods = _load("accuracy/run").chart_methods
@@ -530,3 +542,21 @@ def test_bench_ddp_plans_both_modes_without_running(capsys):
         assert threads == f"OMP_NUM_THREADS={2 if one else 1}"
         assert ("torch.distributed.run --nproc-per-node 2" in cmd) != one
         assert cmd.endswith(" --fsdp") == (variant == "fsdp:") and " -m ltuning train --model smollm2-135m" in cmd
+
+
+def test_bank_attention_share_counts_the_bank_and_refuses_bad_banks(tmp_path):
+    """benchmarks/serving/bank_attention_share.py: one row per bank size (P = 0 first), the bank's FLOPs are
+    4 Hq D P T, the bounds are relative to P = 0 (1 there), and a bad --banks value exits 2 naming it."""
+    bench = _load("serving/bank_attention_share")
+    out = tmp_path / "share.json"
+    assert bench.main(["--banks", "5,17", "--batch", "3", "--reps", "1", "--dtypes", "fp32", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["bank_tokens"] for r in rows] == [0, 5, 17]
+    for r in rows:
+        assert r["bank_flops"] == 4 * bench.HQ * bench.D * r["bank_tokens"] * r["tokens"]
+        assert r["linear_ms"] > 0 and r["attention_ms"] > 0
+    assert rows[0]["bound_vs_no_bank"] == 1.0 and rows[0]["bound_vs_no_bank_free_softmax"] == 1.0
+    assert rows[2]["bound_vs_no_bank_free_softmax"] < rows[1]["bound_vs_no_bank_free_softmax"] < 1.0
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--banks", "5,x", "--json", str(out)])
+    assert e.value.code == 2

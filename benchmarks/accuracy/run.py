@@ -161,14 +161,16 @@ def same_run(runs: list, key: tuple, sweep: bool):
 
 
 def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, sweep: bool, grid_seed: int,
-         timed: list | None = None, quantize: str = "none") -> list:
+         timed: list | None = None, quantize: str = "none", extend_edge: int = 0) -> list:
     """The runs an invocation still has to train (those not in ``runs``), in queue order, as
     ``(model, task, method, seed, lr, minutes)``. ``minutes`` is the median wall time of finished runs of the same
     model, task and method in ``timed`` (default ``runs``; of the same method with any options, failing that), or
     None when there is none. For a swept row whose grid is not finished the seeds are listed at the default lr
     (the pick is not known yet); an unswept row's at ``row_lr`` (a pick in ``runs``, e.g. ``frozen_sweeps``).
     ``quantize``: the frozen base's precision of the runs to do (runs on another base are not these; timed by
-    runs on the same base if there are any, else by any)."""
+    runs on the same base if there are any, else by any). ``extend_edge``: as ``--extend-edge``, a finished grid
+    whose pick is its highest or lowest lr also lists the seed-0 run one half-decade beyond it (``beyond_edge``;
+    up to ``extend_edge`` such steps; each step is known only once the previous one has run)."""
     timed = runs if timed is None else timed
     q = quantize
 
@@ -192,11 +194,17 @@ def plan(runs: list, models: list, tasks: list, methods: list, seeds: list, swee
                 lr = default_lr(method) if sweep else row_lr(runs, model, task, method, q)
                 if sweep:
                     grid = list(method_class(parse_method(method)[0]).lr_grid)
-                    left = [g for g in grid if (model, task, method, grid_seed, True, g, q) not in have
-                            and (model, task, method, grid_seed, False, g, q) not in have]
-                    todo += [(model, task, method, grid_seed, g, est) for g in left]
-                    if all((model, task, method, grid_seed, True, g, q) in have for g in grid):
+                    for step in range(1 + extend_edge):  # as the main loop: grid, then lrs beyond an edge pick
+                        left = [g for g in grid if (model, task, method, grid_seed, True, g, q) not in have
+                                and (model, task, method, grid_seed, False, g, q) not in have]
+                        todo += [(model, task, method, grid_seed, g, est) for g in left]
+                        if not all((model, task, method, grid_seed, True, g, q) in have for g in grid):
+                            break  # the pick is not known yet
                         lr = row_lr(runs, model, task, method, q)  # the pick is known
+                        beyond = beyond_edge(grid, lr) if step < extend_edge else None
+                        if beyond is None:
+                            break
+                        grid.append(beyond)
                 todo += [(model, task, method, s, lr, est) for s in seeds
                          if (model, task, method, s, False, lr, q) not in have
                          and not (sweep and s == grid_seed)]  # a swept row's grid-seed run is its grid's run
@@ -411,8 +419,8 @@ def main(argv=None) -> int:
         if a.fresh and os.path.isfile(a.out):  # plan the table from scratch, timed by the runs already made
             with open(a.out) as f:
                 timed = json.load(f)["runs"]
-        print(plan_text(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, timed, a.quantize),
-                        a.jobs))
+        print(plan_text(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, timed, a.quantize,
+                             a.extend_edge), a.jobs))
         return 0
     t_start = time.time()
     if a.stop_after is not None and a.deadline is None:
@@ -477,7 +485,8 @@ def main(argv=None) -> int:
     state["table"] = rows
     state["wall_seconds_this_invocation"] = time.time() - t_start
     if own() > own_before:  # this invocation trained runs (itself or by its --jobs workers): its elapsed time
-        left = len(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, quantize=q))
+        left = len(plan(state["runs"], models, tasks, methods, seeds, a.sweep, a.grid_seed, quantize=q,
+                        extend_edge=a.extend_edge))
         inv = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "code": code_version(),
                "runs_trained": own() - own_before, "elapsed_seconds": state["wall_seconds_this_invocation"],
                "runs_left": left, "load_average_at_end": list(os.getloadavg())}

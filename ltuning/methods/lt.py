@@ -324,13 +324,10 @@ class LTPrefix(LabelConditioned):
         re-weight tokens per label: nothing is merged there."""
         if not (getattr(self.config, "merge_label_tokens", True) and self._trie_applies()):
             return None
-        index, counts, _ = self.label_trie()
-        if getattr(self, "_dedup_key", None) != self._trie_key:
-            dev = self.label_mask.device
-            merged = len(index) < sum(counts)
-            self._dedup = (torch.tensor(index, device=dev), torch.tensor(counts, device=dev)) if merged else None
-            self._dedup_key = self._trie_key
-        return self._dedup
+        def merged():
+            index, counts, _ = self.label_trie()
+            return (index, counts) if len(index) < sum(counts) else None
+        return self._trie_tensors("all", merged)
 
     def last_token_index(self):
         """``bank_tokens="last"``: ``(index, counts)`` of a smaller one-pass bank, (V,) flat K x l positions and
@@ -341,15 +338,24 @@ class LTPrefix(LabelConditioned):
         vector u_k of the bilinear head is that token's hidden state too), so the input attends to K summaries
         instead of sum_k n_k tokens. Its cost: V = K + (common tokens) bank tokens (83 instead of 299 on SmolLM2
         BANKING77); what it costs in accuracy is measured (``benchmarks/RESULTS_scoring.md``)."""
-        index, counts, ends = self.label_trie()
-        if getattr(self, "_last_key", None) != self._trie_key:
+        def common_and_last():
+            index, counts, ends = self.label_trie()
             K = self.label_mask.shape[0]
             keep = [i for i in range(len(index)) if counts[i] == K or ends[i] > 0]
-            dev = self.label_mask.device
-            self._last = (torch.tensor([index[i] for i in keep], device=dev),
-                          torch.tensor([K if counts[i] == K else ends[i] for i in keep], device=dev))
-            self._last_key = self._trie_key
-        return self._last
+            return [index[i] for i in keep], [K if counts[i] == K else ends[i] for i in keep]
+        return self._trie_tensors("last", common_and_last)
+
+    def _trie_tensors(self, name: str, build):
+        """``build()`` -> ``(index, counts)`` lists (or None) as two tensors on the label cache's device, made once
+        per label trie (:meth:`label_trie`) and kept under ``name`` until the label cache changes."""
+        self.label_trie()
+        cache = self.__dict__.get("_trie_tensor_cache")
+        if cache is None or cache["key"] != self._trie_key:
+            cache = self.__dict__["_trie_tensor_cache"] = {"key": self._trie_key}
+        if name not in cache:
+            built, dev = build(), self.label_mask.device
+            cache[name] = None if built is None else tuple(torch.tensor(x, device=dev) for x in built)
+        return cache[name]
 
     def bank_index(self):
         """``(index, counts)`` of the one-pass bank's tokens on the K x l label grid with their multiplicities

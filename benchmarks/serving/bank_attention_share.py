@@ -1,0 +1,144 @@
+"""What the one-pass label bank costs per layer at classification, against the layer's own matrix products, and the
+utilisation that leaves (issue 21's "85 % of the one-pass ceiling" at K = 77).
+
+The one-pass ceiling (``bench_classify.one_pass_ceiling``) counts only the per-token Linear products. A one-pass
+LT forward also attends, in every layer, from each input token to the P bank tokens: 4 Hq D P FLOPs per token
+(QK^T and PV), which the ceiling does not count. This script times, side by side in one process on one SmolLM2-shaped
+layer (Hq = 9, Hkv = 3, D = 64, d = 576, MLP 1536, causal) and a packed batch of B inputs of 8-17 tokens:
+
+* ``linear_ms``: the layer's seven Linear products (q, k, v, o, gate, up, down) on the T batch tokens;
+* ``attention_ms``: the fused CPU attention op (``prefix_attention_varlen``, inference) over the inputs' own keys and
+  a bank of P tokens (one entry shared by every input), for P = 0 (what prefix-free LoRA pays) and each ``--banks``;
+* ``bank_gflops_at_matrix_rate``: the bank's 4 Hq D P T FLOPs over ``linear``'s measured rate, the time the bank
+  would take if its products ran at the Linear layers' rate with a free softmax (a lower bound);
+* ``bound``: linear / (linear + attention(P)) relative to P = 0, i.e. the highest utilisation a method with this
+  bank can reach if everything else in its forward ran as LoRA's does:
+  ``util(onepass) <= util(LoRA) x (linear + attention(0)) / (linear + attention(P))``.
+
+Defaults: P = 83 and 299, the ``bank_tokens=last`` and full (merged) banks of SmolLM2 on BANKING77.
+
+    OMP_NUM_THREADS=1 python benchmarks/serving/bank_attention_share.py --json benchmarks/results/bank_attention_share.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from ltuning.kernels.api import prefix_attention_varlen  # noqa: E402
+from ltuning.serving import cpu  # noqa: E402
+
+HQ, HKV, D, HIDDEN, MLP = 9, 3, 64, 576, 1536
+LINEARS = [(HIDDEN, HQ * D), (HIDDEN, HKV * D), (HIDDEN, HKV * D), (HQ * D, HIDDEN), (HIDDEN, MLP), (HIDDEN, MLP),
+           (MLP, HIDDEN)]  # (in, out) of q, k, v, o, gate, up, down
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def measure(dtype: torch.dtype, batch: int, banks: list, reps: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(8, 18, (batch,), generator=g)
+    T = int(lens.sum())
+    cu = torch.zeros(batch + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    x = {i: torch.randn(T, i, generator=g).to(dtype) for i in {a for a, _ in LINEARS}}
+    lins = [torch.nn.Linear(a, b, bias=False).to(dtype) for a, b in LINEARS]
+    lin_flops = 2 * T * sum(a * b for a, b in LINEARS)
+    q = torch.randn(T, HQ, D, generator=g).to(dtype)
+    k, v = (torch.randn(T, HKV, D, generator=g).to(dtype) for _ in range(2))
+    own_pairs = sum(int(n) * (int(n) + 1) // 2 for n in lens)
+    rows = []
+    with torch.inference_mode():
+        def linear():
+            for m, (a, _) in zip(lins, LINEARS):
+                m(x[a])
+        for P in [0] + banks:
+            if P:
+                bk, bv = (torch.randn(1, HKV, P, D, generator=g).to(dtype) for _ in range(2))
+                idx = torch.zeros(batch, dtype=torch.long)
+                attn = lambda: prefix_attention_varlen(q, k, v, cu, bk, bv, idx, causal=True,  # noqa: E731
+                                                       max_seqlen=int(lens.max()), backend="cpu")
+            else:
+                attn = lambda: prefix_attention_varlen(q, k, v, cu, causal=True,  # noqa: E731
+                                                       max_seqlen=int(lens.max()), backend="cpu")
+            lin_ms, att_ms = [], []
+            for _ in range(3):  # interleaved: each sample times both, so drift hits both alike
+                lin_ms.append(median_ms(linear, reps))
+                att_ms.append(median_ms(attn, reps))
+            lin, att = statistics.median(lin_ms), statistics.median(att_ms)
+            rate = lin_flops / lin / 1e6  # GFLOP/s of the layer's Linears
+            bank_flops = 4 * HQ * D * P * T
+            rows.append({"dtype": str(dtype).replace("torch.", ""), "batch": batch, "tokens": T, "bank_tokens": P,
+                         "linear_ms": lin, "linear_gflops": rate, "attention_ms": att,
+                         "attention_flops": 4 * HQ * D * (P * T + own_pairs), "bank_flops": bank_flops,
+                         "bank_ms_at_matrix_rate": bank_flops / rate / 1e6,
+                         "attention_share_of_linear": att / lin})
+    base = rows[0]
+    for r in rows:
+        r["bound_vs_no_bank"] = (base["linear_ms"] + base["attention_ms"]) / (r["linear_ms"] + r["attention_ms"])
+        r["bound_vs_no_bank_free_softmax"] = (base["linear_ms"] + base["attention_ms"]) / (
+            base["linear_ms"] + base["attention_ms"] + r["bank_ms_at_matrix_rate"])
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--banks", default="83,299", help="bank sizes P (tokens) besides 0")
+    ap.add_argument("--batch", type=int, default=54, help="inputs per packed batch (~680 tokens, the engine's)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="bf16 only where the CPU multiplies it natively")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args(argv)
+    try:
+        banks = [int(x) for x in a.banks.split(",") if x]
+    except ValueError:
+        ap.error(f"--banks: expected comma-separated integers, got {a.banks!r}")
+    if any(p <= 0 for p in banks) or a.batch < 1 or a.reps < 1:
+        ap.error("--banks values, --batch and --reps must be positive")
+    dts = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rows = []
+    for name in a.dtypes.split(","):
+        if name not in dts:
+            ap.error(f"--dtypes: expected fp32 and/or bf16, got {name!r}")
+        if name == "bf16" and not cpu.native_bf16():
+            print("bf16: not native on this CPU, skipped", file=sys.stderr)
+            continue
+        for r in measure(dts[name], a.batch, banks, a.reps):
+            rows.append(r)
+            print(f"{r['dtype']:8s} P={r['bank_tokens']:4d}  linear {r['linear_ms']:6.2f} ms ({r['linear_gflops']:5.0f} "
+                  f"GFLOP/s)  attention {r['attention_ms']:6.2f} ms = {100 * r['attention_share_of_linear']:5.1f} % of "
+                  f"linear  bound {100 * r['bound_vs_no_bank']:5.1f} % (free softmax "
+                  f"{100 * r['bound_vs_no_bank_free_softmax']:5.1f} %)", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    out = {"command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python "
+                      + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)] + (argv or sys.argv[1:])),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+           "machine": cpu.machine(), "torch_threads": torch.get_num_threads(),
+           "load_average": list(os.getloadavg()), "rows": rows}
+    with open(a.json, "w") as f:
+        json.dump(out, f, indent=1)
+    print("wrote", a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
