@@ -560,3 +560,12 @@ def test_bank_attention_share_counts_the_bank_and_refuses_bad_banks(tmp_path):
     with pytest.raises(SystemExit) as e:
         bench.main(["--banks", "5,x", "--json", str(out)])
     assert e.value.code == 2
+    record = tmp_path / "classify.json"  # --lora-from: LoRA's utilisation times the bound, per dtype
+    record.write_text(json.dumps({"rows": [{"system": "ltuning lora", "dtype": "fp32", "utilisation": u}
+                                           for u in (0.8, 0.9, 1.0)] + [{"system": "ltuning prefix", "dtype": "fp32",
+                                                                          "utilisation": 0.1}]}))
+    assert bench.main(["--banks", "5", "--batch", "2", "--reps", "1", "--dtypes", "fp32", "--lora-from", str(record),
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[1]["dtype"] == "fp32" and rows[1]["lora_utilisation"] == 0.9
+    assert rows[1]["allowed_utilisation"] == pytest.approx(0.9 * rows[1]["bound_vs_no_bank"])

@@ -15,9 +15,15 @@ layer (Hq = 9, Hkv = 3, D = 64, d = 576, MLP 1536, causal) and a packed batch of
   bank can reach if everything else in its forward ran as LoRA's does:
   ``util(onepass) <= util(LoRA) x (linear + attention(0)) / (linear + attention(P))``.
 
+``--lora-from RECORD`` (a ``bench_classify.py`` JSON): each row also gets ``lora_utilisation`` (LoRA's utilisation
+of the one-pass ceiling in that record, same dtype; the median over its LoRA rows) and the utilisation a method with
+this bank can reach at most, ``allowed_utilisation`` = lora_utilisation x bound (``allowed_utilisation_ideal``
+with the free-softmax bound).
+
 Defaults: P = 83 and 299, the ``bank_tokens=last`` and full (merged) banks of SmolLM2 on BANKING77.
 
-    OMP_NUM_THREADS=1 python benchmarks/serving/bank_attention_share.py --json benchmarks/results/bank_attention_share.json
+    OMP_NUM_THREADS=1 python benchmarks/serving/bank_attention_share.py \
+        --lora-from benchmarks/results/serving_classify_banking77_last.json --json benchmarks/results/bank_attention_share.json
 """
 from __future__ import annotations
 
@@ -87,7 +93,7 @@ def measure(dtype: torch.dtype, batch: int, banks: list, reps: int, seed: int = 
             lin, att = statistics.median(lin_ms), statistics.median(att_ms)
             rate = lin_flops / lin / 1e6  # GFLOP/s of the layer's Linears
             bank_flops = 4 * HQ * D * P * T
-            rows.append({"dtype": str(dtype).replace("torch.", ""), "batch": batch, "tokens": T, "bank_tokens": P,
+            rows.append({"dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], "batch": batch, "tokens": T, "bank_tokens": P,
                          "linear_ms": lin, "linear_gflops": rate, "attention_ms": att,
                          "attention_flops": 4 * HQ * D * (P * T + own_pairs), "bank_flops": bank_flops,
                          "bank_ms_at_matrix_rate": bank_flops / rate / 1e6,
@@ -100,14 +106,34 @@ def measure(dtype: torch.dtype, batch: int, banks: list, reps: int, seed: int = 
     return rows
 
 
+def lora_utilisation(path: str, ap) -> dict:
+    """{"fp32": u, "bf16": u}: the median utilisation of the ``ltuning lora`` rows of a bench_classify record."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        ap.error(f"--lora-from {path}: not a bench_classify.py record ({e})")
+    out = {}
+    for dt in ("fp32", "bf16"):
+        u = [r["utilisation"] for r in rows if r.get("system") == "ltuning lora" and r.get("dtype") == dt
+             and "utilisation" in r]
+        if u:
+            out[dt] = statistics.median(u)
+    if not out:
+        ap.error(f"--lora-from {path}: no 'ltuning lora' row with a utilisation")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--banks", default="83,299", help="bank sizes P (tokens) besides 0")
     ap.add_argument("--batch", type=int, default=54, help="inputs per packed batch (~680 tokens, the engine's)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="bf16 only where the CPU multiplies it natively")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--lora-from", help="bench_classify.py record: LoRA's utilisation per dtype for the bounds")
     ap.add_argument("--json", required=True)
     a = ap.parse_args(argv)
+    lora = lora_utilisation(a.lora_from, ap) if a.lora_from else {}
     try:
         banks = [int(x) for x in a.banks.split(",") if x]
     except ValueError:
@@ -123,6 +149,10 @@ def main(argv=None) -> int:
             print("bf16: not native on this CPU, skipped", file=sys.stderr)
             continue
         for r in measure(dts[name], a.batch, banks, a.reps):
+            if name in lora:
+                r["lora_utilisation"] = lora[name]
+                r["allowed_utilisation"] = lora[name] * r["bound_vs_no_bank"]
+                r["allowed_utilisation_ideal"] = lora[name] * r["bound_vs_no_bank_free_softmax"]
             rows.append(r)
             print(f"{r['dtype']:8s} P={r['bank_tokens']:4d}  linear {r['linear_ms']:6.2f} ms ({r['linear_gflops']:5.0f} "
                   f"GFLOP/s)  attention {r['attention_ms']:6.2f} ms = {100 * r['attention_share_of_linear']:5.1f} % of "
