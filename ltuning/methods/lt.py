@@ -76,19 +76,21 @@ from .scoring import check_scoring, pack_blocks
 
 @dataclass
 class LTConfig(MethodConfig):
-    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); default kpass, except lt-prefix on encoders: onepass; see ltuning.methods.scoring', 'label_weights': 'onepass: add a free per-label vector to the bilinear label score (zero-initialised; labels added at inference get none); default on for lt-prefix onepass on encoders, else off'}
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); default kpass, except lt-prefix on encoders: onepass; see ltuning.methods.scoring', 'label_weights': 'onepass: add a free per-label vector to the bilinear label score (zero-initialised; labels added at inference get none); default on for lt-prefix onepass on encoders, else off', 'label_weight_scale': 'onepass with label weights: rsqrt-d (the label-weight term is LN(h).w_k / sqrt(d); default) or one (LN(h).w_k: a linear probe on the normalised state, learning sqrt(d) times faster in logit space)'}
     """``scoring``: "kpass" (one row per (input, label) pair, the paper's protocol), "onepass" (all K label
     blocks in one prefix, the input once, a bilinear label head) or "shared-input" (the input once, the label
     texts as suffixes attending to its K/V): see :mod:`.scoring`. None picks by family when the method is built
     (:meth:`LabelConditioned.resolve_defaults`): kpass on decoders, and on encoders kpass for lt-prompt, onepass
     for lt-prefix. Adapters without the key are kpass. ``label_weights`` (onepass only): the bilinear head gets a
     free per-label vector w_k, s_{b,k} += LN(h_b).w_k / sqrt(d) (:class:`.scoring.BilinearLabelHead`); None: on
-    for lt-prefix's one-pass scoring on encoders, else off; adapters without the key load without it."""
+    for lt-prefix's one-pass scoring on encoders, else off; adapters without the key load without it.
+    ``label_weight_scale``: the factor on that term, "rsqrt-d" (1/sqrt(d), the default) or "one"."""
     encoder_hidden_size: int = 512
     objective: str = "listwise"
     num_negatives: int = 1
     scoring: Optional[str] = None
     label_weights: Optional[bool] = None
+    label_weight_scale: str = "rsqrt-d"
     legacy_defaults: ClassVar[dict] = {"scoring": "kpass", "label_weights": False}
 
 

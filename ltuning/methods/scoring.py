@@ -72,6 +72,7 @@ from .injection import prompt_bank_kv, run_base
 from .kv_maps import apply_kv_maps
 
 SCORINGS = ("kpass", "onepass", "shared-input")
+LABEL_WEIGHT_SCALES = ("rsqrt-d", "one")
 
 
 def check_scoring(config) -> str:
@@ -83,6 +84,9 @@ def check_scoring(config) -> str:
         raise ValueError(f"scoring {scoring!r} needs objective 'listwise' (got {config.objective!r})")
     if getattr(config, "label_weights", False) and scoring != "onepass":
         raise ValueError(f"label_weights applies to scoring 'onepass' only (got scoring {scoring!r})")
+    lws = getattr(config, "label_weight_scale", "rsqrt-d")
+    if lws not in LABEL_WEIGHT_SCALES:
+        raise ValueError(f"label_weight_scale must be one of {LABEL_WEIGHT_SCALES}, not {lws!r}")
     return scoring
 
 
@@ -107,12 +111,17 @@ class BilinearLabelHead(nn.Module):
     log_tau starts at log 10.
 
     ``n_label_weights`` = K > 0 (``config.label_weights``) adds a free, zero-initialised per-label vector w_k:
-    s_{b,k} += h'_b . w_k / sqrt(d), a linear probe's term on top of the shared metric. It gives the trained labels
+    s_{b,k} += h'_b . w_k / sqrt(d) (``label_weight_scale="one"``: h'_b . w_k), a linear probe's term on top of the
+    shared metric. It gives the trained labels
     what a probe learns beyond their texts (at K = 77 intents the label texts alone under-separate); a label added
     at inference gets w_k = 0 and is scored by the shared metric alone, as without the option."""
 
-    def __init__(self, d: int, n_label_weights: int = 0):
+    def __init__(self, d: int, n_label_weights: int = 0, label_weight_scale: str = "rsqrt-d"):
         super().__init__()
+        if label_weight_scale not in LABEL_WEIGHT_SCALES:
+            raise ValueError(f"label_weight_scale must be one of {LABEL_WEIGHT_SCALES}, not {label_weight_scale!r}")
+        # the factor on the label-weight term: 1/sqrt(d) (the default) or 1 (a probe on LN(h))
+        self.label_weight_scale = d ** -0.5 if label_weight_scale == "rsqrt-d" else 1.0
         self.query_delta = nn.Parameter(torch.zeros(d, d))
         self.key_delta = nn.Parameter(torch.zeros(d, d))
         self.log_tau = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -145,13 +154,14 @@ class BilinearLabelHead(nn.Module):
             return s
         if self.label_weight.shape[0] != u.shape[0]:
             raise ValueError(f"u has {u.shape[0]} labels but the head's label_weight {self.label_weight.shape[0]}")
-        return s + hn @ self.label_weight.T * r
+        return s + hn @ self.label_weight.T * self.label_weight_scale
 
 
 def make_head(config, info, n_out: int) -> nn.Module:
     """The model's head: the bilinear label head for onepass, else ``Linear(d, n_out)`` (as before)."""
     if check_scoring(config) == "onepass":
-        return BilinearLabelHead(info.hidden_size, len(config.label_names) if config.label_weights else 0)
+        return BilinearLabelHead(info.hidden_size, len(config.label_names) if config.label_weights else 0,
+                                 getattr(config, "label_weight_scale", "rsqrt-d"))
     return nn.Linear(info.hidden_size, n_out)
 
 

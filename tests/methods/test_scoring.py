@@ -519,6 +519,11 @@ def test_cli_bad_scoring_is_one_line_exit_2(tmp_path, sst2_dir, capsys, minilm):
     err = [e for e in capsys.readouterr().err.strip().splitlines() if e.startswith("ltuning")]  # not the loading bars
     assert rc == 2 and len(err) == 1 and "bank_tokens" in err[0] and "decoder" in err[0], err
     assert not os.path.exists(tmp_path / "z" / "adapter_config.json")
+    rc = main(["train", "--model", "minilm-l6", "--method", "lt-prefix", "--label-weight-scale", "sqrt", "--data",
+               sst2_dir, "--out", str(tmp_path / "w"), "--max-train-examples", "20", "--quiet"])
+    err = [e for e in capsys.readouterr().err.strip().splitlines() if e.startswith("ltuning")]
+    assert rc == 2 and len(err) == 1 and "label_weight_scale" in err[0] and "rsqrt-d" in err[0], err
+    assert not os.path.exists(tmp_path / "w" / "adapter_config.json")
 
 
 BANK_CLASSES = ["card_arrival", "exchange_rate", "lost_or_stolen_phone", "age_limit", "top_up_failed"]
@@ -572,7 +577,7 @@ def test_engine_budgets_rows_per_input_by_scoring(minilm, scoring, rows, tmp_pat
     assert rel_err(got, want) < 1e-5
 
 
-def reference_bilinear(head, h, u):
+def reference_bilinear(head, h, u, scale="rsqrt-d"):
     """float64 reference of BilinearLabelHead with per-label weights, written out from its docstring."""
     d = h.shape[1]
     ln = lambda x: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
@@ -580,21 +585,22 @@ def reference_bilinear(head, h, u):
     q = hn @ (torch.eye(d, dtype=h.dtype) + head.query_delta / d ** 0.5)
     k = un @ (torch.eye(d, dtype=h.dtype) + head.key_delta / d ** 0.5)
     s = torch.exp(head.log_tau) * (q @ k.T) / d
-    return s + hn @ head.label_weight.T / d ** 0.5
+    return s + hn @ head.label_weight.T / (d ** 0.5 if scale == "rsqrt-d" else 1.0)
 
 
-def test_label_weights_head_equals_reference_forward_and_backward(request):
+@pytest.mark.parametrize("scale", ["rsqrt-d", "one"])
+def test_label_weights_head_equals_reference_forward_and_backward(request, scale):
     seed = seed_of(request)
     g = torch.Generator().manual_seed(seed)
     d, B, K = 24, 5, 7
-    head = BilinearLabelHead(d, K).double()
+    head = BilinearLabelHead(d, K, scale).double()
     with torch.no_grad():
         for p in head.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
     h = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
     u = torch.randn(K, d, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(B, K, generator=g, dtype=torch.float64)
-    s, r = head(h, u), reference_bilinear(head, h, u)
+    s, r = head(h, u), reference_bilinear(head, h, u, scale)
     assert s.shape == (B, K) and torch.isfinite(s).all()
     assert ((s - r).norm() / r.norm()).item() < 1e-12, seed
     got = torch.autograd.grad((s * w).sum(), [h, u, *head.parameters()])
@@ -604,6 +610,8 @@ def test_label_weights_head_equals_reference_forward_and_backward(request):
     assert head.label_weight.grad is None  # autograd.grad above, nothing accumulated
     with pytest.raises(ValueError, match="label_weight"):
         head(h, u[:3])
+    with pytest.raises(ValueError, match="label_weight_scale must be one of"):
+        BilinearLabelHead(d, K, "sqrt")
 
 
 def test_label_weights_in_model_add_labels_save_load(minilm, tmp_path, request):
