@@ -61,6 +61,7 @@ Label semantics matter on decoders: meaningless label texts ("The text is in cla
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -72,6 +73,9 @@ from .kv_maps import add_kv_maps, apply_kv_maps
 from .label_cache import encode_texts
 from .prefix_encoder import split_layers
 from .scoring import check_scoring, pack_blocks
+
+
+KPASS_WARN_LABELS = 8  # more labels than this with scoring="kpass": a UserWarning names the one-pass alternative
 
 
 @dataclass
@@ -152,6 +156,12 @@ class LabelConditioned(Method):
         if config.objective not in ("listwise", "pairwise"):
             raise ValueError(f"objective must be 'listwise' or 'pairwise', not {config.objective!r}")
         check_scoring(config)
+        K = len(config.label_names)
+        if config.scoring == "kpass" and K > KPASS_WARN_LABELS:
+            warnings.warn(f"{type(self).__name__} with scoring='kpass' runs every input once per label: {K} rows per "
+                          f"example in training and classification. At many labels use scoring='onepass' (with "
+                          f"label_weights=True; CLI --scoring onepass --label-weights), which runs the input once "
+                          f"(benchmarks/RESULTS_scoring.md)", UserWarning, stacklevel=3)
         self.load_cache(cache, base, tokenizer)
 
     def refresh_cache(self, base, tokenizer) -> None:

@@ -664,3 +664,26 @@ def test_train_notes_onepass_when_kpass_meets_many_labels():
     assert scoring_hint(ltuning.make_config("lt-prefix", scoring="kpass"), MANY_LABELS - 1) is None
     assert scoring_hint(ltuning.make_config("lt-prefix", scoring="onepass"), 77) is None
     assert scoring_hint(ltuning.make_config("lora"), 77) is None
+
+
+def test_kpass_at_many_labels_warns_and_names_onepass(minilm):
+    """kpass with more than KPASS_WARN_LABELS labels warns once at build, naming the one-pass alternative; at
+    KPASS_WARN_LABELS labels, and with onepass at any K, nothing is said."""
+    import warnings as w
+
+    from ltuning.methods.lt import KPASS_WARN_LABELS
+    tok = minilm[1]
+    base = tiny_base("encoder", tok)
+
+    def caught(n, scoring):
+        names = [f"label{i}" for i in range(n)]
+        with w.catch_warnings(record=True) as got:
+            w.simplefilter("always")
+            m = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=names, scoring=scoring,
+                                                        encoder_hidden_size=8), tok)
+            ltuning.unpatch(m)
+        return [str(x.message) for x in got if issubclass(x.category, UserWarning) and "kpass" in str(x.message)]
+
+    msgs = caught(KPASS_WARN_LABELS + 1, "kpass")
+    assert len(msgs) == 1 and f"{KPASS_WARN_LABELS + 1} rows per example" in msgs[0] and "onepass" in msgs[0]
+    assert caught(KPASS_WARN_LABELS, "kpass") == [] and caught(KPASS_WARN_LABELS + 1, "onepass") == []
