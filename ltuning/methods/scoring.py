@@ -87,6 +87,8 @@ def check_scoring(config) -> str:
     lws = getattr(config, "label_weight_scale", "rsqrt-d")
     if lws not in LABEL_WEIGHT_SCALES:
         raise ValueError(f"label_weight_scale must be one of {LABEL_WEIGHT_SCALES}, not {lws!r}")
+    if lws != "rsqrt-d" and getattr(config, "label_weights", None) is False:
+        raise ValueError(f"label_weight_scale {lws!r} scales the label weights: it needs label_weights on (onepass)")
     return scoring
 
 

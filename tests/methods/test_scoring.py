@@ -13,7 +13,7 @@ import torch
 import ltuning
 from ltuning.models import PrefixInputs
 from ltuning.models.families import model_info
-from ltuning.methods.scoring import BilinearLabelHead, label_bank
+from ltuning.methods.scoring import BilinearLabelHead, check_scoring, label_bank
 
 from method_helpers import tiny_base
 from conftest import shared_data
@@ -612,6 +612,9 @@ def test_label_weights_head_equals_reference_forward_and_backward(request, scale
         head(h, u[:3])
     with pytest.raises(ValueError, match="label_weight_scale must be one of"):
         BilinearLabelHead(d, K, "sqrt")
+    with pytest.raises(ValueError, match="needs label_weights on"):
+        check_scoring(ltuning.make_config("lt-prefix", label_names=["a", "b"], scoring="kpass", label_weights=False,
+                                          label_weight_scale="one"))
 
 
 def test_label_weights_in_model_add_labels_save_load(minilm, tmp_path, request):
