@@ -171,3 +171,19 @@ def test_report_accuracy_table_one_row_per_adapter(report):
     assert lines[3] == "| `ad-b` | banking77 | lora |  | 3080 | 80.0 % | 81.0 % |  | +1.0 |  |"
     assert lines[4] == "| `v1` | sst2 |  |  | 256 | 50.0 % |  |  |  |  |"
     assert len(lines) == 5
+
+
+def test_adapter_scoring_reads_the_built_config(bench, tmp_path):
+    """The kpass subset (``--kpass-n``) follows the scoring an adapter was BUILT with: a bare ``lt-prefix`` saved as
+    onepass (the encoder default) is not a kpass row; label-free methods have no scoring."""
+    import json
+    cases = {"onepass": {"method": "lt-prefix", "scoring": "onepass"},
+             "kpass": {"method": "lt-prompt", "scoring": "kpass"},
+             "legacy": {"method": "lt-prefix"},  # saved before scorings existed: kpass
+             "lora": {"method": "lora"}}
+    got = {}
+    for name, mc in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"method_config": mc}))
+        got[name] = bench.adapter_scoring(str(tmp_path / name))
+    assert got == {"onepass": "onepass", "kpass": "kpass", "legacy": "kpass", "lora": None}

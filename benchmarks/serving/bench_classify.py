@@ -181,6 +181,14 @@ def linear_params(mods: list) -> int:
     return sum(mod.in_features * mod.out_features * c for _, mod, c in mods)
 
 
+def adapter_scoring(directory: str) -> str | None:
+    """The label scoring an adapter was built with (its saved, resolved method config), or None for methods
+    that score no labels."""
+    with open(os.path.join(directory, "adapter_config.json")) as f:
+        mc = json.load(f).get("method_config", {})
+    return mc.get("scoring", "kpass") if mc.get("method", "").startswith("lt-") else None
+
+
 def one_pass_ceiling(rate_gflops: float, p_lin: int, tokens_per_example: float) -> float:
     """Examples/s if every real input token went once through the per-token Linears at the probed rate:
     ``rate * 1e9 / (2 * P_lin * tokens per example)``."""
@@ -323,7 +331,7 @@ def main(argv=None):
     ap.add_argument("--datasets", default="sst2,banking77")
     ap.add_argument("--n", type=int, default=256, help="dev examples per dataset (the first N)")
     ap.add_argument("--kpass-n", type=int, default=32, help="dev examples for label-conditioned methods when K > 2")
-    ap.add_argument("--methods", default="prefix,lora,lt-prefix,lt-prefix:scoring=onepass",
+    ap.add_argument("--methods", default="prefix,lora,lt-prefix:scoring=kpass,lt-prefix:scoring=onepass",
                     help="methods or variants (lt-prefix:scoring=onepass), comma-separated")
     ap.add_argument("--dtypes", default="fp32,bf16,int8")
     ap.add_argument("--dtype-methods", default="prefix,lora", help="methods also timed in the dtypes besides fp32")
@@ -385,8 +393,7 @@ def main(argv=None):
                     save()
             for method in a.methods.split(","):
                 ad = make_adapter(model_name, method, labels, os.path.join(tmp, f"{model_name}-{ds}-{method}"))
-                name, opts = parse_method(method)
-                kpass = name.startswith("lt-") and opts.get("scoring", "kpass") == "kpass" and len(labels) > 2
+                kpass = adapter_scoring(ad) == "kpass" and len(labels) > 2  # as built: bare lt-prefix is onepass on encoders
                 recs = dev[:a.kpass_n if kpass else a.n]
                 runs = [(d, p) for d in a.dtypes.split(",") for p in
                         ((True, False) if method in a.padded_methods.split(",") else (True,))]
