@@ -3,15 +3,17 @@
 A script puts this folder on ``sys.path`` (``sys.path[:0] = [ROOT, BENCH]``, two lines at its top) and imports
 what it needs from here: the repository root (for ``import ltuning`` from a checkout), ``RESULTS`` (the folder of
 the committed records the ``RESULTS*.md`` tables cite) and ``DATA`` (the GLUE task folders, ``shared/data`` beside
-the checkout). A script of one group imports another group's script by putting that group's folder on
-``sys.path`` with :func:`group`.
+the checkout), and small helpers every script needs (atomic JSON, the commit, a median timer). A script of one
+group imports another group's script by putting that group's folder on ``sys.path`` with :func:`group`.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -44,6 +46,17 @@ def git_commit(path) -> str:
                               check=True).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
+
+
+def median_ms(fn, reps: int) -> float:
+    """Milliseconds of one call of ``fn``: one untimed warm-up call, then the median of ``reps`` timed calls."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
 
 
 def cpu_name() -> str:

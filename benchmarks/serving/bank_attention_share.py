@@ -34,13 +34,11 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+from common import ROOT, atomic_json, git_commit, median_ms  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -50,16 +48,6 @@ from ltuning.serving import cpu  # noqa: E402
 HQ, HKV, D, HIDDEN, MLP = 9, 3, 64, 576, 1536
 LINEARS = [(HIDDEN, HQ * D), (HIDDEN, HKV * D), (HIDDEN, HKV * D), (HQ * D, HIDDEN), (HIDDEN, MLP), (HIDDEN, MLP),
            (MLP, HIDDEN)]  # (in, out) of q, k, v, o, gate, up, down
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
 
 
 def measure(dtype: torch.dtype, batch: int, banks: list, reps: int, seed: int = 0) -> list:
@@ -95,7 +83,8 @@ def measure(dtype: torch.dtype, batch: int, banks: list, reps: int, seed: int = 
             lin, att = statistics.median(lin_ms), statistics.median(att_ms)
             rate = lin_flops / lin / 1e6  # GFLOP/s of the layer's Linears
             bank_flops = 4 * HQ * D * P * T
-            rows.append({"dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], "batch": batch, "tokens": T, "bank_tokens": P,
+            rows.append({"dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], "batch": batch, "tokens": T,
+                         "bank_tokens": P,
                          "linear_ms": lin, "linear_gflops": rate, "attention_ms": att,
                          "attention_flops": 4 * HQ * D * (P * T + own_pairs), "bank_flops": bank_flops,
                          "attention_share_of_linear": att / lin})
@@ -160,18 +149,18 @@ def main(argv=None) -> int:
                 r["allowed_utilisation"] = lora[name] * r["bound_vs_no_bank"]
                 r["allowed_utilisation_ideal"] = lora[name] * r["bound_vs_no_bank_free_softmax"]
             rows.append(r)
-            print(f"{r['dtype']:8s} P={r['bank_tokens']:4d}  linear {r['linear_ms']:6.2f} ms ({r['linear_gflops']:5.0f} "
+            print(f"{r['dtype']:8s} P={r['bank_tokens']:4d}  linear {r['linear_ms']:6.2f} ms "
+                  f"({r['linear_gflops']:5.0f} "
                   f"GFLOP/s)  attention {r['attention_ms']:6.2f} ms = {100 * r['attention_share_of_linear']:5.1f} % of "
                   f"linear  bound {100 * r['bound_vs_no_bank']:5.1f} % (free softmax "
                   f"{100 * r['bound_vs_no_bank_free_softmax']:5.1f} %)", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = {"command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python "
                       + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)] + (argv or sys.argv[1:])),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": git_commit(ROOT),
            "machine": cpu.machine(), "torch_threads": torch.get_num_threads(),
            "load_average": list(os.getloadavg()), "rows": rows}
-    with open(a.json, "w") as f:
-        json.dump(out, f, indent=1)
+    atomic_json(a.json, out)
     print("wrote", a.json)
     return 0
 

@@ -393,7 +393,8 @@ def main(argv=None):
                     save()
             for method in a.methods.split(","):
                 ad = make_adapter(model_name, method, labels, os.path.join(tmp, f"{model_name}-{ds}-{method}"))
-                kpass = adapter_scoring(ad) == "kpass" and len(labels) > 2  # as built: bare lt-prefix is onepass on encoders
+                # the scoring as built: a bare lt-prefix is onepass on encoders
+                kpass = adapter_scoring(ad) == "kpass" and len(labels) > 2
                 recs = dev[:a.kpass_n if kpass else a.n]
                 runs = [(d, p) for d in a.dtypes.split(",") for p in
                         ((True, False) if method in a.padded_methods.split(",") else (True,))]
