@@ -56,7 +56,8 @@ class Classifier:
         unknown = set(self.label_text_overrides) - set(self.label_names)
         if unknown:
             raise ValueError(f"--label-text names {sorted(unknown)} are not labels of the data {self.label_names}")
-        texts = [self.label_text_overrides.get(n, default_label_text(n)) for n in self.label_names]
+        template = self.method_options.get("label_template", "curated")  # lt-prefix / lt-prompt option
+        texts = [self.label_text_overrides.get(n, default_label_text(n, template)) for n in self.label_names]
         cfg = make_config(self.method, label_names=self.label_names, label_texts=texts, **self.method_options)
         self.model = LTuningModel(base, tok, cfg)
         return self.model

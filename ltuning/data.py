@@ -35,8 +35,26 @@ LABEL_TEXTS = {
 }
 
 
-def default_label_text(name: str) -> str:
-    return LABEL_TEXTS.get(name, f"The label of the text is {name.replace('_', ' ')}.")
+# How a label name becomes its label text when none is given (``label_template``, lt-prefix / lt-prompt):
+#   "curated":  the hand-written sentence of ``LABEL_TEXTS`` for the GLUE / NLI label names, else "sentence";
+#   "sentence": "The label of the text is {name}." for every name;
+#   "name":     the name itself ("not_entailment" -> "not entailment").
+# Underscores become spaces in "sentence" and "name". Which one is the default was decided on validation
+# (benchmarks/RESULTS_scoring.md, "label-text template"); any data set's unseen names get "sentence" under
+# "curated", so on new tasks "curated" and "sentence" are the same texts.
+LABEL_TEMPLATES = ("curated", "sentence", "name")
+
+
+def default_label_text(name: str, template: str = "curated") -> str:
+    """The label text of label ``name`` under ``template`` (one of :data:`LABEL_TEMPLATES`)."""
+    if template not in LABEL_TEMPLATES:
+        raise ValueError(f"label_template must be one of {', '.join(LABEL_TEMPLATES)}, not {template!r}")
+    words = str(name).replace("_", " ")
+    if template == "name":
+        return words
+    if template == "curated" and name in LABEL_TEXTS:
+        return LABEL_TEXTS[name]
+    return f"The label of the text is {words}."
 
 
 def parse_label_texts(items) -> dict:

@@ -72,6 +72,7 @@ from .base import Method, MethodConfig, register_method
 from .kv_maps import add_kv_maps, apply_kv_maps
 from .label_cache import encode_texts
 from .prefix_encoder import split_layers
+from ..data import LABEL_TEMPLATES
 from .scoring import check_scoring, pack_blocks
 
 
@@ -80,7 +81,7 @@ KPASS_WARN_LABELS = 8  # more labels than this with scoring="kpass": a UserWarni
 
 @dataclass
 class LTConfig(MethodConfig):
-    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); default kpass, except lt-prefix on encoders: onepass; see ltuning.methods.scoring', 'label_weights': 'onepass: add a free per-label vector to the bilinear label score (zero-initialised; labels added at inference get none); default on for lt-prefix onepass on encoders, else off', 'label_weight_scale': 'onepass with label weights: rsqrt-d (the label-weight term is LN(h).w_k / sqrt(d); default) or one (LN(h).w_k: a linear probe on the normalised state, learning sqrt(d) times faster in logit space)'}
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); default kpass, except lt-prefix on encoders: onepass; see ltuning.methods.scoring', 'label_weights': 'onepass: add a free per-label vector to the bilinear label score (zero-initialised; labels added at inference get none); default on for lt-prefix onepass on encoders, else off', 'label_weight_scale': 'onepass with label weights: rsqrt-d (the label-weight term is LN(h).w_k / sqrt(d); default) or one (LN(h).w_k: a linear probe on the normalised state, learning sqrt(d) times faster in logit space)', 'label_template': 'label text of a label without --label-text: curated (hand-written sentences for the GLUE/NLI label names, else sentence; default), sentence ("The label of the text is NAME.") or name (the name itself)'}
     """``scoring``: "kpass" (one row per (input, label) pair, the paper's protocol), "onepass" (all K label
     blocks in one prefix, the input once, a bilinear label head) or "shared-input" (the input once, the label
     texts as suffixes attending to its K/V): see :mod:`.scoring`. None picks by family when the method is built
@@ -88,13 +89,17 @@ class LTConfig(MethodConfig):
     for lt-prefix. Adapters without the key are kpass. ``label_weights`` (onepass only): the bilinear head gets a
     free per-label vector w_k, s_{b,k} += LN(h_b).w_k / sqrt(d) (:class:`.scoring.BilinearLabelHead`); None: on
     for lt-prefix's one-pass scoring on encoders, else off; adapters without the key load without it.
-    ``label_weight_scale``: the factor on that term, "rsqrt-d" (1/sqrt(d), the default) or "one"."""
+    ``label_weight_scale``: the factor on that term, "rsqrt-d" (1/sqrt(d), the default) or "one".
+    ``label_template``: how a label without a given text gets one (:func:`ltuning.data.default_label_text`:
+    "curated", "sentence" or "name"); the texts themselves are saved in ``label_texts``, the template is kept so
+    that labels added at inference (``add_labels``) get texts of the same form."""
     encoder_hidden_size: int = 512
     objective: str = "listwise"
     num_negatives: int = 1
     scoring: Optional[str] = None
     label_weights: Optional[bool] = None
     label_weight_scale: str = "rsqrt-d"
+    label_template: str = "curated"
     legacy_defaults: ClassVar[dict] = {"scoring": "kpass", "label_weights": False}
 
 
@@ -155,6 +160,9 @@ class LabelConditioned(Method):
         super().__init__(config, info, base, tokenizer, cache)
         if config.objective not in ("listwise", "pairwise"):
             raise ValueError(f"objective must be 'listwise' or 'pairwise', not {config.objective!r}")
+        if config.label_template not in LABEL_TEMPLATES:
+            raise ValueError(f"label_template must be one of {', '.join(LABEL_TEMPLATES)}, not "
+                             f"{config.label_template!r}")
         check_scoring(config)
         K = len(config.label_names)
         if config.scoring == "kpass" and K > KPASS_WARN_LABELS:

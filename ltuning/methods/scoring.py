@@ -309,7 +309,8 @@ def scores(model, input_ids, attention_mask, **batch) -> torch.Tensor:
 
 
 def add_labels(model, names, texts=None) -> None:
-    """Append classes ``names`` (texts default to :func:`ltuning.data.default_label_text`) to a label-conditioned
+    """Append classes ``names`` (texts default to :func:`ltuning.data.default_label_text` under the adapter's
+    ``label_template``) to a label-conditioned
     ``model``: one frozen forward re-encodes the label cache with the new texts; scores gain K' columns. Every
     trainable of lt-prefix / lt-prompt is shared by the labels, so a new label is scored with what was learned
     for the others (lt-prefix ``variant="published"`` maps l tokens, so it refuses texts longer than the
@@ -319,7 +320,8 @@ def add_labels(model, names, texts=None) -> None:
     if not m.label_conditioned:
         raise TypeError(f"method {model.config.method!r} has a fixed classification head: labels cannot be added")
     names = [str(n) for n in names]
-    texts = list(texts) if texts is not None else [default_label_text(n) for n in names]
+    template = getattr(model.config, "label_template", "curated")
+    texts = list(texts) if texts is not None else [default_label_text(n, template) for n in names]
     old = list(model.config.label_names)
     clash = sorted(set(names) & set(old)) or sorted({n for n in names if names.count(n) > 1})
     if not names or len(texts) != len(names) or clash:
