@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/: common (imports nothing of ltuning)
-from common import git_commit  # noqa: E402
+from common import git_commit, median_ms  # noqa: E402
 SHAPE = dict(B=8, Hq=9, Hkv=3, L=128, P=20, D=64, N=2, causal=True)
 
 
@@ -63,13 +63,7 @@ def worker(reps: int, threads: int) -> dict:
 
         name = str(dtype).replace("torch.", "")
         for pas, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
-            fn()
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            out[f"{name} {pas}"] = statistics.median(ts) * 1e3
+            out[f"{name} {pas}"] = median_ms(fn, reps)
         try:  # the checks alone (this tree only)
             from ltuning.kernels.cpu.prefix_attention import DTYPES
             from ltuning.kernels.validation import check_inputs, check_values

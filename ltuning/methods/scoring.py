@@ -320,8 +320,8 @@ def add_labels(model, names, texts=None) -> None:
     if not m.label_conditioned:
         raise TypeError(f"method {model.config.method!r} has a fixed classification head: labels cannot be added")
     names = [str(n) for n in names]
-    template = getattr(model.config, "label_template", "curated")
-    texts = list(texts) if texts is not None else [default_label_text(n, template) for n in names]
+    texts = (list(texts) if texts is not None
+             else [default_label_text(n, model.config.label_template) for n in names])
     old = list(model.config.label_names)
     clash = sorted(set(names) & set(old)) or sorted({n for n in names if names.count(n) > 1})
     if not names or len(texts) != len(names) or clash:
