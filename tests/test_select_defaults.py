@@ -278,12 +278,12 @@ def test_family_defaults_match_the_library(sel, tmp_path):
         sel._FAMILIES.clear()
         assert sel.model_family(path) == family
         base, tok = load_base(path)
-        for opts in ({}, {"scoring": "kpass"}, {"scoring": "onepass"}, {"scoring": "shared-input"}):
+        for opts in ({}, {"scoring": "kpass"}, {"scoring": "onepass"}, {"scoring": "shared-input"}, {"objective": "pairwise"}):
             model = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=["bad", "good"], **opts), tok)
             try:
                 cfg = model.method.config
                 assert model.pooling == sel.FAMILY_DEFAULTS["pooling"][family]
-                for option in ("scoring", "variant", "label_weights", "position_offset"):
+                for option in ("scoring", "variant", "label_weights", "position_offset", "objective"):
                     if option not in opts:
                         assert sel.library_default(path, "lt-prefix", option, opts) == getattr(cfg, option), \
                             (family, opts, option)
@@ -297,9 +297,18 @@ def test_family_defaults_match_the_library(sel, tmp_path):
                 sel.config_of(path, "lt-prefix:scoring=kpass") != bare
             assert sel.config_of(path, "lt-prefix:label_weights=false") == \
                 sel.config_of(path, "lt-prefix:scoring=onepass+label_weights=false")
+            # scoring and objective default on each other (pairwise -> kpass; kpass -> pairwise on encoders)
+            assert sel.config_of(path, "lt-prefix:scoring=kpass+objective=pairwise") == \
+                sel.config_of(path, "lt-prefix:objective=pairwise") == sel.config_of(path, "lt-prefix:scoring=kpass")
+            assert sel.config_of(path, "lt-prefix:scoring=kpass+objective=listwise") != \
+                sel.config_of(path, "lt-prefix:scoring=kpass")
+            assert sel.config_of(path, "lt-prefix:objective=listwise") == bare
         else:
             assert sel.config_of(path, "lt-prefix:scoring=kpass+variant=kv+label_weights=false") == bare
             assert sel.config_of(path, "lt-prefix:scoring=onepass") != bare
+            assert sel.config_of(path, "lt-prefix:scoring=kpass+objective=listwise") == bare
+            assert sel.config_of(path, "lt-prefix:objective=pairwise") != bare
+            assert sel.config_of(path, "lt-prefix:lr=0.001") == bare != sel.config_of(path, "lt-prefix:lr=0.003")
 
 
 def test_gguf_header_family(sel):
@@ -324,10 +333,11 @@ def test_label_text_candidates(sel, tmp_path):
 
 def test_on_the_committed_accuracy_table(sel, tmp_path):
     """The committed table: smollm2's variant kv|pooling (pooling ran on SST-2 only: one task, no LOTO, said so) and
-    MiniLM's lt-prefix lr over its grids; whatever the table holds, nothing crashes and the report is well formed."""
+    MiniLM's listwise K-pass lr over its grids (its K-pass default, pairwise, was not swept in this table); whatever
+    the table holds, nothing crashes and the report is well formed."""
     path = os.path.join(ROOT, "benchmarks", "results", "accuracy.json")
     decs, md = select(sel, tmp_path, [], "--decide", "lt-prefix:scoring=kpass+variant=kv|pooling", "--decide-lr",
-                      "lt-prefix:scoring=kpass",
+                      "lt-prefix:scoring=kpass+objective=listwise",
                       "--family", "smollm2-135m=decoder", "--family", "minilm-l6=encoder", inputs=path)
     by = {(d["model"], d["kind"]): d for d in decs}
     v = by["smollm2-135m", "option"]

@@ -155,18 +155,23 @@ def library_default(model: str, name: str, option: str, others: dict | None = No
 
 
 def _freeze(v):
-    return tuple(v) if isinstance(v, list) else v
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
 
 
 _CONFIGS: dict = {}
 
 
 def config_of(model: str, method: str) -> tuple:
-    """A method string as ``(name, frozenset of (option, value))`` with every option at its library default
-    (given the string's other options) dropped: two strings of one configuration are equal (on an encoder
-    ``lt-prefix`` and ``lt-prefix:scoring=onepass+variant=pooled+label_weights=true``; ``lt-prefix:scoring=kpass``
-    and ``lt-prefix:scoring=kpass+variant=pooling``). Exact because a default depends only on options that do not
-    depend on it (scoring -> variant -> position_offset; scoring -> label_weights)."""
+    """A method string as ``(name, frozenset of (option, value))``: two strings of one configuration are equal (on
+    an encoder ``lt-prefix`` and ``lt-prefix:scoring=onepass+variant=pooled+label_weights=true``;
+    ``lt-prefix:scoring=kpass`` and ``lt-prefix:scoring=kpass+variant=pooling+objective=pairwise``). The string's
+    options go through ``make_config`` and every option left None is resolved by ``model``'s family as the library
+    does when it builds the method (``Method.resolve_defaults``, the pooling by ``FAMILY_DEFAULTS``), so the
+    comparison is of whole resolved configurations (exact also where two defaults depend on each other: scoring
+    <-> objective). A model whose family is unknown: options at a family-free default are dropped, the others kept
+    as spelled (comparable among themselves, never equal to a resolved one)."""
     if (model, method) not in _CONFIGS:
         _CONFIGS[model, method] = _config_of(model, method)
     return _CONFIGS[model, method]
@@ -177,19 +182,36 @@ def _config_of(model: str, method: str) -> tuple:
     if name not in METHODS:  # not a method of this library (a run of another code version): never a candidate
         return name, frozenset((k, _freeze(v)) for k, v in opts.items())
     fields = set(make_config(name).to_dict())
+    extra = {k: _freeze(v) for k, v in opts.items() if k != "lr" and k not in fields}  # not options of the method
+    lr = float(opts.get("lr", method_class(name).default_lr))
+    cfg = make_config(name, **{k: v for k, v in opts.items() if k in fields})
+    try:
+        decoder = model_family(model) == "decoder"
+    except UserError:
+        return name, frozenset({**_spelled(model, name, opts, fields), **extra}.items())
+    method_class(name).resolve_defaults(cfg, decoder)
+    resolved = cfg.to_dict()
+    for k, by_family in FAMILY_DEFAULTS.items():
+        if k in resolved and resolved[k] is None:
+            resolved[k] = by_family["decoder" if decoder else "encoder"]
+    resolved.pop("method", None)
+    return name, frozenset({**{k: _freeze(v) for k, v in resolved.items()}, "lr": lr, **extra}.items())
+
+
+def _spelled(model: str, name: str, opts: dict, fields: set) -> dict:
+    """A model of unknown family: the options of ``opts`` not at a family-free library default, as spelled."""
     kept = {}
     for k, v in opts.items():
-        if k != "lr" and k not in fields:  # not an option of the method: keep it, it cannot be the default
-            kept[k] = _freeze(v)
+        if k != "lr" and k not in fields:
             continue
         try:
             d = library_default(model, name, k, opts)
-        except UserError:  # a family-dependent default of a model whose family is unknown: not comparable here
-            kept[k] = _freeze(v)  # (a decision over that option asks for --family itself)
+        except UserError:  # family-dependent: kept as spelled (a decision over that option asks for --family)
+            kept[k] = _freeze(v)
             continue
         if (float(v) if k == "lr" else v) != d:
             kept[k] = _freeze(v)
-    return name, frozenset(kept.items())
+    return kept
 
 
 # ------------------------------------------------------------------------------------------------- inputs

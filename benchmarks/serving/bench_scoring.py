@@ -114,7 +114,9 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
 def make_model(config: str, base, tok, names):
     """``config`` patched on ``base``: "lora", "onepass-unmerged", or an lt-prefix scoring ("kpass", "onepass",
     "shared-input") with ``:<field>=<value>+...`` config fields (label texts: the default template) and ``pack=false``
-    for padded batches."""
+    for padded batches. "kpass" trains the listwise objective (all K rows per example: the K-pass protocol the
+    issue's ratios are taken against) on both families; the encoders' K-pass default, the pairwise objective (1 +
+    num_negatives rows per example in training, K in classification), is ``kpass:objective=pairwise``."""
     import ltuning
     from ltuning.data import default_label_text
 
@@ -126,6 +128,8 @@ def make_model(config: str, base, tok, names):
         texts = [default_label_text(n) for n in names]
         if name == "onepass-unmerged":  # the one-pass bank without merging shared label tokens (to compare)
             name, opts = "onepass", {**opts, "merge_label_tokens": False}
+        if name == "kpass":
+            opts.setdefault("objective", "listwise")
         cfg = ltuning.make_config("lt-prefix", label_names=names, label_texts=texts, scoring=name, **opts)
     model = ltuning.patch(base, cfg, tok)
     if pack is not None:

@@ -51,12 +51,14 @@ weights, the reading that validation carved from train (pooled over SST-2, RTE a
 K-pass protocol and plain one-pass, confirmed leave-one-task-out; with ``scoring="kpass"`` the encoder variant
 stays ``"pooling"`` (our reading of the paper's F/Z). On decoders the K-pass protocol with ``"kv"``: validation on
 SmolLM2 keeps kpass against one-pass with and without label weights (confirmed over SST-2 and RTE).
-``objective="listwise"`` (cross-entropy over the K label-conditioned scores) rather than the paper's ``"pairwise"``
-(binary matched/unmatched, sampled negatives; K-pass only, so choosing it makes ``scoring`` default to kpass):
-validation on MiniLM prefers pairwise for kpass (confirmed only since a grid extension made the listwise row noisier;
-not switched, see RESULTS_scoring.md), and the encoder one-pass default beats both;
-``"published"`` collapsed on a seed. ``scale_to_embeddings=True``. The older choices
-(objective, ``"kv"`` on decoders, scale_to_embeddings) were first made by GLUE dev scores (SST-2, 500 training
+``objective`` by family and scoring: with K-pass scoring on an encoder, lt-prefix trains the paper's ``"pairwise"``
+objective (binary matched/unmatched, ``num_negatives`` sampled wrong labels per example, so a step runs
+1 + num_negatives rows per input instead of K): validation on MiniLM prefers it to ``"listwise"`` for kpass (pooled
+over CoLA, RTE, SNLI and SST-2, confirmed leave-one-task-out, RESULTS_scoring.md). Everywhere else ``"listwise"``
+(cross-entropy over the K label-conditioned scores; the only objective one-pass and shared-input define): decoders
+(pairwise was never run there), lt-prompt, and the encoder one-pass default, which validation prefers to both.
+Choosing ``objective="pairwise"`` makes ``scoring`` default to kpass. ``"published"`` collapsed on a seed. ``scale_to_embeddings=True``. The older choices
+(``"kv"`` on decoders, scale_to_embeddings) were first made by GLUE dev scores (SST-2, 500 training
 examples, 3 seeds); what validation says of each since is in ``RESULTS_scoring.md`` (Defaults by validation).
 Label semantics matter on decoders: meaningless label texts ("The text is in class A/B.") lower the ``"kv"`` scores.
 ``label_template="curated"`` (hand-written texts for the GLUE / NLI label names, "The label of the text is NAME."
@@ -86,7 +88,7 @@ KPASS_WARN_LABELS = 8  # more labels than this with scoring="kpass": a UserWarni
 
 @dataclass
 class LTConfig(MethodConfig):
-    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper)', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); default kpass, except lt-prefix on encoders: onepass; see ltuning.methods.scoring', 'label_weights': 'onepass: add a free per-label vector to the bilinear label score (zero-initialised; labels added at inference get none); default on for lt-prefix onepass on encoders, else off', 'label_weight_scale': 'onepass with label weights: rsqrt-d (the label-weight term is LN(h).w_k / sqrt(d); default) or one (LN(h).w_k: a linear probe on the normalised state, learning sqrt(d) times faster in logit space)', 'label_template': 'label text of a label without --label-text: curated (hand-written sentences for the GLUE/NLI label names, else sentence; default), sentence ("The label of the text is NAME.") or name (the name itself)'}
+    cli_help: ClassVar[dict] = {**MethodConfig.cli_help, 'encoder_hidden_size': 'hidden width r of the reparameterisation / label-transform MLP', 'objective': 'label-conditioned training objective: listwise (CE over K labels) or pairwise (paper; kpass only); default pairwise for lt-prefix kpass on encoders, else listwise', 'num_negatives': 'sampled wrong labels per example for the pairwise objective', 'scoring': 'lt-prefix / lt-prompt: kpass (one pass per label), onepass (all labels in one prefix, the input once) or shared-input (the input once, the label texts as suffixes); default kpass, except lt-prefix on encoders: onepass; see ltuning.methods.scoring', 'label_weights': 'onepass: add a free per-label vector to the bilinear label score (zero-initialised; labels added at inference get none); default on for lt-prefix onepass on encoders, else off', 'label_weight_scale': 'onepass with label weights: rsqrt-d (the label-weight term is LN(h).w_k / sqrt(d); default) or one (LN(h).w_k: a linear probe on the normalised state, learning sqrt(d) times faster in logit space)', 'label_template': 'label text of a label without --label-text: curated (hand-written sentences for the GLUE/NLI label names, else sentence; default), sentence ("The label of the text is NAME.") or name (the name itself)'}
     """``scoring``: "kpass" (one row per (input, label) pair, the paper's protocol), "onepass" (all K label
     blocks in one prefix, the input once, a bilinear label head) or "shared-input" (the input once, the label
     texts as suffixes attending to its K/V): see :mod:`.scoring`. None picks by family when the method is built
@@ -97,15 +99,17 @@ class LTConfig(MethodConfig):
     ``label_weight_scale``: the factor on that term, "rsqrt-d" (1/sqrt(d), the default) or "one".
     ``label_template``: how a label without a given text gets one (:func:`ltuning.data.default_label_text`:
     "curated", "sentence" or "name"); the texts themselves are saved in ``label_texts``, the template is kept so
-    that labels added at inference (``add_labels``) get texts of the same form."""
+    that labels added at inference (``add_labels``) get texts of the same form. ``objective``: "listwise" or
+    "pairwise" (K-pass only); None picks by family and scoring (:meth:`LabelConditioned.resolve_defaults`):
+    pairwise for lt-prefix's K-pass scoring on encoders, else listwise; adapters without the key are listwise."""
     encoder_hidden_size: int = 512
-    objective: str = "listwise"
+    objective: Optional[str] = None
     num_negatives: int = 1
     scoring: Optional[str] = None
     label_weights: Optional[bool] = None
     label_weight_scale: str = "rsqrt-d"
     label_template: str = "curated"
-    legacy_defaults: ClassVar[dict] = {"scoring": "kpass", "label_weights": False}
+    legacy_defaults: ClassVar[dict] = {"scoring": "kpass", "label_weights": False, "objective": "listwise"}
 
 
 @dataclass
@@ -148,15 +152,21 @@ class LabelConditioned(Method):
     uses_label_kv = False  # also cache the label texts' own per-layer K/V (lt-prefix variant "kv")
 
     encoder_scoring = "kpass"  # scoring left None on an encoder (resolve_defaults); decoders: always "kpass"
+    encoder_kpass_objective = "listwise"  # objective left None with K-pass scoring on an encoder; else "listwise"
 
     @classmethod
     def resolve_defaults(cls, config, causal: bool) -> None:
         """Fill the options left None, by model family (in place; the adapter records the result): ``scoring``
         -> "kpass" on decoders and with the pairwise objective (a K-pass objective), else ``encoder_scoring``;
         ``label_weights`` -> True only for one-pass scoring on an encoder of a method whose encoder default is
-        one-pass (the reading validation chose, see the module docstring), else False."""
+        one-pass (the reading validation chose, see the module docstring), else False; ``objective`` ->
+        ``encoder_kpass_objective`` with K-pass scoring on an encoder, else "listwise" (scoring is resolved first: an
+        explicit pairwise objective makes it kpass, a None objective does not)."""
         if config.scoring is None:
             config.scoring = "kpass" if causal or config.objective == "pairwise" else cls.encoder_scoring
+        if config.objective is None:
+            config.objective = (cls.encoder_kpass_objective if not causal and config.scoring == "kpass"
+                                else "listwise")
         if config.label_weights is None:
             config.label_weights = bool(not causal and config.scoring == "onepass" and cls.encoder_scoring == "onepass")
 
@@ -172,9 +182,9 @@ class LabelConditioned(Method):
         K = len(config.label_names)
         if config.scoring == "kpass" and K > KPASS_WARN_LABELS:
             warnings.warn(f"{type(self).__name__} with scoring='kpass' runs every input once per label: {K} rows per "
-                          f"example in training and classification. At many labels use scoring='onepass' (with "
-                          f"label_weights=True; CLI --scoring onepass --label-weights), which runs the input once "
-                          f"(benchmarks/RESULTS_scoring.md)", UserWarning, stacklevel=3)
+                          f"example in classification (and in training with the listwise objective). At many labels "
+                          f"use scoring='onepass' (with label_weights=True; CLI --scoring onepass --label-weights), which runs "
+                          f"the input once (benchmarks/RESULTS_scoring.md)", UserWarning, stacklevel=3)
         self.load_cache(cache, base, tokenizer)
 
     def refresh_cache(self, base, tokenizer) -> None:
@@ -196,6 +206,7 @@ class LTPrefix(LabelConditioned):
     kind = "prefix"
 
     encoder_scoring = "onepass"
+    encoder_kpass_objective = "pairwise"  # validation's choice for kpass on MiniLM (module docstring)
 
     @classmethod
     def resolve_defaults(cls, config, causal: bool) -> None:

@@ -171,25 +171,40 @@ def test_lt_prompt_is_label_embeddings_plus_scaled_mlp(real_model, scaled):
 
 def test_lt_prefix_variant_default_by_family(real_model):
     """Options left None resolve by family when the method is built (and the adapter records them): decoders get
-    the K-pass protocol on the label texts' own K/V with positions after them; encoders one-pass scoring with the
-    pooled bank and label weights (validation's choice), the pooling reading with kpass; pairwise is K-pass."""
+    the K-pass protocol on the label texts' own K/V with positions after them and the listwise objective; encoders
+    one-pass scoring with the pooled bank and label weights (validation's choice), the pooling reading and the
+    pairwise objective with kpass (validation's choice for kpass); an explicit pairwise objective is K-pass."""
     model, tok = real_model
     causal = None
-    for opts, enc_want in (({}, ("onepass", "pooled", "zero", True)),
-                           ({"scoring": "kpass"}, ("kpass", "pooling", "zero", False)),
-                           ({"objective": "pairwise"}, ("kpass", "pooling", "zero", False)),
-                           ({"scoring": "onepass", "variant": "pooling"}, ("onepass", "pooling", "zero", True)),
-                           ({"scoring": "shared-input"}, ("shared-input", "pooling", "zero", False))):
+    for opts, enc_want in (({}, ("onepass", "pooled", "zero", True, "listwise")),
+                           ({"scoring": "kpass"}, ("kpass", "pooling", "zero", False, "pairwise")),
+                           ({"objective": "pairwise"}, ("kpass", "pooling", "zero", False, "pairwise")),
+                           ({"scoring": "kpass", "objective": "listwise"}, ("kpass", "pooling", "zero", False,
+                                                                           "listwise")),
+                           ({"scoring": "onepass", "variant": "pooling"}, ("onepass", "pooling", "zero", True,
+                                                                          "listwise")),
+                           ({"scoring": "shared-input"}, ("shared-input", "pooling", "zero", False, "listwise"))):
         m = ltuning.patch(model, ltuning.make_config("lt-prefix", label_names=LABELS[:2], **opts), tok)
         ltuning.unpatch(m)
         causal = m.info.causal
         c = m.config
         dec_want = (opts.get("scoring", "kpass"), opts.get("variant", "kv"),
-                    "prefix" if opts.get("variant", "kv") == "kv" else "zero", False)
-        assert (c.scoring, c.variant, c.position_offset, c.label_weights) == (dec_want if causal else enc_want), opts
+                    "prefix" if opts.get("variant", "kv") == "kv" else "zero", False, opts.get("objective", "listwise"))
+        got = (c.scoring, c.variant, c.position_offset, c.label_weights, c.objective)
+        assert got == (dec_want if causal else enc_want), opts
     m = ltuning.patch(model, ltuning.make_config("lt-prompt", label_names=LABELS[:2]), tok)
     ltuning.unpatch(m)
-    assert (m.config.scoring, m.config.label_weights) == ("kpass", False)
+    assert (m.config.scoring, m.config.label_weights, m.config.objective) == ("kpass", False, "listwise")
+
+
+def test_adapter_saved_without_objective_loads_listwise():
+    """An adapter config written before ``objective`` could be None lacks nothing (the field was always saved),
+    but one written by hand without it must load as listwise, what every adapter before the family default
+    trained with, not as today's family default."""
+    from ltuning.methods.base import config_from_dict
+    c = config_from_dict({"method": "lt-prefix", "label_names": ["a", "b"], "scoring": "kpass"}, saved=True)
+    assert c.objective == "listwise"
+    assert config_from_dict({"method": "lt-prefix", "label_names": ["a", "b"]}).objective is None
 
 
 def test_changed_label_texts_recompute_cache(minilm, tmp_path):
