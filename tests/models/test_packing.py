@@ -84,7 +84,8 @@ PACKED_METHODS = [
 
 ENCODER_METHODS = [
     ("prefix", {"num_virtual_tokens": 4}),
-    ("lt-prefix", {"scoring": "kpass"}),                      # K-pass, the pooling variant
+    ("lt-prefix", {"scoring": "kpass"}),                      # K-pass, the pooling variant, pairwise objective
+    ("lt-prefix", {"scoring": "kpass", "objective": "listwise"}),
     ("lt-prefix", {"scoring": "onepass", "variant": "pooling"}),
     ("lt-prefix", {"scoring": "onepass", "variant": "pooled", "label_weights": False}),
     ("lt-prefix", {}),                                        # the encoder default: onepass, pooled, label weights
@@ -149,7 +150,7 @@ def test_packed_training_loss_and_gradients_equal_padded(request, family, seed, 
         for pack in (False, True):
             m.pack_inputs = pack
             m.zero_grad(set_to_none=True)
-            loss, _ = m.loss(ids, mask, labels)
+            loss, _ = m.loss(ids, mask, labels, generator=torch.Generator().manual_seed(seed))  # pairwise negatives
             loss.backward()
             out[pack] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
                                          if p.requires_grad and p.grad is not None})
