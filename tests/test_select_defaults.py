@@ -278,7 +278,8 @@ def test_family_defaults_match_the_library(sel, tmp_path):
         sel._FAMILIES.clear()
         assert sel.model_family(path) == family
         base, tok = load_base(path)
-        for opts in ({}, {"scoring": "kpass"}, {"scoring": "onepass"}, {"scoring": "shared-input"}, {"objective": "pairwise"}):
+        for opts in ({}, {"scoring": "kpass"}, {"scoring": "onepass"}, {"scoring": "shared-input"},
+                     {"objective": "pairwise"}):
             model = ltuning.patch(base, ltuning.make_config("lt-prefix", label_names=["bad", "good"], **opts), tok)
             try:
                 cfg = model.method.config

@@ -185,8 +185,8 @@ class LabelConditioned(Method):
         if config.scoring == "kpass" and K > KPASS_WARN_LABELS:
             warnings.warn(f"{type(self).__name__} with scoring='kpass' runs every input once per label: {K} rows per "
                           f"example in classification (and in training with the listwise objective). At many labels "
-                          f"use scoring='onepass' (with label_weights=True; CLI --scoring onepass --label-weights), which runs "
-                          f"the input once (benchmarks/RESULTS_scoring.md)", UserWarning, stacklevel=3)
+                          f"use scoring='onepass' (with label_weights=True; CLI --scoring onepass --label-weights), "
+                          f"which runs the input once (benchmarks/RESULTS_scoring.md)", UserWarning, stacklevel=3)
         self.load_cache(cache, base, tokenizer)
 
     def refresh_cache(self, base, tokenizer) -> None:
