@@ -195,7 +195,11 @@ def report(path: str) -> str:
         """The ``name`` row (kpass / lora) of r's model and K run with r's packing (``packed``; absent in old
         records), so a ":pack=false" row is divided by a padded baseline."""
         return next((x for x in rows if x["model"] == r["model"] and x["K"] == r["K"] and x.get("packed")
-                     == r.get("packed") and parse_method(x["config"])[0] == name), None)
+                     == r.get("packed") and parse_method(x["config"])[0] == name
+                     and not set(parse_method(x["config"])[1]) - {"pack"}), None)  # "kpass", not "kpass:objective=.."
+
+    sizes = [r["batch_size"] for r in rows]
+    usual = max(set(sizes), key=sizes.count)  # a row trained at another batch (--batch-override) says so
 
     lines = ["| model | K (task) | scoring | packed | train ex/s | x kpass | x LoRA | classify ex/s | x kpass | "
              "peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -203,7 +207,8 @@ def report(path: str) -> str:
         kp, lo = base_of(r, "kpass"), base_of(r, "lora")
         f = lambda a, b, key: f"{a[key] / b[key]:.2f}" if a and b else "-"  # noqa: E731
         packed = {None: "-", True: "yes", False: "no"}[r.get("packed")]
-        lines.append(f"| {r['model']} | {r['K']} ({r['task']}) | {r['config']} | {packed} | "
+        cfg = r["config"] + (f" (batch {r['batch_size']})" if r["batch_size"] != usual else "")
+        lines.append(f"| {r['model']} | {r['K']} ({r['task']}) | {cfg} | {packed} | "
                      f"{r['train_examples_per_s']:.2f} | {f(r, kp, 'train_examples_per_s')} | "
                      f"{f(r, lo, 'train_examples_per_s')} | {r['classify_examples_per_s']:.2f} | "
                      f"{f(r, kp, 'classify_examples_per_s')} | {r['peak_rss_mb']:.0f} |")
@@ -249,6 +254,9 @@ def main() -> None:
     ap.add_argument("--classify", type=int, default=64)
     ap.add_argument("--json", default=os.path.join(RESULTS, "scoring_speed_runs.json"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODEL:K:CONFIG in this process
+    ap.add_argument("--batch-override", default="",
+                    help="MODEL:K:CONFIG=N pairs trained at batch N instead of --batch-size (a configuration that does "
+                         "not fit in memory at it), e.g. smollm2-135m:77:kpass=4; the row records its batch")
     ap.add_argument("--skip", default="", help="K:CONFIG pairs not to run, e.g. 77:kpass,77:shared-input")
     ap.add_argument("--report", action="store_true", help="print the markdown table of --json and exit")
     ap.add_argument("--report-out", default=None,
@@ -273,6 +281,15 @@ def main() -> None:
     cmd = "OMP_NUM_THREADS={} python benchmarks/serving/bench_scoring.py {}".format(
         os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:]))
     skip = set(filter(None, a.skip.split(",")))
+    override = {}
+    for item in filter(None, a.batch_override.split(",")):
+        key, _, n = item.rpartition("=")
+        runs = {f"{m}:{k}:{c}" for m in a.models.split(",") for k in a.ks.split(",") for c in a.configs.split(",")}
+        if key not in runs or not n.isdigit() or int(n) < 1:
+            print(f"bench_scoring.py: --batch-override: expected MODEL:K:CONFIG=N naming a configuration of this run "
+                  f"(--models x --ks x --configs) and N >= 1, got {item!r}", file=sys.stderr)
+            sys.exit(2)
+        override[key] = int(n)
     failed = []  # configurations whose subprocess died (recorded, so a missing row says why)
     for m in a.models.split(","):
         for k in [int(x) for x in a.ks.split(",")]:
@@ -280,7 +297,8 @@ def main() -> None:
                 if f"{k}:{c}" in skip:
                     continue
                 t0 = time.time()
-                p = subprocess.run([sys.executable, __file__, "--one", f"{m}:{k}:{c}", "--batch-size", str(a.batch_size),
+                bs = override.get(f"{m}:{k}:{c}", a.batch_size)
+                p = subprocess.run([sys.executable, __file__, "--one", f"{m}:{k}:{c}", "--batch-size", str(bs),
                                     "--steps", str(a.steps), "--classify", str(a.classify)],
                                    capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
                 line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -288,7 +306,7 @@ def main() -> None:
                     why = (f"killed by signal {-p.returncode} (SIGKILL: on Linux usually the OOM killer; see dmesg)"
                            if p.returncode == -9 else f"exit code {p.returncode}")
                     print(f"{m} K={k} {c}: FAILED, {why}\n{p.stderr[-2000:]}", file=sys.stderr)
-                    failed.append({"model": m, "K": k, "task": TASKS[k], "config": c, "batch_size": a.batch_size,
+                    failed.append({"model": m, "K": k, "task": TASKS[k], "config": c, "batch_size": bs,
                                    "failed": why, "seconds": time.time() - t0})
                     write(a.json, cmd, commit, rows, failed)
                     continue
