@@ -145,6 +145,32 @@ def test_param_groups_head_lr_and_weight_decay():
     assert {g["lr"] for g in groups} == {1e-3} and sum(len(g["params"]) for g in groups) == 2
 
 
+def test_make_optimizer_is_fused_on_cpu_and_steps_like_torchs_default(seed):
+    """The trainer's AdamW (fused where it applies) moves float64 parameters of two groups (with and without weight
+    decay, two learning rates) the same way as torch's default AdamW over 5 steps of seeded gradients."""
+    import torch
+    from ltuning.train import make_optimizer
+    g = torch.Generator().manual_seed(seed)
+    init = [torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64),
+            torch.randn(3, 1, 4, generator=g, dtype=torch.float64)]
+    grads = [[torch.randn(t.shape, generator=g, dtype=torch.float64) for t in init] for _ in range(5)]
+    out = []
+    for make in (lambda gr: make_optimizer(gr, 1e-2), lambda gr: torch.optim.AdamW(gr, lr=1e-2)):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = make([{"params": ps[:1], "weight_decay": 0.1, "lr": 3e-2}, {"params": ps[1:], "weight_decay": 0.0}])
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = gr.clone()
+            opt.step()
+        out.append((opt, ps))
+    (fused, a), (plain, b) = out
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    for x, y, t in zip(a, b, init):
+        assert (x - t).abs().max() > 1e-3  # it moved
+        rel = ((x - y).norm() / y.norm()).item()
+        assert rel < 1e-12, f"seed {seed}: fused AdamW differs from the default by {rel:.2e}"
+
+
 def test_param_groups_never_decay_stacked_biases():
     """Per-layer biases stored as (layers, dim) tensors are biases: no weight decay (sk, apt, fl on BERT)."""
     import ltuning

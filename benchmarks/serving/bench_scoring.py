@@ -5,7 +5,7 @@ LoRA (r=8 on q, v; one pass per example by construction), on SmolLM2-135M and Mi
 Every (model, K, configuration) runs in its own fresh subprocess (so ``ru_maxrss`` is that configuration's peak
 RSS; the base model's load is part of it and reported separately as ``rss_after_load_mb``). In it: the same
 seeded batch of ``--batch-size`` training examples (the task's train split; SNLI has only a dev file: it is
-carved, see :func:`carve_snli`), one warm-up optimizer step (AdamW, the model's own ``loss``), then ``--steps``
+carved, see :func:`carve_snli`), one warm-up optimizer step (the trainer's AdamW, :func:`ltuning.train.make_optimizer`; the model's own ``loss``), then ``--steps``
 timed steps, median step time -> train examples/s; then classification of the same ``--classify`` seeded
 examples (``ltuning.inference.predict_scores``, batch 16), one warm-up batch, timed pass -> classify examples/s.
 kpass at K = 77 is the slowest configuration by far and gets fewer timed steps / classified examples
@@ -37,7 +37,8 @@ from common import DATA, RESULTS, ROOT  # noqa: E402
 from experiment import parse_method  # noqa: E402
 TASKS = {2: "sst2", 3: "snli", 77: "banking77"}
 # also "onepass-unmerged" (merge_label_tokens=False), any "<scoring>:<field>=<value>+..." lt-prefix config,
-# e.g. "onepass:variant=pooled", and ":pack=false" on any of them (padded batches; decoders pack by default)
+# e.g. "onepass:variant=pooled", and ":pack=false" on any of them (padded batches; decoders pack by default) or
+# ":optimizer=default" (torch's default AdamW instead of the trainer's fused one)
 CONFIGS = ["kpass", "onepass", "shared-input", "lora"]
 KPASS77 = {"steps": 1, "classify": 16}
 
@@ -68,6 +69,7 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
     from ltuning.data import collate, encode, label_names_of
     from ltuning.inference import predict_scores
     from ltuning.models import load_base
+    from ltuning.train import make_optimizer
 
     base, tok = load_base(model_name)
     rss_load = rss_mb()
@@ -82,7 +84,10 @@ def run_one(model_name: str, K: int, config: str, batch_size: int, steps: int, n
     enc = encode(sample, tok, names, 128, model.info.causal)
     batch = collate(enc.input_ids[:batch_size], tok.pad_token_id, enc.labels[:batch_size])
     ids, mask, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    if parse_method(config)[1].get("optimizer") == "default":  # ":optimizer=default": torch's unfused AdamW (A/B)
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    else:
+        opt = make_optimizer(model.trainable_parameters(), 1e-4)  # the trainer's AdamW
     model.train()
     times = []
     for i in range(steps + 1):
@@ -122,6 +127,7 @@ def make_model(config: str, base, tok, names):
 
     name, opts = parse_method(config)
     pack = opts.pop("pack", None)  # "<config>:pack=false": padded batches (the default packs where it can)
+    opts.pop("optimizer", None)  # "<config>:optimizer=default": read by run_one
     if name == "lora":
         cfg = ltuning.make_config("lora", label_names=names, **opts)
     else:
@@ -192,11 +198,16 @@ def report(path: str) -> str:
     rows = [r for p in path.split(",") for r in json.load(open(p))["rows"]]
 
     def base_of(r, name):
-        """The ``name`` row (kpass / lora) of r's model and K run with r's packing (``packed``; absent in old
-        records), so a ":pack=false" row is divided by a padded baseline."""
-        return next((x for x in rows if x["model"] == r["model"] and x["K"] == r["K"] and x.get("packed")
-                     == r.get("packed") and parse_method(x["config"])[0] == name
-                     and not set(parse_method(x["config"])[1]) - {"pack"}), None)  # "kpass", not "kpass:objective=.."
+        """The plain ``name`` row (kpass / lora: no options but packing and the optimizer) of r's model and K run
+        with r's packing (``packed``; absent in old records) and r's optimizer, so a ":pack=false" row is divided
+        by a padded baseline and an ":optimizer=default" row by one with torch's default AdamW."""
+        mine = parse_method(r["config"])[1].get("optimizer")
+        for x in rows:
+            n, opts = parse_method(x["config"])
+            if (x["model"], x["K"], x.get("packed")) == (r["model"], r["K"], r.get("packed")) and n == name \
+                    and not set(opts) - {"pack", "optimizer"} and opts.get("optimizer") == mine:
+                return x
+        return None
 
     sizes = [r["batch_size"] for r in rows]
     usual = max(set(sizes), key=sizes.count)  # a row trained at another batch (--batch-override) says so
@@ -217,8 +228,8 @@ def report(path: str) -> str:
         lines += ["", "Not measured (the configuration's subprocess died):", ""]
         lines += [f"- {f['model']}, K={f['K']} ({f['task']}), {f['config']}, batch {f['batch_size']}: {f['failed']}"
                   for f in failed]
-    lines += ["", "Targets (issue 20), per model, library defaults (rows without ``pack=false``):", ""]
-    default = [r for r in rows if "pack" not in parse_method(r["config"])[1]]
+    lines += ["", "Targets (issue 20), per model, library defaults (rows without ``pack=false`` or ``optimizer=default``):", ""]
+    default = [r for r in rows if not {"pack", "optimizer"} & set(parse_method(r["config"])[1])]
     for m in sorted({r["model"] for r in default}):
         at = lambda K, name: next((r for r in default if r["model"] == m and r["K"] == K  # noqa: E731
                                    and r["config"] == name), None)

@@ -57,6 +57,7 @@ def profile(model_name: str, config: str, steps: int, mode: str = "train", batch
 
     from ltuning.data import collate, encode, label_names_of
     from ltuning.models import load_base
+    from ltuning.train import make_optimizer
 
     base, tok = load_base(model_name)
     recs = load_task(77)
@@ -74,7 +75,7 @@ def profile(model_name: str, config: str, steps: int, mode: str = "train", batch
             with torch.inference_mode():
                 model(b["input_ids"], b["attention_mask"])
     else:
-        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+        opt = make_optimizer(model.trainable_parameters(), 1e-4)  # the trainer's AdamW
         model.train()
 
         def step():
