@@ -56,7 +56,8 @@ objective (binary matched/unmatched, ``num_negatives`` sampled wrong labels per 
 1 + num_negatives rows per input instead of K): validation on MiniLM prefers it to ``"listwise"`` for kpass (pooled
 over CoLA, RTE, SNLI and SST-2, confirmed leave-one-task-out, RESULTS_scoring.md). Everywhere else ``"listwise"``
 (cross-entropy over the K label-conditioned scores; the only objective one-pass and shared-input define): decoders
-(pairwise was never run there), lt-prompt, and the encoder one-pass default, which validation prefers to both.
+(validation on SmolLM2 keeps listwise over pairwise, confirmed over SST-2 and CoLA), lt-prompt, and the encoder
+one-pass default, which validation prefers to both.
 Choosing ``objective="pairwise"`` makes ``scoring`` default to kpass. ``"published"`` collapsed on a seed.
 ``"kv"`` on decoders and lt-prompt's ``scale_to_embeddings=True`` were first chosen by GLUE dev scores (SST-2, 500
 training examples, 3 seeds); validation carved from train has since confirmed ``"kv"`` (below), while
