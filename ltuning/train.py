@@ -1,6 +1,7 @@
-"""The training loop: AdamW with warm-up + linear/cosine decay, clipping, bf16 autocast with fp32 trainable
-parameters and optimizer state, length-grouped batches with dynamic padding, model selection on a validation
-split carved from train (never on the reported dev set), early stopping, atomic resumable checkpoints.
+"""The training loop: AdamW (torch's fused implementation where it applies, :func:`make_optimizer`) with warm-up +
+linear/cosine decay, clipping, bf16 autocast with fp32 trainable parameters and optimizer state, length-grouped
+batches with dynamic padding, model selection on a validation split carved from train (never on the reported dev
+set), early stopping, atomic resumable checkpoints.
 
 :class:`TrainConfig` holds the defaults of every entry point (the CLI's flags default to its fields). Each step is
 ``model.loss(**batch)`` on a dict batch (:func:`ltuning.data.collate`); :func:`evaluate` scores ``model(**batch)``.
