@@ -83,9 +83,10 @@ def no_decay_names(model) -> set:
 def make_optimizer(params, lr: float) -> torch.optim.AdamW:
     """AdamW over ``params`` (tensors or :func:`param_groups` groups). torch's fused implementation (one kernel
     over every tensor) where it applies: every trainable a plain floating tensor on the CPU or a CUDA device (not a
-    DTensor). On one CPU thread it steps ~8x faster than torch's default per-tensor loop at the one-pass generator's
-    ~2-3M trainables (``tests/test_train.py`` holds it to the default's update; the speed:
-    ``benchmarks/RESULTS_scoring.md``); it is the same update up to float rounding. Elsewhere: torch's default."""
+    DTensor). On one CPU thread it steps 6.8-9.2x faster than torch's default per-tensor loop over MiniLM's one-pass
+    and K-pass trainables (2.6-2.9M: ~15-19 ms -> ~2 ms per step; ``benchmarks/train_step/bench_optimizer.py``,
+    ``benchmarks/RESULTS_scoring.md``). The same update up to float rounding (``tests/test_train.py`` holds it to
+    the default's in float64). Elsewhere: torch's default."""
     groups = list(params)
     tensors = [t for g in groups for t in (g["params"] if isinstance(g, dict) else [g])]
     fused = bool(tensors) and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_floating_point()
