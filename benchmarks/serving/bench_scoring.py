@@ -5,9 +5,10 @@ LoRA (r=8 on q, v; one pass per example by construction), on SmolLM2-135M and Mi
 Every (model, K, configuration) runs in its own fresh subprocess (so ``ru_maxrss`` is that configuration's peak
 RSS; the base model's load is part of it and reported separately as ``rss_after_load_mb``). In it: the same
 seeded batch of ``--batch-size`` training examples (the task's train split; SNLI has only a dev file: it is
-carved, see :func:`carve_snli`), one warm-up optimizer step (the trainer's AdamW, :func:`ltuning.train.make_optimizer`; the model's own ``loss``), then ``--steps``
-timed steps, median step time -> train examples/s; then classification of the same ``--classify`` seeded
-examples (``ltuning.inference.predict_scores``, batch 16), one warm-up batch, timed pass -> classify examples/s.
+carved, see :func:`carve_snli`), one warm-up optimizer step (the trainer's AdamW,
+:func:`ltuning.train.make_optimizer`; the model's own ``loss``), then ``--steps`` timed steps, median step
+time -> train examples/s; then classification of the same ``--classify`` seeded examples
+(``ltuning.inference.predict_scores``, batch 16), one warm-up batch, timed pass -> classify examples/s.
 kpass at K = 77 is the slowest configuration by far and gets fewer timed steps / classified examples
 (``KPASS77``), recorded in the JSON. Configurations run in the order model -> K -> configuration, so the variants
 of one (model, K) run back to back. The machine was shared with other jobs during the recorded run: ratios
@@ -228,7 +229,8 @@ def report(path: str) -> str:
         lines += ["", "Not measured (the configuration's subprocess died):", ""]
         lines += [f"- {f['model']}, K={f['K']} ({f['task']}), {f['config']}, batch {f['batch_size']}: {f['failed']}"
                   for f in failed]
-    lines += ["", "Targets (issue 20), per model, library defaults (rows without ``pack=false`` or ``optimizer=default``):", ""]
+    lines += ["", "Targets (issue 20), per model, library defaults (rows without ``pack=false`` or "
+              "``optimizer=default``):", ""]
     default = [r for r in rows if not {"pack", "optimizer"} & set(parse_method(r["config"])[1])]
     for m in sorted({r["model"] for r in default}):
         at = lambda K, name: next((r for r in default if r["model"] == m and r["K"] == K  # noqa: E731
@@ -293,9 +295,9 @@ def main() -> None:
         os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:]))
     skip = set(filter(None, a.skip.split(",")))
     override = {}
+    runs = {f"{m}:{k}:{c}" for m in a.models.split(",") for k in a.ks.split(",") for c in a.configs.split(",")}
     for item in filter(None, a.batch_override.split(",")):
         key, _, n = item.rpartition("=")
-        runs = {f"{m}:{k}:{c}" for m in a.models.split(",") for k in a.ks.split(",") for c in a.configs.split(",")}
         if key not in runs or not n.isdigit() or int(n) < 1:
             print(f"bench_scoring.py: --batch-override: expected MODEL:K:CONFIG=N naming a configuration of this run "
                   f"(--models x --ks x --configs) and N >= 1, got {item!r}", file=sys.stderr)

@@ -67,8 +67,9 @@ def main() -> None:
         print(f"{m:13s} K={k:<3s} {c:8s} {rows[-1]['trainables']:>10,d} trainables in {len(params):3d} tensors: "
               + "  ".join(f"{n} {v:7.2f} ms" for n, v in ms.items())
               + f"  (fused {rows[-1]['fused_speedup_over_default']:.1f}x default)", flush=True)
-    atomic_json(a.json, {"command": "OMP_NUM_THREADS={} python benchmarks/train_step/bench_optimizer.py {}".format(
-        os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:])), "git_commit": git_commit(ROOT), "cpu": cpu_name(),
+    cmd = "OMP_NUM_THREADS={} python benchmarks/train_step/bench_optimizer.py {}".format(
+        os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:]))
+    atomic_json(a.json, {"command": cmd, "git_commit": git_commit(ROOT), "cpu": cpu_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(), "reps": a.reps, "rows": rows})
     print(f"wrote {a.json}")
