@@ -294,6 +294,11 @@ def main() -> None:
     cmd = "OMP_NUM_THREADS={} python benchmarks/serving/bench_scoring.py {}".format(
         os.environ.get("OMP_NUM_THREADS", "?"), " ".join(sys.argv[1:]))
     skip = set(filter(None, a.skip.split(",")))
+    for c in a.configs.split(","):
+        if parse_method(c)[1].get("optimizer", "default") != "default":
+            print(f"bench_scoring.py: --configs: {c!r}: the only optimizer option is ':optimizer=default' (torch's "
+                  f"default AdamW; without it the trainer's)", file=sys.stderr)
+            sys.exit(2)
     override = {}
     runs = {f"{m}:{k}:{c}" for m in a.models.split(",") for k in a.ks.split(",") for c in a.configs.split(",")}
     for item in filter(None, a.batch_override.split(",")):

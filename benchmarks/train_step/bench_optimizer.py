@@ -19,7 +19,7 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 from common import RESULTS, ROOT, atomic_json, cpu_name, git_commit, group, median_ms  # noqa: E402
 
 group("serving")
-from bench_scoring import load_task, make_model  # noqa: E402
+from bench_scoring import TASKS, load_task, make_model  # noqa: E402
 
 sys.path.insert(0, ROOT)
 
@@ -47,17 +47,22 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", default=os.path.join(RESULTS, "optimizer_step.json"))
     a = ap.parse_args()
+    runs = [item.split(":", 2) for item in a.runs.split(",")]
+    for item, parts in zip(a.runs.split(","), runs):
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) not in TASKS:
+            print(f"bench_optimizer.py: --runs: expected MODEL:K:CONFIG with K one of {sorted(TASKS)}, got {item!r}",
+                  file=sys.stderr)
+            sys.exit(2)
     import torch
 
     from ltuning.data import label_names_of
     from ltuning.models import load_base
     rows = []
-    for item in a.runs.split(","):
-        m, k, c = item.split(":", 2)
+    for m, k, c in runs:
         base, tok = load_base(m)
         torch.manual_seed(0)
         model = make_model(c, base, tok, label_names_of(load_task(int(k))))
-        params = [p for p in model.trainable_parameters()]
+        params = list(model.trainable_parameters())
         for p in params:
             p.grad = torch.randn_like(p)
         ms = time_variants(params, a.reps)
